@@ -1,0 +1,119 @@
+"""Backends: one protocol over vLLM in-process, HF transformers and OpenAI-compatible servers.
+
+:func:`load` builds a backend from a spec string:
+
+==================================  ===========================================================
+spec                                backend
+==================================  ===========================================================
+``default``                         the embedded default model on vLLM (on transformers if vLLM
+                                    is not installed)
+``vllm:PATH`` / ``vllm:default``    :class:`~budgetlm.backends.vllm.VLLMBackend`
+``hf:PATH`` / ``hf:default``        :class:`~budgetlm.backends.hf.HFBackend`
+``openai:URL#MODEL``                :class:`~budgetlm.backends.openai.OpenAIBackend`; several
+                                    base URLs separated by ``,`` are used round-robin
+==================================  ===========================================================
+
+Options follow a ``?``: ``vllm:default?max_model_len=2048&gpu_memory_utilization=0.3``.
+Backend classes are imported lazily, so ``import budgetlm`` never imports vLLM.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+from urllib.parse import parse_qsl
+
+from budgetlm.backends.base import (
+    Backend,
+    Completion,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    ScoreResult,
+    TokenLevelBackend,
+    make_request,
+)
+from budgetlm.errors import ConfigError
+from budgetlm.registry import Registry
+
+__all__ = [
+    "Backend",
+    "Completion",
+    "GenerationRequest",
+    "GenerationResult",
+    "SamplingParams",
+    "ScoreResult",
+    "TokenLevelBackend",
+    "load",
+    "make_request",
+    "BACKENDS",
+]
+
+BACKENDS: Registry[str] = Registry("backend kind")
+"""Backend kind → ``module:Class`` (imported on first use)."""
+BACKENDS.register("vllm", "budgetlm.backends.vllm:VLLMBackend")
+BACKENDS.register("hf", "budgetlm.backends.hf:HFBackend")
+BACKENDS.register("openai", "budgetlm.backends.openai:OpenAIBackend")
+BACKENDS.register("scripted", "budgetlm.backends.scripted:ScriptedBackend")
+
+SPEC_FORMS = "default, vllm:PATH, hf:PATH, openai:URL#MODEL (PATH may be 'default'; options after '?', e.g. vllm:default?max_model_len=2048)"
+
+
+def _coerce(v: str) -> Any:
+    low = v.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return v
+
+
+def backend_class(kind: str) -> type[Backend]:
+    """The backend class registered for ``kind`` (imports it)."""
+    target = BACKENDS.get(kind)
+    mod, _, cls = target.partition(":")
+    return getattr(importlib.import_module(mod), cls)
+
+
+def _vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def load(spec: str | Backend, **kwargs: Any) -> Backend:
+    """Build a backend from ``spec`` (see the module docstring); ``kwargs`` override options."""
+    if isinstance(spec, Backend):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"`spec` must be a backend spec string, got {spec!r}; valid forms: {SPEC_FORMS}")
+    spec = spec.strip()
+    base, _, query = spec.partition("?")
+    opts: dict[str, Any] = {k: _coerce(v) for k, v in parse_qsl(query, keep_blank_values=True)}
+    opts.update(kwargs)
+    if base == "default":
+        base = "vllm:default" if _vllm_available() else "hf:default"
+    kind, sep, target = base.partition(":")
+    if not sep and kind != "scripted":
+        raise ConfigError(f"`spec` must look like one of: {SPEC_FORMS}; got {spec!r}")
+    if kind not in BACKENDS:
+        raise ConfigError(f"unknown backend kind {kind!r} in spec {spec!r}; valid forms: {SPEC_FORMS}")
+    if kind == "openai":
+        urls, hsh, model = target.partition("#")
+        if not hsh or not model or not urls:
+            raise ConfigError(f"`spec` for an OpenAI-compatible server must be openai:URL#MODEL, got {spec!r}")
+        return backend_class(kind)(base_urls=urls.split(","), model=model, **opts)
+    if kind == "scripted":
+        return backend_class(kind)(**opts)
+    if not target:
+        raise ConfigError(f"`spec` {spec!r} names no model; use {kind}:PATH or {kind}:default")
+    if target != "default" and not os.path.exists(os.path.expanduser(target)):
+        raise ConfigError(
+            f"model path {target!r} in spec {spec!r} does not exist; pass a local checkpoint directory "
+            f"or '{kind}:default' for the embedded SmolLM2-135M-Instruct"
+        )
+    return backend_class(kind)(model=target, **opts)

@@ -1,0 +1,563 @@
+"""The backend protocol: batched generation, scoring, tokenisation, and enforced spend.
+
+Every backend subclasses :class:`Backend` and implements three small hooks:
+
+* :meth:`Backend._generate` — run a batch of already-rendered, already-clamped requests;
+* :meth:`Backend._score` — log-probabilities of given continuations;
+* tokenisation (:meth:`Backend.encode`, :meth:`Backend.decode`, :meth:`Backend.apply_chat_template`).
+
+The public :meth:`Backend.generate` does the rest identically for all backends: it validates and
+renders requests, asks each request's :class:`~budgetlm.meter.Meter` for a reservation (which
+clamps ``max_tokens`` so no call can overshoot a token, FLOP or dollar budget), calls the engine
+once for the whole batch, splits thinking from answers, builds one :class:`~budgetlm.usage.Usage`
+per request (tokens, thinking tokens, latency, FLOPs, dollars, joules) and charges it.
+
+Logprobs are always those of the model's *raw* distribution (before temperature, top-k and top-p),
+as vLLM reports them by default, so that :meth:`Backend.score` agrees with generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from budgetlm.config import Config
+from budgetlm.costs import CostModel, EnergyMeter, ModelInfo, PriceTable
+from budgetlm.errors import BudgetExceeded, ConfigError
+from budgetlm.meter import Meter, Reservation
+from budgetlm.thinking import NO_THINKING, ThinkingFormat, count_thinking_tokens, split_thinking
+from budgetlm.usage import Usage
+
+Message = dict[str, str]
+
+
+class SamplingParams(Config):
+    """Sampling settings of one request (validated at construction)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n: int = Field(default=1, description="Samples to draw for the prompt.")
+    temperature: float = Field(default=1.0, description="Softmax temperature; 0 means greedy.")
+    top_p: float = Field(default=1.0, description="Nucleus sampling mass in (0, 1].")
+    top_k: int = Field(default=0, description="Keep the k most likely tokens; 0 disables.")
+    max_tokens: int = Field(default=256, description="Most tokens per sample (the meter may clamp it).")
+    stop: list[str] = Field(default_factory=list, description="Strings that end a sample (not included).")
+    logprobs: int | None = Field(
+        default=None, description="None: no logprobs; 0: the sampled token's; k > 0: also the top-k alternatives."
+    )
+    seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"`n` must be >= 1, got {v}; ask for at least one sample")
+        return v
+
+    @field_validator("temperature")
+    @classmethod
+    def _t(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"`temperature` must be >= 0, got {v}; use 0 for greedy decoding")
+        return v
+
+    @field_validator("top_p")
+    @classmethod
+    def _p(cls, v: float) -> float:
+        if not 0 < v <= 1:
+            raise ValueError(f"`top_p` must be in (0, 1], got {v}")
+        return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _k(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"`top_k` must be >= 0 (0 disables it), got {v}")
+        return v
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _m(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"`max_tokens` must be >= 1, got {v}")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _lp(cls, v: int | None) -> int | None:
+        if v is not None and v < 0:
+            raise ValueError(f"`logprobs` must be None or >= 0, got {v}")
+        return v
+
+    @property
+    def greedy(self) -> bool:
+        """True for temperature 0."""
+        return self.temperature == 0
+
+
+class GenerationRequest(Config):
+    """One prompt to complete: chat ``messages``, a raw ``prompt`` or ``prompt_token_ids``."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    messages: list[Message] | None = Field(default=None, description="Chat messages (role/content dicts).")
+    prompt: str | None = Field(default=None, description="A raw, already formatted prompt.")
+    prompt_token_ids: list[int] | None = Field(default=None, description="A prompt as token ids.")
+    assistant_prefix: str | None = Field(default=None, description="Text the reply starts with; generation continues it.")
+    sampling: SamplingParams = Field(default_factory=SamplingParams, description="Sampling settings.")
+    may_think: bool = Field(default=True, description="False when the reply cannot contain thinking (thinking budget not applied).")
+    meter: Meter | None = Field(default=None, description="Meter charged for this request (else the call's meter).", exclude=True)
+    id: str | None = Field(default=None, description="Caller's id, echoed in the result.")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerationRequest:
+        given = [k for k in ("messages", "prompt", "prompt_token_ids") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"a request must have exactly one of `messages`, `prompt`, `prompt_token_ids`, got {given or 'none'}"
+            )
+        if self.messages is not None:
+            if not self.messages:
+                raise ValueError("`messages` must be a non-empty list of chat messages, got []")
+            for i, m in enumerate(self.messages):
+                if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                    raise ValueError(f"`messages[{i}]` must be a dict with 'role' and 'content', got {m!r}")
+        if self.prompt is not None and not self.prompt.strip() and not self.assistant_prefix:
+            raise ValueError("`prompt` must be a non-empty string, got an empty prompt; pass the question text")
+        if self.prompt_token_ids is not None and not self.prompt_token_ids:
+            raise ValueError("`prompt_token_ids` must be a non-empty list, got []")
+        return self
+
+
+def make_request(
+    item: str | list[Message] | GenerationRequest, sampling: SamplingParams | None = None, **kw: Any
+) -> GenerationRequest:
+    """A request from a question string (one user message), a message list, or a request."""
+    if isinstance(item, GenerationRequest):
+        return item
+    if isinstance(item, str):
+        if not item.strip():
+            raise ConfigError("`prompt` must be a non-empty string, got ''; pass the question text")
+        return GenerationRequest(messages=[{"role": "user", "content": item}], sampling=sampling or SamplingParams(), **kw)
+    if not isinstance(item, list):
+        raise ConfigError(f"a request must be a string, a message list or a GenerationRequest, got {type(item).__name__}")
+    return GenerationRequest(messages=list(item), sampling=sampling or SamplingParams(), **kw)
+
+
+@dataclass
+class Completion:
+    """One sample of a request."""
+
+    text: str
+    """The generated text (assistant prefix not included)."""
+    token_ids: list[int]
+    """Generated token ids; ``len(token_ids)`` is what the sample cost in output tokens."""
+    finish_reason: str
+    """``stop`` (end of sequence or stop string), ``length`` (max_tokens), ``abort``."""
+    logprobs: list[float] | None = None
+    """Raw log-probability of each generated token, when asked."""
+    top_logprobs: list[dict[int, float]] | None = None
+    """Top-k alternatives per position (token id → logprob), when ``logprobs > 0``."""
+    thinking: str = ""
+    """The thinking part (tags removed)."""
+    answer: str = ""
+    """The text after thinking (the whole text for models without thinking)."""
+    thinking_tokens: int = 0
+    """Generated tokens inside thinking."""
+    thinking_truncated: bool = False
+    """Thinking was cut off before its end tag: no answer may be extracted."""
+
+    @property
+    def truncated(self) -> bool:
+        """True when the token limit stopped the sample."""
+        return self.finish_reason == "length"
+
+    @property
+    def mean_logprob(self) -> float | None:
+        """Mean token logprob (a confidence signal), when logprobs were asked."""
+        if not self.logprobs:
+            return None
+        return sum(self.logprobs) / len(self.logprobs)
+
+
+@dataclass
+class GenerationResult:
+    """The samples of one request and what they cost."""
+
+    request: GenerationRequest
+    """The request as given."""
+    completions: list[Completion]
+    """The samples (empty when the request was skipped for lack of budget)."""
+    usage: Usage
+    """Spend of the request: prompt once, all samples' output."""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    """The rendered prompt's token ids (when the backend tokenises locally)."""
+    max_tokens: int = 0
+    """The per-sample ``max_tokens`` actually used after clamping."""
+    clamped_by: str | None = None
+    """The budget unit that clamped ``max_tokens``, if any."""
+    skipped: str | None = None
+    """Why the request was not run (budget exhausted), or ``None``."""
+
+    @property
+    def first(self) -> Completion:
+        """The first sample."""
+        return self.completions[0]
+
+
+@dataclass
+class RawCompletion:
+    """What an engine returns for one sample, before budgetlm's accounting."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class RawResult:
+    """What an engine returns for one request."""
+
+    completions: list[RawCompletion]
+    prompt_tokens: int | None = None
+    """Engine-reported prompt tokens (else the local count is used)."""
+    cached_prompt_tokens: int = 0
+    """Engine-reported prefix-cache hits."""
+    usage_check: dict[str, Any] | None = None
+    """Server usage fields kept for cross-checking (OpenAI backend)."""
+
+
+@dataclass
+class PreparedRequest:
+    """A request rendered to its final prompt, with clamped sampling settings."""
+
+    request: GenerationRequest
+    prompt_text: str | None
+    """The full prompt as text (chat template and assistant prefix applied), if known."""
+    prompt_token_ids: list[int] | None
+    """The full prompt as token ids, if the backend tokenises locally."""
+    sampling: SamplingParams
+    """Sampling settings with ``max_tokens`` clamped."""
+    deadline: float | None = None
+    """``time.monotonic()`` deadline from the wall-seconds budget, if any."""
+
+
+@dataclass
+class ScoreResult:
+    """Log-probabilities of a given continuation."""
+
+    token_ids: list[int]
+    """The continuation's token ids."""
+    logprobs: list[float]
+    """Raw log-probability of each continuation token given everything before it."""
+    usage: Usage
+    """Spend: the whole sequence as prompt tokens, no output tokens."""
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
+
+    @property
+    def mean(self) -> float:
+        return float(sum(self.logprobs) / len(self.logprobs)) if self.logprobs else 0.0
+
+
+@runtime_checkable
+class TokenLevelBackend(Protocol):
+    """Backends that expose next-token distributions (for token-level algorithms)."""
+
+    def next_token_logprobs(self, token_ids: Sequence[Sequence[int]]) -> Any:
+        """Raw next-token log-probabilities after each sequence, shape ``[batch, vocab]``."""
+        ...
+
+
+class Backend(ABC):
+    """Base class of all backends; see the module docstring."""
+
+    kind: str = "base"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        thinking: ThinkingFormat | None = None,
+        prices: PriceTable | None = None,
+        flops: Literal["plain", "kinetics"] = "kinetics",
+        measure_energy: bool = True,
+    ) -> None:
+        self.name = name
+        self.thinking = thinking or NO_THINKING
+        self.prices = prices or PriceTable()
+        self._flops_kind = flops
+        self._cost_model: CostModel | None = None
+        self._energy = EnergyMeter() if measure_energy else None
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    @abstractmethod
+    def info(self) -> ModelInfo:
+        """Model facts for cost models."""
+
+    @abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens added)."""
+
+    @abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids`` (special tokens skipped)."""
+
+    @abstractmethod
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        """The model's chat template applied to ``messages``."""
+
+    @abstractmethod
+    def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
+        """Run all requests of the batch in one engine call."""
+
+    @abstractmethod
+    def _score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        """Raw logprobs of each continuation token after its prompt."""
+
+    def close(self) -> None:
+        """Release the engine (threads, processes, GPU memory)."""
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def cost_model(self) -> CostModel:
+        """The FLOPs model of this backend's model."""
+        if self._cost_model is None:
+            self._cost_model = CostModel(self.info, kind=self._flops_kind)
+        return self._cost_model
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text``."""
+        return len(self.encode(text))
+
+    def render(self, request: GenerationRequest) -> tuple[str | None, list[int] | None]:
+        """The full prompt of ``request`` as text and token ids."""
+        prefix = request.assistant_prefix or ""
+        if request.messages is not None:
+            text = self.apply_chat_template(request.messages, add_generation_prompt=True) + prefix
+            return text, self._encode_prompt(text)
+        if request.prompt is not None:
+            text = request.prompt + prefix
+            return text, self._encode_prompt(text)
+        ids = list(request.prompt_token_ids or [])
+        if prefix:
+            ids += self.encode(prefix)
+        return None, ids
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        """Prompt text to ids; chat templates already contain the special tokens."""
+        return self.encode(text)
+
+    def _estimate(self, prompt_tokens: int, max_tokens: int, n: int, model: str | None = None) -> tuple[float, float]:
+        flops = self.cost_model.flops(prompt_tokens, max_tokens, n)
+        usd = self.prices.cost(model or self.name, prompt_tokens, 0, n * max_tokens)
+        return flops, usd
+
+    def generate(
+        self,
+        requests: Sequence[GenerationRequest | str | list[Message]],
+        meter: Meter | None = None,
+        *,
+        sampling: SamplingParams | None = None,
+        on_budget_exhausted: Literal["raise", "skip"] = "raise",
+    ) -> list[GenerationResult]:
+        """Generate for all ``requests`` in one engine call, clamped to and charged on the meter.
+
+        Strings and message lists become requests with ``sampling``.  When a request's budget
+        cannot afford even one token, ``on_budget_exhausted="raise"`` raises
+        :class:`~budgetlm.errors.BudgetExceeded` before anything runs, and ``"skip"`` returns a
+        result with no completions and ``skipped`` set, running the other requests.
+        """
+        if on_budget_exhausted not in ("raise", "skip"):
+            raise ConfigError(f"`on_budget_exhausted` must be 'raise' or 'skip', got {on_budget_exhausted!r}")
+        reqs = [make_request(r, sampling) for r in requests]
+        results: list[GenerationResult | None] = [None] * len(reqs)
+        prepared: list[PreparedRequest] = []
+        where: list[int] = []
+        reservations: list[tuple[Meter | None, Reservation | None]] = []
+        try:
+            for i, req in enumerate(reqs):
+                text, ids = self.render(req)
+                n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
+                m = req.meter or meter
+                sp = req.sampling
+                res = None
+                deadline = None
+                if m is not None:
+                    try:
+                        res = m.reserve(
+                            prompt_tokens=n_prompt,
+                            max_tokens=sp.max_tokens,
+                            n=sp.n,
+                            may_think=req.may_think and self.thinking.enabled,
+                            cost=lambda p, k, n: self._estimate(p, k, n),
+                        )
+                    except BudgetExceeded as exc:
+                        if on_budget_exhausted == "raise":
+                            raise
+                        results[i] = GenerationResult(req, [], Usage.zero(), ids or [], 0, exc.unit, skipped=str(exc))
+                        continue
+                    if res.max_tokens != sp.max_tokens:
+                        sp = sp.model_copy(update={"max_tokens": res.max_tokens})
+                    rw = m.remaining("wall_seconds")
+                    deadline = None if rw is None else time.monotonic() + rw
+                prepared.append(PreparedRequest(req, text, ids, sp, deadline))
+                where.append(i)
+                reservations.append((m, res))
+        except BaseException:
+            for _, r in reservations:
+                if r is not None:
+                    r.release()
+            raise
+        if not prepared:
+            return [r for r in results if r is not None]
+        e0 = self._energy.read_mj() if self._energy else None
+        t0 = time.perf_counter()
+        try:
+            raws = self._generate(prepared)
+        except BaseException:
+            for _, r in reservations:
+                if r is not None:
+                    r.release()
+            raise
+        latency = time.perf_counter() - t0
+        joules = self._energy.joules_since(e0) if self._energy else None
+        total_out = sum(len(c.token_ids) for raw in raws for c in raw.completions) or 1
+        for p, idx, raw, (m, res) in zip(prepared, where, raws, reservations):
+            comps = [self._finish(c) for c in raw.completions]
+            n_prompt = raw.prompt_tokens if raw.prompt_tokens is not None else (
+                len(p.prompt_token_ids) if p.prompt_token_ids is not None else self._approx_tokens(p.prompt_text or "")
+            )
+            lengths = [len(c.token_ids) for c in comps]
+            usage = Usage(
+                prompt_tokens=n_prompt,
+                cached_prompt_tokens=raw.cached_prompt_tokens,
+                output_tokens=sum(lengths),
+                thinking_tokens=sum(c.thinking_tokens for c in comps),
+                latency_s=latency,
+                flops=self.cost_model.flops_for_outputs(n_prompt, lengths),
+                usd=self.prices.cost(self.name, n_prompt, raw.cached_prompt_tokens, sum(lengths)),
+                joules=None if joules is None else joules * sum(lengths) / total_out,
+                model=self.name,
+                finish_reason=comps[-1].finish_reason if comps else None,
+            )
+            if raw.usage_check:
+                usage.extra.update({k: float(v) for k, v in raw.usage_check.items() if isinstance(v, (int, float))})
+            if m is not None:
+                m.charge(usage, res)
+            results[idx] = GenerationResult(
+                p.request, comps, usage, p.prompt_token_ids or [], p.sampling.max_tokens,
+                res.binding_unit if res is not None else None,
+            )
+        return [r for r in results if r is not None]
+
+    async def agenerate(
+        self,
+        requests: Sequence[GenerationRequest | str | list[Message]],
+        meter: Meter | None = None,
+        **kw: Any,
+    ) -> list[GenerationResult]:
+        """Async :meth:`generate` (runs the batch in a worker thread unless overridden)."""
+        return await asyncio.to_thread(self.generate, requests, meter, **kw)
+
+    def _finish(self, c: RawCompletion) -> Completion:
+        sp = split_thinking(c.text, self.thinking, c.finish_reason)
+        n_think = count_thinking_tokens(c.token_ids, self.decode, self.thinking) if sp.has_thinking else 0
+        return Completion(
+            text=c.text,
+            token_ids=list(c.token_ids),
+            finish_reason=c.finish_reason,
+            logprobs=c.logprobs,
+            top_logprobs=c.top_logprobs,
+            thinking=sp.thinking,
+            answer=sp.answer,
+            thinking_tokens=n_think,
+            thinking_truncated=sp.truncated,
+        )
+
+    def _approx_tokens(self, text: str) -> int:
+        """Token estimate when no local tokenizer exists (about 3 characters per token, rounded up)."""
+        return max(1, -(-len(text) // 3))
+
+    def score(
+        self,
+        prompt: str | list[int] | list[Message],
+        continuation: str | list[int],
+        meter: Meter | None = None,
+    ) -> ScoreResult:
+        """Raw log-probabilities of ``continuation`` after ``prompt`` (one per continuation token)."""
+        return self.score_batch([(prompt, continuation)], meter)[0]
+
+    def score_batch(
+        self,
+        pairs: Sequence[tuple[str | list[int] | list[Message], str | list[int]]],
+        meter: Meter | None = None,
+    ) -> list[ScoreResult]:
+        """:meth:`score` for many pairs in one engine call; charged as prompt tokens."""
+        prompts: list[list[int]] = []
+        conts: list[list[int]] = []
+        for i, (p, c) in enumerate(pairs):
+            if isinstance(p, str):
+                if not p:
+                    raise ConfigError(f"`prompt` of pair {i} must be non-empty, got ''")
+                pid = self._encode_prompt(p)
+            elif p and isinstance(p[0], dict):
+                pid = self._encode_prompt(self.apply_chat_template(p, add_generation_prompt=True))  # type: ignore[arg-type]
+            else:
+                pid = [int(t) for t in p]  # type: ignore[union-attr]
+            cid = self.encode(c) if isinstance(c, str) else [int(t) for t in c]
+            if not pid or not cid:
+                raise ConfigError(f"`prompt` and `continuation` of pair {i} must both be non-empty")
+            prompts.append(pid)
+            conts.append(cid)
+        reservations = []
+        if meter is not None:
+            try:
+                for pid, cid in zip(prompts, conts):
+                    reservations.append(meter.reserve(
+                        prompt_tokens=len(pid) + len(cid), max_tokens=0, min_tokens=0,
+                        cost=lambda p, k, n: self._estimate(p, k, n),
+                    ))
+            except BudgetExceeded:
+                for r in reservations:
+                    r.release()
+                raise
+        t0 = time.perf_counter()
+        try:
+            lps = self._score(prompts, conts)
+        except BaseException:
+            for r in reservations:
+                r.release()
+            raise
+        latency = time.perf_counter() - t0
+        out = []
+        for j, (pid, cid, lp) in enumerate(zip(prompts, conts, lps)):
+            n = len(pid) + len(cid)
+            usage = Usage(
+                prompt_tokens=n, latency_s=latency, flops=self.cost_model.flops(n, 0, 1),
+                usd=self.prices.cost(self.name, n, 0, 0), model=self.name, finish_reason="stop",
+            )
+            if meter is not None:
+                meter.charge(usage, reservations[j])
+            out.append(ScoreResult(cid, [float(x) for x in lp], usage))
+        return out
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

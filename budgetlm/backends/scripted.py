@@ -1,0 +1,107 @@
+"""A deterministic scripted backend for unit tests of strategies and of the ledger.
+
+It runs no model: a ``script`` decides each sample's text.  ``script`` is either a list of texts
+(used in turn, cycling) or a callable ``(prompt_text, sample_index, sampling) -> str``.  Text is
+tokenised into words with their trailing whitespace, so token counts are easy to reason about.
+Everything else (``max_tokens`` truncation with ``finish_reason="length"``, stop strings, logprobs,
+scoring, thinking split, budget clamping and charging) behaves as in real backends because it goes
+through :class:`~budgetlm.backends.base.Backend`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from budgetlm.backends.base import Backend, Message, PreparedRequest, RawCompletion, RawResult, SamplingParams
+from budgetlm.costs import ModelInfo
+from budgetlm.errors import ConfigError
+
+Script = Sequence[str] | Callable[[str, int, SamplingParams], str]
+_TOKEN = re.compile(r"\S+\s*|\s+")
+
+
+class ScriptedBackend(Backend):
+    """Returns scripted texts; one engine "call" per :meth:`generate` (counted in ``calls``)."""
+
+    kind = "scripted"
+
+    def __init__(self, script: Script | None = None, *, name: str = "scripted", n_params: int = 1_000_000, **kw: Any):
+        super().__init__(name=name, measure_energy=False, **kw)
+        if script is None:
+            script = ["Answer: 42"]
+        if not callable(script):
+            texts = list(script)
+            if not texts:
+                raise ConfigError("`script` must be a non-empty list of texts or a callable, got []")
+            cyc = itertools.cycle(texts)
+            self._script: Callable[[str, int, SamplingParams], str] = lambda p, i, s: next(cyc)
+        else:
+            self._script = script
+        self._vocab: dict[str, int] = {}
+        self._inv: list[str] = []
+        self._n_params = n_params
+        self.calls = 0
+        """Engine calls made (one per batch)."""
+        self.batches: list[int] = []
+        """Size of each batch sent to the engine."""
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(name=self.name, n_params=self._n_params, n_layers=2, hidden_size=64, n_heads=4,
+                         n_kv_heads=4, head_dim=16, vocab_size=max(1, len(self._inv)))
+
+    def _id(self, piece: str) -> int:
+        if piece not in self._vocab:
+            self._vocab[piece] = len(self._inv)
+            self._inv.append(piece)
+        return self._vocab[piece]
+
+    def encode(self, text: str) -> list[int]:
+        return [self._id(p) for p in _TOKEN.findall(text)]
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(self._inv[i] for i in token_ids)
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        out = "".join(f"<|{m['role']}|> {m['content']}\n" for m in messages)
+        return out + ("<|assistant|> " if add_generation_prompt else "")
+
+    @staticmethod
+    def _logprob(context: str, token: int) -> float:
+        h = hashlib.sha256(f"{context}|{token}".encode()).digest()
+        return -0.05 - 3.0 * (int.from_bytes(h[:4], "big") / 2**32)
+
+    def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
+        self.calls += 1
+        self.batches.append(len(batch))
+        out = []
+        for p in batch:
+            prompt = p.prompt_text if p.prompt_text is not None else self.decode(p.prompt_token_ids or [])
+            comps = []
+            for i in range(p.sampling.n):
+                text = self._script(prompt, i, p.sampling)
+                finish = "stop"
+                cut = min((text.find(s) for s in p.sampling.stop if s and s in text), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+                ids = self.encode(text)
+                if len(ids) > p.sampling.max_tokens:
+                    ids, finish = ids[: p.sampling.max_tokens], "length"
+                lps = None
+                if p.sampling.logprobs is not None:
+                    lps = [self._logprob(prompt + self.decode(ids[:j]), t) for j, t in enumerate(ids)]
+                comps.append(RawCompletion(ids, self.decode(ids), finish, lps))
+            out.append(RawResult(comps))
+        return out
+
+    def _score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        self.calls += 1
+        res = []
+        for pid, cid in zip(prompts, continuations):
+            prompt = self.decode(pid)
+            res.append([self._logprob(prompt + self.decode(cid[:j]), t) for j, t in enumerate(cid)])
+        return res

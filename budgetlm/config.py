@@ -1,0 +1,34 @@
+"""Base class for validated configs: pydantic models that raise the library's ``ConfigError``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from budgetlm.errors import ConfigError
+
+
+def validation_message(exc: ValidationError, owner: str) -> str:
+    """One readable line per field error: "`field` must be …, got …"."""
+    msgs = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or owner
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msgs.append(f"unknown field `{loc}` in {owner}")
+        elif msg.startswith("`"):
+            msgs.append(msg)
+        else:
+            msgs.append(f"`{loc}`: {msg}, got {err.get('input')!r}")
+    return f"invalid {owner}: " + "; ".join(msgs)
+
+
+class Config(BaseModel):
+    """A pydantic model whose validation errors are :class:`~budgetlm.errors.ConfigError`."""
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(validation_message(exc, type(self).__name__)) from None

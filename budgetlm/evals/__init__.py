@@ -1,0 +1,1 @@
+"""Evaluation suites, the resumable runner, metrics and reports (planned)."""

@@ -1,0 +1,53 @@
+"""A small name registry, the library's extension point (backends, strategies, suites, rewards).
+
+``Registry("strategy")`` maps names to factories; :meth:`Registry.get` raises
+:class:`~budgetlm.errors.UnknownNameError` listing the registered names, as vLLM's
+reasoning-parser registry and reasoning-gym's ``factory`` do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+from budgetlm.errors import ConfigError, UnknownNameError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Names → factories of one kind of component."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str, obj: T | None = None, *, overwrite: bool = False) -> Callable[[T], T] | T:
+        """Register ``obj`` under ``name``; usable as a decorator when ``obj`` is omitted."""
+        if not name or not isinstance(name, str):
+            raise ConfigError(f"`name` must be a non-empty string, got {name!r}")
+
+        def deco(o: T) -> T:
+            if name in self._items and not overwrite:
+                raise ConfigError(f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it")
+            self._items[name] = o
+            return o
+
+        return deco if obj is None else deco(obj)
+
+    def get(self, name: str) -> T:
+        """The component registered as ``name``; unknown names list the available ones."""
+        try:
+            return self._items[name]
+        except KeyError:
+            raise UnknownNameError(self.kind, name, self._items) from None
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())

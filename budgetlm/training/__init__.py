@@ -1,0 +1,1 @@
+"""GRPO recipes on TRL's ``GRPOTrainer`` (planned)."""

@@ -73,7 +73,7 @@ def vllm_server(default_model_path: Path, tmp_path_factory: pytest.TempPathFacto
         "--model", str(default_model_path), "--served-model-name", "smollm2",
         "--host", "127.0.0.1", "--port", str(port),
         "--enforce-eager", "--max-model-len", "2048", "--gpu-memory-utilization", "0.3",
-        "--max-logprobs", "20", "--seed", "0",
+        "--max-logprobs", "20", "--seed", "0", "--dtype", "float32", "--enable-prompt-tokens-details",
     ]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     with open(log, "w") as fh:

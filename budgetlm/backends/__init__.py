@@ -35,7 +35,7 @@ from budgetlm.backends.base import (
     make_request,
 )
 from budgetlm.errors import ConfigError
-from budgetlm.registry import Registry
+from budgetlm.registry import Registry, coerce_option
 
 __all__ = [
     "Backend",
@@ -60,18 +60,6 @@ BACKENDS.register("scripted", "budgetlm.backends.scripted:ScriptedBackend")
 SPEC_FORMS = "default, vllm:PATH, hf:PATH, openai:URL#MODEL (PATH may be 'default'; options after '?', e.g. vllm:default?max_model_len=2048)"
 
 
-def _coerce(v: str) -> Any:
-    low = v.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for t in (int, float):
-        try:
-            return t(v)
-        except ValueError:
-            pass
-    return v
 
 
 def backend_class(kind: str) -> type[Backend]:
@@ -93,7 +81,7 @@ def load(spec: str | Backend, **kwargs: Any) -> Backend:
         raise ConfigError(f"`spec` must be a backend spec string, got {spec!r}; valid forms: {SPEC_FORMS}")
     spec = spec.strip()
     base, _, query = spec.partition("?")
-    opts: dict[str, Any] = {k: _coerce(v) for k, v in parse_qsl(query, keep_blank_values=True)}
+    opts: dict[str, Any] = {k: coerce_option(v) for k, v in parse_qsl(query, keep_blank_values=True)}
     opts.update(kwargs)
     if base == "default":
         base = "vllm:default" if _vllm_available() else "hf:default"

@@ -24,7 +24,7 @@ from budgetlm.evals.suites.base import DEFAULT_PROMPT, EvalItem, Grade, Suite
 from budgetlm.evals.suites.files import CsvSuite, DatasetSuite, JsonlSuite
 from budgetlm.evals.suites.humaneval import HumanEvalSuite
 from budgetlm.evals.suites.reasoning_gym import ReasoningGymSuite
-from budgetlm.registry import Registry
+from budgetlm.registry import Registry, coerce_option
 
 __all__ = [
     "DEFAULT_PROMPT", "SUITES", "CsvSuite", "DatasetSuite", "EvalItem", "Grade", "HumanEvalSuite", "JsonlSuite",
@@ -41,18 +41,6 @@ _TARGET = {"reasoning_gym": "task", "jsonl": "path", "csv": "path"}
 """The constructor parameter that the ``:TARGET`` part of a spec fills, per kind."""
 
 
-def _coerce(value: str) -> Any:
-    low = value.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -70,7 +58,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     for key, value in pairs:
         if key in params:
             raise ConfigError(f"suite spec {spec!r}: option {key!r} is given twice; keep one")
-        params[key] = _coerce(value)
+        params[key] = coerce_option(value)
     if sep:
         if kind not in _TARGET:
             SUITES.get(kind)  # unknown kinds list the available ones

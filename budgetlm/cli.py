@@ -18,10 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from budgetlm.answers import extract_answer
 from budgetlm.budget import Budget
 from budgetlm.errors import BudgetLMError
-from budgetlm.meter import Meter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLM reasoning spend compute deliberately.")
 console = Console(stderr=True)
@@ -47,40 +45,66 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    from budgetlm.registry import coerce_option
+
+    params: dict[str, Any] = {}
+    for item in pairs:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise BudgetLMError(f"`--param` must look like key=value, got {item!r}")
+        params[key.strip()] = coerce_option(val.strip())
+    return params
+
+
 @app.command()
 def run(
     question: Annotated[str, typer.Argument(help="The question to answer.")],
     backend: Annotated[str, typer.Option("--backend", "-b", help="Backend spec: default, vllm:PATH, hf:PATH, openai:URL#MODEL.")] = "default",
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", help="Most output tokens (the output-token budget).")] = 256,
+    strategy: Annotated[str, typer.Option("--strategy", "-s", help="Strategy name (sample, cot, majority, adaptive, pdr, ...).")] = "sample",
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Strategy parameter key=value (repeatable).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-m", help="Output-token budget for the whole answer.")] = 256,
     budget: Annotated[str | None, typer.Option(help="Extra limits, e.g. 'usd=0.01,wall_seconds=30'.")] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.0,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature for `sample` (default 0 = greedy).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
 ) -> None:
-    """Answer QUESTION with plain sampling under a budget; print the answer and the spend."""
-    from budgetlm.backends import SamplingParams, load
+    """Answer QUESTION with a strategy under a budget; print the answer and the spend."""
+    from budgetlm.backends import load
+    from budgetlm.strategies import get as get_strategy
 
     try:
         if max_tokens < 1:
             raise BudgetLMError(f"`--max-tokens` must be >= 1, got {max_tokens}")
         limits = Budget.parse(budget).merged(Budget(output_tokens=max_tokens))
-        meter = Meter(limits)
+        params = _parse_params(param or [])
+        if strategy == "sample":
+            params.setdefault("max_tokens", max_tokens)
+            params.setdefault("temperature", 0.0 if temperature is None else temperature)
+        elif temperature is not None:
+            params.setdefault("temperature", temperature)
+        strat = get_strategy(strategy, **params)
+        if "seed" in strat.params() and strat.params()["seed"] is None:
+            strat = get_strategy(strategy, **params, seed=seed)
         with console.status(f"loading {backend} ..."):
             be = load(backend)
-        [res] = be.generate([question], meter, sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed))
+        [res] = strat.solve([question], backend=be, budget=limits)
     except BudgetLMError as exc:
         _fail(exc)
         return
-    c = res.first
-    extracted = extract_answer(c.answer if not c.thinking_truncated else None)
     record: dict[str, Any] = {
         "question": question,
-        "text": c.text,
-        "answer": extracted.text,
-        "finish_reason": c.finish_reason,
-        "truncated": c.truncated,
+        "strategy": strategy,
+        "params": strat.params(),
+        "text": res.text,
+        "answer": res.answer,
+        "stop_reason": res.stop_reason,
+        "finish_reason": res.finish_reason,
+        "truncated": res.truncated,
+        "sequential_tokens": res.sequential_tokens,
         "usage": res.usage.to_dict(),
-        "ledger": meter.summary(),
+        "ledger": res.ledger,
+        "trace": res.trace,
         "backend": backend,
         "seed": seed,
         "versions": versions(),
@@ -88,11 +112,11 @@ def run(
     if as_json:
         out.print_json(json.dumps(record, default=str))
         return
-    out.print(c.text.strip())
+    out.print(res.text.strip())
     u = res.usage
     console.print(
-        f"[dim]answer: {extracted.text!r} · {u.prompt_tokens} in / {u.output_tokens} out tokens · "
-        f"{u.flops:.3g} FLOPs · ${u.usd:.6f} · {u.latency_s:.2f}s · finish: {c.finish_reason}[/]"
+        f"[dim]{strategy}: answer {res.answer!r} · {u.calls} call(s) · {u.prompt_tokens} in / {u.output_tokens} out "
+        f"tokens (budget {max_tokens}) · {u.flops:.3g} FLOPs · ${u.usd:.6f} · stop: {res.stop_reason}[/]"
     )
 
 

@@ -30,9 +30,20 @@ def test_run_clamps_to_max_tokens() -> None:
     assert rec["usage"]["output_tokens"] == 1 and rec["truncated"]
 
 
+def test_run_with_a_strategy_and_parameters() -> None:
+    res = runner.invoke(app, ["run", "q", "-b", "scripted", "-s", "majority", "-p", "n=3", "-m", "30", "--json"])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert rec["strategy"] == "majority" and rec["params"]["n"] == 3 and rec["answer"] == "42"
+    assert rec["usage"]["output_tokens"] == 6 <= 30
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
+        (["run", "q", "-b", "scripted", "-s", "nosuch"], "available"),  # unknown strategy
+        (["run", "q", "-b", "scripted", "-s", "majority", "-p", "nn=3"], "valid: n"),  # unknown parameter
+        (["run", "q", "-b", "scripted", "-p", "novalue"], "key=value"),  # malformed parameter
         (["run", "q", "-b", "nope:x"], "unknown backend kind"),  # bad backend spec
         (["run", "q", "-b", "scripted", "-m", "0"], "--max-tokens"),  # non-positive budget
         (["run", "q", "-b", "scripted", "--budget", "usd=-1"], "usd"),  # invalid budget value

@@ -274,5 +274,5 @@ def test_curves_group_budgets_and_frontier_of_summaries() -> None:
     curves = accuracy_vs_cost_curves(summaries)
     assert [c.strategy for c in curves] == ["direct", "vote"]
     assert [p.config_id for p in curves[0].points] == ["b1", "b3", "b2"]  # ordered by mean tokens
-    assert curves[1].label == "r · m · vote n=3"
+    assert curves[1].label == "vote"  # one run, one model, one params set: the short label
     assert [s.config_id for s in frontier_summaries(summaries)] == ["b1", "b3"]

@@ -168,3 +168,20 @@ def test_real_vllm_run_records_and_report(tmp_path: Path, vllm_backend: object) 
     parser = _Tags()
     parser.feed((report / "report.html").read_text())
     assert parser.imgs and all(src.startswith("data:image/png;base64,") for src in parser.imgs)
+
+
+def test_per_strategy_budgets_and_labels(tmp_path: Path) -> None:
+    cfg = scripted_config(strategies=[
+        {"name": "sample", "label": "greedy"},
+        {"name": "majority", "params": {"n": 2, "max_tokens": 4}, "label": "maj@2",
+         "budgets": [{"output_tokens": 8}, {"output_tokens": 16}, {"output_tokens": 32}]},
+    ])
+    run_eval(cfg, tmp_path / "run", progress=False, report=False)
+    recs = read_records(tmp_path / "run" / "records.jsonl")
+    by = {}
+    for r in recs:
+        by.setdefault(r.strategy, set()).add(r.budget["output_tokens"])
+    assert by == {"greedy": {1, 8}, "maj@2": {8, 16, 32}}
+    assert len(recs) == 12 * 5
+    with pytest.raises(ConfigError, match="must be > 0"):
+        scripted_config(strategies=[{"name": "sample", "budgets": [{"output_tokens": 0}]}])

@@ -473,12 +473,17 @@ class Backend(ABC):
         return await asyncio.to_thread(self.generate, requests, meter, **kw)
 
     def _thinking_for(self, request: GenerationRequest) -> ThinkingFormat:
-        """The thinking format for a request; an assistant prefix that opens thinking starts inside it."""
+        """The thinking format for a request, given where its assistant prefix leaves off.
+
+        A prefix that leaves thinking open (``<think>…``) makes the output start inside thinking;
+        one that closes it (``…</think>``, also when the template opened the tag) makes the output
+        start after it, so a continued answer is not counted as thinking.
+        """
         fmt = self.thinking
-        if fmt.enabled and request.assistant_prefix and not fmt.starts_in_thinking:
+        if fmt.enabled and request.assistant_prefix:
             sp = split_thinking(request.assistant_prefix, fmt)
-            if sp.has_thinking and sp.truncated:
-                fmt = fmt.model_copy(update={"starts_in_thinking": True})
+            if sp.has_thinking and sp.truncated != fmt.starts_in_thinking:
+                fmt = fmt.model_copy(update={"starts_in_thinking": sp.truncated})
         return fmt
 
     def _finish(self, c: RawCompletion, fmt: ThinkingFormat | None = None) -> Completion:

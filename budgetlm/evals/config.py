@@ -30,6 +30,16 @@ from budgetlm.config import Config
 from budgetlm.errors import ConfigError
 
 
+def check_budgets(v: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Every budget of a grid must be a valid :class:`Budget` with positive limits."""
+    for i, b in enumerate(v):
+        Budget(**b)  # unit names and types
+        for unit, lim in b.items():
+            if lim is None or lim <= 0:
+                raise ValueError(f"`budgets[{i}].{unit}` must be > 0, got {lim!r}; remove the entry or use a positive limit")
+    return v
+
+
 class StrategySpec(Config):
     """One strategy of the grid with its parameters."""
 
@@ -37,6 +47,19 @@ class StrategySpec(Config):
 
     name: str = Field(description="Registered strategy name (see `budgetlm.strategies.names()`).")
     params: dict[str, Any] = Field(default_factory=dict, description="Constructor parameters of the strategy.")
+    budgets: list[dict[str, float]] | None = Field(
+        default=None, description="Budgets for this strategy only (default: the config's `budgets`)."
+    )
+    label: str | None = Field(default=None, description="Display name in reports (default: the strategy name).")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, v: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("`budgets` must list at least one budget or be omitted, got []")
+            check_budgets(v)
+        return v
 
 
 class EvalConfig(Config):
@@ -73,12 +96,7 @@ class EvalConfig(Config):
     @field_validator("budgets")
     @classmethod
     def _budgets(cls, v: list[dict[str, float]]) -> list[dict[str, float]]:
-        for i, b in enumerate(v):
-            Budget(**b)  # unit names and types
-            for unit, lim in b.items():
-                if lim is None or lim <= 0:
-                    raise ValueError(f"`budgets[{i}].{unit}` must be > 0, got {lim!r}; remove the entry or use a positive limit")
-        return v
+        return check_budgets(v)
 
     @field_validator("batch_size")
     @classmethod
@@ -119,5 +137,5 @@ class EvalConfig(Config):
 def config_id(model: str, strategy: StrategySpec, budget: dict[str, float], seed: int) -> str:
     """Stable id of one grid cell (model, strategy, parameters, budget, seed)."""
     key = json.dumps({"model": model, "strategy": strategy.name, "params": strategy.params, "budget": budget,
-                      "seed": seed}, sort_keys=True, default=str)
+                      "seed": seed, **({"label": strategy.label} if strategy.label else {})}, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:12]

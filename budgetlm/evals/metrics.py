@@ -619,6 +619,13 @@ def accuracy_vs_cost_curves(summaries: Iterable[ConfigSummary], cost: CostKind =
     groups: dict[tuple[str, str, str, str], list[ConfigSummary]] = defaultdict(list)
     for s in summaries:
         groups[(s.run, s.model, s.strategy, _json_key(s.params))].append(s)
+    # Labels stay short: the run and model only when several appear, and only the parameters that
+    # tell apart curves of the same strategy.
+    runs = {k[0] for k in groups}
+    models = {k[1] for k in groups}
+    by_strategy: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for (_, _, strategy, _), ss in groups.items():
+        by_strategy[strategy].append(dict(ss[0].params))
     curves = []
     for (run, model, strategy, _), ss in sorted(groups.items()):
         pts = [
@@ -626,5 +633,8 @@ def accuracy_vs_cost_curves(summaries: Iterable[ConfigSummary], cost: CostKind =
             for s in ss
         ]
         pts.sort(key=lambda p: (p.cost, p.accuracy, p.config_id))
-        curves.append(Curve(curve_label(run, model, strategy, ss[0].params), run, model, strategy, dict(ss[0].params), pts))
+        siblings = by_strategy[strategy]
+        differing = {k: v for k, v in ss[0].params.items() if any(o.get(k) != v for o in siblings)}
+        label = curve_label(run if len(runs) > 1 else "", model if len(models) > 1 else "", strategy, differing)
+        curves.append(Curve(label, run, model, strategy, dict(ss[0].params), pts))
     return curves

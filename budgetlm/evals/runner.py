@@ -193,7 +193,7 @@ class Runner:
             (model, strat, budget)
             for model in self.config.models
             for strat in self.config.strategies
-            for budget in self.config.budgets
+            for budget in (strat.budgets or self.config.budgets)
         ]
         total = sum(len(items) for _, _, items in suites) * len(cells)
         outcome = RunOutcome(self.out_dir, total=total)
@@ -250,7 +250,7 @@ class Runner:
         problems = [Problem(id=it.id, messages=it.messages, metadata=it.metadata) for it in batch]
         b = Budget(**budget)
         t0 = time.perf_counter()
-        common = dict(suite=sname, config_id=cid, model=model, strategy=spec.name, params=strategy.params(),
+        common = dict(suite=sname, config_id=cid, model=model, strategy=spec.label or spec.name, params=strategy.params(),
                       budget=dict(budget), seed=self.config.seed)
         try:
             results = strategy.solve(problems, backend=backend, budget=b)

@@ -2,14 +2,38 @@
 
 Strategies use backends only through the :class:`~budgetlm.backends.base.Backend` protocol and
 charge every call to per-problem :class:`~budgetlm.meter.Meter` s (see
-:mod:`budgetlm.strategies.base`).  Registered: ``sample`` (plain sampling); budget forcing,
-voting, PDR, tree search and cascades are added by later releases.
+:mod:`budgetlm.strategies.base`).  Registered:
+
+* ``sample`` — plain sampling (:mod:`budgetlm.strategies.sample`);
+* ``cot`` — chain of thought with budget forcing (:mod:`budgetlm.strategies.cot`);
+* ``best_of_n``, ``majority``, ``weighted_majority`` — voting (:mod:`budgetlm.strategies.voting`);
+* ``adaptive`` — adaptive majority with budget reallocation (:mod:`budgetlm.strategies.adaptive`);
+* ``pdr``, ``sr`` — Parallel-Distill-Refine and Sequential Refinement (:mod:`budgetlm.strategies.pdr`).
 """
 
+from budgetlm.strategies.adaptive import AdaptiveMajority
 from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy, get
+from budgetlm.strategies.cot import BudgetForcing
+from budgetlm.strategies.pdr import ParallelDistillRefine, SequentialRefinement
 from budgetlm.strategies.sample import Sample
+from budgetlm.strategies.voting import BestOfN, Majority, WeightedMajority
 
-__all__ = ["STRATEGIES", "Problem", "Result", "Sample", "Strategy", "get", "names"]
+__all__ = [
+    "STRATEGIES",
+    "AdaptiveMajority",
+    "BestOfN",
+    "BudgetForcing",
+    "Majority",
+    "ParallelDistillRefine",
+    "Problem",
+    "Result",
+    "Sample",
+    "SequentialRefinement",
+    "Strategy",
+    "WeightedMajority",
+    "get",
+    "names",
+]
 
 
 def names() -> list[str]:

@@ -1,0 +1,60 @@
+"""Issue-4 benchmark: accuracy vs output tokens of cot, majority@{2,4,8}, adaptive, PDR and SR.
+
+Runs ``benchmarks/sampling_frontier.yaml`` through the evaluation runner (resumable: re-running
+continues), writes the report, and prints (a) one row per configuration — accuracy with its 95%
+bootstrap interval, mean output tokens and mean sequential (critical-path) tokens — and (b) the
+target check: adaptive reaches majority@8's accuracy (within majority@8's interval) with at most
+60% of majority@8's mean output tokens.
+
+Usage::
+
+    .venv/bin/python benchmarks/sampling_frontier.py [--out runs/sampling_frontier] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(HERE / "sampling_frontier.yaml"))
+    ap.add_argument("--out", default="runs/sampling_frontier")
+    ap.add_argument("--limit", type=int, default=None, help="items per suite (default: all 200)")
+    args = ap.parse_args()
+
+    from budgetlm.evals.config import EvalConfig
+    from budgetlm.evals.runner import run_eval
+
+    cfg = EvalConfig.load(args.config)
+    if args.limit:
+        cfg = cfg.model_copy(update={"limit": args.limit})
+    outcome = run_eval(cfg, args.out)
+    assert outcome.report is not None
+    summary = json.loads((outcome.report / "summary.json").read_text())
+    rows = []
+    for c in summary["configs"]:
+        rows.append((c["strategy"], c["budget"].get("output_tokens"), c["n"], c["accuracy"], c["accuracy_ci_low"],
+                     c["accuracy_ci_high"], c["mean_output_tokens"], c["mean_sequential_tokens"], c["over_budget_rate"]))
+    rows.sort(key=lambda r: (r[0], r[1] or 0))
+    print(f"{'strategy':12} {'budget':>6} {'n':>4} {'accuracy':>8} {'95% CI':>13} {'out tok':>8} {'seq tok':>8} {'over':>5}")
+    for s, b, n, acc, lo, hi, out, seq, over in rows:
+        print(f"{s:12} {b:>6} {n:>4} {acc:8.3f} {lo:6.3f}-{hi:6.3f} {out:8.1f} {seq:8.1f} {over:5.2f}")
+    maj8 = [r for r in rows if r[0] == "majority@8"]
+    adap = [r for r in rows if r[0] == "adaptive"]
+    if maj8 and adap:
+        m = maj8[0]
+        best = max(adap, key=lambda r: (r[3] >= m[4], -r[6]))
+        ok = best[3] >= m[4] and best[6] <= 0.6 * m[6]
+        print(f"\ntarget: adaptive (budget {best[1]}) accuracy {best[3]:.3f} vs majority@8 {m[3]:.3f} "
+              f"[CI {m[4]:.3f}-{m[5]:.3f}] with {best[6] / m[6]:.0%} of its tokens "
+              f"(target: within CI at <= 60%): {'met' if ok else 'NOT met'}")
+    print(f"report: {outcome.report}/report.html")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""The voting family (ALGORITHMS.md §2): best-of-N, majority and weighted majority.
+
+All three draw ``n`` samples per problem in one batched backend call (one request with ``n``
+samples per problem, each request charged to its problem's meter) and differ only in how they
+pick the answer:
+
+* ``best_of_n`` — the sample with the highest score (ties: first sample); samples without an
+  extractable answer only win when no sample has one;
+* ``majority`` — the mode of the normalised answers (:func:`~budgetlm.strategies.aggregate.vote`:
+  ties go to the highest summed weight, then to the answer seen first);
+* ``weighted_majority`` — the answer with the highest summed weight.
+
+Scores (``scorer``), all log-probabilities, and computed per sample:
+
+* ``"logprob"`` — the sample's mean token log-probability (free: generation asks for logprobs);
+* ``"verifier"`` — the mean log-probability of the sample's answer text as the reply to the
+  problem under a separate ``verifier`` backend (a reward model; a spec string is loaded with
+  :func:`budgetlm.backends.load`);
+* ``"self_eval"`` — the log-probability that the *same* backend answers ``"Yes"`` to "Is this
+  answer correct? Answer Yes or No." after the problem and the sample.
+
+Verifier and self-eval scoring calls are charged to the problem's meter (as prompt tokens); when
+the budget cannot afford them, the sample falls back to its mean token logprob (noted in the
+trace).  Votes are weighted by ``exp(score)`` (the geometric-mean token probability, or the
+probability of "Yes"), so weights are positive and more votes never lower an answer's weight;
+mean logprobs themselves are negative and could not be summed as weights.
+
+Budget: with ``n=None`` each problem takes as many samples of ``max_tokens`` as its output-token
+room affords (at least one; :data:`DEFAULT_N` when nothing limits output tokens).  The room is
+the problem's own remaining output tokens and, when the batch budget limits output tokens, at
+most an equal share of the batch's remaining output tokens, so the first problems of a batch
+cannot starve the last.  With a fixed ``n`` that does not fit, ``max_tokens`` shrinks to
+``room // n`` (and ``n`` to ``room`` when even one token per sample does not fit).  A problem
+whose budget affords no call gets a :class:`~budgetlm.strategies.base.Result` with an empty
+answer and ``stop_reason`` set.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from budgetlm.backends.base import Backend, Completion, GenerationRequest, SamplingParams
+from budgetlm.errors import BudgetExceeded, ConfigError
+from budgetlm.meter import Meter
+from budgetlm.strategies.aggregate import Vote, answer_key, vote
+from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy
+from budgetlm.usage import Usage
+
+SCORERS = ("logprob", "verifier", "self_eval")
+"""Valid values of ``scorer``."""
+DEFAULT_N = 8
+"""Samples per problem when ``n=None`` and no output-token limit applies."""
+SELF_EVAL_QUESTION = "Is this answer correct? Answer Yes or No."
+SELF_EVAL_YES = "Yes"
+"""Continuation scored for self-evaluation (the reply starts right after the assistant header)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers shared with the adaptive strategy
+@dataclass
+class Sampled:
+    """One sample with its extracted answer and score."""
+
+    completion: Completion
+    text: str
+    """The answer text (thinking removed; empty when thinking was cut off)."""
+    key: str | None
+    """The normalised answer (``None`` when there is none)."""
+    score: float | None = None
+    """The scorer's log-score (``None`` when unavailable)."""
+    round: int = 0
+
+    @property
+    def weight(self) -> float:
+        """``exp(score)``: the vote weight (0 without a score)."""
+        return 0.0 if self.score is None else math.exp(self.score)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.completion.token_ids)
+
+
+def make_sampled(c: Completion, round: int = 0) -> Sampled:
+    text = "" if c.thinking_truncated else c.answer
+    return Sampled(c, text, answer_key(text), c.mean_logprob, round)
+
+
+def own_room(meter: Meter) -> float | None:
+    """Output tokens left under the meter's *own* limit (ancestors ignored; ``None``: no limit)."""
+    lim = meter.budget.output_tokens
+    return None if lim is None else lim - meter.spent("output_tokens") - meter.reserved("output_tokens")
+
+
+def rooms(meters: Sequence[Meter]) -> list[int | None]:
+    """Output-token room of each meter this round: its own remaining output tokens, capped by an
+    equal share of its parent's remaining output tokens among the given meters with that parent
+    (``None``: unlimited)."""
+    groups: dict[int, int] = {}
+    for m in meters:
+        groups[id(m.parent)] = groups.get(id(m.parent), 0) + 1
+    out: list[int | None] = []
+    for m in meters:
+        cands = []
+        own = own_room(m)
+        if own is not None:
+            cands.append(own)
+        if m.parent is not None:
+            br = m.parent.remaining("output_tokens")
+            if br is not None:
+                cands.append(br / groups[id(m.parent)])
+        out.append(None if not cands else max(0, math.floor(min(cands))))
+    return out
+
+
+def plan(room: int | None, n: int | None, max_tokens: int, default_n: int = DEFAULT_N) -> tuple[int, int]:
+    """``(samples, max_tokens)`` for one request within ``room`` output tokens; ``(0, 0)``: none fit."""
+    if room is None:
+        return (n or default_n), max_tokens
+    if room < 1:
+        return 0, 0
+    k = max(1, room // max_tokens) if n is None else min(n, room)
+    return k, min(max_tokens, room // k)
+
+
+def sample_entry(s: Sampled, index: int) -> dict[str, Any]:
+    return {"sample": index, "round": s.round, "answer": s.key, "score": s.score, "weight": s.weight,
+            "tokens": s.tokens, "finish_reason": s.completion.finish_reason}
+
+
+def empty_result(p: Problem, usage: Usage, reason: str, trace: list[dict[str, Any]]) -> Result:
+    return Result(p.id, "", None, usage, stop_reason=reason, trace=trace)
+
+
+def voted_result(p: Problem, samples: list[Sampled], v: Vote, idx: int | None, usage: Usage, *, stop_reason: str,
+                 sequential_tokens: int, trace: list[dict[str, Any]]) -> Result:
+    """The result of a vote: the text of sample ``idx`` (first sample when ``None``), answer = winner."""
+    s = samples[idx if idx is not None else 0]
+    trace = trace + [{"vote": {"winner": v.winner, "index": idx, "counts": dict(v.counts),
+                               "weights": dict(v.weights), "samples": len(samples)}}]
+    return Result(
+        problem_id=p.id, text=s.text, answer=v.winner, usage=usage, stop_reason=stop_reason,
+        finish_reason=s.completion.finish_reason, truncated=s.completion.truncated,
+        thinking_truncated=s.completion.thinking_truncated, sequential_tokens=sequential_tokens, trace=trace,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+class _Voting(Strategy):
+    """N samples per problem in one batched call; subclasses pick the winner."""
+
+    weighted: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        n: int | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.7,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        scorer: Literal["logprob", "verifier", "self_eval"] = "logprob",
+        verifier: Backend | str | None = None,
+    ) -> None:
+        if n is not None and n < 1:
+            raise ConfigError(f"`n` must be >= 1 (or None to follow the budget), got {n}")
+        if max_tokens < 1:
+            raise ConfigError(f"`max_tokens` must be >= 1, got {max_tokens}")
+        if scorer not in SCORERS:
+            raise ConfigError(f"unknown scorer {scorer!r}; valid: {', '.join(SCORERS)}")
+        if scorer == "verifier" and verifier is None:
+            raise ConfigError("scorer='verifier' needs `verifier`: a Backend or a backend spec string")
+        if not 0 < top_p <= 1:
+            raise ConfigError(f"`top_p` must be in (0, 1], got {top_p}")
+        if temperature < 0:
+            raise ConfigError(f"`temperature` must be >= 0, got {temperature}")
+        self.n = n
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.seed = seed
+        self.scorer = scorer
+        self.verifier = verifier
+        self._verifier: Backend | None = None
+
+    # -------------------------------------------------------------- scoring
+    def _verifier_backend(self) -> Backend:
+        if self._verifier is None:
+            from budgetlm.backends import load
+
+            self._verifier = load(self.verifier)  # type: ignore[arg-type]
+        return self._verifier
+
+    def score(self, p: Problem, samples: list[Sampled], meter: Meter,
+              backend: Backend) -> tuple[Usage, list[dict[str, Any]]]:
+        """Set each sample's score with ``self.scorer``; returns the scoring spend and trace entries."""
+        if self.scorer == "logprob":
+            return Usage.zero(), []
+        todo = [s for s in samples if s.text.strip()]
+        if not todo:
+            return Usage.zero(), []
+        if self.scorer == "verifier":
+            scorer = self._verifier_backend()
+            pairs: list[tuple[Any, str]] = [(p.messages, s.text) for s in todo]
+        else:
+            scorer = backend
+            pairs = [(p.messages + [{"role": "assistant", "content": s.text},
+                                    {"role": "user", "content": SELF_EVAL_QUESTION}], SELF_EVAL_YES) for s in todo]
+        try:
+            scored = scorer.score_batch(pairs, meter)
+        except BudgetExceeded as exc:
+            return Usage.zero(), [{"score": self.scorer, "fallback": "logprob", "reason": str(exc)}]
+        usage = Usage.zero()
+        for s, r in zip(todo, scored, strict=True):
+            s.score = r.mean if self.scorer == "verifier" else r.total
+            usage = usage + r.usage
+        return usage, [{"score": self.scorer, "pairs": len(todo), "prompt_tokens": usage.prompt_tokens,
+                        "calls": usage.calls}]
+
+    # -------------------------------------------------------------- picking
+    def pick(self, samples: list[Sampled]) -> tuple[Vote, int | None]:
+        """The vote and the index of the sample whose text answers."""
+        v = vote([s.key for s in samples], [s.weight for s in samples], weighted=self.weighted)
+        return v, v.index
+
+    # -------------------------------------------------------------- running
+    def sampling(self, n: int, max_tokens: int, round: int = 0) -> SamplingParams:
+        seed = None if self.seed is None else self.seed + round
+        return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
+                              seed=seed, logprobs=0)
+
+    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
+        out: list[Result | None] = [None] * len(problems)
+        reqs: list[GenerationRequest] = []
+        where: list[int] = []
+        for i, (p, m, room) in enumerate(zip(problems, meters, rooms(meters), strict=True)):
+            k, mt = plan(room, self.n, self.max_tokens)
+            if k == 0:
+                out[i] = empty_result(p, Usage.zero(), m.stop_reason or "budget exhausted: output_tokens",
+                                      [{"call": 0, "skipped": "no output tokens left", "room": room}])
+                continue
+            reqs.append(GenerationRequest(messages=p.messages, sampling=self.sampling(k, mt), meter=m, id=p.id))
+            where.append(i)
+        gens = backend.generate(reqs, on_budget_exhausted="skip") if reqs else []
+        for i, g in zip(where, gens, strict=True):
+            p, m = problems[i], meters[i]
+            call = {"call": 0, "n": g.request.sampling.n, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
+                    "output_tokens": g.usage.output_tokens, "prompt_tokens": g.usage.prompt_tokens}
+            if g.skipped or not g.completions:
+                out[i] = empty_result(p, Usage.zero(), m.stop_reason or "budget exhausted",
+                                      [call | {"skipped": g.skipped}])
+                continue
+            samples = [make_sampled(c) for c in g.completions]
+            s_usage, s_trace = self.score(p, samples, m, backend)
+            v, idx = self.pick(samples)
+            trace = [call, *s_trace, *(sample_entry(s, j) for j, s in enumerate(samples))]
+            out[i] = voted_result(p, samples, v, idx, g.usage + s_usage, stop_reason="done",
+                                  sequential_tokens=max(s.tokens for s in samples), trace=trace)
+        return [r for r in out if r is not None]
+
+
+class BestOfN(_Voting):
+    """``n`` samples; the answer of the highest-scoring one."""
+
+    name = "best_of_n"
+
+    def pick(self, samples: list[Sampled]) -> tuple[Vote, int | None]:
+        v = vote([s.key for s in samples], [s.weight for s in samples])
+        pool = [j for j, s in enumerate(samples) if s.key is not None] or list(range(len(samples)))
+        best = max(pool, key=lambda j: (-math.inf if samples[j].score is None else samples[j].score, -j))
+        return Vote(samples[best].key, best, v.counts, v.weights), best
+
+
+class Majority(_Voting):
+    """``n`` samples; the most frequent answer (ties: highest summed weight, then first seen)."""
+
+    name = "majority"
+
+
+class WeightedMajority(_Voting):
+    """``n`` samples; the answer with the highest summed weight ``exp(score)``."""
+
+    name = "weighted_majority"
+    weighted = True
+
+
+STRATEGIES.register("best_of_n", BestOfN)
+STRATEGIES.register("majority", Majority)
+STRATEGIES.register("weighted_majority", WeightedMajority)

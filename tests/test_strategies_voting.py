@@ -1,0 +1,303 @@
+"""Voting strategies (best-of-N, majority, weighted majority) and adaptive majority."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Callable
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import budgetlm.strategies.adaptive  # noqa: F401  (registers "adaptive")
+import budgetlm.strategies.voting  # noqa: F401  (registers the voting family)
+from budgetlm import ConfigError
+from budgetlm.backends.base import SamplingParams
+from budgetlm.backends.scripted import ScriptedBackend
+from budgetlm.strategies import Problem, get
+from budgetlm.strategies.adaptive import leader_probability
+from budgetlm.strategies.aggregate import answer_key, vote
+
+ALL = ["best_of_n", "majority", "weighted_majority", "adaptive"]
+
+
+def per_problem(texts: dict[str, list[str]]) -> Callable[[str, int, SamplingParams], str]:
+    """A script giving problem ``q``'s texts in turn (cycling), whatever the batching."""
+    seen: dict[str, int] = defaultdict(int)
+
+    def script(prompt: str, i: int, sampling: SamplingParams) -> str:
+        q = re.search(r"<\|user\|> (\S+)", prompt).group(1)  # type: ignore[union-attr]
+        lst = texts[q]
+        t = lst[seen[q] % len(lst)]
+        seen[q] += 1
+        return t
+
+    return script
+
+
+def sample_texts(r) -> list[tuple[str | None, float | None, int]]:
+    return [(e["answer"], e["score"], e["tokens"]) for e in r.trace if "sample" in e]
+
+
+def mean_lp(backend: ScriptedBackend, question: str, text: str) -> float:
+    """Recompute a sample's mean token logprob by scoring its text after the problem."""
+    return backend.score([{"role": "user", "content": question}], text).mean
+
+
+class Confident(ScriptedBackend):
+    """Scripted backend whose logprobs are high on the token 'sure' and low elsewhere."""
+
+    def _logprob(self, context: str, token: int) -> float:  # type: ignore[override]
+        return -0.01 if self._inv[token].strip() == "sure" else -3.0
+
+
+# ------------------------------------------------------------------ configuration
+@pytest.mark.parametrize("name", ["best_of_n", "majority", "weighted_majority"])
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"n": 0}, "`n` must be >= 1"),
+    ({"n": -2}, "`n` must be >= 1"),
+    ({"scorer": "magic"}, "unknown scorer 'magic'; valid: logprob, verifier, self_eval"),
+    ({"scorer": "verifier"}, "needs `verifier`"),
+    ({"max_tokens": 0}, "`max_tokens` must be >= 1"),
+])
+def test_bad_parameters(name: str, kw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        get(name, **kw)
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"batch_size": 0}, "`batch_size`"), ({"max_samples": 0}, "`max_samples`"), ({"delta": 0}, "`delta`"),
+    ({"delta": 1.5}, "`delta`"), ({"prior": 0}, "`prior`"), ({"max_tokens": 0}, "`max_tokens`"),
+])
+def test_adaptive_bad_parameters(kw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        get("adaptive", **kw)
+
+
+# ------------------------------------------------------------------ voting mechanics
+def test_majority_is_the_mode_in_one_call() -> None:
+    backend = ScriptedBackend(per_problem({
+        "q1": ["so Answer: 3", "Answer: 5", "hmm Answer: 3.0", "Answer: 5", "Answer: \\boxed{3}"],
+        "q2": ["Answer: 8", "Answer: 9", "Answer: 9"],
+    }))
+    r1, r2 = get("majority", n=5, max_tokens=20).solve(["q1", "q2"], backend=backend)
+    assert backend.calls == 1 and backend.batches == [2]
+    assert (r1.answer, r1.text, r1.stop_reason) == ("3", "so Answer: 3", "done")
+    assert r1.trace[-1]["vote"]["counts"] == {"3": 3, "5": 2}
+    assert r2.answer == "9" and r2.trace[-1]["vote"]["counts"] == {"8": 2, "9": 3}  # q2 cycles: 8 9 9 8 9
+    # the trace adds up to the ledger
+    for r in (r1, r2):
+        assert sum(t for _, _, t in sample_texts(r)) == r.usage.output_tokens
+        assert r.usage.output_tokens == r.ledger["units"]["output_tokens"]["spent"]
+        assert r.sequential_tokens == max(t for _, _, t in sample_texts(r))
+
+
+def test_majority_tie_break_is_summed_weight_then_first() -> None:
+    texts = ["one Answer: 1", "two Answer: 2"]
+    backend = ScriptedBackend(per_problem({"q": texts}))
+    [r] = get("majority", n=2).solve(["q"], backend=backend)
+    w = [math.exp(mean_lp(backend, "q", t)) for t in texts]
+    assert [s for _, s, _ in sample_texts(r)] == pytest.approx([math.log(x) for x in w])
+    expected = "1" if w[0] >= w[1] else "2"
+    assert r.answer == expected and r.answer == vote(["1", "2"], w).winner
+    # equal weights: the first seen wins
+    assert vote(["2", "1"], [0.5, 0.5]).winner == "2"
+
+
+def test_weighted_majority_uses_scores() -> None:
+    texts = ["Answer: 7", "Answer: 7", "sure sure sure sure Answer: 9"]
+    backend = Confident(per_problem({"q": texts}))
+    [maj] = get("majority", n=3).solve(["q"], backend=backend)
+    backend = Confident(per_problem({"q": texts}))
+    [wm] = get("weighted_majority", n=3).solve(["q"], backend=backend)
+    assert maj.answer == "7"
+    assert wm.answer == "9" and wm.text == texts[2]
+    weights = wm.trace[-1]["vote"]["weights"]
+    assert weights["9"] > weights["7"] and weights["7"] == pytest.approx(2 * math.exp(-3.0))
+
+
+def test_best_of_n_picks_the_highest_mean_logprob() -> None:
+    texts = ["first Answer: 1", "a second try Answer: 2", "third Answer: 3", "fourth and last Answer: 4"]
+    backend = ScriptedBackend(per_problem({"q": texts}))
+    [r] = get("best_of_n", n=4).solve(["q"], backend=backend)
+    scores = [mean_lp(backend, "q", t) for t in texts]
+    best = max(range(4), key=lambda j: (scores[j], -j))
+    assert r.text == texts[best] and r.answer == answer_key(texts[best])
+    assert [s for _, s, _ in sample_texts(r)] == pytest.approx(scores)
+
+
+def test_best_of_n_prefers_samples_with_an_answer() -> None:
+    backend = Confident(per_problem({"q": ["sure sure sure", "Answer: 4"]}))
+    [r] = get("best_of_n", n=2).solve(["q"], backend=backend)
+    assert r.answer == "4"
+
+
+def test_verifier_and_self_eval_scores_are_charged() -> None:
+    texts = ["Answer: 1", "so Answer: 2"]
+    verifier = ScriptedBackend(name="rm")
+    backend = ScriptedBackend(per_problem({"q": texts}))
+    [r] = get("best_of_n", n=2, scorer="verifier", verifier=verifier).solve(["q"], backend=backend)
+    scores = [verifier.score([{"role": "user", "content": "q"}], t).mean for t in texts]
+    assert [s for _, s, _ in sample_texts(r)] == pytest.approx(scores)
+    assert r.model_calls == 3  # one generation + two scored pairs
+    assert r.usage.prompt_tokens == r.ledger["units"]["input_tokens"]["spent"]
+
+    backend = ScriptedBackend(per_problem({"q": texts}))
+    [r] = get("weighted_majority", n=2, scorer="self_eval").solve(["q"], backend=backend)
+    msgs = [{"role": "user", "content": "q"}]
+    expected = [backend.score(msgs + [{"role": "assistant", "content": t},
+                                      {"role": "user", "content": "Is this answer correct? Answer Yes or No."}],
+                              "Yes").total for t in texts]
+    assert [s for _, s, _ in sample_texts(r)] == pytest.approx(expected)
+    assert backend.calls == 1 + 1 + len(texts)  # generation, scoring, and our recomputation
+    assert r.usage.prompt_tokens == r.ledger["units"]["input_tokens"]["spent"] > 0
+
+
+def test_scorer_falls_back_to_logprob_when_budget_is_spent() -> None:
+    backend = ScriptedBackend(per_problem({"q": ["Answer: 1"]}))
+    [r] = get("best_of_n", n=1, scorer="self_eval").solve(["q"], backend=backend, budget={"input_tokens": 10})
+    assert r.answer == "1" and any(e.get("fallback") == "logprob" for e in r.trace)
+    assert r.ledger["units"]["input_tokens"]["spent"] <= 10
+
+
+def test_n_follows_from_the_budget() -> None:
+    backend = ScriptedBackend(per_problem({"q": ["Answer: 2"]}))
+    [r] = get("majority", max_tokens=25).solve(["q"], backend=backend, budget={"output_tokens": 100})
+    assert r.trace[0]["n"] == 4 and r.trace[0]["max_tokens"] == 25 and r.trace[-1]["vote"]["counts"] == {"2": 4}
+    [r] = get("majority", max_tokens=25).solve(["q"], backend=backend, budget={"output_tokens": 10})
+    assert r.trace[0]["n"] == 1 and r.trace[0]["max_tokens"] == 10  # at least one, clamped
+    # a batch budget is shared equally: 3 problems, 90 tokens -> 30 each -> one sample of 25
+    results = get("majority", max_tokens=25).solve(["q", "q", "q"], backend=backend, batch_budget={"output_tokens": 90})
+    assert [r.trace[0]["n"] for r in results] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize(("budget", "reason"), [
+    ({"input_tokens": 1}, "budget exhausted: input_tokens"),
+    ({"output_tokens": 0}, "budget exhausted: output_tokens"),
+])
+def test_budget_too_small_for_one_call(name: str, budget: dict, reason: str) -> None:
+    backend = ScriptedBackend(["Answer: 1"])
+    [r] = get(name, max_tokens=10).solve(["q"], backend=backend, budget=budget)
+    assert (r.answer, r.text, r.stop_reason) == (None, "", reason)
+    assert r.usage.output_tokens == 0
+
+
+# ------------------------------------------------------------------ adaptive
+def test_leader_probability() -> None:
+    assert leader_probability([]) == 0.0 and leader_probability([None, None]) == 0.0
+    # Dirichlet(b+1, 1): P(leader) = 1 - 2**-(b+1)
+    for b in (2, 4, 6):
+        assert leader_probability(["7"] * b) == pytest.approx(1 - 2 ** -(b + 1), abs=0.02)
+    assert leader_probability(["1", "2"]) < 0.6
+    assert leader_probability(["7"] * 50) < 1  # Monte Carlo never certifies 1
+
+
+def test_adaptive_unanimous_stops_after_the_first_batch() -> None:
+    backend = ScriptedBackend(per_problem({"q1": ["Answer: 7"], "q2": ["x Answer: 3"]}))
+    results = get("adaptive", batch_size=4, max_samples=20).solve(["q1", "q2"], backend=backend)
+    assert backend.calls == 1 and backend.batches == [2]
+    assert [(r.answer, r.stop_reason, len(sample_texts(r))) for r in results] == [("7", "done", 4), ("3", "done", 4)]
+    # defaults (batch_size=2, prior=1, delta=0.05): 2 agreeing votes give P=0.875, 4 give 0.97
+    backend = ScriptedBackend(per_problem({"q1": ["Answer: 7"]}))
+    [r] = get("adaptive").solve(["q1"], backend=backend)
+    assert backend.calls == 2 and len(sample_texts(r)) == 4
+
+
+def test_adaptive_with_tiny_delta_equals_majority() -> None:
+    texts = {"q1": ["Answer: 1", "Answer: 2", "b Answer: 1", "Answer: 3", "Answer: 2", "c Answer: 1"],
+             "q2": ["Answer: 5", "Answer: 6", "Answer: 6", "Answer: 6", "Answer: 5", "Answer: 4"]}
+    backend = ScriptedBackend(per_problem(texts))
+    ada = get("adaptive", delta=1e-9, max_samples=6, batch_size=2).solve(["q1", "q2"], backend=backend)
+    assert backend.batches == [2, 2, 2]  # every round: one call for all unsettled problems
+    maj = get("majority", n=6).solve(["q1", "q2"], backend=ScriptedBackend(per_problem(texts)))
+    for a, m in zip(ada, maj, strict=True):
+        assert (a.answer, a.text) == (m.answer, m.text)
+        assert [k for k, _, _ in sample_texts(a)] == [k for k, _, _ in sample_texts(m)]
+        assert a.trace[-1]["vote"]["counts"] == m.trace[-1]["vote"]["counts"]
+        assert a.usage.output_tokens == m.usage.output_tokens
+    assert [a.answer for a in ada] == ["1", "6"]
+
+
+def test_adaptive_rounds_only_include_unsettled_problems() -> None:
+    backend = ScriptedBackend(per_problem({"q1": ["Answer: 7"], "q2": ["Answer: 1", "Answer: 2"]}))
+    r1, r2 = get("adaptive", batch_size=4, max_samples=12).solve(["q1", "q2"], backend=backend)
+    assert backend.batches == [2, 1, 1]
+    assert len(sample_texts(r1)) == 4 and len(sample_texts(r2)) == 12
+    assert r2.stop_reason == "done" and any(e.get("stop") == "max_samples" for e in r2.trace)
+
+
+def test_adaptive_reallocates_what_settled_problems_leave() -> None:
+    # 2-token samples; 24 tokens for the batch: a static split gives each problem 6 samples
+    backend = ScriptedBackend(per_problem({"q1": ["Answer: 7"], "q2": ["Answer: 1", "Answer: 2"]}))
+    r1, r2 = get("adaptive", batch_size=4, max_tokens=2).solve(["q1", "q2"], backend=backend,
+                                                                batch_budget={"output_tokens": 24})
+    assert len(sample_texts(r1)) == 4 and r1.stop_reason == "done"
+    assert len(sample_texts(r2)) == 8 and r2.stop_reason == "budget exhausted: output_tokens"
+    assert r1.usage.output_tokens + r2.usage.output_tokens == 24
+
+
+def test_adaptive_respects_per_problem_budget() -> None:
+    backend = ScriptedBackend(per_problem({"q1": ["Answer: 1", "Answer: 2"]}))
+    [r] = get("adaptive", max_tokens=5).solve(["q1"], backend=backend, budget={"output_tokens": 13})
+    # 2-token samples, worst case 5: rooms 13, 9, 7, 5, 3 -> 2+1+1+1 samples, then no full sample fits
+    assert r.usage.output_tokens == 10 and len(sample_texts(r)) == 5
+    assert r.stop_reason == "budget exhausted: output_tokens"
+
+
+# ------------------------------------------------------------------ no overspend (property)
+words = st.lists(st.sampled_from(["a", "bb", "so", "then"]), max_size=30).map(" ".join)
+texts_st = st.lists(st.tuples(words, st.sampled_from(["1", "2", "3", "x"])), min_size=1, max_size=5).map(
+    lambda xs: [f"{w} Answer: {a}" for w, a in xs]
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(ALL),
+    per=st.one_of(st.none(), st.integers(1, 400)),
+    batch=st.one_of(st.none(), st.integers(1, 400)),
+    n=st.one_of(st.none(), st.integers(1, 6)),
+    max_tokens=st.integers(1, 60),
+    mixes=st.lists(texts_st, min_size=1, max_size=4),
+)
+def test_no_overspend(name, per, batch, n, max_tokens, mixes) -> None:
+    if per is None and batch is None:
+        per = 50
+    qs = [f"q{i}" for i in range(len(mixes))]
+    backend = ScriptedBackend(per_problem(dict(zip(qs, mixes, strict=True))))
+    kw = {"max_tokens": max_tokens} | ({"max_samples": n, "batch_size": 2} if name == "adaptive" else {"n": n})
+    results = get(name, **kw).solve(qs, backend=backend, budget=None if per is None else {"output_tokens": per},
+                                    batch_budget=None if batch is None else {"output_tokens": batch})
+    assert len(results) == len(qs)
+    for r in results:
+        assert r.usage.output_tokens == r.ledger["units"]["output_tokens"]["spent"]
+        assert sum(t for _, _, t in sample_texts(r)) == r.usage.output_tokens
+        if per is not None:
+            assert r.usage.output_tokens <= per
+        assert r.stop_reason == "done" or r.stop_reason.startswith("budget exhausted")
+    if batch is not None:
+        assert sum(r.usage.output_tokens for r in results) <= batch
+
+
+# ------------------------------------------------------------------ real model
+@pytest.mark.slow
+def test_majority_and_adaptive_on_a_real_model(vllm_backend) -> None:
+    from budgetlm.budget import Budget
+    from budgetlm.evals import suites
+
+    spec = "reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1&size=3&seed=1"
+    items = suites.get(spec).items()
+    problems = [Problem(id=str(i), messages=it.messages) for i, it in enumerate(items)]
+    budget = Budget(output_tokens=256)
+    for strategy in (get("majority", max_tokens=64, seed=0), get("adaptive", max_tokens=64, seed=0)):
+        results = strategy.solve(problems, backend=vllm_backend, budget=budget)
+        assert len(results) == 3
+        for r in results:
+            for unit, limit in budget.limits().items():
+                assert r.ledger["units"][unit]["spent"] <= limit
+            assert r.usage.output_tokens == r.ledger["units"]["output_tokens"]["spent"]
+            assert sum(t for _, _, t in sample_texts(r)) == r.usage.output_tokens
+            assert len(sample_texts(r)) >= 1

@@ -124,12 +124,14 @@ def run(
 def demo(
     backend: Annotated[str, typer.Option("--backend", "-b", help="Backend spec.")] = "default",
     problems: Annotated[int, typer.Option(help="Number of chain_sum problems.")] = 40,
-    budgets: Annotated[str, typer.Option(help="Comma-separated output-token budgets per problem.")] = "16,64,192",
+    budgets: Annotated[str, typer.Option(help="Comma-separated output-token budgets per problem (greedy).")] = "4,8,48",
+    vote: Annotated[int, typer.Option(help="Also run majority voting with this many samples (0 = off).")] = 4,
     out_dir: Annotated[str, typer.Option("--out", "-o", help="Run folder (re-running resumes).")] = "runs/demo",
     seed: Annotated[int, typer.Option(help="Dataset and engine seed.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print summary.json instead of the table.")] = False,
 ) -> None:
-    """Easy reasoning-gym arithmetic on the default model over a small budget grid, with a report."""
+    """Easy reasoning-gym arithmetic on the default model: greedy at several budgets and majority voting,
+    with accuracy against tokens, the Pareto frontier and an HTML report."""
     from pathlib import Path
 
     from budgetlm.evals.config import EvalConfig
@@ -146,7 +148,9 @@ def demo(
             name="demo",
             suites=[f"reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1&size={problems}&seed={seed}"],
             models=[backend],
-            strategies=[{"name": "sample", "params": {"temperature": 0.0}}],
+            strategies=[{"name": "sample", "label": "greedy", "params": {"temperature": 0.0}}] + (
+                [{"name": "majority", "label": f"majority@{vote}", "params": {"n": vote, "max_tokens": 48,
+                  "temperature": 0.7}, "budgets": [{"output_tokens": 48 * vote}]}] if vote > 0 else []),
             budgets=[{"output_tokens": b} for b in grid],
             seed=seed,
         )

@@ -59,12 +59,13 @@ def test_run_bad_input(args: list[str], match: str) -> None:
 @pytest.mark.slow
 def test_demo_on_the_real_default_model(tmp_path) -> None:
     """The README's main job, small: real model (transformers), real reasoning-gym items, two budgets."""
-    args = ["demo", "--backend", "hf:default", "--problems", "2", "--budgets", "8,24", "--out", str(tmp_path / "d"), "--json"]
+    args = ["demo", "--backend", "hf:default", "--problems", "2", "--budgets", "8,24", "--vote", "2", "--out",
+            str(tmp_path / "d"), "--json"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     configs = summary["configs"]
-    assert len(configs) == 2 and all(c["n"] == 2 for c in configs)
-    assert sorted(c["budget"]["output_tokens"] for c in configs) == [8, 24]
+    assert len(configs) == 3 and all(c["n"] == 2 for c in configs)
+    assert sorted(c["budget"]["output_tokens"] for c in configs) == [8, 24, 96]  # greedy x2, majority@2
     assert all(c["mean_output_tokens"] <= c["budget"]["output_tokens"] for c in configs)
     assert (tmp_path / "d" / "report.html").exists()

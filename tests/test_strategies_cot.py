@@ -231,7 +231,7 @@ def test_property_budget_and_cap_hold(tags: bool, out: int, cap: int | None, ans
         ({"answer_lead": ""}, "`answer_lead` must be a non-empty string"),
         ({"temperature": -0.1}, "`temperature` must be a number >= 0"),
         ({"seed": "x"}, "`seed` must be"),
-        ({"thinking_budget_passthrough": True}, "enforces the thinking cap itself by budget forcing"),
+        ({"thinking_budget_passthrough": 1}, "`thinking_budget_passthrough` must be True or False"),
     ],
 )
 def test_invalid_parameters(kw: dict, match: str) -> None:

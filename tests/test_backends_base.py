@@ -151,3 +151,20 @@ def test_agenerate() -> None:
     meter = Meter()
     [r] = asyncio.run(b.agenerate(["q"], meter))
     assert r.first.text == "ok" and meter.spent("output_tokens") == 1
+
+
+def test_requests_sharing_a_meter_get_equal_shares() -> None:
+    """Without fair shares the first request of a batch could take a shared budget whole."""
+    b = ScriptedBackend(["w " * 300])
+    meter = Meter(Budget(output_tokens=600))
+    results = b.generate(["q1", "q2"], meter, sampling=SamplingParams(n=4, max_tokens=256))
+    assert [r.max_tokens for r in results] == [75, 75]
+    assert all(r.clamped_by == "output_tokens" for r in results)
+    assert meter.spent("output_tokens") == 600
+
+
+def test_single_request_meters_are_not_shared() -> None:
+    b = ScriptedBackend(["w " * 300])
+    m1, m2 = Meter(Budget(output_tokens=100)), Meter(Budget(output_tokens=100))
+    reqs = [GenerationRequest(prompt="a", sampling=SamplingParams(max_tokens=500), meter=m) for m in (m1, m2)]
+    assert [r.max_tokens for r in b.generate(reqs)] == [100, 100]

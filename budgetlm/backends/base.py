@@ -386,9 +386,11 @@ class Backend(ABC):
         prepared: list[PreparedRequest] = []
         where: list[int] = []
         reservations: list[tuple[Meter | None, Reservation | None]] = []
+        rendered = [self.render(req) for req in reqs]
+        shares = self._fair_shares(reqs, rendered, meter)
         try:
             for i, req in enumerate(reqs):
-                text, ids = self.render(req)
+                text, ids = rendered[i]
                 n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
                 m = req.meter or meter
                 sp = req.sampling
@@ -396,9 +398,10 @@ class Backend(ABC):
                 deadline = None
                 if m is not None:
                     try:
+                        share = shares.get(id(m))
                         res = m.reserve(
                             prompt_tokens=n_prompt,
-                            max_tokens=sp.max_tokens,
+                            max_tokens=sp.max_tokens if share is None else max(1, min(sp.max_tokens, share)),
                             n=sp.n,
                             may_think=req.may_think and self.thinking.enabled,
                             cost=lambda p, k, n: self._estimate(p, k, n),
@@ -408,6 +411,9 @@ class Backend(ABC):
                             raise
                         results[i] = GenerationResult(req, [], Usage.zero(), ids or [], 0, exc.unit, skipped=str(exc))
                         continue
+                    if res.max_tokens < sp.max_tokens and res.binding_unit is None:
+                        res.binding_unit = "output_tokens"  # the fair share of a meter shared in the batch
+                    res.requested_max_tokens = sp.max_tokens
                     if res.max_tokens != sp.max_tokens:
                         sp = sp.model_copy(update={"max_tokens": res.max_tokens})
                     rw = m.remaining("wall_seconds")
@@ -462,6 +468,36 @@ class Backend(ABC):
                 res.binding_unit if res is not None else None,
             )
         return [r for r in results if r is not None]
+
+    def _fair_shares(
+        self, reqs: list[GenerationRequest], rendered: list[tuple[str | None, list[int] | None]], meter: Meter | None
+    ) -> dict[int, int]:
+        """Per-sample token shares for meters that several requests of one batch share.
+
+        Without this the first request of a batch could reserve a shared meter's whole budget and
+        leave nothing for the others; with it, every sample of the batch gets an equal share of
+        what the meter has left (in output, total and thinking tokens).
+        """
+        groups: dict[int, tuple[Meter, int, int, int]] = {}
+        for req, (text, ids) in zip(reqs, rendered):
+            m = req.meter or meter
+            if m is None:
+                continue
+            n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
+            _, k, samples, prompts = groups.get(id(m), (m, 0, 0, 0))
+            groups[id(m)] = (m, k + 1, samples + req.sampling.n, prompts + n_prompt)
+        shares: dict[int, int] = {}
+        for key, (m, k, samples, prompts) in groups.items():
+            if k < 2:
+                continue
+            caps = []
+            for unit, extra in (("output_tokens", 0), ("total_tokens", prompts), ("thinking_tokens", 0)):
+                r = m.remaining(unit)
+                if r is not None and not (unit == "thinking_tokens" and not self.thinking.enabled):
+                    caps.append(int((r - extra) // samples))
+            if caps:
+                shares[key] = min(caps)
+        return shares
 
     async def agenerate(
         self,

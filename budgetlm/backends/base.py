@@ -279,6 +279,20 @@ class TokenLevelBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class ThinkingBudgetBackend(Protocol):
+    """Backends whose engine can cap thinking itself (vLLM's ``thinking_token_budget``)."""
+
+    @property
+    def supports_thinking_budget(self) -> bool:
+        """True when the engine applies per-request thinking budgets (a reasoning parser is set)."""
+        ...
+
+    def thinking_token_budgets(self, budgets: Sequence[tuple[GenerationRequest, int]]) -> Any:
+        """A context manager inside which ``generate`` passes each request its thinking budget."""
+        ...
+
+
 class Backend(ABC):
     """Base class of all backends; see the module docstring."""
 

@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from budgetlm.answers import extract_answer
-from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
+from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams, ThinkingBudgetBackend
 from budgetlm.errors import ConfigError
 from budgetlm.meter import Meter
 from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy
@@ -206,7 +206,7 @@ class BudgetForcing(Strategy):
                 f"`thinking_budget_passthrough=True` needs a model with thinking tags, but backend {backend.name!r} "
                 "has none; pass the backend a ThinkingFormat or set thinking_budget_passthrough=False"
             )
-        if not (hasattr(backend, "thinking_token_budgets") and getattr(backend, "supports_thinking_budget", False)):
+        if not (isinstance(backend, ThinkingBudgetBackend) and backend.supports_thinking_budget):
             raise ConfigError(
                 f"`thinking_budget_passthrough=True` needs an engine that honours a thinking token budget, but backend "
                 f"{backend.name!r} ({backend.kind}) does not; start a vLLM engine with a reasoning parser, e.g. "
@@ -267,7 +267,7 @@ class BudgetForcing(Strategy):
                     limits[i] = (pre + room - 1, room - 1)
             if not reqs:
                 break
-            ctx = backend.thinking_token_budgets(budgets) if budgets else contextlib.nullcontext()  # type: ignore[attr-defined]
+            ctx = backend.thinking_token_budgets(budgets) if budgets else contextlib.nullcontext()
             with ctx:
                 gens = backend.generate(reqs, on_budget_exhausted="skip")
             for i, g in zip(idx, gens, strict=True):

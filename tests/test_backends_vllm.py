@@ -293,3 +293,15 @@ def test_agenerate(vllm_backend: Any) -> None:
     meter = Meter()
     [r] = asyncio.run(vllm_backend.agenerate(["Say hi."], meter, sampling=SamplingParams(max_tokens=6)))
     assert r.completions and meter.spent("output_tokens") == len(r.first.token_ids)
+
+
+@pytest.mark.slow
+def test_closing_a_second_engine_leaves_the_first_working(vllm_backend: Any, default_model_path: Any) -> None:
+    """In-process engines share vLLM's global parallel state; only the last close may tear it down."""
+    from budgetlm.backends.vllm import VLLMBackend
+
+    second = VLLMBackend(model=str(default_model_path), seed=1, max_model_len=512)
+    [r2] = second.generate(["Say hi."], sampling=SamplingParams(max_tokens=4, temperature=0))
+    second.close()
+    [r1] = vllm_backend.generate(["Say hi."], sampling=SamplingParams(max_tokens=4, temperature=0))
+    assert r1.first.token_ids and r2.first.token_ids

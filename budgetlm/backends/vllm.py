@@ -100,6 +100,13 @@ _CONTROLLED = frozenset({
 })
 """vLLM sampling fields that budgetlm sets itself (not allowed in ``extra_sampling``)."""
 
+_LIVE_ENGINES = [0]
+"""In-process engines alive in this process: they share vLLM's global parallel state, which only
+the last one to close may tear down (else closing one engine breaks the others)."""
+_LIVE_LOCK = threading.Lock()
+_PARKED: list[Any] = []
+"""Closed in-process engines waiting for the last live one to close (see ``VLLMBackend.close``)."""
+
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error", "repetition": "stop"}
 
 
@@ -245,6 +252,8 @@ class VLLMBackend(Backend):
                 f"the vLLM engine failed to start on {str(path)!r}: {type(exc).__name__}: {exc}; "
                 "on CPUs try a smaller `max_model_len` or set VLLM_CPU_KVCACHE_SPACE (GiB of KV cache)"
             ) from exc
+        with _LIVE_LOCK:
+            _LIVE_ENGINES[0] += 1
         self._tok = self._llm.get_tokenizer()
         mc = self._llm.llm_engine.model_config  # engine_kwargs may have overridden these
         self.max_model_len = int(mc.max_model_len)
@@ -492,19 +501,35 @@ class VLLMBackend(Backend):
         return out if isinstance(out, str) else self._tok.decode(out)
 
     def close(self) -> None:
-        """Shut the engine down and free its memory (idempotent)."""
+        """Shut the engine down and free its memory (idempotent).
+
+        While other in-process engines of this process are alive, the engine is only parked and
+        torn down with the last one: vLLM's parallel state is global to the process.
+        """
         llm = getattr(self, "_llm", None)
         if llm is None:
             return
         self._llm = None
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
+        with _LIVE_LOCK:
+            _LIVE_ENGINES[0] = max(0, _LIVE_ENGINES[0] - 1)
+            last = _LIVE_ENGINES[0] == 0
+            if not last and self.in_process:
+                # Tearing an in-process engine down (explicitly or by garbage collection) destroys
+                # vLLM's global parallel groups, which the other live engines still use: park it
+                # until the last engine of the process closes.
+                _PARKED.append(llm)
+                return
+            parked, _PARKED[:] = list(_PARKED), []
+        for old in [*parked, llm]:
+            with contextlib.suppress(Exception):
+                old.llm_engine.engine_core.shutdown()
+        del llm, parked
         gc.collect()
-        with contextlib.suppress(Exception):
-            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        if last:
+            with contextlib.suppress(Exception):
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-            cleanup_dist_env_and_memory()
+                cleanup_dist_env_and_memory()
         if self._torch.set_num_threads is not self._set_num_threads:  # vLLM's CPU worker replaced it in-process
             self._torch.set_num_threads = self._set_num_threads
         gc.collect()

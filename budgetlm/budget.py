@@ -22,10 +22,11 @@ unit                      what is counted
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from budgetlm.config import Config
 from budgetlm.errors import ConfigError
 
 Unit = Literal[
@@ -47,10 +48,11 @@ INTEGER_UNITS: frozenset[str] = frozenset(
 )
 
 
-class Budget(BaseModel):
+class Budget(Config):
     """Optional limits in several units; a call must fit every limit that is set."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    _unknown_field: ClassVar[str] = "unknown budget unit `{field}`; valid units: " + ", ".join(UNITS)
 
     output_tokens: int | None = Field(default=None, description="Most generated tokens, all samples together.")
     input_tokens: int | None = Field(default=None, description="Most prompt tokens sent to models.")
@@ -81,19 +83,6 @@ class Budget(BaseModel):
                 raise ValueError(f"`{name}` must be a whole number of tokens/calls, got {value!r}")
             return int(value)
         return float(value)
-
-    def __init__(self, **data: Any) -> None:
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:  # one library error type, with the field-level message
-            msgs = []
-            for err in exc.errors():
-                loc = ".".join(str(p) for p in err["loc"])
-                if err["type"] == "extra_forbidden":
-                    msgs.append(f"unknown budget unit `{loc}`; valid units: {', '.join(UNITS)}")
-                else:
-                    msgs.append(str(err["msg"]).removeprefix("Value error, "))
-            raise ConfigError("invalid Budget: " + "; ".join(msgs)) from None
 
     def limits(self) -> dict[Unit, float]:
         """The units that have a limit, with their limits."""

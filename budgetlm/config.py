@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
 from budgetlm.errors import ConfigError
 
 
-def validation_message(exc: ValidationError, owner: str) -> str:
+def validation_message(exc: ValidationError, owner: str, unknown: str = "unknown field `{field}` in {owner}") -> str:
     """One readable line per field error: "`field` must be …, got …"."""
     msgs = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or owner
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msgs.append(f"unknown field `{loc}` in {owner}")
+            msgs.append(unknown.format(field=loc, owner=owner))
         elif msg.startswith("`"):
             msgs.append(msg)
         else:
@@ -27,8 +27,10 @@ def validation_message(exc: ValidationError, owner: str) -> str:
 class Config(BaseModel):
     """A pydantic model whose validation errors are :class:`~budgetlm.errors.ConfigError`."""
 
+    _unknown_field: ClassVar[str] = "unknown field `{field}` in {owner}"
+
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(validation_message(exc, type(self).__name__)) from None
+            raise ConfigError(validation_message(exc, type(self).__name__, self._unknown_field)) from None

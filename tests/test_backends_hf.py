@@ -149,7 +149,7 @@ def test_stop_string_cuts_text_and_keeps_completing_token(tiny: HFBackend) -> No
 
 def test_eos_ends_sample_and_is_counted(tiny: HFBackend) -> None:
     eos = tiny.eos_token_ids[0]
-    ids, text, finish = tiny._finish_row([504, 3575, eos, eos, eos], [])
+    ids, text, finish, _ = tiny._finish_row([504, 3575, eos, eos, eos], [])
     # the EOS token was generated (and paid for) as in vLLM; the padding after it was not
     assert (ids, finish) == ([504, 3575, eos], "stop") and text == tiny.decode([504, 3575])
     assert tiny._finish_row([504, 3575], [])[2] == "length"

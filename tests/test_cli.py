@@ -38,9 +38,39 @@ def test_run_with_a_strategy_and_parameters() -> None:
     assert rec["usage"]["output_tokens"] == 6 <= 30
 
 
+@pytest.mark.parametrize(("name", "params"), [
+    ("bavt", ["width=2", "scorer=logprob"]),  # a tree search with a value scorer by name
+    ("beam", ["beams=2", "expand=2"]),
+    ("rebase", ['scorer_params={}', "width=3"]),  # JSON values
+])
+def test_run_tree_searches(name: str, params: list[str]) -> None:
+    args = ["run", "q", "-b", "scripted", "-s", name, "-m", "60", "--json"]
+    for p in params:
+        args += ["-p", p]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rec = json.loads(res.stdout)
+    assert rec["answer"] == "42" and rec["usage"]["output_tokens"] <= 60
+    assert rec["trace"][-1]["tree"]["output_tokens"] == rec["usage"]["output_tokens"]
+
+
+@pytest.mark.parametrize(("pairs", "expected"), [
+    (["n=3"], {"n": 3}),  # numbers are coerced
+    (['scorer_params={"path": "/m", "batch_size": 4}'], {"scorer_params": {"path": "/m", "batch_size": 4}}),  # JSON
+    (["scorer_params.path=/m", "scorer_params.batch_size=4"], {"scorer_params": {"path": "/m", "batch_size": 4}}),  # dotted
+    (["stop=[1, 2]"], {"stop": [1, 2]}),  # JSON list
+])
+def test_parse_params(pairs: list[str], expected: dict) -> None:
+    from budgetlm.cli import _parse_params
+
+    assert _parse_params(pairs) == expected
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
+        (["run", "q", "-b", "scripted", "-s", "bavt", "-p", "scorer_params={bad"], "valid JSON"),  # broken JSON
+        (["run", "q", "-b", "scripted", "-s", "bavt", "-p", "scorer=nosuch"], "available"),  # unknown value scorer
         (["run", "q", "-b", "scripted", "-s", "nosuch"], "available"),  # unknown strategy
         (["run", "q", "-b", "scripted", "-s", "majority", "-p", "nn=3"], "valid: n"),  # unknown parameter
         (["run", "q", "-b", "scripted", "-p", "novalue"], "key=value"),  # malformed parameter

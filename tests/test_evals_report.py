@@ -132,3 +132,27 @@ def test_missing_records_is_a_config_error(tmp_path: Path, content: str | None) 
 def test_no_run_dirs_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="`run_dirs` must be"):
         write_report([])
+
+
+def test_tree_search_eval_writes_traces_and_the_report_draws_a_tree(tmp_path: Path) -> None:
+    from budgetlm.evals.config import EvalConfig
+    from budgetlm.evals.runner import TRACES_FILE, run_eval
+    from budgetlm.evals.treeplot import read_traces, tree_of
+
+    suite = "reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1&size=3&seed=1"
+    cfg = EvalConfig(name="trees", suites=[suite], models=["scripted"], budgets=[{"output_tokens": 40}],
+                     strategies=[{"name": "bavt", "params": {"scorer": "logprob", "width": 2}},
+                                 {"name": "majority", "params": {"n": 2}}])
+    out = run_eval(cfg, tmp_path / "run", progress=False)
+    traces = read_traces(tmp_path / "run" / TRACES_FILE)
+    assert len(traces) == 6 and {t["strategy"] for t in traces} == {"bavt", "majority"}
+    bavt = [t for t in traces if t["strategy"] == "bavt"]
+    found = tree_of(bavt[0]["trace"])
+    assert found is not None and len(found[0]["nodes"]) > 1
+    assert tree_of([t for t in traces if t["strategy"] == "majority"][0]["trace"]) is None
+    report = out.report
+    assert report is not None and (report / "tree_bavt.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert not (report / "tree_majority.png").exists()  # no tree, no figure
+    html_text = (report / "report.html").read_text(encoding="utf-8")
+    assert html_text.count("data:image/png;base64,") == len(PLOTS) + 1
+    assert "![tree_bavt.png](tree_bavt.png)" in (report / "summary.md").read_text(encoding="utf-8")

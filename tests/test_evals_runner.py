@@ -66,6 +66,23 @@ def test_different_config_into_same_folder_is_refused(tmp_path: Path) -> None:
         run_eval(scripted_config(seed=5), tmp_path / "run", progress=False, report=False)
 
 
+@pytest.mark.parametrize(("change", "allowed"), [
+    ({"budgets": [{"output_tokens": 1}, {"output_tokens": 8}, {"output_tokens": 4}]}, True),  # a cell added
+    ({"budgets": [{"output_tokens": 8}]}, False),  # the budget-1 cell's records would be orphaned
+    ({"seed": 5}, False),  # every cell changes
+])
+def test_extending_the_grid_resumes_but_orphaning_records_is_refused(tmp_path: Path, change: dict, allowed: bool) -> None:
+    run_eval(scripted_config(), tmp_path / "run", progress=False, report=False)
+    if not allowed:
+        with pytest.raises(ConfigError, match="different config"):
+            run_eval(scripted_config(**change), tmp_path / "run", progress=False, report=False)
+        return
+    out = run_eval(scripted_config(**change), tmp_path / "run", progress=False, report=False)
+    assert (out.skipped, out.written) == (24, 12)  # old cells kept, only the new one ran
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert len(meta["extended"]) == 1 and meta["config"]["budgets"][-1] == {"output_tokens": 4.0}
+
+
 def _record_set(path: Path) -> set[tuple]:
     return {(r.key, r.answer, r.correct, r.output_tokens) for r in read_records(path)}
 

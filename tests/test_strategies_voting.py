@@ -17,7 +17,7 @@ from budgetlm import ConfigError
 from budgetlm.backends.base import SamplingParams
 from budgetlm.backends.scripted import ScriptedBackend
 from budgetlm.strategies import Problem, get
-from budgetlm.strategies.adaptive import leader_probability
+from budgetlm.strategies.adaptive import leader_probability, stay_probability
 from budgetlm.strategies.aggregate import answer_key, vote
 
 ALL = ["best_of_n", "majority", "weighted_majority", "adaptive"]
@@ -69,7 +69,7 @@ def test_bad_parameters(name: str, kw: dict, match: str) -> None:
 
 @pytest.mark.parametrize(("kw", "match"), [
     ({"batch_size": 0}, "`batch_size`"), ({"max_samples": 0}, "`max_samples`"), ({"delta": 0}, "`delta`"),
-    ({"delta": 1.5}, "`delta`"), ({"prior": 0}, "`prior`"), ({"max_tokens": 0}, "`max_tokens`"),
+    ({"delta": 1.5}, "`delta`"), ({"prior": 0}, "`prior`"), ({"rule": "bayes"}, "`rule`"), ({"max_tokens": 0}, "`max_tokens`"),
 ])
 def test_adaptive_bad_parameters(kw: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -193,6 +193,45 @@ def test_leader_probability() -> None:
         assert leader_probability(["7"] * b) == pytest.approx(1 - 2 ** -(b + 1), abs=0.02)
     assert leader_probability(["1", "2"]) < 0.6
     assert leader_probability(["7"] * 50) < 1  # Monte Carlo never certifies 1
+
+
+@pytest.mark.parametrize(("answers", "horizon", "expected"), [
+    (["7"] * 5, 8, 1.0),                # lead 5 > 3 samples left: decided, exactly 1
+    (["7", "7", "3"], 3, 1.0),          # horizon reached: nothing can change
+    ([None, None], 8, 0.0),             # no answer yet: never settled
+    ([], 8, 0.0),                       # no sample at all
+])
+def test_stay_probability_exact_cases(answers: list, horizon: int, expected: float) -> None:
+    assert stay_probability(answers, horizon) == expected
+
+
+def test_stay_probability_is_predictive() -> None:
+    # the same counts are more settled the closer the horizon: fewer samples can overturn the lead
+    near, far = stay_probability(["7", "7", "3"], 5), stay_probability(["7", "7", "3"], 40)
+    assert 0.5 < far < near < 1
+    assert stay_probability(["1", "2"], 8) < 0.5  # a tie is anyone's
+    assert stay_probability(["7"] * 4, 8) > 0.95 > stay_probability(["7"] * 2, 8)
+    # "no answer" samples never win: they do not make the leader less safe than fresh answers would
+    assert stay_probability(["7", "7", None, None], 8) >= stay_probability(["7", "7", "4", "5"], 8)
+
+
+def test_predictive_rule_with_tiny_delta_stops_only_decided_problems() -> None:
+    texts = {"q1": ["Answer: 7"], "q2": ["Answer: 1", "Answer: 2", "Answer: 1"]}
+    ada = get("adaptive", rule="predictive", delta=1e-9, max_samples=8, batch_size=2).solve(
+        ["q1", "q2"], backend=ScriptedBackend(per_problem(texts)))
+    maj = get("majority", n=8).solve(["q1", "q2"], backend=ScriptedBackend(per_problem(texts)))
+    assert [a.answer for a in ada] == [m.answer for m in maj] == ["7", "1"]
+    # q1: after 6 unanimous samples the lead (6) exceeds the 2 left: stopped losslessly; q2 stays open to 8
+    assert [len(sample_texts(a)) for a in ada] == [6, 8]
+    assert ada[0].trace[-1]["vote"]["counts"] == {"7": 6}
+
+
+def test_posterior_rule_is_adaptive_consistency() -> None:
+    backend = ScriptedBackend(per_problem({"q1": ["Answer: 7"]}))
+    [r] = get("adaptive", rule="posterior", max_samples=8).solve(["q1"], backend=backend)
+    # Dirichlet(3, 1) after 2 votes: P = 0.875 < 0.95; after 4 votes 0.97: two rounds
+    assert backend.calls == 2 and len(sample_texts(r)) == 4
+    assert all("horizon" not in e for e in r.trace)
 
 
 def test_adaptive_unanimous_stops_after_the_first_batch() -> None:

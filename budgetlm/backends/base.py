@@ -172,6 +172,9 @@ class Completion:
     """Generated tokens inside thinking."""
     thinking_truncated: bool = False
     """Thinking was cut off before its end tag: no answer may be extracted."""
+    stop_string: str | None = None
+    """The stop string that ended the sample; ``None`` for end of sequence, length, or when the engine
+    does not say (OpenAI-compatible servers other than vLLM)."""
 
     @property
     def truncated(self) -> bool:
@@ -220,6 +223,7 @@ class RawCompletion:
     finish_reason: str
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    stop_string: str | None = None
 
 
 @dataclass
@@ -550,6 +554,7 @@ class Backend(ABC):
             answer=sp.answer,
             thinking_tokens=n_think,
             thinking_truncated=sp.truncated,
+            stop_string=c.stop_string,
         )
 
     def _approx_tokens(self, text: str) -> int:

@@ -423,15 +423,15 @@ class HFBackend(Backend):
             if timer is not None and r in timer.stopped_at:
                 gen = gen[: timer.stopped_at[r] - width]
             rows.append(self._finish_row(gen, stop))
-        lengths = [len(ids_) for ids_, _, _ in rows]
+        lengths = [len(row[0]) for row in rows]
         lps, tops = capture.result(generated, lengths) if capture else ([None] * len(rows), [None] * len(rows))
         samples: list[list[RawCompletion]] = [[] for _ in prompts]
-        for r, (token_ids, text, finish) in enumerate(rows):
-            samples[r // rows_per_prompt].append(RawCompletion(token_ids, text, finish, lps[r], tops[r]))
+        for r, (token_ids, text, finish, matched) in enumerate(rows):
+            samples[r // rows_per_prompt].append(RawCompletion(token_ids, text, finish, lps[r], tops[r], matched))
         return samples
 
-    def _finish_row(self, gen: list[int], stop: list[str]) -> tuple[list[int], str, str]:
-        """Token ids, text and finish reason of one generated row (see the module docstring)."""
+    def _finish_row(self, gen: list[int], stop: list[str]) -> tuple[list[int], str, str, str | None]:
+        """Token ids, text, finish reason and matched stop string of one generated row (see the module docstring)."""
         ended = False
         eos = set(self.eos_token_ids)
         pad_is_special = self.pad_token_id not in eos and self.pad_token_id in self._special_ids
@@ -454,9 +454,9 @@ class HFBackend(Backend):
                     lo = mid + 1
             gen = gen[:lo]
             text = self.decode(gen)
-            cut = min(text.find(s) for s in stop if s in text)
-            return gen, text[:cut], "stop"
-        return gen, text, "stop" if ended else "length"
+            cut, matched = min((text.find(s), s) for s in stop if s in text)
+            return gen, text[:cut], "stop", matched
+        return gen, text, "stop" if ended else "length", None
 
     # ------------------------------------------------------------------ scoring
     def _last_logits(self, seqs: list[list[int]], keep: int) -> torch.Tensor:

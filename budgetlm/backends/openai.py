@@ -463,8 +463,9 @@ class OpenAIBackend(Backend):
                 if ids is None:
                     unknown.append(len(comps))
                     ids = []
+                matched = _extra(ch, "stop_reason")  # vLLM's extension: the stop string that matched
                 comps.append(RawCompletion([int(t) for t in ids], text, _FINISH.get(ch.finish_reason or "", "stop"),
-                                           vals, tops))
+                                           vals, tops, stop_string=matched if isinstance(matched, str) else None))
         if unknown:  # no ids and no tokenizer: -1 placeholders sized from the server's completion_tokens
             known = sum(len(comps[i].token_ids) for i in range(len(comps)) if i not in unknown)
             est = [self._approx_tokens(comps[i].text) for i in unknown]

@@ -91,16 +91,17 @@ class ScriptedBackend(Backend):
             for i in range(p.sampling.n):
                 text = self._script(prompt, i, p.sampling)
                 finish = "stop"
-                cut = min((text.find(s) for s in p.sampling.stop if s and s in text), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
+                hits = sorted((text.find(s), s) for s in p.sampling.stop if s and s in text)
+                matched = hits[0][1] if hits else None
+                if hits:
+                    text = text[: hits[0][0]]
                 ids = self.encode(text)
                 if len(ids) > p.sampling.max_tokens:
-                    ids, finish = ids[: p.sampling.max_tokens], "length"
+                    ids, finish, matched = ids[: p.sampling.max_tokens], "length", None
                 lps = None
                 if p.sampling.logprobs is not None:
                     lps = [self._logprob(prompt + self.decode(ids[:j]), t) for j, t in enumerate(ids)]
-                comps.append(RawCompletion(ids, self.decode(ids), finish, lps))
+                comps.append(RawCompletion(ids, self.decode(ids), finish, lps, stop_string=matched))
             out.append(RawResult(comps))
         return out
 

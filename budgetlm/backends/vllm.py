@@ -428,7 +428,8 @@ class VLLMBackend(Backend):
                 if k > 0:
                     tops = [self._top(d, k) for d in o.logprobs]
             finish = _FINISH.get(str(o.finish_reason), "abort") if o.finish_reason is not None else "abort"
-            comps.append(RawCompletion(ids, o.text, finish, lps, tops))
+            matched = o.stop_reason if isinstance(getattr(o, "stop_reason", None), str) else None
+            comps.append(RawCompletion(ids, o.text, finish, lps, tops, stop_string=matched))
         cached = getattr(out, "num_cached_tokens", None) or 0
         return RawResult(comps, prompt_tokens=n_prompt, cached_prompt_tokens=min(int(cached), n_prompt))
 

@@ -15,7 +15,10 @@ directory (default: the first run directory):
   points.
 * ``accuracy_vs_cost.png`` — the same vs mean USD when any configuration cost money, else vs mean
   FLOPs (else vs output tokens), log x when every cost is positive.
-* ``per_suite.png`` — per-suite accuracy bars for each configuration.
+* ``per_suite.png`` — per-suite accuracy bars for each configuration;
+* ``tree_<strategy>.png`` — for tree searches (runs with ``traces.jsonl``), the search tree of one
+  representative problem with node values, spend and prune decisions
+  (:mod:`budgetlm.evals.treeplot`).
 * Charts are drawn on the Agg canvas through ``matplotlib.figure.Figure`` (no pyplot, so the global
   backend of an interactive session is left alone).
 * ``report.html`` — self-contained: the PNGs as base64 data URIs, the table, the runs' metadata.
@@ -340,17 +343,43 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = No
     _plot_accuracy_vs(summaries, "output_tokens", out / PLOTS[0], log_x=None)
     _plot_accuracy_vs(summaries, cost, out / PLOTS[1], log_x=True)
     _plot_per_suite(summaries, out / PLOTS[2])
+    trees = _tree_figures(dirs, summaries, out)
+    plots = [*PLOTS, *trees]
 
     notes = _notes(doc, summaries, cost)
     front_note = _FRONT_NOTE + ("" if cost == "output_tokens" else f" (tokens) and/or mean {cost} (cost)") + "."
     md = ["# budgetlm evaluation report", "", "Runs: " + ", ".join(f"`{n}`" for n in names), "",
           _md_table(header, rows), "", front_note, "", *[f"- {n}" for n in notes], "", "## Per suite", "",
-          _md_table(s_header, s_rows), "", *[f"![{p}]({p})" for p in PLOTS], ""]
+          _md_table(s_header, s_rows), "", *[f"![{p}]({p})" for p in plots], ""]
     (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
 
     html_path = out / "report.html"
-    html_path.write_text(_html(names, runs, header, rows, s_header, s_rows, notes, front_note, out), encoding="utf-8")
+    html_path.write_text(_html(names, runs, header, rows, s_header, s_rows, notes, front_note, out, plots),
+                         encoding="utf-8")
     return html_path
+
+
+def _tree_figures(dirs: Sequence[Path], summaries: Sequence[ConfigSummary], out: Path) -> list[str]:
+    """One ``tree_<strategy>.png`` per strategy whose traces hold search trees (a representative problem)."""
+    from budgetlm.evals.runner import TRACES_FILE
+    from budgetlm.evals.treeplot import draw_tree, pick_tree, read_traces, tree_of
+
+    lines = [line for d in dirs for line in read_traces(d / TRACES_FILE)]
+    if not lines:
+        return []
+    names: list[str] = []
+    for strategy in dict.fromkeys(s.strategy for s in summaries):
+        line = pick_tree(lines, strategy)
+        if line is None:
+            continue
+        found = tree_of(line["trace"])
+        assert found is not None
+        tree, final = found
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in strategy)
+        name = f"tree_{slug}.png"
+        draw_tree(tree, out / name, title=f"{strategy} · {line['item_id']}", final_node=final.get("node"))
+        names.append(name)
+    return names
 
 
 def _notes(doc: dict[str, Any], summaries: Sequence[ConfigSummary], cost: CostKind) -> list[str]:
@@ -382,10 +411,10 @@ img{max-width:100%;display:block;margin:1em 0}pre{background:#f7f7f7;padding:.6e
 
 def _html(names: list[str], runs: list[tuple[str, Path, dict[str, Any], list[EvalRecord]]], header: list[str],
           rows: list[list[str]], s_header: list[str], s_rows: list[list[str]], notes: list[str], front_note: str,
-          out: Path) -> str:
+          out: Path, plots: Sequence[str] = PLOTS) -> str:
     esc = html.escape
     imgs = []
-    for p in PLOTS:
+    for p in plots:
         data = base64.b64encode((out / p).read_bytes()).decode("ascii")
         imgs.append(f'<img alt="{esc(p)}" src="data:image/png;base64,{data}">')
     meta = "".join(

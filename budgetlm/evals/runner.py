@@ -4,13 +4,15 @@ For every grid cell (model, strategy with parameters, budget) the runner sends t
 the strategy in batches of ``batch_size`` (strategies batch their own calls across the items of a
 batch), grades each result, and appends one :class:`~budgetlm.evals.records.EvalRecord` per
 (item, configuration) to ``OUT/records.jsonl`` — written, flushed and fsynced before the next
-batch starts.  ``OUT/run.json`` holds the config, its digest, library versions, seeds and the
+batch starts.  Each result's trace (samples, rounds, search trees with values and prune decisions)
+goes to ``OUT/traces.jsonl``, one line per record, written just before the record.  ``OUT/run.json`` holds the config, its digest, library versions, seeds and the
 history of sessions.
 
 Resuming: re-running the same command reads the records already on disk, skips every
 (suite, item, configuration) that has a record, and appends the rest; a torn last line left by a
-crash mid-write is cut off first, so nothing is duplicated or lost.  Running a *different* config
-into the same folder is refused (use a new ``--out``).
+crash mid-write is cut off first, so nothing is duplicated or lost.  A config that keeps every
+recorded cell and adds new ones (more strategies, budgets or suites) extends the run; one that
+would orphan recorded cells is refused (use a new ``--out``).
 """
 
 from __future__ import annotations
@@ -27,12 +29,16 @@ from budgetlm.backends import Backend, load
 from budgetlm.budget import Budget
 from budgetlm.errors import BudgetLMError, ConfigError
 from budgetlm.evals.config import EvalConfig, StrategySpec, config_id
+from budgetlm.evals.metrics import finite_json
 from budgetlm.evals.records import EvalRecord, read_records
 from budgetlm.evals.suites import get as get_suite
 from budgetlm.evals.suites.base import EvalItem, Suite
 from budgetlm.strategies import Problem, Result
 from budgetlm.strategies import get as get_strategy
 from budgetlm.versions import library_versions
+
+TRACES_FILE = "traces.jsonl"
+"""Per-record traces, next to ``records.jsonl``."""
 
 
 def _suite_name(spec: str | dict[str, Any]) -> str:
@@ -55,8 +61,9 @@ class RecordWriter:
             if not data.endswith(b"\n"):
                 fh.truncate(data.rfind(b"\n") + 1)  # drop a torn last line
 
-    def write(self, record: EvalRecord) -> None:
-        self._fh.write(record.model_dump_json() + "\n")
+    def write(self, record: EvalRecord | dict[str, Any]) -> None:
+        line = record.model_dump_json() if isinstance(record, EvalRecord) else json.dumps(finite_json(record), default=str)
+        self._fh.write(line + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
@@ -115,17 +122,39 @@ class Runner:
         self.on_batch = on_batch
 
     # ------------------------------------------------------------------ setup
+    def _grid(self) -> set[tuple[str, str]]:
+        """``(suite name, config id)`` of every cell of the configured grid."""
+        return {
+            (_suite_name(spec), config_id(model, strat, budget, self.config.seed))
+            for spec in self.config.suites
+            for model in self.config.models
+            for strat in self.config.strategies
+            for budget in (strat.budgets or self.config.budgets)
+        }
+
     def _check_run_json(self) -> dict[str, Any]:
+        """Create or check ``run.json``: resuming needs the same config, or a grid that keeps every recorded cell.
+
+        A config that only adds cells (or drops cells with no records) extends the run: the records
+        of unchanged cells stay valid because cells are keyed by a hash of model, strategy,
+        parameters, budget and seed.  A config that would orphan existing records is refused.
+        """
         path = self.out_dir / "run.json"
         meta: dict[str, Any] = {}
         if path.exists():
             meta = json.loads(path.read_text())
             if meta.get("config_digest") != self.config.digest():
-                raise ConfigError(
-                    f"`--out` {str(self.out_dir)!r} holds a run of a different config "
-                    f"(digest {meta.get('config_digest')} != {self.config.digest()}); use a new --out folder "
-                    "or the same config to resume"
-                )
+                grid = self._grid()
+                recorded = {(r.suite, r.config_id) for r in read_records(self.out_dir / "records.jsonl")}
+                orphans = sorted(recorded - grid)
+                if orphans or meta.get("seed", self.config.seed) != self.config.seed:
+                    raise ConfigError(
+                        f"`--out` {str(self.out_dir)!r} holds a run of a different config "
+                        f"(digest {meta.get('config_digest')} != {self.config.digest()}) with "
+                        f"{len(orphans)} recorded cell(s) the new config does not have; use a new --out folder, "
+                        "the same config to resume, or a config that keeps every recorded cell (adding cells is fine)"
+                    )
+                meta.setdefault("extended", []).append({"from_digest": meta.get("config_digest"), "at": time.time()})
         meta.update({
             "name": self.config.name,
             "config": self.config.model_dump(),
@@ -164,6 +193,7 @@ class Runner:
         meta = self._check_run_json()
         records_path = self.out_dir / "records.jsonl"
         writer = RecordWriter(records_path)
+        trace_writer = RecordWriter(self.out_dir / TRACES_FILE)
         done = {r.key for r in read_records(records_path)}
         suites: list[tuple[str, Suite, list[EvalItem]]] = []
         for spec in self.config.suites:
@@ -207,7 +237,11 @@ class Runner:
                             for s in range(0, len(todo), self.config.batch_size):
                                 batch = todo[s: s + self.config.batch_size]
                                 recs = self._run_batch(backend, model, strategy, strat_spec, budget, cid, sname, suite, batch)
-                                for rec in recs:
+                                for rec, trace in zip(recs, self._last_traces or [None] * len(recs), strict=True):
+                                    if trace is not None:  # before the record: a record always has its trace
+                                        trace_writer.write({"suite": rec.suite, "item_id": rec.item_id,
+                                                            "config_id": rec.config_id, "strategy": rec.strategy,
+                                                            "trace": trace})
                                     writer.write(rec)
                                     if rec.error:
                                         outcome.errors.append(f"{rec.item_id}: {rec.error}")
@@ -220,6 +254,7 @@ class Runner:
                             backend.close()
         finally:
             writer.close()
+            trace_writer.close()
             meta["sessions"][-1].update({"ended": time.time(), "written": outcome.written})
             self._write_json(self.out_dir / "run.json", meta)
         if self.report:
@@ -233,6 +268,7 @@ class Runner:
         cid: str, sname: str, suite: Suite, batch: list[EvalItem],
     ) -> list[EvalRecord]:
         problems = [Problem(id=it.id, messages=it.messages, metadata=it.metadata) for it in batch]
+        self._last_traces: list[Any] | None = None
         b = Budget(**budget)
         t0 = time.perf_counter()
         common = dict(suite=sname, config_id=cid, model=model, strategy=spec.label or spec.name, params=strategy.params(),
@@ -244,6 +280,7 @@ class Runner:
             return [EvalRecord(item_id=it.id, question=it.question, gold=_text(it.gold), error=str(exc),
                                stop_reason="error", timestamp=now, **common) for it in batch]
         wall = time.perf_counter() - t0
+        self._last_traces = [res.trace for res in results]
         out = []
         now = time.time()
         for it, res in zip(batch, results, strict=True):

@@ -8,24 +8,35 @@ charge every call to per-problem :class:`~budgetlm.meter.Meter` s (see
 * ``cot`` — chain of thought with budget forcing (:mod:`budgetlm.strategies.cot`);
 * ``best_of_n``, ``majority``, ``weighted_majority`` — voting (:mod:`budgetlm.strategies.voting`);
 * ``adaptive`` — adaptive majority with budget reallocation (:mod:`budgetlm.strategies.adaptive`);
-* ``pdr``, ``sr`` — Parallel-Distill-Refine and Sequential Refinement (:mod:`budgetlm.strategies.pdr`).
+* ``pdr``, ``sr`` — Parallel-Distill-Refine and Sequential Refinement (:mod:`budgetlm.strategies.pdr`);
+* ``bavt`` — budget-aware value tree search (:mod:`budgetlm.strategies.bavt`);
+* ``beam``, ``rebase`` — PRM-scored step beam search and reward-balanced search
+  (:mod:`budgetlm.strategies.beam`, :mod:`budgetlm.strategies.rebase`), on the tree core of
+  :mod:`budgetlm.strategies.tree` (base class in :mod:`budgetlm.strategies.treesearch`) with the value
+  scorers of :mod:`budgetlm.strategies.values`.
 """
 
 from budgetlm.strategies.adaptive import AdaptiveMajority
 from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy, get
+from budgetlm.strategies.bavt import BAVT
+from budgetlm.strategies.beam import BeamSearch
 from budgetlm.strategies.cot import BudgetForcing
 from budgetlm.strategies.pdr import ParallelDistillRefine, SequentialRefinement
+from budgetlm.strategies.rebase import Rebase
 from budgetlm.strategies.sample import Sample
 from budgetlm.strategies.voting import BestOfN, Majority, WeightedMajority
 
 __all__ = [
+    "BAVT",
     "STRATEGIES",
     "AdaptiveMajority",
+    "BeamSearch",
     "BestOfN",
     "BudgetForcing",
     "Majority",
     "ParallelDistillRefine",
     "Problem",
+    "Rebase",
     "Result",
     "Sample",
     "SequentialRefinement",

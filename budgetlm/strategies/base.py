@@ -28,6 +28,7 @@ from budgetlm.budget import Budget
 from budgetlm.errors import ConfigError
 from budgetlm.meter import Meter
 from budgetlm.registry import Registry
+from budgetlm.tools import Tool
 from budgetlm.usage import Usage
 
 
@@ -41,6 +42,8 @@ class Problem:
     """Chat messages to answer (the last is the user's question)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Anything the caller wants echoed back."""
+    tools: list[Tool] = field(default_factory=list)
+    """Tools the model may call (tool-using strategies run them; see :mod:`budgetlm.tools`)."""
 
     @classmethod
     def from_text(cls, text: str, id: str | None = None) -> Problem:

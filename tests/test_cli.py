@@ -99,3 +99,39 @@ def test_demo_on_the_real_default_model(tmp_path) -> None:
     assert sorted(c["budget"]["output_tokens"] for c in configs) == [8, 24, 96]  # greedy x2, majority@2
     assert all(c["mean_output_tokens"] <= c["budget"]["output_tokens"] for c in configs)
     assert (tmp_path / "d" / "report.html").exists()
+
+
+def _cascade_config(tmp_path, stages: str) -> str:
+    data = tmp_path / "qa.jsonl"
+    # the scripted backend answers "42": half of the items are right, so stage 1 can be calibrated
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": "42" if i % 2 else "7"}) + "\n" for i in range(6)))
+    cfg = tmp_path / "cascade.yaml"
+    cfg.write_text(f"stages: {stages}\nsuite: 'jsonl:{data}'\ncalibration_items: 6\nmodel: scripted\n"
+                   "budget: {output_tokens: 64}\n")
+    return str(cfg)
+
+
+def test_cascade_calibrate_writes_a_file_the_strategy_loads(tmp_path) -> None:
+    stages = "[{strategy: sample, params: {temperature: 0.0}}, {strategy: majority, params: {n: 2}}]"
+    cfg, out = _cascade_config(tmp_path, stages), tmp_path / "cal.json"
+    res = runner.invoke(app, ["cascade", "calibrate", cfg, "--epsilon", "0.05", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert len(doc["thresholds"]) == 1 and doc["n_items"] == 6 and doc["stats"][0]["accuracy"] == 0.5
+    assert "budgetlm" in doc["versions"] and doc["suite"].startswith("jsonl:")
+    from budgetlm.strategies import get
+
+    c = get("cascade", stages=doc["stages"], calibration=str(out))
+    assert c.thresholds == doc["thresholds"]
+
+
+@pytest.mark.parametrize(("stages", "epsilon", "match"), [
+    ("[{strategy: sample}]", "0.01", "at least two stages"),  # nothing to cascade into
+    ("[{strategy: sample}, {strategy: nosuch}]", "0.01", "available"),  # unknown strategy
+    ("[{strategy: sample}, {strategy: majority}]", "1.5", "epsilon"),  # ε outside [0, 1]
+    ("[{strategy: sample", "0.01", "valid YAML"),  # broken config file
+])
+def test_cascade_calibrate_bad_input(tmp_path, stages: str, epsilon: str, match: str) -> None:
+    res = runner.invoke(app, ["cascade", "calibrate", _cascade_config(tmp_path, stages), "-e", epsilon,
+                              "-o", str(tmp_path / "c.json")])
+    assert res.exit_code == 2 and match in res.output

@@ -264,6 +264,8 @@ class ScoreResult:
     """Raw log-probability of each continuation token given everything before it."""
     usage: Usage
     """Spend: the whole sequence as prompt tokens, no output tokens."""
+    skipped: str | None = None
+    """Why the pair was not scored (budget exhausted), or ``None``."""
 
     @property
     def total(self) -> float:
@@ -574,8 +576,21 @@ class Backend(ABC):
         self,
         pairs: Sequence[tuple[str | list[int] | list[Message], str | list[int]]],
         meter: Meter | None = None,
+        *,
+        meters: Sequence[Meter | None] | None = None,
+        on_budget_exhausted: Literal["raise", "skip"] = "raise",
     ) -> list[ScoreResult]:
-        """:meth:`score` for many pairs in one engine call; charged as prompt tokens."""
+        """:meth:`score` for many pairs in one engine call; charged as prompt tokens.
+
+        ``meters`` gives each pair its own meter (else ``meter`` is charged for all).  A pair whose
+        meter cannot afford it raises :class:`~budgetlm.errors.BudgetExceeded` before anything
+        runs, or with ``on_budget_exhausted="skip"`` gets a result with no logprobs and ``skipped``
+        set while the other pairs run.
+        """
+        if meters is not None and len(meters) != len(pairs):
+            raise ConfigError(f"`meters` must have one entry per pair ({len(pairs)}), got {len(meters)}")
+        if on_budget_exhausted not in ("raise", "skip"):
+            raise ConfigError(f"`on_budget_exhausted` must be 'raise' or 'skip', got {on_budget_exhausted!r}")
         prompts: list[list[int]] = []
         conts: list[list[int]] = []
         for i, (p, c) in enumerate(pairs):
@@ -592,36 +607,54 @@ class Backend(ABC):
                 raise ConfigError(f"`prompt` and `continuation` of pair {i} must both be non-empty")
             prompts.append(pid)
             conts.append(cid)
-        reservations = []
-        if meter is not None:
-            try:
-                for pid, cid in zip(prompts, conts):
-                    reservations.append(meter.reserve(
+        pair_meters = list(meters) if meters is not None else [meter] * len(pairs)
+        reservations: list[Reservation | None] = []
+        skipped: dict[int, str] = {}
+        try:
+            for j, (pid, cid, m) in enumerate(zip(prompts, conts, pair_meters, strict=True)):
+                if m is None:
+                    reservations.append(None)
+                    continue
+                try:
+                    reservations.append(m.reserve(
                         prompt_tokens=len(pid) + len(cid), max_tokens=0, min_tokens=0,
                         cost=lambda p, k, n: self._estimate(p, k, n),
                     ))
-            except BudgetExceeded:
-                for r in reservations:
+                except BudgetExceeded as e:
+                    if on_budget_exhausted == "raise":
+                        raise
+                    reservations.append(None)
+                    skipped[j] = f"budget exhausted: {e.unit}" if e.unit else "budget exhausted"
+        except BudgetExceeded:
+            for r in reservations:
+                if r is not None:
                     r.release()
-                raise
+            raise
+        run = [j for j in range(len(pairs)) if j not in skipped]
         t0 = time.perf_counter()
         try:
-            lps = self._score(prompts, conts)
+            lps = self._score([prompts[j] for j in run], [conts[j] for j in run]) if run else []
         except BaseException:
             for r in reservations:
-                r.release()
+                if r is not None:
+                    r.release()
             raise
         latency = time.perf_counter() - t0
+        by_pair = dict(zip(run, lps, strict=True))
         out = []
-        for j, (pid, cid, lp) in enumerate(zip(prompts, conts, lps)):
+        for j, (pid, cid) in enumerate(zip(prompts, conts, strict=True)):
+            if j in skipped:
+                out.append(ScoreResult(cid, [], Usage(calls=0, model=self.name), skipped=skipped[j]))
+                continue
             n = len(pid) + len(cid)
             usage = Usage(
                 prompt_tokens=n, latency_s=latency, flops=self.cost_model.flops(n, 0, 1),
                 usd=self.prices.cost(self.name, n, 0, 0), model=self.name, finish_reason="stop",
             )
-            if meter is not None:
-                meter.charge(usage, reservations[j])
-            out.append(ScoreResult(cid, [float(x) for x in lp], usage))
+            m = pair_meters[j]
+            if m is not None:
+                m.charge(usage, reservations[j])
+            out.append(ScoreResult(cid, [float(x) for x in by_pair[j]], usage))
         return out
 
     def __enter__(self) -> Backend:

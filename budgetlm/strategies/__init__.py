@@ -13,13 +13,16 @@ charge every call to per-problem :class:`~budgetlm.meter.Meter` s (see
 * ``beam``, ``rebase`` — PRM-scored step beam search and reward-balanced search
   (:mod:`budgetlm.strategies.beam`, :mod:`budgetlm.strategies.rebase`), on the tree core of
   :mod:`budgetlm.strategies.tree` (base class in :mod:`budgetlm.strategies.treesearch`) with the value
-  scorers of :mod:`budgetlm.strategies.values`.
+  scorers of :mod:`budgetlm.strategies.values`;
+* ``cascade`` — confidence cascades over (backend, strategy) stages with calibrated thresholds
+  (:mod:`budgetlm.strategies.cascade`).
 """
 
 from budgetlm.strategies.adaptive import AdaptiveMajority
 from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy, get
 from budgetlm.strategies.bavt import BAVT
 from budgetlm.strategies.beam import BeamSearch
+from budgetlm.strategies.cascade import Cascade, Stage
 from budgetlm.strategies.cot import BudgetForcing
 from budgetlm.strategies.pdr import ParallelDistillRefine, SequentialRefinement
 from budgetlm.strategies.rebase import Rebase
@@ -31,6 +34,7 @@ __all__ = [
     "STRATEGIES",
     "AdaptiveMajority",
     "BeamSearch",
+    "Cascade",
     "BestOfN",
     "BudgetForcing",
     "Majority",
@@ -39,6 +43,7 @@ __all__ = [
     "Rebase",
     "Result",
     "Sample",
+    "Stage",
     "SequentialRefinement",
     "Strategy",
     "WeightedMajority",

@@ -1,0 +1,110 @@
+"""Calibrating a confidence cascade on a suite's calibration split (``budgetlm cascade calibrate``).
+
+A YAML config names the stages, the suite, how many of its items form the calibration split (the
+first ``calibration_items``; the rest are left for testing), the model and the per-problem budget::
+
+    stages:
+      - {strategy: sample, params: {temperature: 0.0, max_tokens: 96}, confidence: logprob_mean}
+      - {strategy: majority, params: {n: 8, max_tokens: 96, temperature: 0.7}}
+    suite: reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1&size=200&seed=1
+    calibration_items: 100
+    model: default
+    budget: {output_tokens: 1024}
+    seed: 1
+
+:func:`calibrate_config` runs every stage on the calibration split, sets the thresholds for the
+tolerance ε (ALGORITHMS.md §5) and writes the calibration JSON that
+``strategies.get("cascade", stages=..., calibration=PATH)`` loads; the file also records the suite,
+the split, the seed and library versions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ConfigDict, Field, field_validator
+
+from budgetlm.budget import Budget
+from budgetlm.config import Config
+from budgetlm.errors import ConfigError
+from budgetlm.strategies import Problem
+from budgetlm.strategies.cascade import Cascade, Stage, calibrate
+from budgetlm.versions import library_versions
+
+
+class CascadeConfig(Config):
+    """What ``budgetlm cascade calibrate`` reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stages: list[dict[str, Any]] = Field(description="Cascade stages, cheapest first (see `budgetlm.strategies.Stage`).")
+    suite: str | dict[str, Any] = Field(description="Suite spec whose first items form the calibration split.")
+    calibration_items: int = Field(default=100, description="Items of the calibration split (the first N).")
+    model: str = Field(default="default", description="Backend spec of stages without their own backend.")
+    budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 1024},
+                                     description="Per-problem budget while calibrating.")
+    seed: int = Field(default=0, description="Seed for the engine and sampling stages.")
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if len(v) < 2:
+            raise ValueError(f"`stages` must list at least two stages to calibrate, got {len(v)}")
+        for s in v:
+            Stage.parse(s)
+        return v
+
+    @field_validator("calibration_items")
+    @classmethod
+    def _n(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"`calibration_items` must be >= 1, got {v}")
+        return v
+
+    @field_validator("budget")
+    @classmethod
+    def _budget(cls, v: dict[str, float]) -> dict[str, float]:
+        Budget(**v)
+        return v
+
+    @classmethod
+    def load(cls, path: str | Path) -> CascadeConfig:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"cascade config {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e}); fix the file's syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the config must be a mapping of fields, got {type(data).__name__}")
+        return cls(**data)
+
+
+def calibrate_config(cfg: CascadeConfig, epsilon: float, out: str | Path) -> dict[str, Any]:
+    """Calibrate the config's cascade for tolerance ``epsilon``; write and return the calibration document."""
+    from budgetlm.backends import load
+    from budgetlm.evals.suites import get as get_suite
+
+    suite = get_suite(cfg.suite)
+    items = suite.items()[: cfg.calibration_items]
+    if not items:
+        raise ConfigError(f"suite {cfg.suite!r} has no items; check its size")
+    cascade = Cascade(stages=cfg.stages, seed=cfg.seed)
+    problems = [Problem(id=it.id, messages=it.messages, metadata=it.metadata) for it in items]
+    backend = load(cfg.model, **({"seed": cfg.seed} if cfg.model.split(":", 1)[0] in ("default", "vllm") else {}))
+    try:
+        doc = calibrate(cascade, problems, lambda i, r: suite.grade(items[i], r.text).correct, backend, epsilon,
+                        budget=cfg.budget)
+    finally:
+        cascade.close()
+        backend.close()
+    doc |= {"suite": cfg.suite, "calibration_items": len(items), "model": cfg.model, "seed": cfg.seed,
+            "budget": cfg.budget, "versions": library_versions()}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    import json
+
+    Path(out).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    return doc

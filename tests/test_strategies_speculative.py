@@ -179,3 +179,39 @@ def test_adaptive_gamma_shrinks_after_rejections_and_never_exceeds_max_tokens() 
     assert st2.gammas[0] == 4 and max(st2.gammas) == 4 and sum(g < 4 for g in st2.gammas) <= 4
     with pytest.raises(ConfigError, match="`gamma`"):
         SpeculativeDecoder(target, ModelDrafter(draft), gamma=0)
+
+
+@pytest.mark.slow
+def test_speculative_runs_through_budgetlm_eval(tmp_path) -> None:
+    from budgetlm.evals.config import EvalConfig
+    from budgetlm.evals.records import read_records
+    from budgetlm.evals.runner import run_eval
+
+    suite = "reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1&size=2&seed=1"
+    cfg = EvalConfig(name="spec", suites=[suite], models=["hf:default"], budgets=[{"output_tokens": 24}],
+                     strategies=[{"name": "speculative", "params": {"drafter": "ngram", "max_tokens": 24}},
+                                 {"name": "speculative_cascade", "params": {"layers": 20, "max_tokens": 24}}])
+    out = run_eval(cfg, tmp_path / "run", progress=False, report=False)
+    recs = read_records(tmp_path / "run" / "records.jsonl")
+    assert out.written == 4 and not out.errors and all(r.output_tokens <= 24 and not r.over_budget for r in recs)
+    assert all(r.flops > 0 and r.model_calls == 1 for r in recs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["chow", "diff", "opt", "v1", "v2", "v3"])
+def test_speculative_cascade_output_follows_pi_on_a_tiny_pair(rule: str) -> None:
+    from budgetlm.specdec import cascade_target
+
+    target, draft = _tiny(0, layers=2), _tiny(1)
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        p0 = torch.softmax(target(torch.tensor([prompt])).logits[0, -1].float(), -1)
+        q0 = torch.softmax(draft(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    alpha = 0.3
+    pi0, _ = cascade_target(q0[None], p0[None], q0[None], p0[None], rule, alpha)  # temperature 1: raw = tempered
+    dec = SpeculativeDecoder(target, ModelDrafter(draft), gamma=2, rule=rule, alpha=alpha)
+    first = torch.zeros(VOCAB, dtype=torch.float64)
+    for s in range(2000):  # 2 tokens: the first round drafts one token and verifies it against π
+        out, _ = dec.generate(prompt, 2, temperature=1.0, seed=s)
+        first[out[0]] += 1
+    assert _chi2_p(first, pi0[0]) > 1e-3

@@ -82,6 +82,20 @@ def main() -> None:
               f"{r['mean_output_tokens']:8.1f} {r['mean_sequential_tokens']:8.1f} {r['mean_prompt_tokens']:8.1f} "
               f"{r['calls_per_item']:6.1f} {r['over_budget_rate']:5.2f} {r['tok_per_s']:7.1f} {r['wall_s']:7.1f}")
 
+    from budgetlm.evals.runner import TRACES_FILE
+    from budgetlm.evals.treeplot import read_traces, tree_of
+
+    shapes: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # (nodes, terminal, pruned as no progress)
+    for line in read_traces(Path(args.out) / TRACES_FILE):
+        found = tree_of(line.get("trace") or [])
+        if found is not None:
+            nodes = found[0]["nodes"]
+            shapes[line["strategy"]].append((len(nodes), sum(n["terminal"] for n in nodes),
+                                             sum((n["pruned"] or "").startswith("no progress") for n in nodes)))
+    for name, sh in shapes.items():
+        k = len(sh)
+        print(f"tree shape {name}: {sum(a for a, _, _ in sh) / k:.1f} nodes, {sum(b for _, b, _ in sh) / k:.1f} terminal, "
+              f"{sum(c for _, _, c in sh) / k:.1f} pruned for no progress per problem")
     by = {r["strategy"]: r for r in rows}
     checks = []
     maj2b = next((r for r in rows if r["strategy"].startswith("majority@8")), None)

@@ -22,7 +22,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from budgetlm.errors import BudgetExceeded, ConfigError
@@ -81,7 +81,6 @@ class ToolOutcome:
     """Set (``"budget exhausted: tool_calls"``) when the budget refused the call; nothing ran."""
     latency_s: float = 0.0
     """Seconds the tool ran."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready record for traces."""

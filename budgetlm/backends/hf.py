@@ -315,11 +315,15 @@ class HFBackend(Backend):
 
         dec = SpeculativeDecoder(self.model, self._drafter(drafter, layers, ngram), gamma=gamma, adaptive=adaptive,
                                  rule=rule, alpha=alpha)
-        prev, self._spec = getattr(self, "_spec", None), dec
+        drafter_model = getattr(dec.drafter, "model", None)
+        params = (sum(p.numel() for p in self.model.parameters()),
+                  sum(p.numel() for p in drafter_model.parameters()) if drafter_model is not None else 0)
+        prev = (getattr(self, "_spec", None), getattr(self, "_spec_params", (0, 0)))
+        self._spec, self._spec_params = dec, params
         try:
             yield dec
         finally:
-            self._spec = prev
+            self._spec, self._spec_params = prev
 
     def _drafter(self, spec: str, layers: int | None, ngram: int) -> Any:
         from budgetlm.backends.hf_speculative import LayerSkipDrafter, ModelDrafter, NGramDrafter
@@ -340,9 +344,7 @@ class HFBackend(Backend):
     def _generate_speculative(self, batch: list[PreparedRequest], prompts: list[list[int]]) -> list[RawResult]:
         dec = self._spec
         eos = set(self.eos_token_ids)
-        n_target = sum(p.numel() for p in self.model.parameters())
-        drafter_model = getattr(dec.drafter, "model", None)
-        n_draft = sum(p.numel() for p in drafter_model.parameters()) if drafter_model is not None else 0
+        n_target, n_draft = self._spec_params
         out = []
         for p, prompt in zip(batch, prompts, strict=True):
             sp = p.sampling

@@ -20,6 +20,7 @@ the split, the seed and library versions.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,5 @@ def calibrate_config(cfg: CascadeConfig, epsilon: float, out: str | Path) -> dic
     doc |= {"suite": cfg.suite, "calibration_items": len(items), "model": cfg.model, "seed": cfg.seed,
             "budget": cfg.budget, "versions": library_versions()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    import json
-
     Path(out).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
     return doc

@@ -236,8 +236,10 @@ class Runner:
                             cid = config_id(model, strat_spec, budget, self.config.seed)
                             for s in range(0, len(todo), self.config.batch_size):
                                 batch = todo[s: s + self.config.batch_size]
-                                recs = self._run_batch(backend, model, strategy, strat_spec, budget, cid, sname, suite, batch)
-                                for rec, trace in zip(recs, self._last_traces or [None] * len(recs), strict=True):
+                                done_batch = self._run_batch(backend, model, strategy, strat_spec, budget, cid, sname,
+                                                             suite, batch)
+                                recs = [rec for rec, _ in done_batch]
+                                for rec, trace in done_batch:
                                     if trace is not None:  # before the record: a record always has its trace
                                         trace_writer.write({"suite": rec.suite, "item_id": rec.item_id,
                                                             "config_id": rec.config_id, "strategy": rec.strategy,
@@ -266,9 +268,9 @@ class Runner:
     def _run_batch(
         self, backend: Backend, model: str, strategy: Any, spec: StrategySpec, budget: dict[str, float],
         cid: str, sname: str, suite: Suite, batch: list[EvalItem],
-    ) -> list[EvalRecord]:
+    ) -> list[tuple[EvalRecord, list[dict[str, Any]] | None]]:
+        """One record per item, each with its result's trace (``None`` when the strategy failed)."""
         problems = [Problem(id=it.id, messages=it.messages, metadata=it.metadata) for it in batch]
-        self._last_traces: list[Any] | None = None
         b = Budget(**budget)
         t0 = time.perf_counter()
         common = dict(suite=sname, config_id=cid, model=model, strategy=spec.label or spec.name, params=strategy.params(),
@@ -277,17 +279,16 @@ class Runner:
             results = strategy.solve(problems, backend=backend, budget=b)
         except BudgetLMError as exc:  # a strategy-level failure is recorded per item, the run goes on
             now = time.time()
-            return [EvalRecord(item_id=it.id, question=it.question, gold=_text(it.gold), error=str(exc),
-                               stop_reason="error", timestamp=now, **common) for it in batch]
+            return [(EvalRecord(item_id=it.id, question=it.question, gold=_text(it.gold), error=str(exc),
+                                stop_reason="error", timestamp=now, **common), None) for it in batch]
         wall = time.perf_counter() - t0
-        self._last_traces = [res.trace for res in results]
         out = []
         now = time.time()
         for it, res in zip(batch, results, strict=True):
             text = None if res.thinking_truncated else res.text
             grade = suite.grade(it, text)
             u = res.usage
-            out.append(EvalRecord(
+            out.append((EvalRecord(
                 item_id=it.id, question=it.question, text=res.text, answer=grade.answer, gold=_text(it.gold),
                 correct=grade.correct, score=grade.score,
                 prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_prompt_tokens, output_tokens=u.output_tokens,
@@ -295,7 +296,7 @@ class Runner:
                 wall_seconds=wall, latency_s=u.latency_s, flops=u.flops, usd=u.usd, joules=u.joules,
                 finish_reason=res.finish_reason, truncated=res.truncated, thinking_truncated=res.thinking_truncated,
                 stop_reason=res.stop_reason, over_budget=over_budget(res, b), timestamp=now, **common,
-            ))
+            ), res.trace))
         return out
 
 

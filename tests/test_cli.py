@@ -135,3 +135,41 @@ def test_cascade_calibrate_bad_input(tmp_path, stages: str, epsilon: str, match:
     res = runner.invoke(app, ["cascade", "calibrate", _cascade_config(tmp_path, stages), "-e", epsilon,
                               "-o", str(tmp_path / "c.json")])
     assert res.exit_code == 2 and match in res.output
+
+
+def _route_config(tmp_path, router: str) -> str:
+    data = tmp_path / "qa.jsonl"
+    # the scripted backend answers "42": half of the items are right for both arms
+    data.write_text("".join(json.dumps({"question": f"q{i}", "answer": "42" if i % 2 else "7"}) + "\n" for i in range(6)))
+    cfg = tmp_path / "route.yaml"
+    cfg.write_text(f"router: {router}\narms: [{{strategy: sample, params: {{max_tokens: 8}}}}, "
+                   "{strategy: majority, params: {n: 2, max_tokens: 8}}]\n"
+                   f"suite: 'jsonl:{data}'\ncalibration_items: 6\nmodel: scripted\nbudget: {{output_tokens: 64}}\n")
+    return str(cfg)
+
+
+def test_route_calibrate_writes_a_file_the_strategy_loads(tmp_path) -> None:
+    out = tmp_path / "route.json"
+    res = runner.invoke(app, ["route", "calibrate", _route_config(tmp_path, "{name: random, params: {seed: 3}}"),
+                              "--share", "0.5", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    assert doc["router"]["name"] == "random" and len(doc["thresholds"]) == 1
+    assert doc["realised_share"] == 0.5  # 3 of 6 distinct random scores reach the threshold
+    assert doc["on_split"]["weak_accuracy"] == 0.5 and doc["on_split"]["strong_accuracy"] == 0.5
+    assert "budgetlm" in doc["versions"] and doc["suite"].startswith("jsonl:")
+    from budgetlm.strategies import get
+
+    r = get("route", calibration=str(out))
+    assert r.thresholds == doc["thresholds"] and [a.label for a in r.arms] == ["sample#0", "majority#1"]
+
+
+@pytest.mark.parametrize(("router", "share", "match"), [
+    ("random", "1.5", "share"),  # a share outside [0, 1]
+    ("nosuch", "0.5", "available"),  # unknown router lists the registered ones
+    ("{name: embedding, params: {features: hashing}}", "0.5", "every label is 0"),  # nothing to learn on this split
+])
+def test_route_calibrate_bad_input(tmp_path, router: str, share: str, match: str) -> None:
+    res = runner.invoke(app, ["route", "calibrate", _route_config(tmp_path, router), "-s", share,
+                              "-o", str(tmp_path / "r.json")])
+    assert res.exit_code == 2 and match in res.output, res.output

@@ -215,7 +215,7 @@ def test_get_from_spec_dict_and_overrides(tmp_path: Path) -> None:
     assert isinstance(j, JsonlSuite) and j.grade(j.items()[0], "Answer: 2").correct
     c = _csv(tmp_path / "x.csv", "q,a\n1+1?,2\n")
     assert suites.get(f"csv:{c}?question_field=q&answer_field=a").items()[0].gold == "2"
-    assert set(suites.names()) == {"reasoning_gym", "jsonl", "csv", "humaneval"}
+    assert set(suites.names()) == {"reasoning_gym", "jsonl", "csv", "humaneval", "kb_agent", "reasoning_gym_agent"}
 
 
 @pytest.mark.parametrize(

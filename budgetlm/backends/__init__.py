@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl
 from budgetlm.backends.base import (
     Backend,
     Completion,
+    EmbeddingBackend,
     GenerationRequest,
     GenerationResult,
     SamplingParams,
@@ -45,6 +46,7 @@ __all__ = [
     "SamplingParams",
     "ScoreResult",
     "TokenLevelBackend",
+    "EmbeddingBackend",
     "load",
     "make_request",
     "BACKENDS",

@@ -299,6 +299,15 @@ class TokenLevelBackend(Protocol):
 
 
 @runtime_checkable
+class EmbeddingBackend(Protocol):
+    """Backends that give a fixed-size vector per text (features for learned routers)."""
+
+    def embed(self, texts: Sequence[str]) -> Any:
+        """One vector per text, shape ``[batch, dim]`` (array or tensor)."""
+        ...
+
+
+@runtime_checkable
 class ThinkingBudgetBackend(Protocol):
     """Backends whose engine can cap thinking itself (vLLM's ``thinking_token_budget``)."""
 

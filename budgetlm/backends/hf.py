@@ -566,5 +566,26 @@ class HFBackend(Backend):
                 parts.append(torch.log_softmax(logits.float(), dim=-1).cpu())
         return torch.cat(parts, dim=0)
 
+    def embed(self, texts: Sequence[str], *, max_tokens: int = 512) -> torch.Tensor:
+        """Mean last-layer hidden state of each text (its first ``max_tokens`` tokens): float32 ``[batch, hidden]``.
+
+        Local features for learned routers; no generation, nothing charged (a forward pass over the
+        prompt, like prefix caching would reuse).
+        """
+        if isinstance(texts, str) or not texts or any(not isinstance(t, str) or not t for t in texts):
+            raise invalid("texts", "a non-empty list of non-empty strings", texts)
+        seqs = [self.encode(t)[:max_tokens] or [self.bos_token_id or 0] for t in texts]
+        parts = []
+        with self._lock, torch.inference_mode():
+            for s in range(0, len(seqs), self.max_batch_size):
+                ids, mask = self._left_pad(seqs[s:s + self.max_batch_size])
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                                 output_hidden_states=True)
+                h = out.hidden_states[-1].float()
+                m = mask[..., None].to(h.dtype)
+                parts.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).cpu())
+        return torch.cat(parts, dim=0)
+
     def __repr__(self) -> str:
         return f"HFBackend(name={self.name!r}, device={str(self.device)!r}, dtype={str(self.dtype)!r})"

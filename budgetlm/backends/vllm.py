@@ -555,5 +555,7 @@ class VLLMBackend(Backend):
         gc.collect()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        try:  # at interpreter shutdown module globals (contextlib, gc) may already be gone
             self.close()
+        except Exception:  # noqa: BLE001 -- a finaliser must not raise
+            pass

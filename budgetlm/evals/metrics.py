@@ -406,6 +406,9 @@ class ConfigSummary:
     """Mean output tokens on the critical path per item."""
     mean_model_calls: float
     """Mean model calls per item."""
+    expensive_call_share: float | None
+    """Routing: expensive calls (route to a stronger arm, or agent steps off the cheapest model) per
+    model call, from the records' ``details``; ``None`` when no record routes."""
     mean_flops: float
     """Mean FLOPs per item."""
     mean_usd: float
@@ -472,6 +475,15 @@ def _suite_summary(suite: str, recs: list[EvalRecord], n_resamples: int, seed: i
     )
 
 
+def _expensive_share(recs: list[EvalRecord]) -> float | None:
+    """Expensive calls over routing decisions (queries routed, or agent model steps)."""
+    routed = [r for r in recs if "expensive_calls" in (r.details or {})]
+    if not routed:
+        return None
+    decisions = sum(int(r.details.get("model_steps", 1)) for r in routed)
+    return sum(int(r.details["expensive_calls"]) for r in routed) / max(decisions, 1)
+
+
 def summarize(
     records: Iterable[EvalRecord], run: str | None = None, n_resamples: int = 1000, seed: int = 0
 ) -> list[ConfigSummary]:
@@ -513,6 +525,7 @@ def summarize(
                 mean_total_tokens=_mean([r.total_tokens for r in recs]),
                 mean_sequential_tokens=_mean([r.sequential_tokens for r in recs]),
                 mean_model_calls=_mean([r.model_calls for r in recs]),
+                expensive_call_share=_expensive_share(recs),
                 mean_flops=_mean([r.flops for r in recs]),
                 mean_usd=_mean([r.usd for r in recs]),
                 mean_joules=_mean(joules) if joules else None,

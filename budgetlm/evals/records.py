@@ -51,6 +51,11 @@ class EvalRecord(BaseModel):
     over_budget: bool = Field(default=False, description="Spend exceeded the budget in some unit (must never be true).")
     seed: int | None = Field(default=None, description="Seed of the configuration.")
     error: str | None = Field(default=None, description="Error text when the item could not be run.")
+    details: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Strategy-specific figures: the route taken (arm, score, threshold), expensive calls, "
+                    "and for agents one entry per step (model, tokens, tool calls).",
+    )
     timestamp: float = Field(default=0.0, description="Unix time the record was written.")
 
     @property

@@ -234,23 +234,8 @@ class Runner:
                         for _, strat_spec, budget, sname, suite, todo in steps:
                             strategy = self._strategy(strat_spec)
                             cid = config_id(model, strat_spec, budget, self.config.seed)
-                            for s in range(0, len(todo), self.config.batch_size):
-                                batch = todo[s: s + self.config.batch_size]
-                                done_batch = self._run_batch(backend, model, strategy, strat_spec, budget, cid, sname,
-                                                             suite, batch)
-                                recs = [rec for rec, _ in done_batch]
-                                for rec, trace in done_batch:
-                                    if trace is not None:  # before the record: a record always has its trace
-                                        trace_writer.write({"suite": rec.suite, "item_id": rec.item_id,
-                                                            "config_id": rec.config_id, "strategy": rec.strategy,
-                                                            "trace": trace})
-                                    writer.write(rec)
-                                    if rec.error:
-                                        outcome.errors.append(f"{rec.item_id}: {rec.error}")
-                                outcome.written += len(recs)
-                                progress.advance(len(recs), sum(r.output_tokens for r in recs))
-                                if self.on_batch:
-                                    self.on_batch(outcome.written)
+                            self._cell(backend, model, strategy, strat_spec, budget, cid, sname, suite, todo,
+                                       writer, trace_writer, outcome, progress)
                     finally:
                         if model not in self._given:
                             backend.close()
@@ -265,12 +250,39 @@ class Runner:
             outcome.report = write_report([self.out_dir]).parent
         return outcome
 
+    def _cell(self, backend: Backend, model: str, strategy: Any, strat_spec: StrategySpec, budget: dict[str, float],
+              cid: str, sname: str, suite: Suite, todo: list[EvalItem], writer: RecordWriter,
+              trace_writer: RecordWriter, outcome: RunOutcome, progress: _Progress) -> None:
+        """Run one configuration's pending items in batches; close what the strategy loaded itself."""
+        try:
+            for s in range(0, len(todo), self.config.batch_size):
+                batch = todo[s: s + self.config.batch_size]
+                done_batch = self._run_batch(backend, model, strategy, strat_spec, budget, cid, sname,
+                                             suite, batch)
+                recs = [rec for rec, _ in done_batch]
+                for rec, trace in done_batch:
+                    if trace is not None:  # before the record: a record always has its trace
+                        trace_writer.write({"suite": rec.suite, "item_id": rec.item_id,
+                                            "config_id": rec.config_id, "strategy": rec.strategy,
+                                            "trace": trace})
+                    writer.write(rec)
+                    if rec.error:
+                        outcome.errors.append(f"{rec.item_id}: {rec.error}")
+                outcome.written += len(recs)
+                progress.advance(len(recs), sum(r.output_tokens for r in recs))
+                if self.on_batch:
+                    self.on_batch(outcome.written)
+        finally:
+            close = getattr(strategy, "close", None)
+            if callable(close):
+                close()
+
     def _run_batch(
         self, backend: Backend, model: str, strategy: Any, spec: StrategySpec, budget: dict[str, float],
         cid: str, sname: str, suite: Suite, batch: list[EvalItem],
     ) -> list[tuple[EvalRecord, list[dict[str, Any]] | None]]:
         """One record per item, each with its result's trace (``None`` when the strategy failed)."""
-        problems = [Problem(id=it.id, messages=it.messages, metadata=it.metadata) for it in batch]
+        problems = [Problem(id=it.id, messages=it.messages, metadata=it.metadata, tools=list(it.tools)) for it in batch]
         b = Budget(**budget)
         t0 = time.perf_counter()
         common = dict(suite=sname, config_id=cid, model=model, strategy=spec.label or spec.name, params=strategy.params(),
@@ -295,7 +307,7 @@ class Runner:
                 thinking_tokens=u.thinking_tokens, sequential_tokens=res.sequential_tokens, model_calls=u.calls,
                 wall_seconds=wall, latency_s=u.latency_s, flops=u.flops, usd=u.usd, joules=u.joules,
                 finish_reason=res.finish_reason, truncated=res.truncated, thinking_truncated=res.thinking_truncated,
-                stop_reason=res.stop_reason, over_budget=over_budget(res, b), timestamp=now, **common,
+                stop_reason=res.stop_reason, over_budget=over_budget(res, b), details=res.details, timestamp=now, **common,
             ), res.trace))
         return out
 

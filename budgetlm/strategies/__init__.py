@@ -17,10 +17,15 @@ charge every call to per-problem :class:`~budgetlm.meter.Meter` s (see
 * ``speculative``, ``speculative_cascade`` — speculative decoding and speculative cascades through a
   backend's draft-and-verify token loop (:mod:`budgetlm.strategies.speculative`);
 * ``cascade`` — confidence cascades over (backend, strategy) stages with calibrated thresholds
-  (:mod:`budgetlm.strategies.cascade`).
+  (:mod:`budgetlm.strategies.cascade`);
+* ``route`` — per-query routing between cheap and expensive arms by a router's score
+  (:mod:`budgetlm.strategies.route`, routers in :mod:`budgetlm.routing`);
+* ``agent`` — a tool-using agent loop under a :class:`~budgetlm.agents.BudgetController`, routing
+  each step (:mod:`budgetlm.strategies.agent`).
 """
 
 from budgetlm.strategies.adaptive import AdaptiveMajority
+from budgetlm.strategies.agent import Agent
 from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy, get
 from budgetlm.strategies.bavt import BAVT
 from budgetlm.strategies.beam import BeamSearch
@@ -28,6 +33,7 @@ from budgetlm.strategies.cascade import Cascade, Stage
 from budgetlm.strategies.cot import BudgetForcing
 from budgetlm.strategies.pdr import ParallelDistillRefine, SequentialRefinement
 from budgetlm.strategies.rebase import Rebase
+from budgetlm.strategies.route import Route
 from budgetlm.strategies.sample import Sample
 from budgetlm.strategies.speculative import Speculative, SpeculativeCascade
 from budgetlm.strategies.voting import BestOfN, Majority, WeightedMajority
@@ -36,6 +42,7 @@ __all__ = [
     "BAVT",
     "STRATEGIES",
     "AdaptiveMajority",
+    "Agent",
     "BeamSearch",
     "Cascade",
     "BestOfN",
@@ -45,6 +52,7 @@ __all__ = [
     "Problem",
     "Rebase",
     "Result",
+    "Route",
     "Sample",
     "Speculative",
     "SpeculativeCascade",

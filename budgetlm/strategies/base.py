@@ -79,6 +79,8 @@ class Result:
     """One entry per call/round/node, JSON-ready."""
     ledger: dict[str, Any] = field(default_factory=dict)
     """The problem meter's summary (spend, limit, remaining by unit)."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Strategy-specific figures copied into the eval record (route taken, expensive calls, agent steps)."""
 
     @property
     def model_calls(self) -> int:
@@ -127,7 +129,7 @@ def get(name: str, **params: Any) -> Strategy:
     """The strategy ``name`` configured with ``params``; errors list names and valid parameters."""
     cls = STRATEGIES.get(name)
     sig = inspect.signature(cls.__init__)
-    valid = [k for k in sig.parameters if k != "self"]
+    valid = [k for k, p in sig.parameters.items() if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     unknown = [k for k in params if k not in valid]
     if unknown:
         raise ConfigError(

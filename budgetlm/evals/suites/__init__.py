@@ -7,6 +7,10 @@ they parse as such (``true``/``false``, ``none``/``null``) and stay strings othe
 - ``jsonl:PATH?question_field=problem&answer_field=solution&grader=math`` (:class:`JsonlSuite`)
 - ``csv:PATH?...`` (:class:`CsvSuite`, same options)
 - ``humaneval?limit=20&timeout=10`` (:class:`HumanEvalSuite`)
+- ``kb_agent?size=100&seed=1&difficulty=mixed&kb_size=30`` (:class:`KBAgentSuite`: offline multi-hop QA
+  agent environment with ``search`` and ``calculator`` tools)
+- ``reasoning_gym_agent:TASK?size=100&seed=1&...`` (:class:`ReasoningGymAgentSuite`: a reasoning-gym
+  task with the ``calculator`` tool and an agent prompt)
 
 A dict config block works too: ``{"kind": "reasoning_gym", "task": "chain_sum", "min_digits": 1}``
 (``path`` for file kinds).  :func:`from_dataset` wraps a Hugging Face dataset from Python.
@@ -23,12 +27,14 @@ from budgetlm.errors import ConfigError
 from budgetlm.evals.suites.base import DEFAULT_PROMPT, EvalItem, Grade, Suite
 from budgetlm.evals.suites.files import CsvSuite, DatasetSuite, JsonlSuite
 from budgetlm.evals.suites.humaneval import HumanEvalSuite
+from budgetlm.evals.suites.kb_agent import KBAgentSuite
 from budgetlm.evals.suites.reasoning_gym import ReasoningGymSuite
+from budgetlm.evals.suites.rg_agent import ReasoningGymAgentSuite
 from budgetlm.registry import Registry, coerce_option
 
 __all__ = [
     "DEFAULT_PROMPT", "SUITES", "CsvSuite", "DatasetSuite", "EvalItem", "Grade", "HumanEvalSuite", "JsonlSuite",
-    "ReasoningGymSuite", "Suite", "from_dataset", "get", "names", "parse_spec",
+    "KBAgentSuite", "ReasoningGymAgentSuite", "ReasoningGymSuite", "Suite", "from_dataset", "get", "names", "parse_spec",
 ]
 
 SUITES: Registry[Callable[..., Suite]] = Registry("suite kind")
@@ -36,8 +42,10 @@ SUITES.register("reasoning_gym", ReasoningGymSuite)
 SUITES.register("jsonl", JsonlSuite)
 SUITES.register("csv", CsvSuite)
 SUITES.register("humaneval", HumanEvalSuite)
+SUITES.register("kb_agent", KBAgentSuite)
+SUITES.register("reasoning_gym_agent", ReasoningGymAgentSuite)
 
-_TARGET = {"reasoning_gym": "task", "jsonl": "path", "csv": "path"}
+_TARGET = {"reasoning_gym": "task", "reasoning_gym_agent": "task", "jsonl": "path", "csv": "path"}
 """The constructor parameter that the ``:TARGET`` part of a spec fills, per kind."""
 
 

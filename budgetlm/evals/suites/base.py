@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from budgetlm.backends.base import Message
+from budgetlm.tools import Tool
 
 DEFAULT_PROMPT = "{question}\nGive the final answer after 'Answer:'."
 """The default prompt template of question suites; ``{question}`` is replaced by the question."""
@@ -41,6 +42,8 @@ class EvalItem:
     """The raw question, for records and reports."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Anything the grader needs (reasoning-gym entry, HumanEval test code, ...)."""
+    tools: list[Tool] = field(default_factory=list)
+    """Tools an agent may call on this item (agent suites; see :mod:`budgetlm.tools`)."""
 
 
 @dataclass(frozen=True)

@@ -239,3 +239,24 @@ def test_agent_through_runner_on_real_vllm(tmp_path: Path, vllm_backend: Any) ->
         assert sum(s["tool_calls"] for s in steps) == r.details["tool_calls"] <= 3
         assert r.details["model_steps"] == len(model_steps) <= 5
     assert sum(r.details["tool_calls"] for r in recs) > 0  # the model really called the KB
+
+
+def test_agent_on_a_reasoning_gym_task_through_the_runner(tmp_path: Path) -> None:
+    """The reasoning-gym adapter: a chain_sum item becomes a tool task (calculator, then the answer)."""
+    def script(prompt: str, i: int, sp: SamplingParams) -> str:
+        if "<tool_response>" in prompt:  # the calculator answered: report its result
+            return "Answer: " + prompt.rsplit("<tool_response>", 1)[1].split("</tool_response>", 1)[0]
+        expr = re.findall(r"(-?\d+(?:\s*[-+]\s*\d+)+)\s*=", prompt)[-1]
+        return _call("calculator", expression=expr)
+
+    spec = "reasoning_gym_agent:chain_sum?size=4&seed=1"
+    cfg = _config([{"name": "agent", "params": {"max_steps": 4}}], [{"output_tokens": 400, "tool_calls": 2}],
+                  suites=[spec])
+    out = Runner(cfg, tmp_path / "run", backends={"scripted": ScriptedBackend(script)}, progress=False,
+                 report=False).run()
+    recs = read_records(tmp_path / "run" / "records.jsonl")
+    assert out.written == 4 and not out.errors
+    for r in recs:
+        assert r.correct and not r.over_budget, (r.question, r.gold, r.text)  # graded by reasoning-gym's scorer
+        assert [s["kind"] for s in r.details["steps"]] == ["model", "tool", "model"]
+        assert r.details["tool_calls"] == 1

@@ -89,10 +89,14 @@ class AgentTask:
         return RouteQuery(messages=view, id=self.id)
 
     def finish(self, text: str, reason: str | None = None) -> None:
+        """End the task with ``text``; a budget or step-limit ``reason`` becomes the stop reason."""
         self.done = True
         self.text = text.strip()
         if reason and self.controller.stop_reason is None:
-            self.controller.stop_reason = reason
+            if reason.startswith("budget"):
+                self.controller.stop_reason = reason
+            elif reason == "last step":
+                self.controller.stop_reason = "max_steps reached"
 
 
 def _action_key(c: Completion) -> str:

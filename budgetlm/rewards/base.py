@@ -1,0 +1,285 @@
+"""The base of budgetlm's GRPO rewards: TRL's reward-function form (ALGORITHMS.md §9).
+
+TRL 1.16's ``GRPOTrainer`` calls every reward function as
+``f(prompts=..., completions=..., completion_ids=..., **columns)`` where ``columns`` are the
+dataset's other columns (one value per completion), plus ``trainer_state``, ``log_extra``,
+``log_metric`` and sometimes ``environments``; it expects ``list[float | None]`` back and logs the
+function under its ``__name__``.  :class:`RewardFunction` is that callable: a picklable dataclass
+(no lambdas or closures stored) whose ``__name__`` is the instance's :attr:`~RewardFunction.name`,
+and which ignores keyword arguments it does not use.
+
+Completions are plain strings or conversational message lists
+(``[{"role": "assistant", "content": ...}]``); :func:`completion_text` turns both into text, putting
+a parsed ``reasoning_content`` (or ``thinking``) field back between the thinking tags.
+
+Lengths (:meth:`RewardFunction.lengths`) are ``len(completion_ids[i])``, the generated tokens as TRL
+counts them.  Outside training the callable also works with ``completion_ids=None``: lengths then
+come from :attr:`~RewardFunction.tokenizer` when one is given, else from a whitespace word count, a
+tokenizer-free stand-in that is only roughly proportional to tokens.
+
+Group-wise rewards (Kimi, e1, LC-R1) group completions by a prompt-id column, never by their
+position in the batch.  TRL calls reward functions on each process's share of the batch, so with
+several processes a group may be split and a group-wise reward sees only its local part.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from abc import ABC, abstractmethod
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from budgetlm.errors import ConfigError, invalid
+from budgetlm.thinking import ThinkingFormat, ThinkingSplit, split_thinking
+
+__all__ = [
+    "RewardBatch", "RewardFunction", "completion_text", "count_tokens", "flag", "group_indices", "number_column",
+    "positive", "positive_int",
+]
+
+
+def _content_text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):  # content parts: [{"type": "text", "text": ...}, ...]
+        return "".join(str(p.get("text", "")) if isinstance(p, Mapping) else str(p) for p in content)
+    return str(content)
+
+
+def _message_text(msg: Mapping[str, Any], fmt: ThinkingFormat) -> str:
+    text = _content_text(msg.get("content"))
+    reasoning = msg.get("reasoning_content") or msg.get("thinking")
+    if reasoning and fmt.enabled:
+        text = f"{fmt.start}{_content_text(reasoning)}{fmt.end}{text}"
+    return text
+
+
+def completion_text(completion: Any, fmt: ThinkingFormat = ThinkingFormat()) -> str:
+    """The text of one completion: a string as is; of messages, the assistant messages joined by newlines.
+
+    A message's ``reasoning_content`` or ``thinking`` field (what transformers' response parsers
+    fill) is put back as ``{start}reasoning{end}`` before its content, so thinking splits the same
+    way for plain and parsed completions.  Messages without a role count as assistant messages.
+    """
+    if completion is None:
+        return ""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Mapping):
+        return _message_text(completion, fmt)
+    if isinstance(completion, Sequence):
+        parts = [_message_text(m, fmt) for m in completion
+                 if isinstance(m, Mapping) and m.get("role", "assistant") == "assistant"]
+        return "\n".join(parts)
+    raise invalid("completions", "strings or lists of chat messages", type(completion).__name__)
+
+
+def count_tokens(text: str, tokenizer: Any = None) -> int:
+    """Tokens in ``text``: with ``tokenizer`` (``encode`` without special tokens, or a callable giving ids);
+    without one, whitespace-separated words (an approximation)."""
+    if tokenizer is None:
+        return len(text.split())
+    encode = getattr(tokenizer, "encode", None)
+    if encode is not None:
+        try:
+            return len(encode(text, add_special_tokens=False))
+        except TypeError:
+            return len(encode(text))
+    return len(tokenizer(text))
+
+
+def group_indices(ids: Sequence[Any], column: str = "prompt_id") -> dict[Hashable, list[int]]:
+    """Row indices per prompt id, in first-seen order (``column`` names the ids in errors)."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, pid in enumerate(ids):
+        try:
+            groups.setdefault(pid, []).append(i)
+        except TypeError:
+            raise ConfigError(f"`{column}` must hold hashable ids (str or int), got {pid!r} at row {i}; "
+                              f"store one string or integer id per prompt") from None
+    return groups
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _is_column(values: Any) -> bool:
+    """A list-like of per-completion values (lists, tuples, numpy arrays), not a string or mapping."""
+    return (hasattr(values, "__len__") and hasattr(values, "__getitem__")
+            and not isinstance(values, str | bytes | Mapping))
+
+
+_NOT_COLUMNS = frozenset({"trainer_state", "log_extra", "log_metric", "environments"})
+
+
+class RewardBatch:
+    """One call's completions, token ids and dataset columns, with checked column access."""
+
+    def __init__(self, completions: Sequence[Any] | None, completion_ids: Sequence[Sequence[int]] | None,
+                 columns: Mapping[str, Any], fmt: ThinkingFormat, prompts: Sequence[Any] | None = None) -> None:
+        self.texts: list[str] | None = None if completions is None else [completion_text(c, fmt) for c in completions]
+        """Completion texts (``None`` when no completions were passed)."""
+        self.completion_ids = completion_ids
+        """Generated token ids per completion, or ``None``."""
+        self.columns = {k: v for k, v in columns.items() if k not in _NOT_COLUMNS}
+        """Dataset columns (TRL's extra kwargs removed)."""
+        self.prompts = prompts
+        """The prompts, unused by most rewards."""
+        self.n: int | None = None if self.texts is None else len(self.texts)
+        """Number of completions (set by the first column read when no completions were passed)."""
+        if completion_ids is not None:
+            self._check_len("completion_ids", len(completion_ids))
+
+    def _check_len(self, name: str, n: int) -> None:
+        if self.n is None:
+            self.n = n
+        elif n != self.n:
+            raise ConfigError(f"`{name}` must have one value per completion ({self.n}), got {n} values; "
+                              f"pass columns of the same length as `completions`")
+
+    def require_texts(self) -> list[str]:
+        """The completion texts; an error when none were passed."""
+        if self.texts is None:
+            raise invalid("completions", "a list of completions (strings or message lists)", None,
+                          "pass completions=[...]")
+        return self.texts
+
+    def column(self, name: str, fix: str | None = None) -> list[Any]:
+        """Column ``name`` as a list of one value per completion; missing or mis-sized columns raise."""
+        if name not in self.columns:
+            have = ", ".join(sorted(self.columns)) or "(none)"
+            raise ConfigError(f"`{name}` must be a dataset column passed to the reward, got no such column "
+                              f"(columns: {have}); {fix or f'add a `{name}` column to the dataset or set the column name'}")
+        values = self.columns[name]
+        if not _is_column(values):
+            raise invalid(name, "a column (one value per completion)", values)
+        self._check_len(name, len(values))
+        return list(values)
+
+    def has(self, name: str) -> bool:
+        """Whether column ``name`` was passed."""
+        return name in self.columns
+
+    def row(self, i: int) -> dict[str, Any]:
+        """Row ``i`` of every list-valued column, JSON strings of objects decoded (reasoning-gym entries)."""
+        out: dict[str, Any] = {}
+        for k, v in self.columns.items():
+            if _is_column(v) and len(v) == self.n:
+                out[k] = _maybe_json(v[i])
+        return out
+
+
+def number_column(batch: RewardBatch, name: str, *, positive: bool = False, fix: str | None = None) -> list[float]:
+    """Column ``name`` as floats; non-numbers (and, with ``positive``, values ≤ 0) raise naming the row."""
+    out = []
+    for i, v in enumerate(batch.column(name, fix)):
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok or (positive and v <= 0):
+            raise ConfigError(f"`{name}` must hold {'positive ' if positive else ''}finite numbers, got {v!r} at "
+                              f"row {i}; {fix or f'fix the `{name}` column of the dataset'}")
+        out.append(float(v))
+    return out
+
+
+@dataclass(eq=False, kw_only=True)
+class RewardFunction(ABC):
+    """A reward in TRL's form: ``reward(prompts=, completions=, completion_ids=, **columns) -> list[float | None]``."""
+
+    default_name: ClassVar[str] = "reward"
+
+    thinking: ThinkingFormat = field(default_factory=ThinkingFormat)
+    """How thinking is marked (default ``<think>``/``</think>``)."""
+    tokenizer: Any = field(default=None, repr=False)
+    """Counts tokens when ``completion_ids`` is None (and thinking tokens exactly); None: whitespace words."""
+    name: str = ""
+    """Name TRL logs the reward under (``__name__``); empty: the class's registry name."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.thinking, ThinkingFormat):
+            raise invalid("thinking", "a ThinkingFormat", self.thinking)
+        if not self.name:
+            self.name = self.default_name
+        self.__name__ = self.name
+
+    def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None,
+                 completion_ids: Sequence[Sequence[int]] | None = None, **kwargs: Any) -> list[float | None]:
+        batch = RewardBatch(completions, completion_ids, kwargs, self.thinking, prompts)
+        return self.score(batch)
+
+    @abstractmethod
+    def score(self, batch: RewardBatch) -> list[float | None]:
+        """One reward per completion of ``batch``."""
+
+    # -- helpers shared by the reward families ------------------------------------------------
+
+    def split(self, text: str) -> ThinkingSplit:
+        """``text`` split into thinking and answer with :attr:`thinking`."""
+        return split_thinking(text, self.thinking)
+
+    def lengths(self, batch: RewardBatch) -> list[int]:
+        """Generated tokens per completion: ``len(completion_ids[i])``; without ids, counted on the text
+        with :attr:`tokenizer`, else whitespace words."""
+        if batch.completion_ids is not None:
+            return [len(ids) for ids in batch.completion_ids]
+        return [count_tokens(t, self.tokenizer) for t in batch.require_texts()]
+
+    def thinking_lengths(self, batch: RewardBatch) -> list[int]:
+        """Tokens inside thinking (tags excluded) per completion; 0 without a thinking part.
+
+        With :attr:`tokenizer` the thinking text is tokenized (exact up to tokenization at the tag
+        boundaries).  Without one but with ``completion_ids``, an approximation:
+        ``round(len(completion_ids[i]) · chars(thinking) / chars(completion))``.  With neither,
+        whitespace words of the thinking.
+        """
+        out = []
+        texts = batch.require_texts()
+        for i, text in enumerate(texts):
+            sp = self.split(text)
+            if not sp.has_thinking or not sp.thinking:
+                out.append(0)
+            elif self.tokenizer is not None or batch.completion_ids is None:
+                out.append(count_tokens(sp.thinking, self.tokenizer))
+            else:
+                out.append(round(len(batch.completion_ids[i]) * len(sp.thinking) / max(len(text), 1)))
+        return out
+
+    def groups(self, batch: RewardBatch, column: str) -> dict[Hashable, list[int]]:
+        """Row indices per prompt id from ``column``; a missing column says how to add one."""
+        fix = (f"add a `{column}` column to the dataset (one id per prompt, shared by its completions, e.g. "
+               f"`dataset.map(lambda r, i: {{'{column}': i}}, with_indices=True)`) or set prompt_id_column")
+        return group_indices(batch.column(column, fix), column)
+
+
+def positive(param: str, value: Any, what: str = "a positive number") -> float:
+    """``value`` as a float; an error naming ``param`` unless it is a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise invalid(param, what, value)
+    return float(value)
+
+
+def positive_int(param: str, value: Any, what: str = "a positive integer (tokens)") -> int:
+    """``value`` unless it is not an integer ≥ 1 (an error naming ``param``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise invalid(param, what, value)
+    return value
+
+
+def flag(column: str, value: Any, row: int) -> bool:
+    """A success flag: a bool or 0/1; anything else raises naming the column and row."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    raise ConfigError(f"`{column}` must hold booleans (or 0/1), got {value!r} at row {row}; "
+                      f"store whether each trajectory succeeded")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, Self
 
 from pydantic import BaseModel, ValidationError
 
@@ -34,3 +35,19 @@ class Config(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise ConfigError(validation_message(exc, type(self).__name__, self._unknown_field)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, what: str = "config") -> Self:
+        """Read and validate a YAML file holding this config's fields (``what`` names it in errors)."""
+        import yaml
+
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"{what} {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e}); fix the file's syntax") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: the config must be a mapping of fields, got {type(data).__name__}")
+        return cls(**data)

@@ -24,7 +24,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ConfigDict, Field, field_validator
 
 from budgetlm.budget import Budget
@@ -72,16 +71,8 @@ class CascadeConfig(Config):
 
     @classmethod
     def load(cls, path: str | Path) -> CascadeConfig:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"cascade config {str(p)!r} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e}); fix the file's syntax") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: the config must be a mapping of fields, got {type(data).__name__}")
-        return cls(**data)
+        """Read and validate a YAML config file."""
+        return cls.from_yaml(path, "cascade config")
 
 
 def calibrate_config(cfg: CascadeConfig, epsilon: float, out: str | Path) -> dict[str, Any]:

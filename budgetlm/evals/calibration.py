@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -34,33 +34,27 @@ from budgetlm.strategies.cascade import Cascade, Stage, calibrate
 from budgetlm.versions import library_versions
 
 
-class CascadeConfig(Config):
-    """What ``budgetlm cascade calibrate`` reads."""
+class SplitConfig(Config):
+    """Fields shared by the calibration configs: the split, the model, the budget and the seed."""
 
     model_config = ConfigDict(extra="forbid")
+    min_items: ClassVar[int] = 1
+    """The smallest calibration split a subclass accepts."""
+    what: ClassVar[str] = "calibration config"
+    """How errors name the file."""
 
-    stages: list[dict[str, Any]] = Field(description="Cascade stages, cheapest first (see `budgetlm.strategies.Stage`).")
     suite: str | dict[str, Any] = Field(description="Suite spec whose first items form the calibration split.")
     calibration_items: int = Field(default=100, description="Items of the calibration split (the first N).")
-    model: str = Field(default="default", description="Backend spec of stages without their own backend.")
+    model: str = Field(default="default", description="Backend spec of parts without their own backend.")
     budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 1024},
                                      description="Per-problem budget while calibrating.")
-    seed: int = Field(default=0, description="Seed for the engine and sampling stages.")
-
-    @field_validator("stages")
-    @classmethod
-    def _stages(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if len(v) < 2:
-            raise ValueError(f"`stages` must list at least two stages to calibrate, got {len(v)}")
-        for s in v:
-            Stage.parse(s)
-        return v
+    seed: int = Field(default=0, description="Seed for the engine and sampling parts.")
 
     @field_validator("calibration_items")
     @classmethod
     def _n(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"`calibration_items` must be >= 1, got {v}")
+        if v < cls.min_items:
+            raise ValueError(f"`calibration_items` must be >= {cls.min_items}, got {v}")
         return v
 
     @field_validator("budget")
@@ -70,9 +64,26 @@ class CascadeConfig(Config):
         return v
 
     @classmethod
-    def load(cls, path: str | Path) -> CascadeConfig:
+    def load(cls, path: str | Path) -> Self:
         """Read and validate a YAML config file."""
-        return cls.from_yaml(path, "cascade config")
+        return cls.from_yaml(path, cls.what)
+
+
+class CascadeConfig(SplitConfig):
+    """What ``budgetlm cascade calibrate`` reads."""
+
+    what: ClassVar[str] = "cascade config"
+
+    stages: list[dict[str, Any]] = Field(description="Cascade stages, cheapest first (see `budgetlm.strategies.Stage`).")
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if len(v) < 2:
+            raise ValueError(f"`stages` must list at least two stages to calibrate, got {len(v)}")
+        for s in v:
+            Stage.parse(s)
+        return v
 
 
 def calibrate_config(cfg: CascadeConfig, epsilon: float, out: str | Path) -> dict[str, Any]:

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import Field
 
-from budgetlm.budget import Budget
-from budgetlm.config import Config
 from budgetlm.errors import ConfigError, invalid
+from budgetlm.evals.calibration import SplitConfig
 from budgetlm.meter import Meter
 from budgetlm.routing import RouteQuery, calibrate_threshold, decide, strong_needed_labels, strong_share
 from budgetlm.routing import get as get_router
@@ -39,37 +38,16 @@ from budgetlm.strategies.route import DEFAULT_ARMS, Arm
 from budgetlm.versions import library_versions
 
 
-class RouteConfig(Config):
+class RouteConfig(SplitConfig):
     """What ``budgetlm route calibrate`` reads."""
 
-    model_config = ConfigDict(extra="forbid")
+    min_items: ClassVar[int] = 2  # a quantile needs several scores
+    what: ClassVar[str] = "route config"
 
     router: str | dict[str, Any] = Field(default="logprob", description="Router name or {name, params} block.")
     arms: list[dict[str, Any]] | None = Field(default=None, description="Arms, cheapest first (default: sample → majority@8).")
-    suite: str | dict[str, Any] = Field(description="Suite spec whose first items form the calibration split.")
-    calibration_items: int = Field(default=100, description="Items of the calibration split (the first N).")
-    model: str = Field(default="default", description="Backend spec of arms without their own model.")
     budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 2048},
-                                     description="Per-problem budget while calibrating.")
-    seed: int = Field(default=0, description="Seed for the engine and sampling arms.")
-
-    @field_validator("calibration_items")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError(f"`calibration_items` must be >= 2 (a quantile needs several scores), got {v}")
-        return v
-
-    @field_validator("budget")
-    @classmethod
-    def _budget(cls, v: dict[str, float]) -> dict[str, float]:
-        Budget(**v)
-        return v
-
-    @classmethod
-    def load(cls, path: str | Path) -> RouteConfig:
-        """Read and validate a YAML config file."""
-        return cls.from_yaml(path, "route config")
+                                     description="Per-problem budget while calibrating (majority@8 needs room).")
 
 
 def _shares(share: float | list[float], n_arms: int) -> list[float]:

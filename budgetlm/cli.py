@@ -4,6 +4,7 @@
   budget and print the answer and the spend (``--json`` for machine output).
 * ``budgetlm demo`` — the README's main job: easy reasoning-gym arithmetic on the default model,
   printing answers, accuracy and spend.
+* ``budgetlm train CONFIG.yaml --out DIR`` — GRPO training with a recipe, then trained-vs-base evaluation.
 * ``budgetlm model`` — prepare the embedded default model and print its path.
 """
 
@@ -195,6 +196,44 @@ def eval_cmd(
     if res.report is not None:
         _print_summary(res.report)
         out_console_path(res.report)
+
+
+@app.command("train")
+def train_cmd(
+    config: Annotated[str, typer.Argument(help="YAML training config (recipe, recipe_params, model, suite, steps, eval).")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="Run folder; re-run the same command to resume from the last checkpoint.")],
+    max_steps: Annotated[int | None, typer.Option(help="Override the config's max_steps (continue a finished run for more steps).")] = None,
+    resume: Annotated[bool, typer.Option(help="Resume from the newest checkpoint in OUT (--no-resume starts over).")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train a GRPO recipe into OUT, then evaluate it against the base model and write the training report."""
+    from budgetlm.training import TrainConfig
+    from budgetlm.training import run as run_training
+
+    try:
+        cfg = TrainConfig.from_yaml(config, what="training config")
+        if max_steps is not None:
+            cfg = TrainConfig(**{**cfg.model_dump(), "max_steps": max_steps})
+        res = run_training(cfg, out_dir, resume=resume, progress=progress)
+    except BudgetLMError as exc:
+        _fail(exc)
+        return
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: checkpoints are kept in {out_dir}/checkpoints; re-run the same command "
+                      "to resume")
+        raise typer.Exit(code=130) from None
+    t = res.train
+    console.print(f"{'already trained' if t.skipped else 'trained'}: {t.steps} steps"
+                  f"{f' (resumed from {t.resumed_from})' if t.resumed_from else ''}; model in {t.model_dir}")
+    if res.comparison:
+        table = Table(title="trained vs base")
+        cols = ["model", "strategy", "n", "accuracy", "mean_output_tokens", "length_error"]
+        for c in cols:
+            table.add_column(c)
+        for r in res.comparison["rows"]:
+            table.add_row(*[f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
+        out.print(table)
+    out.print(f"report: {res.report}")
 
 
 cascade_app = typer.Typer(no_args_is_help=True, help="Confidence cascades: calibrate thresholds from a tolerance.")

@@ -50,6 +50,7 @@ BATCH: dict[str, Any] = {
     "effort": [1.0, 1.0, 0.5, 0.5], "success": [True, False, 1, 0], "cost": [1.0, 2.0, 3.0, 1.0],
     "cost_small": [1.0, 1.0, 1.0, 1.0], "cost_large": [5.0, 5.0, 5.0, 5.0], "steps": [2, 3, 4, 5],
     "tokens": [100, 100, 100, 100],
+    "success_small": [True, False, 1, 0], "success_large": [True, True, 0, 1],
 }
 
 
@@ -258,7 +259,7 @@ def test_think_format_when_template_opens_thinking() -> None:
 
 
 def test_registry_names_and_get() -> None:
-    assert names() == sorted(REWARDS) and "lcpo_exact" in names() and len(names()) == 13
+    assert names() == sorted(REWARDS) and "lcpo_exact" in names() and len(names()) == 14
     assert isinstance(get("lcpo_max", delta=0.3), LCPOMax)
     assert get({"name": "think_prune", "params": {"limit": 5}}).limit == 5
     r = KimiLength()

@@ -20,6 +20,9 @@ from budgetlm.rewards import BoundaryRoutingReward, DualEfficiency, boundary_cla
     (False, 1.0, 1.0, 5.0, 0.0),  # failure: 0 however cheap
     (True, 3.0, 2.0, 2.0, 1.0),  # C_large = C_small: the cost term is 1
     (False, 3.0, 2.0, 2.0, 0.0),  # ... but failure is still 0
+    (True, 5.0, 10.0, 5.0, 1.0),  # always-large was the cheaper boundary: matching it earns full reward
+    (True, 10.0, 10.0, 5.0, 0.0),  # ... and matching the dearer always-small earns 0
+    (True, 7.0, 10.0, 5.0, 0.6),  # in between, measured from the cheaper boundary
 ])
 def test_boundary_routing(success: bool, cost: float, small: float, large: float, expected: float) -> None:
     r = BoundaryRoutingReward()

@@ -12,7 +12,7 @@ returning one float per completion, named (``__name__``) for TRL's logs::
 Registered names (:data:`REWARDS`): ``correctness``, ``think_format`` (:mod:`.correctness`);
 ``lcpo_exact``, ``lcpo_max``, ``kimi_length``, ``dapo_overlong``, ``think_prune``,
 ``cosine_length`` (:mod:`.length`); ``effort`` (:mod:`.effort`); ``lcr1_length``,
-``lcr1_compress`` (:mod:`.compress`); ``boundary_routing``, ``dual_efficiency`` (:mod:`.routing`).
+``lcr1_compress`` (:mod:`.compress`); ``boundary_routing``, ``dual_efficiency``, ``route_choice`` (:mod:`.routing`).
 Group-wise rewards (Kimi, e1, LC-R1) need a ``prompt_id`` column.
 """
 
@@ -29,19 +29,19 @@ from budgetlm.rewards.compress import LCR1Compress, LCR1Length, answer_end
 from budgetlm.rewards.correctness import GRADER_NAMES, Correctness, GradedReward, ThinkFormat
 from budgetlm.rewards.effort import EffortReward
 from budgetlm.rewards.length import CosineLength, DAPOOverlong, KimiLength, LCPOExact, LCPOMax, ThinkPrune
-from budgetlm.rewards.routing import BoundaryRoutingReward, DualEfficiency, boundary_class
+from budgetlm.rewards.routing import BoundaryRoutingReward, DualEfficiency, RouteChoiceReward, boundary_class
 
 __all__ = [
     "GRADER_NAMES", "REWARDS", "BoundaryRoutingReward", "CosineLength", "Correctness", "DAPOOverlong",
     "DualEfficiency", "EffortReward", "GradedReward", "KimiLength", "LCPOExact", "LCPOMax", "LCR1Compress",
-    "LCR1Length", "RewardBatch", "RewardFunction", "ThinkFormat", "ThinkPrune", "answer_end", "boundary_class",
-    "completion_text", "count_tokens", "get", "group_indices", "names",
+    "LCR1Length", "RewardBatch", "RewardFunction", "RouteChoiceReward", "ThinkFormat", "ThinkPrune", "answer_end",
+    "boundary_class", "completion_text", "count_tokens", "get", "group_indices", "names",
 ]
 
 REWARDS: Registry[type[RewardFunction]] = Registry("reward")
 """Reward name → class."""
 for _cls in (Correctness, ThinkFormat, LCPOExact, LCPOMax, KimiLength, DAPOOverlong, ThinkPrune, CosineLength,
-             EffortReward, LCR1Length, LCR1Compress, BoundaryRoutingReward, DualEfficiency):
+             EffortReward, LCR1Length, LCR1Compress, BoundaryRoutingReward, DualEfficiency, RouteChoiceReward):
     REWARDS.register(_cls.default_name, _cls)
 
 

@@ -10,6 +10,9 @@ thinking length for the prompt:
   prompt seen for the first time starts at its group mean; afterwards
   ``T ← decay·T + (1 − decay)·group_mean`` before the reward is computed, so the current rollouts
   count.  The state pickles with the instance; each training process keeps its own copy.
+
+With ``length="completion"`` ``ℓ`` counts every generated token instead (for models that write no
+thinking tags, such as the embedded default model).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ __all__ = ["EffortReward"]
 
 MODES = ("group", "ema")
 """How ``T_avg`` is estimated."""
+LENGTHS = ("thinking", "completion")
+"""What ``ℓ`` counts."""
 
 
 @dataclass(eq=False)
@@ -42,6 +47,8 @@ class EffortReward(GradedReward):
     """Weight of the old average in ``ema`` mode, in [0, 1)."""
     prompt_id_column: str = "prompt_id"
     """Column whose value groups a prompt's completions (and keys the EMA)."""
+    length: str = "thinking"
+    """What ``ℓ`` counts: ``thinking`` tokens, or all ``completion`` tokens (models without thinking tags)."""
     ema: dict[Hashable, float] = field(default_factory=dict, init=False, repr=False)
     """``T_avg`` per prompt id in ``ema`` mode (state, updated by each call)."""
 
@@ -52,6 +59,9 @@ class EffortReward(GradedReward):
         d = self.ema_decay
         if isinstance(d, bool) or not isinstance(d, int | float) or not 0.0 <= d < 1.0:
             raise invalid("ema_decay", "a number in [0, 1) (weight of the previous average)", d)
+        if self.length not in LENGTHS:
+            raise invalid("length", f"one of {', '.join(LENGTHS)}", self.length,
+                          "use 'completion' for models that do not write thinking tags")
 
     def efforts(self, batch: RewardBatch) -> list[float]:
         """The effort column, checked to lie in (0, 1]."""
@@ -78,7 +88,7 @@ class EffortReward(GradedReward):
 
     def score(self, batch: RewardBatch) -> list[float | None]:
         efforts = self.efforts(batch)
-        thinking = self.thinking_lengths(batch)
+        thinking = self.thinking_lengths(batch) if self.length == "thinking" else self.lengths(batch)
         correct = self.correct(batch)
         t_avg = self.averages(batch, thinking)
         # a relative 1e-9 slack keeps ℓ = e·T_avg inside despite float rounding (0.29·100 < 29)

@@ -1,28 +1,45 @@
-"""Rewards for routing and agent trajectories: boundary-relative cost and DEPO-style dual efficiency.
+"""Rewards for routing and agent trajectories: boundary-relative cost, DEPO-style dual efficiency, route choices.
 
-Both read per-trajectory columns (success, costs, steps, tokens), for example the extra fields a
-TRL ``rollout_func`` returns, and ignore the completion text.
+The first two read per-trajectory columns (success, costs, steps, tokens), for example the extra
+fields a TRL ``rollout_func`` returns, and ignore the completion text; :class:`RouteChoiceReward`
+reads the arm the completion names and the boundary policies' outcomes from columns.
 
 - :class:`BoundaryRoutingReward` (ALGORITHMS.md §8, **our choice** until BoPO's exact form, arXiv
   2602.21227, is known): ``r = 1[success]·clip(1 − (C − C_small)/(C_large − C_small), 0, 1)`` and 0 on
   failure, where ``C_small``/``C_large`` are what the always-small/always-large boundary policies
-  spent on the task; when ``C_large = C_small`` the cost term is 1.  :func:`boundary_class` names a
+  spent on the task; when ``C_large = C_small`` the cost term is 1.  When the large policy happens to
+  be the cheaper one on a task (it may finish in fewer steps), the two boundaries swap: the cost is
+  placed between ``min`` and ``max`` of them, so a cheaper trajectory never earns less.
+  :func:`boundary_class` names a
   task's class from those policies' successes (easy, hard, intractable).
 - :class:`DualEfficiency` (**DEPO-style, our choice**: DEPO, arXiv 2511.15392, adds an efficiency
   bonus for fewer steps and fewer tokens per step to desirable samples of a KTO objective; this form
   is ours): ``bonus = w_s·(1 − steps/max_steps) + w_t·(1 − tokens_per_step/max_step_tokens)``
   clipped to [0, 1], paid only on success (0 on failure).
+- :class:`RouteChoiceReward` (**a one-step, bandit approximation of BoPO, our choice**): the policy's
+  completion names the arm of one agent step (the first whole word ``small`` or ``large``), and the
+  choice is credited with the outcome of the boundary policy that always takes that arm on the task:
+  ``r = BoundaryRoutingReward.value(success_arm, C_arm, C_small, C_large)``, lifted to
+  ``floor + (1 − floor)·r`` on success when ``success_floor > 0``.  BoPO rolls out whole mixed
+  trajectories; crediting one step with a pure boundary trajectory ignores what the other steps
+  would choose.  With ``success_floor = 0`` (the plain boundary reward) ``large`` earns 0 whenever
+  ``C_large ≠ C_small``, as much as a failure, so on hard tasks both arms earn 0 and only easy tasks
+  carry signal (toward ``small``); a positive floor pays a successful ``large`` on a hard task.  An
+  unparseable completion earns ``invalid_reward``.  The completion is parsed with
+  :func:`budgetlm.routing.lm_policy.parse_choice`, the parser the ``lm_policy`` router uses.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from budgetlm.errors import ConfigError, invalid
 from budgetlm.rewards.base import RewardBatch, RewardFunction, flag, number_column, positive
+from budgetlm.routing.lm_policy import parse_choice
 
-__all__ = ["BoundaryRoutingReward", "DualEfficiency", "boundary_class"]
+__all__ = ["BoundaryRoutingReward", "DualEfficiency", "RouteChoiceReward", "boundary_class"]
 
 BoundaryClass = Literal["easy", "hard", "intractable"]
 
@@ -55,9 +72,10 @@ class BoundaryRoutingReward(RewardFunction):
         """The reward of one trajectory."""
         if not success:
             return 0.0
-        if cost_large == cost_small:
+        lo, hi = min(cost_small, cost_large), max(cost_small, cost_large)
+        if hi == lo:
             return 1.0
-        return min(max(1.0 - (cost - cost_small) / (cost_large - cost_small), 0.0), 1.0)
+        return min(max(1.0 - (cost - lo) / (hi - lo), 0.0), 1.0)
 
     def score(self, batch: RewardBatch) -> list[float | None]:
         ok = [flag(self.success_column, v, i) for i, v in enumerate(batch.column(self.success_column))]
@@ -140,3 +158,59 @@ class DualEfficiency(RewardFunction):
         ok = [flag(self.success_column, v, i) for i, v in enumerate(batch.column(self.success_column))]
         steps, rates = self._steps_and_rates(batch)
         return [self.value(*row) for row in zip(ok, steps, rates)]
+
+
+@dataclass(eq=False)
+class RouteChoiceReward(RewardFunction):
+    """The boundary-relative reward of the arm the completion names (one-step BoPO approximation, our choice).
+
+    ``small`` → ``value(success_small, C_small, C_small, C_large)``; ``large`` →
+    ``value(success_large, C_large, C_small, C_large)`` (see :meth:`BoundaryRoutingReward.value`),
+    each lifted to ``success_floor + (1 − success_floor)·value`` on success; no ``small``/``large``
+    word → :attr:`invalid_reward`.
+    """
+
+    default_name: ClassVar[str] = "route_choice"
+
+    invalid_reward: float = 0.0
+    """Reward of a completion that names neither ``small`` nor ``large``."""
+    success_floor: float = 0.0
+    """Least reward of a successful choice, in [0, 1] (0: the plain boundary-relative reward)."""
+    small_success_column: str = "success_small"
+    """Column with whether the always-small policy solved the task (bool or 0/1)."""
+    large_success_column: str = "success_large"
+    """Column with whether the always-large policy solved the task (bool or 0/1)."""
+    small_cost_column: str = "cost_small"
+    """Column with what the always-small policy spent on the task (any unit, the same for both)."""
+    large_cost_column: str = "cost_large"
+    """Column with what the always-large policy spent on the task."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        v = self.invalid_reward
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise invalid("invalid_reward", "a finite number (the reward of an unparseable choice)", v)
+        self.invalid_reward = float(v)
+        f = self.success_floor
+        if isinstance(f, bool) or not isinstance(f, int | float) or not 0 <= f <= 1:
+            raise invalid("success_floor", "a number in [0, 1] (0: the plain boundary-relative reward)", f)
+        self.success_floor = float(f)
+
+    def value(self, arm: str | None, success_small: bool, success_large: bool, cost_small: float,
+              cost_large: float) -> float:
+        """The reward of choosing ``arm`` (``small``, ``large`` or None for unparseable) on one task."""
+        if arm is None:
+            return self.invalid_reward
+        ok, cost = (success_small, cost_small) if arm == "small" else (success_large, cost_large)
+        if not ok:
+            return 0.0
+        return self.success_floor + (1.0 - self.success_floor) * BoundaryRoutingReward.value(
+            ok, cost, cost_small, cost_large)
+
+    def score(self, batch: RewardBatch) -> list[float | None]:
+        texts = batch.require_texts()
+        ok_s = [flag(self.small_success_column, v, i) for i, v in enumerate(batch.column(self.small_success_column))]
+        ok_l = [flag(self.large_success_column, v, i) for i, v in enumerate(batch.column(self.large_success_column))]
+        cs = number_column(batch, self.small_cost_column)
+        cl = number_column(batch, self.large_cost_column)
+        return [self.value(parse_choice(t), *row) for t, *row in zip(texts, ok_s, ok_l, cs, cl)]

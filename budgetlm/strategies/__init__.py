@@ -20,6 +20,8 @@ charge every call to per-problem :class:`~budgetlm.meter.Meter` s (see
   (:mod:`budgetlm.strategies.cascade`);
 * ``route`` — per-query routing between cheap and expensive arms by a router's score
   (:mod:`budgetlm.strategies.route`, routers in :mod:`budgetlm.routing`);
+* ``controlled`` — one sample with a token target or effort fraction written into the prompt, as
+  the ``effort`` training recipe trains it (:mod:`budgetlm.strategies.controlled`);
 * ``agent`` — a tool-using agent loop under a :class:`~budgetlm.agents.BudgetController`, routing
   each step (:mod:`budgetlm.strategies.agent`).
 """
@@ -30,6 +32,7 @@ from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy, get
 from budgetlm.strategies.bavt import BAVT
 from budgetlm.strategies.beam import BeamSearch
 from budgetlm.strategies.cascade import Cascade, Stage
+from budgetlm.strategies.controlled import Controlled
 from budgetlm.strategies.cot import BudgetForcing
 from budgetlm.strategies.pdr import ParallelDistillRefine, SequentialRefinement
 from budgetlm.strategies.rebase import Rebase
@@ -45,6 +48,7 @@ __all__ = [
     "Agent",
     "BeamSearch",
     "Cascade",
+    "Controlled",
     "BestOfN",
     "BudgetForcing",
     "Majority",

@@ -79,10 +79,13 @@ class Agent(Strategy):
         return arms
 
     def close(self) -> None:
-        """Close the backends this strategy loaded itself (arms with their own ``model``)."""
+        """Close the backends this strategy loaded itself (arms with their own ``model``, a model-backed router)."""
         for b in self._backends.values():
             b.close()
         self._backends.clear()
+        close = getattr(self._router, "close", None)  # routers that load a model (lm_policy) release it
+        if callable(close):
+            close()
 
     def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
         arms = self._arms(backend)

@@ -1,0 +1,366 @@
+"""Run a recipe on TRL's ``GRPOTrainer``: data, rewards, ``GRPOConfig``, checkpoints and resume.
+
+:func:`train` does, in ``OUT``:
+
+1. builds the recipe's rows from the suite (``OUT/dataset.jsonl``, the exact training data);
+2. builds a :class:`trl.GRPOConfig` from the :class:`~budgetlm.training.config.TrainConfig`
+   (CPU: ``use_cpu``, fp32, transformers generation; GPU: vLLM generation in colocate or server
+   mode and fp16, ALGORITHMS.md §9) and runs :class:`trl.GRPOTrainer` with the recipe's rewards,
+   checkpointing to ``OUT/checkpoints`` every ``save_steps``;
+3. resumes from the newest checkpoint when ``OUT`` already holds one of the same config (a run of a
+   different config is refused, so checkpoints are never mixed), and skips training that already
+   finished (``max_steps`` reached, or stopped by the same ``max_minutes``: raise either to go on);
+4. saves the trained model (LoRA adapters merged) with its tokenizer to ``OUT/model`` and every
+   logged metric to ``OUT/train_log.jsonl``; ``OUT/train.json`` records the config, the recipe,
+   the GRPOConfig, library versions and seeds.
+
+**fp16 rollouts.**  TRL's colocated vLLM engine takes its dtype from the checkpoint's config, so
+for ``fp16`` with ``vllm_mode: colocate`` the trainer reads the model through ``OUT/fp16_model``, a
+directory of links to the checkpoint whose config says float16, while the trainer itself loads fp32
+master weights (AMP fp16).  In server mode start the server with ``trl vllm-serve --dtype float16``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from budgetlm.errors import ConfigError, MissingDependency
+from budgetlm.evals import suites as suite_registry
+from budgetlm.models import resolve_model_path
+from budgetlm.training.base import RECIPES, Recipe, RecipeContext
+from budgetlm.training.config import TrainConfig
+from budgetlm.versions import library_versions
+
+__all__ = ["TrainOutcome", "build_dataset", "build_grpo_config", "model_path", "resolve_device", "train"]
+
+
+@dataclass
+class TrainOutcome:
+    """What :func:`train` produced."""
+
+    output_dir: Path
+    """The run directory."""
+    model_dir: Path
+    """The trained model (full weights and tokenizer)."""
+    steps: int
+    """Optimizer steps done in total (over resumes)."""
+    resumed_from: str | None
+    """The checkpoint training resumed from, if any."""
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    """Every metric TRL logged (step, reward, completion length, loss, ...)."""
+    skipped: bool = False
+    """Training had already finished in ``output_dir``; nothing was trained."""
+    stopped_by_time: bool = False
+    """Training stopped at ``max_minutes`` before ``max_steps`` (re-run to continue)."""
+
+
+def model_path(spec: str) -> Path:
+    """The checkpoint directory of a model spec: ``default``, a path, ``hf:PATH`` or ``vllm:PATH``."""
+    for prefix in ("hf:", "vllm:"):
+        if spec.startswith(prefix):
+            spec = spec[len(prefix):]
+    return resolve_model_path(spec)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def _vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def resolve_device(cfg: TrainConfig) -> dict[str, Any]:
+    """``{"device", "use_vllm", "fp16"}`` after applying the ``auto``/None defaults; errors for impossible mixes."""
+    gpu = cfg.device == "gpu" or (cfg.device == "auto" and _cuda())
+    if cfg.device == "gpu" and not _cuda():
+        raise ConfigError("`device` must be 'cpu' or 'auto' on a machine without CUDA, got 'gpu'; "
+                          "set device: cpu (fp32, transformers generation)")
+    use_vllm = cfg.use_vllm if cfg.use_vllm is not None else (gpu and _vllm_installed())
+    fp16 = cfg.fp16 if cfg.fp16 is not None else gpu
+    if not gpu and use_vllm:
+        raise ConfigError("`use_vllm` must be false on the CPU, got true: TRL's vLLM generation needs CUDA; "
+                          "leave it null (transformers generation on CPU)")
+    if not gpu and fp16:
+        raise ConfigError("`fp16` must be false on the CPU, got true: train in fp32 there (ALGORITHMS.md §9)")
+    return {"device": "gpu" if gpu else "cpu", "use_vllm": bool(use_vllm), "fp16": bool(fp16)}
+
+
+def _grpo_fields() -> dict[str, Any]:
+    import dataclasses
+
+    try:
+        from trl import GRPOConfig
+    except ImportError as exc:
+        raise MissingDependency("trl", "GRPO training", extra="train") from exc
+    return {f.name: f for f in dataclasses.fields(GRPOConfig)}
+
+
+def build_grpo_config(cfg: TrainConfig, recipe: Recipe, checkpoints: Path, device: dict[str, Any]) -> Any:
+    """The :class:`trl.GRPOConfig` for ``cfg`` (``cfg.grpo`` entries override the derived values)."""
+    from trl import GRPOConfig
+
+    fields = _grpo_fields()
+    unknown = [k for k in cfg.grpo if k not in fields]
+    if unknown:
+        hints = [f"{k!r} (did you mean {', '.join(difflib.get_close_matches(k, list(fields), 3)) or 'nothing close'}?)"
+                 for k in unknown]
+        raise ConfigError(f"`grpo` must hold trl.GRPOConfig fields, got unknown {'; '.join(hints)}")
+    kw: dict[str, Any] = {
+        "output_dir": str(checkpoints),
+        "max_steps": cfg.max_steps,
+        "num_generations": cfg.num_generations,
+        "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "max_completion_length": cfg.max_completion_length,
+        "learning_rate": cfg.learning_rate,
+        "temperature": cfg.temperature,
+        "beta": cfg.beta,
+        "logging_steps": cfg.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "report_to": "none",
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "use_cpu": device["device"] == "cpu",
+        "bf16": False,
+        "fp16": device["fp16"],
+        "use_vllm": device["use_vllm"],
+        "reward_weights": recipe.reward_weights(),
+        "model_init_kwargs": {"dtype": "float32"},
+    }
+    if device["use_vllm"]:
+        kw["vllm_mode"] = cfg.vllm_mode
+        if cfg.vllm_mode == "colocate":
+            kw["vllm_gpu_memory_utilization"] = cfg.vllm_gpu_memory_utilization
+        elif cfg.vllm_server_base_url:
+            kw["vllm_server_base_url"] = cfg.vllm_server_base_url
+    kw.update(cfg.grpo)
+    try:
+        return GRPOConfig(**kw)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"trl.GRPOConfig rejected the training settings: {exc}; fix the matching field "
+                          f"of the training config (or its `grpo:` block)") from None
+
+
+def build_dataset(cfg: TrainConfig, recipe: Recipe, ctx: RecipeContext) -> list[dict[str, Any]]:
+    """The recipe's rows for the config's suite (seeded, so a resumed run trains on the same data)."""
+    suite = suite_registry.get(cfg.suite)
+    items = suite.items()
+    if not items:
+        raise ConfigError(f"`suite` {cfg.suite!r} has no items; pick a suite with at least one problem")
+    rows = recipe.build_rows(items, random.Random(cfg.seed), ctx)
+    need = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+    if len(rows) < need:
+        raise ConfigError(
+            f"`suite` must give at least {need} training prompts (per_device_train_batch_size × "
+            f"gradient_accumulation_steps / num_generations), got {len(rows)} from {cfg.suite!r}; raise the suite's "
+            f"size (a reasoning_gym calibration split drops problems shared with its test split: lower test_size "
+            f"or widen the difficulty) or lower per_device_train_batch_size")
+    return rows
+
+
+def _fp16_view(src: Path, dst: Path) -> Path:
+    """``dst``: links to ``src``'s files with a config that says float16 (what colocated vLLM loads)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        target = dst / f.name
+        if f.name == "config.json" or target.exists():
+            continue
+        target.symlink_to(f.resolve())
+    conf = json.loads((src / "config.json").read_text())
+    conf["dtype"] = conf["torch_dtype"] = "float16"
+    (dst / "config.json").write_text(json.dumps(conf, indent=2))
+    return dst
+
+
+def _last_checkpoint(path: Path) -> str | None:
+    if not path.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(path))
+
+
+class _State:
+    """``train.json``: the run's identity and status."""
+
+    def __init__(self, out: Path, cfg: TrainConfig) -> None:
+        self.path = out / "train.json"
+        self.cfg = cfg
+        self.data: dict[str, Any] = {}
+        if self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except ValueError:
+                self.data = {}
+            old = self.data.get("digest")
+            if old and old != cfg.digest():
+                raise ConfigError(
+                    f"{out} holds a training run of a different config (digest {old}, this config "
+                    f"{cfg.digest()}); resuming would mix checkpoints. Use a new output directory or delete {out}")
+
+    def write(self, **kw: Any) -> None:
+        self.data.update(kw)
+        self.data["digest"] = self.cfg.digest()
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        tmp.replace(self.path)
+
+
+def _callback(log_path: Path) -> Any:
+    from transformers import TrainerCallback
+
+    if log_path.exists() and log_path.stat().st_size:
+        with log_path.open("rb+") as fh:  # a crash may have torn the last line: end it, so new entries parse
+            fh.seek(-1, 2)
+            if fh.read(1) != b"\n":
+                fh.seek(0, 2)
+                fh.write(b"\n")
+
+    class MetricsLog(TrainerCallback):
+        """Appends every log entry (with its step) to ``train_log.jsonl`` as training goes."""
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            if logs and state.is_world_process_zero:
+                entry = {"step": state.global_step, "epoch": state.epoch, **logs}
+                with log_path.open("a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(entry, default=float) + "\n")
+
+    return MetricsLog()
+
+
+def _time_limit(minutes: float) -> Any:
+    from transformers import TrainerCallback
+
+    class TimeLimit(TrainerCallback):
+        """Checkpoints and stops once ``minutes`` of training have passed in this session."""
+
+        def __init__(self) -> None:
+            self.start = time.monotonic()
+            self.hit = False
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if time.monotonic() - self.start >= 60 * minutes:
+                self.hit = True
+                control.should_save = True
+                control.should_training_stop = True
+
+    return TimeLimit()
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The entries of ``train_log.jsonl``, the newest entry per (step, kind) kept after resumes."""
+    if not path.exists():
+        return []
+    seen: dict[tuple[int, bool], dict[str, Any]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue  # a torn last line after a crash
+        seen[(int(e.get("step", 0)), "train_runtime" in e)] = e
+    return [seen[k] for k in sorted(seen)]
+
+
+def _save_final(trainer: Any, cfg: TrainConfig, out: Path) -> Path:
+    final = out / "model"
+    tmp = out / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = trainer.model
+    if cfg.lora is not None:
+        model = model.merge_and_unload()
+    model.save_pretrained(tmp, safe_serialization=True)
+    trainer.processing_class.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.replace(final)
+    return final
+
+
+def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool = True,
+          progress: bool = True) -> TrainOutcome:
+    """Train ``cfg``'s recipe into ``output_dir`` (resuming when it holds a checkpoint of the same config)."""
+    if not isinstance(cfg, TrainConfig):
+        cfg = TrainConfig.from_yaml(cfg, what="training config")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = RECIPES.get(cfg.recipe)(cfg.recipe_params)
+    device = resolve_device(cfg)
+    state = _State(out, cfg)
+    src = model_path(cfg.model)
+    if (not resume) and (out / "checkpoints").exists():
+        shutil.rmtree(out / "checkpoints")
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+        state.data.pop("status", None)
+    if resume and state.data.get("status") == "done" and (out / "model" / "config.json").exists() and (
+            state.data.get("steps", 0) >= cfg.max_steps
+            or (state.data.get("stop_reason", "").startswith("time") and state.data.get("max_minutes") == cfg.max_minutes)):
+        return TrainOutcome(out, out / "model", int(state.data["steps"]), None, read_log(out / "train_log.jsonl"),
+                            skipped=True)
+
+    ctx = RecipeContext(model=cfg.model, output_dir=out, seed=cfg.seed, max_completion_length=cfg.max_completion_length,
+                        extra={"suite": cfg.suite})
+    rows = build_dataset(cfg, recipe, ctx)
+    with (out / "dataset.jsonl").open("w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, default=str) + "\n")
+    rewards = recipe.rewards(rows, ctx)
+    for r in rewards:
+        r.tokenizer = None  # lengths come from TRL's completion_ids
+    checkpoints = out / "checkpoints"
+    args = build_grpo_config(cfg, recipe, checkpoints, device)
+    args.disable_tqdm = not progress
+
+    import datasets
+    from trl import GRPOTrainer
+
+    model_id = str(src)
+    if device["fp16"] and device["use_vllm"] and cfg.vllm_mode == "colocate":
+        model_id = str(_fp16_view(src, out / "fp16_model"))
+    peft_config = None
+    if cfg.lora is not None:
+        try:
+            from peft import LoraConfig
+        except ImportError as exc:
+            raise MissingDependency("peft", "LoRA training", extra="train") from exc
+        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    ds = datasets.Dataset.from_list(rows)
+    last = _last_checkpoint(checkpoints) if resume else None
+    state.write(name=cfg.name, status="running", config=cfg.model_dump(), recipe=recipe.describe(), device=device,
+                model_path=str(src), rows=len(rows), seed=cfg.seed, versions=library_versions(),
+                grpo_config=args.to_dict(), started=state.data.get("started", time.time()), resumed_from=last)
+    callbacks = [_callback(out / "train_log.jsonl")]
+    if cfg.max_minutes is not None:
+        callbacks.append(_time_limit(cfg.max_minutes))
+    trainer = GRPOTrainer(model=model_id, reward_funcs=rewards, args=args, train_dataset=ds, peft_config=peft_config,
+                          callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=last)
+    final = _save_final(trainer, cfg, out)
+    steps = int(trainer.state.global_step)
+    timed_out = cfg.max_minutes is not None and callbacks[-1].hit
+    state.write(status="done", steps=steps, finished=time.time(), max_minutes=cfg.max_minutes,
+                stop_reason=f"time limit ({cfg.max_minutes} min)" if timed_out else "max_steps")
+    return TrainOutcome(out, final, steps, last, read_log(out / "train_log.jsonl"), stopped_by_time=timed_out)
+
+
+def finite(x: Any) -> float | None:
+    """``x`` as a float when it is a finite number, else None (for curves)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None

@@ -8,7 +8,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PIP_EXTRA ?=
-EXTRAS ?= cpu,train,eval,dev
+EXTRAS ?= cpu,train,eval,server,dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.budgetlm-installed
 PYTEST_ARGS ?=

@@ -5,6 +5,7 @@
 * ``budgetlm demo`` — the README's main job: easy reasoning-gym arithmetic on the default model,
   printing answers, accuracy and spend.
 * ``budgetlm train CONFIG.yaml --out DIR`` — GRPO training with a recipe, then trained-vs-base evaluation.
+* ``budgetlm serve --backend SPEC`` — the OpenAI-compatible server (:mod:`budgetlm.server`).
 * ``budgetlm model`` — prepare the embedded default model and print its path.
 """
 
@@ -234,6 +235,41 @@ def train_cmd(
             table.add_row(*[f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
         out.print(table)
     out.print(f"report: {res.report}")
+
+
+@app.command("serve")
+def serve_cmd(
+    backend: Annotated[list[str] | None, typer.Option("--backend", "-b", help="Backend SPEC or NAME=SPEC (repeatable); the first serves budgetlm/<strategy>.")] = None,
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1: this machine only).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default 8000).")] = None,
+    config: Annotated[str | None, typer.Option("--config", "-c", help="YAML server config (flags override it).")] = None,
+    api_key: Annotated[list[str] | None, typer.Option("--api-key", help="Accepted API key (repeatable); none: no key needed.")] = None,
+    allowance: Annotated[str | None, typer.Option(help="Daily allowance per key, e.g. 'output_tokens=200000,usd=1'.")] = None,
+    db: Annotated[str | None, typer.Option(help="SQLite file of spend and request ledgers (default budgetlm_server.sqlite).")] = None,
+    max_budget: Annotated[str | None, typer.Option(help="Largest per-request budget, e.g. 'output_tokens=16384'.")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve budgetlm strategies behind an OpenAI-compatible API (/v1/chat/completions, /v1/models, /metrics)."""
+    from budgetlm.server import ServerConfig, parse_backend_args, serve
+
+    try:
+        data: dict[str, Any] = ServerConfig.from_yaml(config, what="server config").model_dump() if config else {}
+        if backend:
+            data["backends"] = parse_backend_args(backend)
+        for k, v in (("host", host), ("port", port), ("api_keys", api_key), ("db_path", db)):
+            if v:
+                data[k] = v
+        if allowance:
+            data["allowance"] = Budget.parse(allowance).limits()
+        if max_budget:
+            data["max_budget"] = Budget.parse(max_budget).limits()
+        cfg = ServerConfig(**data)
+        console.print(f"budgetlm serve: backends {cfg.backends} on http://{cfg.host}:{cfg.port}/v1 "
+                      f"(keys: {'required' if cfg.api_keys else 'none'}; allowance: {cfg.allowance or 'unlimited'}; "
+                      f"ledger: {cfg.db_path})")
+        serve(cfg, log_level=log_level)
+    except BudgetLMError as exc:
+        _fail(exc)
 
 
 cascade_app = typer.Typer(no_args_is_help=True, help="Confidence cascades: calibrate thresholds from a tolerance.")

@@ -22,15 +22,11 @@ from __future__ import annotations
 
 from budgetlm.training import compress as _compress  # noqa: F401  (registers the recipe)
 from budgetlm.training import effort as _effort  # noqa: F401
+from budgetlm.training import route as _route  # noqa: F401
 from budgetlm.training.base import RECIPES, Recipe, RecipeContext, RecipeParams
 from budgetlm.training.config import LoraSpec, TrainConfig, TrainEvalSpec
 from budgetlm.training.grpo import TrainOutcome, build_grpo_config, resolve_device, train
 from budgetlm.training.pipeline import RunResult, run
-
-try:  # the route recipe is written alongside; register it when present
-    from budgetlm.training import route as _route  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
 
 __all__ = [
     "RECIPES", "LoraSpec", "Recipe", "RecipeContext", "RecipeParams", "RunResult", "TrainConfig", "TrainEvalSpec", "TrainOutcome",

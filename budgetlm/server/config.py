@@ -1,0 +1,163 @@
+"""The server's settings, validated at construction (``budgetlm serve --config server.yaml`` or flags).
+
+A YAML with every section::
+
+    backends: {default: "vllm:default", small: "hf:default"}   # name -> backend spec
+    host: 127.0.0.1
+    port: 8000
+    api_keys: [sk-team-a, sk-team-b]        # omit: no key needed (all traffic is the "anonymous" key)
+    allowance: {output_tokens: 200000, usd: 1.0}           # per key and UTC day
+    key_allowances: {sk-team-b: {output_tokens: 50000}}    # per-key overrides
+    db_path: budgetlm_server.sqlite
+    default_budget: {output_tokens: 1024}
+    max_budget: {output_tokens: 16384}
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from budgetlm.budget import Budget
+from budgetlm.config import Config
+
+__all__ = ["EFFORT_BUDGETS", "ServerConfig", "parse_backend_args"]
+
+EFFORT_BUDGETS: dict[str, int] = {"minimal": 128, "low": 512, "medium": 2048, "high": 8192}
+"""Default output-token budgets of the standard ``reasoning_effort`` values."""
+
+_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def _check_budget(v: dict[str, float] | None, field: str) -> dict[str, float] | None:
+    if v is None:
+        return v
+    Budget(**v)  # unit names and types
+    for unit, lim in v.items():
+        if lim is None or lim <= 0:
+            raise ValueError(f"`{field}.{unit}` must be > 0, got {lim!r}; remove the unit or give a positive limit")
+    return v
+
+
+def parse_backend_args(values: list[str]) -> dict[str, str]:
+    """``--backend`` values (``SPEC`` or ``NAME=SPEC``) as name → spec; unnamed ones are ``default``,
+    ``b1``, ``b2``, ... in order."""
+    out: dict[str, str] = {}
+    for i, v in enumerate(values):
+        name, sep, spec = v.partition("=")
+        if not sep or ":" in name or "?" in name:  # a bare spec (specs contain ':' before any '=')
+            name, spec = ("default" if "default" not in out else f"b{i}"), v
+        if name in out:
+            from budgetlm.errors import ConfigError
+
+            raise ConfigError(f"`--backend` names must be unique, got {name!r} twice; write NAME=SPEC")
+        out[name] = spec
+    return out
+
+
+class ServerConfig(Config):
+    """What ``budgetlm serve`` runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backends: dict[str, str] = Field(default_factory=lambda: {"default": "default"}, description="Backend name → spec; the first is used by `budgetlm/<strategy>` model names.")
+    host: str = Field(default="127.0.0.1", description="Interface to bind (localhost by default; 0.0.0.0 exposes it).")
+    port: int = Field(default=8000, description="TCP port.")
+    api_keys: list[str] | None = Field(default=None, description="Accepted API keys (Authorization: Bearer KEY); None: no key needed.")
+    allowance: dict[str, float] | None = Field(default=None, description="Spend allowed per key and UTC day, in budget units; None: unlimited.")
+    key_allowances: dict[str, dict[str, float]] = Field(default_factory=dict, description="Per-key allowances replacing `allowance`.")
+    db_path: str = Field(default="budgetlm_server.sqlite", description="SQLite file holding spend per key and day and every request's ledger.")
+    default_budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 1024}, description="Per-request budget when the request sets none.")
+    max_budget: dict[str, float] | None = Field(default=None, description="Largest per-request budget accepted (400 above it); None: no cap.")
+    effort_budgets: dict[str, int] = Field(default_factory=lambda: dict(EFFORT_BUDGETS), description="Output tokens for each `reasoning_effort` value.")
+    strategies: list[str] | None = Field(default=None, description="Strategies clients may use; None: every registered one.")
+    max_request_bytes: int = Field(default=1_000_000, description="Largest request body accepted (413 above it).")
+    batch_window_ms: float = Field(default=5.0, description="How long a backend waits to batch concurrent requests.")
+    max_batch: int = Field(default=32, description="Most requests run in one strategy batch.")
+    seed: int = Field(default=0, description="Seed given to strategies that sample, unless the request sets `seed`.")
+
+    @field_validator("backends")
+    @classmethod
+    def _backends(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("`backends` must name at least one backend, got {}; e.g. {default: 'vllm:default'}")
+        for name in v:
+            if name == "budgetlm" or not _NAME.match(name):
+                raise ValueError(f"`backends` names must be letters, digits, '_', '.', '-' and not 'budgetlm', got {name!r}")
+        return v
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 0 <= v <= 65535:
+            raise ValueError(f"`port` must be in 0..65535, got {v}")
+        return v
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or any(not k or not k.strip() for k in v)):
+            raise ValueError(f"`api_keys` must list non-empty keys or be omitted, got {v!r}")
+        return v
+
+    @field_validator("allowance", "max_budget")
+    @classmethod
+    def _budget_fields(cls, v: dict[str, float] | None, info: Any) -> dict[str, float] | None:
+        return _check_budget(v, info.field_name)
+
+    @field_validator("default_budget")
+    @classmethod
+    def _default_budget(cls, v: dict[str, float]) -> dict[str, float]:
+        _check_budget(v, "default_budget")
+        return v
+
+    @field_validator("key_allowances")
+    @classmethod
+    def _key_allowances(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for key, allowance in v.items():
+            _check_budget(allowance, f"key_allowances.{key}")
+        return v
+
+    @field_validator("effort_budgets")
+    @classmethod
+    def _efforts(cls, v: dict[str, int]) -> dict[str, int]:
+        for k, n in v.items():
+            if n < 1:
+                raise ValueError(f"`effort_budgets.{k}` must be >= 1 token, got {n}")
+        return v
+
+    @field_validator("max_request_bytes", "max_batch")
+    @classmethod
+    def _pos(cls, v: int, info: Any) -> int:
+        if v < 1:
+            raise ValueError(f"`{info.field_name}` must be >= 1, got {v}")
+        return v
+
+    @field_validator("batch_window_ms")
+    @classmethod
+    def _window(cls, v: float) -> float:
+        if v < 0:
+            raise ValueError(f"`batch_window_ms` must be >= 0, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self) -> ServerConfig:
+        if self.api_keys is not None:
+            unknown = [k for k in self.key_allowances if k not in self.api_keys]
+            if unknown:
+                raise ValueError(f"`key_allowances` names keys that are not in `api_keys`: {unknown}; add them to "
+                                 f"api_keys or remove the entries")
+        if self.strategies is not None:
+            from budgetlm.strategies import STRATEGIES
+
+            bad = [s for s in self.strategies if s not in STRATEGIES.names()]
+            if bad:
+                raise ValueError(f"`strategies` must be registered strategy names ({', '.join(STRATEGIES.names())}), "
+                                 f"got {bad}")
+        return self
+
+    def allowance_for(self, key: str) -> dict[str, float] | None:
+        """The daily allowance of ``key`` (its override, else the common one)."""
+        return self.key_allowances.get(key, self.allowance)

@@ -1,0 +1,111 @@
+"""The OpenAI chat-completions wire format, with budgetlm's extra body fields.
+
+Requests (:class:`ChatRequest`) are the official client's ``chat.completions.create`` body; the
+strategy comes from the model name (``budgetlm/<strategy>`` on the first backend, or
+``<backend>/<strategy>``), and two extra fields (``extra_body=`` in the official client) carry what
+the standard API cannot say:
+
+- ``budget`` — a per-request :class:`~budgetlm.budget.Budget` (``{"output_tokens": 2000, "usd": 0.01}``);
+- ``strategy_params`` — the strategy's parameters (``{"n": 8}`` for ``budgetlm/majority``).
+
+Standard fields map onto budgets: ``max_completion_tokens`` (or the older ``max_tokens``) caps
+``output_tokens``; ``reasoning_effort`` (``minimal``/``low``/``medium``/``high``) gives an
+output-token budget from the server's table; the smallest of the three wins.  ``temperature``,
+``top_p`` and ``seed`` go to strategies that take them.
+
+Responses are ``chat.completion`` objects whose ``usage`` is the request's real spend (what its
+meter charged: every call of every sample), plus a ``budgetlm`` field holding the full ledger,
+the stop reason and the strategy that ran.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from budgetlm.strategies.base import Result
+
+__all__ = ["ChatRequest", "chunk", "completion", "error_body", "usage_block"]
+
+
+class ChatRequest(BaseModel):
+    """A chat-completions request (fields the server does not use are accepted and ignored)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(description="budgetlm/<strategy> or <backend>/<strategy> (a bare backend name: sample).")
+    messages: list[dict[str, Any]] = Field(description="The conversation (role/content messages).")
+    max_completion_tokens: int | None = Field(default=None, description="Cap on output tokens (→ budget.output_tokens).")
+    max_tokens: int | None = Field(default=None, description="Older name of max_completion_tokens.")
+    reasoning_effort: str | None = Field(default=None, description="minimal/low/medium/high → an output-token budget.")
+    temperature: float | None = Field(default=None, description="Sampling temperature for strategies that take one.")
+    top_p: float | None = Field(default=None, description="Nucleus sampling for strategies that take it.")
+    seed: int | None = Field(default=None, description="Seed for strategies that take one.")
+    n: int | None = Field(default=None, description="Only 1 (voting strategies sample inside).")
+    stream: bool = Field(default=False, description="Answer as server-sent events.")
+    stream_options: dict[str, Any] | None = Field(default=None, description="{'include_usage': true} adds a usage chunk.")
+    tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported (400 when non-empty).")
+    budget: dict[str, float] | str | None = Field(default=None, description="budgetlm: the per-request budget.")
+    strategy_params: dict[str, Any] | None = Field(default=None, description="budgetlm: the strategy's parameters.")
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    """An OpenAI-style error object."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def usage_block(result: Result) -> dict[str, Any]:
+    """``usage`` of a response from the request's spend."""
+    u = result.usage
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.output_tokens,
+        "total_tokens": u.prompt_tokens + u.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.thinking_tokens},
+    }
+
+
+def finish_reason(result: Result) -> Literal["stop", "length"]:
+    """``length`` when the answer's sample was cut or the budget ended the strategy, else ``stop``."""
+    if result.truncated or result.thinking_truncated or result.stop_reason != "done":
+        return "length"
+    return "stop"
+
+
+def extra_block(result: Result, strategy: str, params: dict[str, Any], budget: dict[str, float], backend: str,
+                allowance_left: dict[str, float] | None) -> dict[str, Any]:
+    """The ``budgetlm`` field: ledger, stop reason, strategy, the budget that applied."""
+    u = result.usage
+    return {
+        "strategy": strategy, "params": params, "backend": backend, "budget": budget,
+        "stop_reason": result.stop_reason, "answer": result.answer, "calls": u.calls,
+        "usd": u.usd, "flops": u.flops, "joules": u.joules, "latency_s": u.latency_s,
+        "ledger": result.ledger, "allowance_remaining": allowance_left,
+    }
+
+
+def completion(rid: str, model: str, result: Result, extra: dict[str, Any]) -> dict[str, Any]:
+    """A ``chat.completion`` object."""
+    return {
+        "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": finish_reason(result), "logprobs": None}],
+        "usage": usage_block(result), "budgetlm": extra,
+    }
+
+
+def chunk(rid: str, model: str, created: int, delta: dict[str, Any] | None, finish: str | None = None,
+          usage: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ``chat.completion.chunk`` (``delta`` None: the usage-only chunk with no choices)."""
+    out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                           "choices": [] if delta is None else
+                           [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+    if usage is not None:
+        out["usage"] = usage
+    if extra is not None:
+        out["budgetlm"] = extra
+    return out

@@ -257,7 +257,7 @@ def serve_cmd(
         if backend:
             data["backends"] = parse_backend_args(backend)
         for k, v in (("host", host), ("port", port), ("api_keys", api_key), ("db_path", db)):
-            if v:
+            if v is not None:  # not `if v`: --port 0 (any free port) is a valid choice
                 data[k] = v
         if allowance:
             data["allowance"] = Budget.parse(allowance).limits()

@@ -35,6 +35,7 @@ from typing import Any
 try:  # this module is imported only by create_app, so `import budgetlm.server` stays light
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.background import BackgroundTask
 except ImportError as exc:  # pragma: no cover - the server extra is installed by the test command
     from budgetlm.errors import MissingDependency
 
@@ -125,7 +126,11 @@ class ServerState:
     def budget(self, req: ChatRequest) -> dict[str, float]:
         """The request's budget: its ``budget`` field (else the default), capped by the standard fields."""
         try:
-            b = Budget.parse(req.budget).limits() if req.budget is not None else dict(self.cfg.default_budget)
+            if req.budget is not None:
+                b = Budget.parse(req.budget).limits()
+            else:  # the server's default, within the server's cap (the client asked for nothing above it)
+                cap = self.cfg.max_budget or {}
+                b = {u: min(lim, cap.get(u, lim)) for u, lim in self.cfg.default_budget.items()}
         except ConfigError as exc:
             raise ApiError(400, f"`budget` is malformed: {exc}", "budget", "invalid_budget") from None
         for unit, lim in b.items():
@@ -152,6 +157,13 @@ class ServerState:
             b.setdefault(unit, lim)
         return b
 
+    def call_cap(self) -> int:
+        """The per-call token cap given to strategies: the largest output-token budget a request may have."""
+        caps = [int(self.cfg.default_budget.get("output_tokens", 0)), *self.cfg.effort_budgets.values()]
+        if self.cfg.max_budget and "output_tokens" in self.cfg.max_budget:
+            return int(self.cfg.max_budget["output_tokens"])
+        return max([16384, *caps])
+
     def params(self, strategy: str, req: ChatRequest, budget: dict[str, float]) -> dict[str, Any]:
         """The strategy's parameters: ``strategy_params`` plus the standard sampling fields it takes."""
         params = dict(req.strategy_params or {})
@@ -159,8 +171,10 @@ class ServerState:
         for name, value in (("temperature", req.temperature), ("top_p", req.top_p)):
             if value is not None and name in accepted and name not in params:
                 params[name] = value
-        if "max_tokens" in accepted and "max_tokens" not in params and "output_tokens" in budget:
-            params["max_tokens"] = int(budget["output_tokens"])  # one sample may use the whole budget
+        if "max_tokens" in accepted and "max_tokens" not in params:
+            # one server-wide per-call cap, so requests with different budgets share a batch; each request's
+            # meter clamps every call to its own budget
+            params["max_tokens"] = self.call_cap()
         return params
 
 
@@ -250,6 +264,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
     async def chat(request: Request) -> Any:
         state.metrics.started()
         model_name, status, strategy_name = "?", "500", None
+        counted = False  # _settle has recorded the request in the metrics
         try:
             key = _key(state, request.headers.get("authorization"))
             length = request.headers.get("content-length")
@@ -270,8 +285,8 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                 req = ChatRequest(**data)
             except Exception as exc:  # pydantic's ValidationError
                 raise ApiError(400, f"malformed request: {exc}") from None
-            model_name = req.model
             backend_name, strategy_name = state.resolve_model(req.model)
+            model_name = req.model  # only once resolved: client-chosen strings must not become metric labels
             if req.n not in (None, 1):
                 raise ApiError(400, f"`n` must be 1, got {req.n}; ask a voting strategy for samples instead, e.g. "
                                     f"model 'budgetlm/majority' with strategy_params {{'n': {req.n}}}", "n")
@@ -283,7 +298,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             params = state.params(strategy_name, req, budget)
             try:
                 ckey, strategy = state.strategies.get(strategy_name, params)
-            except ConfigError as exc:
+            except (ConfigError, TypeError, ValueError) as exc:  # TypeError: a parameter of the wrong type
                 raise ApiError(400, f"strategy {strategy_name!r}: {exc}", "strategy_params") from None
             try:
                 res, clamped = state.store.reserve(key, cfg.allowance_for(key), budget)
@@ -298,12 +313,20 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             if req.stream:
                 include_usage = bool((req.stream_options or {}).get("include_usage"))
                 status = "stream"
-                return StreamingResponse(_stream(ctx, future, include_usage), media_type="text/event-stream")
+                return StreamingResponse(_stream(ctx, future, include_usage), media_type="text/event-stream",
+                                         background=BackgroundTask(_after_stream, ctx, future))
             try:
                 result = await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                counted = True
+                _settle_when_done(ctx, future)
+                raise
             except Exception as exc:
+                counted = True
+                ctx["settling"] = True
                 _settle(ctx, None, str(exc))
                 raise ApiError(500, f"the strategy failed: {exc}", None, "strategy_failed", "server_error") from None
+            ctx["settling"] = True
             extra = _settle(ctx, result, None)
             status = "ok"
             return JSONResponse(completion(res.id, req.model, result, extra))
@@ -311,7 +334,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             status = str(exc.status)
             raise
         finally:
-            if status not in ("ok", "stream"):
+            if not counted and status not in ("ok", "stream"):
                 state.metrics.finished(model_name, status)
 
     return app
@@ -339,7 +362,42 @@ def _settle(ctx: dict[str, Any], result: Result | None, error: str | None) -> di
     return extra_block(result, ctx["strategy"], ctx["params"], ctx["budget"], ctx["backend"], left)
 
 
+def _settle_when_done(ctx: dict[str, Any], future: Any) -> None:
+    """Settle a request whose client left before its answer was sent, once its job ends (at most once).
+
+    Without this the reservation would stay held until a restart (the key loses that much allowance)
+    and the job's real spend would never be charged.  Runs on the event loop; the settling itself
+    runs in the backend worker's thread when the job finishes (the store and metrics are thread-safe).
+    """
+    if ctx.get("settling"):
+        return
+    ctx["settling"] = True
+
+    def done(f: Any) -> None:
+        if f.cancelled():
+            _settle(ctx, None, "cancelled: the client disconnected before the request ran")
+        elif f.exception() is not None:
+            _settle(ctx, None, str(f.exception()))
+        else:
+            _settle(ctx, f.result(), None)
+
+    future.add_done_callback(done)
+
+
+async def _after_stream(ctx: dict[str, Any], future: Any) -> None:
+    """After a streamed response (also when the client hung up before the stream started)."""
+    _settle_when_done(ctx, future)
+
+
 async def _stream(ctx: dict[str, Any], future: Any, include_usage: bool) -> AsyncIterator[bytes]:
+    try:
+        async for part in _stream_parts(ctx, future, include_usage):
+            yield part
+    finally:  # the client left mid-stream: the job runs on, and is settled when it ends
+        _settle_when_done(ctx, future)
+
+
+async def _stream_parts(ctx: dict[str, Any], future: Any, include_usage: bool) -> AsyncIterator[bytes]:
     rid, model, created = ctx["res"].id, ctx["model"], int(time.time())
 
     def event(obj: dict[str, Any]) -> bytes:
@@ -352,6 +410,7 @@ async def _stream(ctx: dict[str, Any], future: Any, include_usage: bool) -> Asyn
         if done:
             break
         yield b": keep-alive\n\n"
+    ctx["settling"] = True
     try:
         result = wrapped.result()
     except Exception as exc:

@@ -41,6 +41,15 @@ def _check_budget(v: dict[str, float] | None, field: str) -> dict[str, float] | 
     return v
 
 
+def _check_allowance_units(v: dict[str, float] | None, field: str) -> dict[str, float] | None:
+    bad = [u for u in (v or {}) if u in ("wall_seconds", "joules")]
+    if bad:
+        raise ValueError(f"`{field}` must use units that are charged per request (tokens, flops, usd, tool_calls), "
+                         f"got {bad}; a daily wall-clock or energy allowance is not tracked — use max_budget to cap "
+                         f"each request instead")
+    return v
+
+
 def parse_backend_args(values: list[str]) -> dict[str, str]:
     """``--backend`` values (``SPEC`` or ``NAME=SPEC``) as name → spec; unnamed ones are ``default``,
     ``b1``, ``b2``, ... in order."""
@@ -107,6 +116,11 @@ class ServerConfig(Config):
     def _budget_fields(cls, v: dict[str, float] | None, info: Any) -> dict[str, float] | None:
         return _check_budget(v, info.field_name)
 
+    @field_validator("allowance")
+    @classmethod
+    def _charged_units(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        return _check_allowance_units(v, "allowance")
+
     @field_validator("default_budget")
     @classmethod
     def _default_budget(cls, v: dict[str, float]) -> dict[str, float]:
@@ -118,6 +132,7 @@ class ServerConfig(Config):
     def _key_allowances(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
         for key, allowance in v.items():
             _check_budget(allowance, f"key_allowances.{key}")
+            _check_allowance_units(allowance, f"key_allowances.{key}")
         return v
 
     @field_validator("effort_budgets")

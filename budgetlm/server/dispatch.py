@@ -145,10 +145,14 @@ class BackendWorker(threading.Thread):
         self.batches += 1
         try:
             results = live[0].strategy.run([j.problem for j in live], [j.meter for j in live], self.backend)
+            if len(results) != len(live):  # a strategy bug must not kill the worker or strand requests
+                raise RuntimeError(f"strategy {live[0].strategy.name!r} returned {len(results)} results for "
+                                   f"{len(live)} problems")
+            for j, r in zip(live, results, strict=True):
+                r.ledger = j.meter.summary()
         except BaseException as exc:  # noqa: BLE001 - every waiting request must hear about it
             for j in live:
                 j.future.set_exception(exc)
             return
         for j, r in zip(live, results, strict=True):
-            r.ledger = j.meter.summary()
             j.future.set_result(r)

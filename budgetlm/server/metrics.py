@@ -18,9 +18,13 @@ BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 6
 """Latency histogram bucket bounds in seconds."""
 
 
+def _escape(value: object) -> str:
+    """A label value escaped as the text format requires (backslash, double quote, newline)."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _labels(**kw: str) -> str:
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for k, v in kw.items())
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in kw.items())
     return "{" + inner + "}" if inner else ""
 
 

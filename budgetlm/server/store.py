@@ -82,7 +82,7 @@ class AllowanceStore:
         self._reserved: dict[str, Reservation] = {}
         self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process crashes, fast commits
         self._conn.executescript(_SCHEMA)
 
     @contextmanager

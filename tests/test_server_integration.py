@@ -114,7 +114,7 @@ def test_plain_streamed_and_budgeted_requests(serve: Any) -> None:
     assert {"budgetlm/sample", "budgetlm/majority", "default/cot"} <= models
     assert httpx.get(srv.url + "/health").json()["status"] == "ok"
     metrics = httpx.get(srv.url + "/metrics").text
-    assert 'budgetlm_requests_total{model="budgetlm/sample",status="ok"} 2' in metrics
+    assert 'budgetlm_requests_total{model="budgetlm/sample",status="ok"} 3' in metrics  # plain, streamed, effort
     assert "budgetlm_request_latency_seconds_count" in metrics
 
 

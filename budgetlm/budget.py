@@ -139,3 +139,16 @@ class Budget(Config):
     def __str__(self) -> str:
         lim = self.limits()
         return "Budget(" + ", ".join(f"{k}={v:g}" for k, v in lim.items()) + ")" if lim else "Budget(unlimited)"
+
+
+def check_limits(limits: dict[str, float], name: str) -> dict[str, float]:
+    """``limits`` (unit → limit) must form a valid :class:`Budget` with every limit > 0.
+
+    For config validators: raises ``ValueError`` naming ``name.unit``, or :class:`ConfigError` for an
+    unknown unit (from :class:`Budget`).
+    """
+    Budget(**limits)  # unit names and types
+    for unit, lim in limits.items():
+        if lim is None or lim <= 0:
+            raise ValueError(f"`{name}.{unit}` must be > 0, got {lim!r}; remove the entry or use a positive limit")
+    return limits

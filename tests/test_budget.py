@@ -60,3 +60,23 @@ def test_scaled_and_merged() -> None:
     assert m.limits() == {"output_tokens": 10, "usd": 1.0, "flops": 5.0}
     with pytest.raises(ConfigError):
         b.scaled(-1)
+
+
+# check_limits: the one validator of budget dicts in configs (eval grids, server, route recipe).
+@pytest.mark.parametrize(("limits", "match"), [
+    ({"output_tokens": 0}, r"`b\.output_tokens` must be > 0, got 0"),  # a limit nothing fits under
+    ({"usd": -1.0}, "usd"),  # negative: Budget itself refuses it
+    ({"tokenz": 5}, "tokenz"),  # unknown unit, named
+])
+def test_check_limits_rejects(limits: dict, match: str) -> None:
+    from budgetlm.budget import check_limits
+    from budgetlm.errors import ConfigError
+
+    with pytest.raises((ValueError, ConfigError), match=match):
+        check_limits(limits, "b")
+
+
+def test_check_limits_passes_valid_limits_through() -> None:
+    from budgetlm.budget import check_limits
+
+    assert check_limits({"output_tokens": 10, "usd": 0.5}, "b") == {"output_tokens": 10, "usd": 0.5}

@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator
 
-from budgetlm.budget import Budget
+from budgetlm.budget import check_limits
 from budgetlm.config import Config
 from budgetlm.errors import ConfigError
 
@@ -33,10 +33,7 @@ from budgetlm.errors import ConfigError
 def check_budgets(v: list[dict[str, float]]) -> list[dict[str, float]]:
     """Every budget of a grid must be a valid :class:`Budget` with positive limits."""
     for i, b in enumerate(v):
-        Budget(**b)  # unit names and types
-        for unit, lim in b.items():
-            if lim is None or lim <= 0:
-                raise ValueError(f"`budgets[{i}].{unit}` must be > 0, got {lim!r}; remove the entry or use a positive limit")
+        check_limits(b, f"budgets[{i}]")
     return v
 
 

@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - the server extra is installed b
 
 from budgetlm.backends import load as load_backend
 from budgetlm.backends.base import Backend
-from budgetlm.budget import UNITS, Budget
+from budgetlm.budget import UNITS, Budget, check_limits
 from budgetlm.errors import ConfigError
 from budgetlm.meter import Meter
 from budgetlm.server.config import ServerConfig
@@ -131,12 +131,11 @@ class ServerState:
             else:  # the server's default, within the server's cap (the client asked for nothing above it)
                 cap = self.cfg.max_budget or {}
                 b = {u: min(lim, cap.get(u, lim)) for u, lim in self.cfg.default_budget.items()}
+            check_limits(b, "budget")
         except ConfigError as exc:
             raise ApiError(400, f"`budget` is malformed: {exc}", "budget", "invalid_budget") from None
-        for unit, lim in b.items():
-            if lim <= 0:
-                raise ApiError(400, f"`budget.{unit}` must be > 0, got {lim!r}; give a positive limit or leave the "
-                                    f"unit out", "budget", "invalid_budget")
+        except ValueError as exc:  # a zero limit
+            raise ApiError(400, str(exc), "budget", "invalid_budget") from None
         caps: list[tuple[str, int | None]] = [("max_completion_tokens", req.max_completion_tokens),
                                               ("max_tokens", req.max_tokens)]
         if req.reasoning_effort is not None:

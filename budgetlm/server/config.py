@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from budgetlm.budget import Budget
+from budgetlm.budget import check_limits
 from budgetlm.config import Config
 
 __all__ = ["EFFORT_BUDGETS", "ServerConfig", "parse_backend_args"]
@@ -32,13 +32,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def _check_budget(v: dict[str, float] | None, field: str) -> dict[str, float] | None:
-    if v is None:
-        return v
-    Budget(**v)  # unit names and types
-    for unit, lim in v.items():
-        if lim is None or lim <= 0:
-            raise ValueError(f"`{field}.{unit}` must be > 0, got {lim!r}; remove the unit or give a positive limit")
-    return v
+    return v if v is None else check_limits(v, field)
 
 
 def _check_allowance_units(v: dict[str, float] | None, field: str) -> dict[str, float] | None:

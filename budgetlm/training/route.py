@@ -44,7 +44,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from budgetlm.budget import Budget
+from budgetlm.budget import check_limits
 from budgetlm.errors import ConfigError
 from budgetlm.evals.config import EvalConfig, StrategySpec, config_id
 from budgetlm.evals.records import EvalRecord, read_records
@@ -98,11 +98,7 @@ class RouteParams(RecipeParams):
     def _budget(cls, v: dict[str, float]) -> dict[str, float]:
         if not v:
             raise ValueError("`budget` must set at least one limit, e.g. {output_tokens: 1024}, got {}")
-        Budget(**v)  # unit names and types
-        for unit, lim in v.items():
-            if lim is None or lim <= 0:
-                raise ValueError(f"`budget.{unit}` must be > 0, got {lim!r}; remove the entry or use a positive limit")
-        return v
+        return check_limits(v, "budget")
 
     @field_validator("max_rows_per_task", "batch_size")
     @classmethod

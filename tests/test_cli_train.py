@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,14 @@ eval: {limit: 2, backend: hf, max_tokens: 24}
 
 def _flat(text: str) -> str:
     return " ".join(text.split())  # rich wraps long lines
+
+
+
+@pytest.fixture(autouse=True)
+def _free_disk(tmp_path: Path) -> Iterator[None]:
+    """Each run leaves checkpoints of the 135M model with optimizer state (about 1.6 GB each): delete them."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.mark.slow

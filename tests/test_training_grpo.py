@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,14 @@ def cfg(**kw: object) -> TrainConfig:
 
 def metrics(entries: list[dict]) -> list[dict]:
     return [e for e in entries if "reward" in e]
+
+
+
+@pytest.fixture(autouse=True)
+def _free_disk(tmp_path: Path) -> Iterator[None]:
+    """Each run leaves checkpoints of the 135M model with optimizer state (about 1.6 GB each): delete them."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 @pytest.mark.slow

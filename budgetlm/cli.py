@@ -7,12 +7,18 @@
 * ``budgetlm train CONFIG.yaml --out DIR`` — GRPO training with a recipe, then trained-vs-base evaluation.
 * ``budgetlm serve --backend SPEC`` — the OpenAI-compatible server (:mod:`budgetlm.server`).
 * ``budgetlm model`` — prepare the embedded default model and print its path.
+
+stdout carries only the commands' output (the answer, ``--json`` documents, the eval table); every
+log line — budgetlm's, vLLM's and transformers' — goes to stderr, quiet by default (warnings; vLLM
+errors only).  ``budgetlm -v COMMAND`` shows INFO lines, ``-vv`` DEBUG (:mod:`budgetlm.logs`).  The
+engines' logging is set up through environment variables before any engine is imported.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -21,14 +27,27 @@ from rich.table import Table
 
 from budgetlm.budget import Budget
 from budgetlm.errors import BudgetLMError
+from budgetlm.logs import configure_logging, engine_env, log_to_file, stdout_to_stderr
 from budgetlm.versions import library_versions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLM reasoning spend compute deliberately.")
 console = Console(stderr=True)
 out = Console()
 
+_verbosity = 0
+"""The global ``-v`` count of this invocation."""
 
 
+@app.callback()
+def _global_options(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True,
+                                         help="More log lines on stderr: -v INFO, -vv DEBUG (default: warnings, "
+                                              "vLLM errors only). stdout only ever holds the command's output.")] = 0,
+) -> None:
+    """Make LLM reasoning spend compute deliberately."""
+    global _verbosity
+    _verbosity = verbose
+    configure_logging(verbose)  # before any command imports vLLM or transformers
 
 
 def _fail(exc: Exception) -> None:
@@ -94,9 +113,10 @@ def run(
         strat = get_strategy(strategy, **params)
         if "seed" in strat.params() and strat.params()["seed"] is None:
             strat = get_strategy(strategy, **params, seed=seed)
-        with console.status(f"loading {backend} ..."):
-            be = load(backend)
-        [res] = strat.solve([question], backend=be, budget=limits)
+        with stdout_to_stderr():  # engines print while loading; stdout is the answer's alone
+            with console.status(f"loading {backend} ..."):
+                be = load(backend)
+            [res] = strat.solve([question], backend=be, budget=limits)
     except BudgetLMError as exc:
         _fail(exc)
         return
@@ -140,8 +160,6 @@ def demo(
 ) -> None:
     """Easy reasoning-gym arithmetic on the default model: greedy at several budgets and majority voting,
     with accuracy against tokens, the Pareto frontier and an HTML report."""
-    from pathlib import Path
-
     from budgetlm.evals.config import EvalConfig
     from budgetlm.evals.runner import run_eval
 
@@ -162,11 +180,14 @@ def demo(
             budgets=[{"output_tokens": b} for b in grid],
             seed=seed,
         )
-        res = run_eval(cfg, out_dir, progress=not as_json)
+        configure_logging(_verbosity, show_progress=not as_json and not console.is_terminal)
+        with log_to_file(Path(out_dir) / "eval.log", _verbosity), stdout_to_stderr():
+            res = run_eval(cfg, out_dir, progress=not as_json)
     except BudgetLMError as exc:
         _fail(exc)
         return
     assert res.report is not None
+    _print_errors(res)
     if as_json:
         out.print_json((Path(res.report) / "summary.json").read_text())
         return
@@ -179,13 +200,28 @@ def eval_cmd(
     config: Annotated[str, typer.Argument(help="YAML eval config (suites, models, strategies, budgets).")],
     out: Annotated[str, typer.Option("--out", "-o", help="Run folder; re-run the same command to resume.")],
     report: Annotated[bool, typer.Option(help="Write the report at the end.")] = True,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress: a bar on a terminal, else a line on stderr "
+                                                "every --log-interval seconds.")] = True,
+    log_interval: Annotated[float, typer.Option(help="Seconds between progress lines (stderr when not a terminal, "
+                                                     "and OUT/eval.log).")] = 5.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout instead of the table.")] = False,
 ) -> None:
-    """Run an evaluation grid into OUT (records.jsonl, run.json, report), resuming if OUT exists."""
+    """Run an evaluation grid into OUT (records.jsonl, run.json, report), resuming if OUT exists.
+
+    Errored records are retried by re-running the same command; progress lines are appended to
+    OUT/eval.log."""
+    from budgetlm.evals.config import EvalConfig
     from budgetlm.evals.runner import run_eval
 
     try:
-        res = run_eval(config, out, progress=progress, report=report)
+        if log_interval < 0:
+            raise BudgetLMError(f"`--log-interval` must be >= 0 seconds, got {log_interval}")
+        if as_json and not report:
+            raise BudgetLMError("`--json` prints the report's summary.json; drop `--no-report`")
+        cfg = EvalConfig.load(config)
+        configure_logging(_verbosity, show_progress=progress and not console.is_terminal)
+        with log_to_file(Path(out) / "eval.log", _verbosity), stdout_to_stderr():
+            res = run_eval(cfg, out, progress=progress, report=report, log_interval=log_interval)
     except BudgetLMError as exc:
         _fail(exc)
         return
@@ -193,8 +229,14 @@ def eval_cmd(
         console.print(f"[yellow]interrupted[/]: finished records are kept in {out}/records.jsonl; "
                       "re-run the same command to resume")
         raise typer.Exit(code=130) from None
-    console.print(f"{res.written} records written, {res.skipped} already done, {len(res.errors)} errors")
+    console.print(f"{res.written} records written, {res.skipped} already done"
+                  + (f", retrying {res.retried} errored records" if res.retried else "")
+                  + ("" if res.errors else ", 0 errors"), soft_wrap=True)
+    _print_errors(res)
     if res.report is not None:
+        if as_json:
+            out_json((Path(res.report) / "summary.json").read_text())
+            return
         _print_summary(res.report)
         out_console_path(res.report)
 
@@ -340,28 +382,56 @@ def out_console_path(path: Any) -> None:
     out.print(f"report: {path}/report.html")
 
 
+def out_json(text: str) -> None:
+    """A JSON document on stdout."""
+    out.print_json(text)
+
+
+def _print_errors(res: Any) -> None:
+    """The errored records of a run, on stderr: count and the first error's text (the run still exits 0)."""
+    if not res.errors:
+        return
+    from rich.markup import escape
+
+    console.print(f"[bold red]{len(res.errors)} errors[/]; first: {escape(res.errors[0])}", highlight=False,
+                  soft_wrap=True)
+    console.print("[yellow]errored records are left out of accuracy and the Pareto frontier; re-run the same "
+                  "command to retry them[/]", soft_wrap=True)
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
 def _print_summary(report_dir: Any) -> None:
     """A terminal table of a report's configurations (the full table is in summary.md)."""
-    from pathlib import Path
-
     path = Path(report_dir) / "summary.json"
     if not path.exists():
         return
     summary = json.loads(path.read_text())
-    table = Table(title="accuracy vs tokens (★ = Pareto frontier)")
-    for col in ("model", "strategy", "budget", "n", "acc", "95% CI", "out tok", "trunc", "★"):
+    table = Table(title="accuracy vs tokens (★ = Pareto frontier; ⚠ = errored records, not ranked)")
+    for col in ("model", "strategy", "budget", "n", "acc", "95% CI", "out tok", "trunc", "err", "★"):
         table.add_column(col, overflow="fold")
     for c in summary["configs"]:
         budget = ",".join(f"{k.replace('output_tokens', 'out')}={v:g}" for k, v in c["budget"].items())
         frontier = "★" if any(bool(v) for v in (c.get("on_frontier") or {}).values()) else ""
         model = c["model"] if len(c["model"]) <= 16 else "…" + c["model"][-15:]
+        n_err = c.get("n_errors") or 0
+        ci = ("—" if c["accuracy_ci_low"] is None else
+              f"{c['accuracy_ci_low']:.2f}–{c['accuracy_ci_high']:.2f}")
         table.add_row(
-            model, c["strategy"], budget, str(c["n"]), f"{c['accuracy']:.3f}",
-            f"{c['accuracy_ci_low']:.2f}–{c['accuracy_ci_high']:.2f}", f"{c['mean_output_tokens']:.1f}",
-            f"{c['truncation_rate']:.0%}", frontier,
+            model, c["strategy"], budget, str(c["n"]), _fmt(c["accuracy"], ".3f"), ci,
+            _fmt(c["mean_output_tokens"], ".1f"), _fmt(c["truncation_rate"], ".0%"),
+            f"⚠ {n_err}" if n_err else "", frontier,
         )
         if c["over_budget_rate"]:
             console.print(f"[red]budget violated[/] in {c['over_budget_rate']:.0%} of records of {c['config_id']}")
+        if n_err:
+            from rich.markup import escape
+
+            console.print(f"[yellow]{n_err} errored records[/] in {escape(c['strategy'])} {escape(f'[{budget}]')} "
+                          f"({c['config_id']}): left out of its accuracy, not ranked on the Pareto frontier",
+                          highlight=False, soft_wrap=True)
     out.print(table)
 
 
@@ -371,8 +441,6 @@ def report(
     out_dir: Annotated[str | None, typer.Option("--out", "-o", help="Where to write (default: the first run).")] = None,
 ) -> None:
     """Write summary.json, summary.md, PNG plots and report.html for one or more runs."""
-    from pathlib import Path
-
     from budgetlm.evals.report import write_report
 
     try:
@@ -407,6 +475,7 @@ def version() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    engine_env()  # before anything imports vLLM: its log handler on stdout would corrupt machine output
     try:
         app()
     except KeyboardInterrupt:

@@ -173,3 +173,134 @@ def test_route_calibrate_bad_input(tmp_path, router: str, share: str, match: str
     res = runner.invoke(app, ["route", "calibrate", _route_config(tmp_path, router), "-s", share,
                               "-o", str(tmp_path / "r.json")])
     assert res.exit_code == 2 and match in res.output, res.output
+
+
+# ------------------------------------------------------------------ eval: errored records; logs off stdout
+
+
+SUITE = "reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1&size=6&seed=1"
+
+
+def _eval_config(tmp_path) -> str:
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"name: cli\nsuites: ['{SUITE}']\nmodels: ['scripted']\nbudgets: [{{output_tokens: 8}}]\n"
+                   "batch_size: 3\n")
+    return str(cfg)
+
+
+def _scripted_load(fail_on: set[str]):
+    from budgetlm.backends.scripted import ScriptedBackend
+    from budgetlm.errors import BackendError
+
+    def script(prompt: str, i: int, sampling: object) -> str:
+        for q in fail_on:
+            if q in prompt:
+                raise BackendError(f"engine fell over on {q!r}")
+        return "Answer: 42"
+
+    return lambda spec, **kw: ScriptedBackend(script=script)
+
+
+def test_eval_prints_errors_exits_0_and_retries_them_on_rerun(tmp_path, monkeypatch) -> None:
+    from budgetlm.evals.suites import get as get_suite
+
+    items = get_suite(SUITE).items()
+    cfg, run_dir = _eval_config(tmp_path), tmp_path / "run"
+    monkeypatch.setattr("budgetlm.evals.runner.load", _scripted_load({items[1].question, items[4].question}))
+    res = runner.invoke(app, ["eval", cfg, "--out", str(run_dir), "--no-progress"])
+    assert res.exit_code == 0, res.output  # errored records do not fail the run
+    assert f"2 errors; first: {items[1].id}: engine fell over on" in res.stderr
+    assert "re-run the same command to retry" in res.stderr
+    assert "⚠ 2" in res.stdout  # flagged in the table (stdout) and told on stderr
+    assert "2 errored records in sample" in res.stderr and "errored records in" not in res.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["configs"][0]["n_errors"] == 2 and not any(summary["configs"][0]["on_frontier"].values())
+
+    monkeypatch.setattr("budgetlm.evals.runner.load", _scripted_load(set()))
+    res = runner.invoke(app, ["eval", cfg, "--out", str(run_dir), "--no-progress", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "2 records written, 4 already done, retrying 2 errored records, 0 errors" in res.stderr
+    assert "retrying 2 errored records" in (run_dir / "eval.log").read_text()
+    doc = json.loads(res.stdout)  # --json: summary.json alone on stdout
+    assert (doc["configs"][0]["n"], doc["configs"][0]["n_errors"]) == (6, 0)
+    assert doc["configs"][0]["on_frontier"]["output_tokens"]
+
+
+def test_eval_json_needs_the_report(tmp_path) -> None:
+    res = runner.invoke(app, ["eval", _eval_config(tmp_path), "--out", str(tmp_path / "r"), "--json", "--no-report"])
+    assert res.exit_code == 2 and "--no-report" in res.output
+
+
+_LOGS_SCRIPT = r"""
+import logging, os, sys
+from budgetlm.logs import configure_logging, stdout_to_stderr
+
+# an engine imported before the CLI set it up: its handler writes to stdout (what vLLM does by default)
+vlog = logging.getLogger("vllm")
+vlog.addHandler(logging.StreamHandler(sys.stdout))
+vlog.propagate = False
+configure_logging(int(sys.argv[1]))
+vlog.info("vllm info line")
+vlog.error("vllm error line")
+logging.getLogger("budgetlm.x").info("budgetlm info line")
+logging.getLogger("budgetlm.x").warning("budgetlm warning line")
+logging.getLogger("transformers.y").info("transformers info line")
+with stdout_to_stderr():
+    print("python print inside")
+    sys.stdout.flush()
+    os.write(1, b"fd write inside\n")
+print('{"machine": "output"}')
+"""
+
+
+@pytest.mark.parametrize("verbosity", [0, 1])
+def test_logs_and_engine_output_never_reach_stdout(tmp_path, verbosity: int) -> None:
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _LOGS_SCRIPT, str(verbosity)], capture_output=True, text=True,
+                         timeout=120, env={**__import__("os").environ, "VLLM_LOGGING_LEVEL": ""})
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == {"machine": "output"}  # nothing else on stdout
+    for line in ("vllm error line", "budgetlm warning line", "python print inside", "fd write inside"):
+        assert line in res.stderr
+    for line in ("vllm info line", "budgetlm info line", "transformers info line"):
+        assert (line in res.stderr) == (verbosity > 0)
+
+
+def test_engine_env_sends_vllm_logs_to_stderr_quietly() -> None:
+    from budgetlm.logs import engine_env
+
+    env: dict[str, str] = {"VLLM_LOGGING_STREAM": "ext://sys.stdout"}
+    engine_env(0, env)
+    assert env == {"VLLM_LOGGING_STREAM": "ext://sys.stderr", "VLLM_LOGGING_LEVEL": "ERROR",
+                   "TRANSFORMERS_VERBOSITY": "warning"}
+    engine_env(2, env)
+    assert env["VLLM_LOGGING_LEVEL"] == "DEBUG" and env["TRANSFORMERS_VERBOSITY"] == "debug"
+    user = {"VLLM_LOGGING_LEVEL": "WARNING"}
+    engine_env(0, user)
+    assert user["VLLM_LOGGING_LEVEL"] == "WARNING"  # a level the user exported is kept at the default verbosity
+
+
+def test_verbose_is_a_global_countable_flag() -> None:
+    import logging
+
+    res = runner.invoke(app, ["-vv", "run", "q", "-b", "scripted", "-m", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["answer"] == "42"
+    assert logging.getLogger("budgetlm").level == logging.DEBUG
+    res = runner.invoke(app, ["run", "q", "-b", "scripted", "-m", "8", "--json"])
+    assert res.exit_code == 0 and logging.getLogger("budgetlm").level == logging.WARNING
+
+
+@pytest.mark.slow
+def test_run_json_on_the_real_engine_keeps_stdout_parseable() -> None:
+    """vLLM logs INFO/WARNING lines while loading; they must go to stderr, not before the JSON on stdout."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "budgetlm.cli", "run", "What is 2 + 3?", "--backend", "default",
+                          "--max-tokens", "8", "--json"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rec = json.loads(res.stdout)  # stdout is the JSON document alone
+    assert rec["backend"] == "default" and rec["usage"]["output_tokens"] <= 8

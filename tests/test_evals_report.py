@@ -156,3 +156,61 @@ def test_tree_search_eval_writes_traces_and_the_report_draws_a_tree(tmp_path: Pa
     html_text = (report / "report.html").read_text(encoding="utf-8")
     assert html_text.count("data:image/png;base64,") == len(PLOTS) + 1
     assert "![tree_bavt.png](tree_bavt.png)" in (report / "summary.md").read_text(encoding="utf-8")
+
+
+def _rec(cid: str, item: str, tokens: int, correct: bool, error: str | None = None, budget: int = 64) -> str:
+    return EvalRecord(item_id=item, suite="arith", config_id=cid, model="hf:/models/tiny", strategy="direct",
+                      budget={"output_tokens": budget}, gold="1", answer="1" if correct else "x", correct=correct,
+                      score=float(correct), output_tokens=tokens, error=error, seed=0).model_dump_json()
+
+
+def test_a_configuration_with_errored_records_is_flagged_and_never_a_pareto_point(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = []
+    # cheap: 10 tokens, accuracy 0.5 — on the frontier
+    lines += [_rec("cheap", f"q{i}", 10, i < 2, budget=16) for i in range(4)]
+    # pricier and better (accuracy 0.75 over its 4 graded items) but one item errored: counted as a wrong answer
+    # at 0 tokens it would be (0.6, 16 tokens) and on the frontier; it must be flagged, not ranked
+    lines += [_rec("errored", f"q{i}", 20, i < 3, budget=32) for i in range(4)]
+    lines += [_rec("errored", "q4", 0, False, error="BackendError: engine died", budget=32)]
+    # an errored record superseded by its successful retry (a later line of the same cell) does not count
+    lines += [_rec("retried", "q0", 0, False, error="transient", budget=64)]
+    lines += [_rec("retried", f"q{i}", 40, True, budget=64) for i in range(4)]
+    (run / "records.jsonl").write_text("\n".join(lines) + "\n")
+    html_path = write_report([run])
+    doc = json.loads((run / "summary.json").read_text())
+    by = {c["config_id"]: c for c in doc["configs"]}
+    err = by["errored"]
+    assert (err["n"], err["n_errors"], err["errored"]) == (4, 1, True)
+    assert err["accuracy"] == 0.75 and err["mean_output_tokens"] == 20  # the error is left out, not wrong at 0
+    assert err["on_frontier"] == {"output_tokens": False}
+    assert (by["retried"]["n"], by["retried"]["n_errors"], by["retried"]["errored"]) == (4, 0, False)
+    assert by["retried"]["accuracy"] == 1.0
+    assert doc["pareto_frontier"]["output_tokens"] == [["run", "cheap"], ["run", "retried"]]
+    assert doc["n_errored_records"] == 1 and doc["errored_configs"] == [["run", "errored"]]
+    assert doc["frontier_cost_of_pass"]["output_tokens"]["n_problems"] == 4  # graded records only: no q4
+
+    md = (run / "summary.md").read_text().split("## Per suite")[0]
+    rows = {line.split(" | ")[4]: line for line in md.splitlines() if line.startswith("| run |")}
+    assert "⚠ 1 errored" in rows["output_tokens=32"] and "★" not in rows["output_tokens=32"]
+    assert "not ranked (errored)" in rows["output_tokens=32"]
+    assert "★" in rows["output_tokens=16"] and "errored" not in rows["output_tokens=64"]
+    assert "0.750 [" in rows["output_tokens=32"]
+    html_text = html_path.read_text()
+    assert "<th>errored</th>" in html_text and "⚠ 1 errored" in html_text
+    assert "1 errored record(s) in 1 configuration(s)" in html_text
+
+
+def test_a_configuration_whose_every_record_errored_is_reported_without_figures(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [_rec("ok", f"q{i}", 10, i < 2) for i in range(2)]
+    lines += [_rec("dead", f"q{i}", 0, False, error="boom", budget=128) for i in range(2)]
+    (run / "records.jsonl").write_text("\n".join(lines) + "\n")
+    write_report([run])
+    doc = json.loads((run / "summary.json").read_text())
+    dead = next(c for c in doc["configs"] if c["config_id"] == "dead")
+    assert (dead["n"], dead["n_errors"], dead["accuracy"], dead["mean_output_tokens"]) == (0, 2, None, None)
+    assert doc["pareto_frontier"]["output_tokens"] == [["run", "ok"]]
+    assert "⚠ 2 errored" in (run / "summary.md").read_text()

@@ -13,7 +13,11 @@ Vocabulary
 * ``cost`` names one cost unit of a record: ``"output_tokens"``, ``"total_tokens"`` (prompt +
   output), ``"usd"`` or ``"flops"``.
 * Records with ``error`` set count as **wrong answers** (accuracy, cost-of-pass, ξ_O), with
-  whatever cost they recorded; only :func:`token_complexity` leaves them out.
+  whatever cost they recorded; only :func:`token_complexity` leaves them out.  The report instead
+  summarises with ``summarize(..., exclude_errors=True)``: errored records are left out of every
+  rate and mean (an error is not a wrong answer at zero tokens) and only counted in ``n_errors``.
+* A configuration with errored records (``n_errors > 0``) is **never on the Pareto frontier**
+  (:func:`frontier_summaries` leaves it out): its figures describe a different item set.
 
 Metrics and sources
 -------------------
@@ -383,9 +387,10 @@ class ConfigSummary:
     budget: dict[str, float]
     """Per-item budget limits."""
     n: int
-    """Records (items) of the configuration."""
+    """Records (items) of the configuration; with ``exclude_errors`` only the graded (non-errored) ones."""
     accuracy: float
-    """Share of correct records (errored records count as wrong)."""
+    """Share of correct records (errored records count as wrong, or are left out with ``exclude_errors``;
+    NaN when no record is left)."""
     accuracy_ci_low: float
     """Lower end of the 95% percentile-bootstrap interval of the accuracy."""
     accuracy_ci_high: float
@@ -424,7 +429,7 @@ class ConfigSummary:
     over_budget_rate: float
     """Budget adherence: share of records that spent over budget (must be 0)."""
     n_errors: int
-    """Records that could not be run."""
+    """Records that could not be run (a configuration with any is kept off the Pareto frontier)."""
     cost_of_pass: dict[str, float]
     """Cost-of-pass in each cost unit (``output_tokens``, ``total_tokens``, ``usd``, ``flops``)."""
     overthinking_efficiency: float
@@ -484,20 +489,44 @@ def _expensive_share(recs: list[EvalRecord]) -> float | None:
     return sum(int(r.details["expensive_calls"]) for r in routed) / max(decisions, 1)
 
 
+def _no_graded_summary(run: str, cid: str, first: EvalRecord, n_errors: int) -> ConfigSummary:
+    """A configuration whose every record errored: counts only, NaN figures (never 0 accuracy)."""
+    nan = math.nan
+    return ConfigSummary(
+        run=run, config_id=cid, model=first.model, strategy=first.strategy, params=dict(first.params),
+        budget=dict(first.budget), n=0, accuracy=nan, accuracy_ci_low=nan, accuracy_ci_high=nan, mean_score=nan,
+        mean_output_tokens=nan, median_output_tokens=nan, mean_prompt_tokens=nan, mean_thinking_tokens=nan,
+        mean_total_tokens=nan, mean_sequential_tokens=nan, mean_model_calls=nan, expensive_call_share=None,
+        mean_flops=nan, mean_usd=nan, mean_joules=None, mean_latency_s=nan, truncation_rate=nan,
+        thinking_truncation_rate=nan, over_budget_rate=0.0, n_errors=n_errors,
+        cost_of_pass={c: nan for c in COST_KINDS}, overthinking_efficiency=nan, intelligence_per_joule=None,
+    )
+
+
 def summarize(
-    records: Iterable[EvalRecord], run: str | None = None, n_resamples: int = 1000, seed: int = 0
+    records: Iterable[EvalRecord], run: str | None = None, n_resamples: int = 1000, seed: int = 0,
+    *, exclude_errors: bool = False,
 ) -> list[ConfigSummary]:
     """One :class:`ConfigSummary` per configuration of ``records``.
 
     Records are grouped by ``(run, config_id)``; ``run`` overrides the records' optional extra
     ``run`` field.  Model, strategy, params and budget come from the group's first record.  The
     result is sorted by (run, model, strategy, params, budget, config_id).
+
+    With ``exclude_errors`` errored records are left out of every figure (``n`` counts the graded
+    records, ``n_errors`` the errored ones); a configuration with no graded record gets NaN figures.
+    Without it they count as wrong answers with their recorded cost.
     """
     groups: dict[ConfigKey, list[EvalRecord]] = defaultdict(list)
     for r in records:
         groups[(run if run is not None else run_of(r), r.config_id)].append(r)
     out = []
-    for (run_name, cid), recs in groups.items():
+    for (run_name, cid), all_recs in groups.items():
+        n_errors = sum(r.error is not None for r in all_recs)
+        recs = [r for r in all_recs if r.error is None] if exclude_errors else all_recs
+        if not recs:
+            out.append(_no_graded_summary(run_name, cid, all_recs[0], n_errors))
+            continue
         first = recs[0]
         correct = [float(r.correct) for r in recs]
         low, high = bootstrap_ci(correct, n_resamples=n_resamples, seed=seed)
@@ -533,7 +562,7 @@ def summarize(
                 truncation_rate=_mean([float(r.truncated) for r in recs]),
                 thinking_truncation_rate=_mean([float(r.thinking_truncated) for r in recs]),
                 over_budget_rate=_mean([float(r.over_budget) for r in recs]),
-                n_errors=sum(r.error is not None for r in recs),
+                n_errors=n_errors,
                 cost_of_pass={c: cost_of_pass(recs, c) for c in COST_KINDS},  # type: ignore[arg-type]
                 overthinking_efficiency=overthinking_efficiency(recs),
                 intelligence_per_joule=intelligence_per_joule(recs),
@@ -565,8 +594,11 @@ def pareto_frontier(points: Iterable[tuple[K, float, float]]) -> list[K]:
 
 
 def frontier_summaries(summaries: Iterable[ConfigSummary], cost: CostKind = "output_tokens") -> list[ConfigSummary]:
-    """The summaries on the Pareto frontier of (mean ``cost`` ↓, accuracy ↑), cheapest first."""
-    by_key = {s.key: s for s in summaries}
+    """The summaries on the Pareto frontier of (mean ``cost`` ↓, accuracy ↑), cheapest first.
+
+    Configurations with errored records (``n_errors > 0``) are never on the frontier.
+    """
+    by_key = {s.key: s for s in summaries if not s.n_errors}
     return [by_key[k] for k in pareto_frontier((k, s.mean_cost(cost), s.accuracy) for k, s in by_key.items())]
 
 

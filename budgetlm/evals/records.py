@@ -2,11 +2,17 @@
 
 ``runs/NAME/records.jsonl`` holds one :class:`EvalRecord` per line; :func:`read_records` reads it
 back, tolerating a torn last line left by a crash (it is ignored and later rewritten).
+
+A cell (suite, item, configuration) may have several records: a record with ``error`` set is
+retried when the run is resumed, and the retry is appended.  The **last** record of a cell wins:
+:func:`read_records` returns only the last record per :attr:`EvalRecord.key` unless asked for every
+line (``latest=False``), and :func:`latest_records` does the same for a list in memory.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +74,24 @@ class EvalRecord(BaseModel):
         return self.prompt_tokens + self.output_tokens
 
 
-def read_records(path: str | Path) -> list[EvalRecord]:
-    """All complete records of a ``records.jsonl`` file (a torn last line is ignored)."""
+def latest_records(records: Iterable[EvalRecord]) -> list[EvalRecord]:
+    """The last record of each (suite, item id, configuration id), in the order the cells first appear.
+
+    A retried cell (an errored record followed by its retry) is represented by the retry.
+    """
+    last: dict[tuple[str, str, str], EvalRecord] = {}
+    for r in records:
+        last[r.key] = r  # a dict keeps the first insertion position, with the last value
+    return list(last.values())
+
+
+def read_records(path: str | Path, *, latest: bool = True) -> list[EvalRecord]:
+    """The complete records of a ``records.jsonl`` file (a torn last line is ignored).
+
+    With ``latest=True`` (the default) only the last record of each (suite, item, configuration)
+    is returned, so a successful retry supersedes the error it retried; ``latest=False`` returns
+    every line.
+    """
     p = Path(path)
     if not p.exists():
         return []
@@ -84,4 +106,4 @@ def read_records(path: str | Path) -> list[EvalRecord]:
             if i == len(lines):  # torn final line from a crash mid-write: not a complete record
                 break
             raise ConfigError(f"{p}:{i}: malformed record ({exc}); fix or delete that line to resume") from None
-    return out
+    return latest_records(out) if latest else out

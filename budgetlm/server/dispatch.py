@@ -1,31 +1,47 @@
-"""Batching concurrent requests onto backends: one worker thread per backend.
+"""Running requests on the shared engine: one asyncio task per request, settled exactly once.
 
-Backends are synchronous and batch-friendly (a vLLM engine answers 32 prompts about as fast as
-one), and every strategy already solves a batch of problems with one meter each.  So each backend
-gets a :class:`BackendWorker` thread: it takes the first queued job, waits up to
-``batch_window_ms`` for more (at most ``max_batch``), groups the jobs by strategy configuration,
-and runs each group with one ``strategy.run(problems, meters, backend)`` call.  Each job's own
-meter enforces its budget, so batching never lets one request spend another's budget.  Results
-(or the exception) go back through a :class:`concurrent.futures.Future` the async endpoint awaits.
+Each chat-completions request becomes a :class:`RequestJob`: an asyncio task on the server's event
+loop running ``await strategy.arun([problem], [meter], backend, on_delta=...)``.  Every call of
+every request goes straight to the backend's running engine (vLLM: one continuous batch for the
+whole process, :mod:`budgetlm.backends.vllm_engine`), so there is no worker thread and no batching
+window: a request starts decoding on the engine's next step, and a short request never waits for a
+long one to finish.
+
+**Cancelling.**  :meth:`RequestJob.abandon` (the client disconnected) cancels the task: the engine
+aborts the request's generations between two steps, and each call's meter reservation is charged
+exactly what was generated (prompt once admitted, plus the partial output).  Strategies not yet
+written as per-problem programs (they override the old batch ``run``) run in a worker thread that
+cannot be interrupted; those run on and are settled when they end.
+
+**Settling.**  When the task has ended (answer, error or cancellation) and the meter has no call in
+flight any more, ``on_end`` runs once with the :class:`Outcome` (the server commits the meter's
+actual spend to the key's allowance there), and :attr:`RequestJob.settled` resolves with it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import queue
+import logging
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from budgetlm.backends.base import Backend
+from budgetlm.backends.streaming import DeltaCallback
 from budgetlm.meter import Meter
 from budgetlm.strategies import get as get_strategy
 from budgetlm.strategies.base import Problem, Result, Strategy
 
-__all__ = ["BackendWorker", "Job", "StrategyCache"]
+__all__ = ["Outcome", "RequestJob", "StrategyCache", "cancellable"]
+
+log = logging.getLogger("budgetlm.server")
+
+SETTLE_WAIT_S = 120.0
+"""Longest wait, after a request's task ended, for calls still running in worker threads to be charged."""
 
 
 class StrategyCache:
@@ -69,90 +85,104 @@ class StrategyCache:
                 close()
 
 
+def cancellable(strategy: Strategy) -> bool:
+    """True when ``strategy`` runs as per-problem async programs (cancelling it aborts its engine work).
+
+    Strategies still written as one batched ``run`` run in a worker thread, which cannot be stopped.
+    """
+    lockstep = getattr(strategy, "_lockstep", None)
+    return not (lockstep() if callable(lockstep) else True)
+
+
+def _calls_in_flight(meter: Meter) -> bool:
+    """True while some call holds a reservation on ``meter`` (e.g. scoring in a worker thread)."""
+    return meter.reserved("output_tokens") > 0 or meter.reserved("input_tokens") > 0
+
+
 @dataclass
-class Job:
-    """One request waiting for its backend."""
+class Outcome:
+    """How a request ended."""
 
-    problem: Problem
-    """The conversation to answer."""
-    meter: Meter
-    """The request's meter (its budget, clamped to the key's allowance)."""
-    key: str
-    """The strategy configuration key (jobs with equal keys run in one batch)."""
-    strategy: Strategy
-    """The strategy to run."""
-    future: Future[Result] = field(default_factory=Future)
-    """Completed with the job's :class:`Result` (ledger filled) or the exception."""
-    enqueued: float = field(default_factory=time.monotonic)
-    """When the job was queued (latency includes waiting)."""
+    result: Result | None
+    """The strategy's result (ledger filled), or ``None`` after an error or a cancellation."""
+    error: BaseException | None = None
+    """The strategy's exception (``None`` when it answered or was cancelled)."""
+    cancelled: bool = False
+    """The task was cancelled (the client left): what ran was charged, there is no answer."""
+    disconnected: bool = False
+    """The client left before the answer was sent (``cancelled``, or a thread strategy that ran on)."""
+    extra: Any = None
+    """What ``on_end`` returned (the server: the response's ``budgetlm`` block)."""
+    latency_s: float = 0.0
+    """Seconds from submission to the end of the task."""
 
 
-class BackendWorker(threading.Thread):
-    """Runs one backend's jobs in batches, one batch at a time."""
+class RequestJob:
+    """One request's strategy program running as an asyncio task (see the module docstring).
 
-    def __init__(self, name: str, backend: Backend, *, window_ms: float = 5.0, max_batch: int = 32) -> None:
-        super().__init__(name=f"budgetlm-backend-{name}", daemon=True)
+    Create it inside the running event loop.  ``on_delta`` receives the answer's token deltas when
+    the strategy streams (``strategy.streams``); ``on_end(outcome)`` is called exactly once, in a worker
+    thread, when the task has ended and every call of the request has been charged to ``meter``.
+    """
+
+    def __init__(self, strategy: Strategy, problem: Problem, meter: Meter, backend: Backend, *,
+                 on_delta: DeltaCallback | None = None, on_end: Callable[[Outcome], Any] | None = None) -> None:
+        self.strategy = strategy
+        self.problem = problem
+        self.meter = meter
         self.backend = backend
-        self.window = window_ms / 1000
-        self.max_batch = max_batch
-        self.queue: queue.Queue[Job | None] = queue.Queue()
-        self.batches = 0
-        """Strategy batches run so far (for tests and metrics)."""
+        self.on_delta = on_delta
+        self.on_end = on_end
+        self.enqueued = time.monotonic()
+        self.cancellable = cancellable(strategy)
+        self.disconnected = False
+        self._loop = asyncio.get_running_loop()
+        self.settled: asyncio.Future[Outcome] = self._loop.create_future()
+        """Resolves with the :class:`Outcome` once the request is settled (never cancelled by awaiting it)."""
+        self.task: asyncio.Task[Result] = self._loop.create_task(self._run(), name=f"budgetlm-request-{problem.id}")
+        self.task.add_done_callback(self._ended)
 
-    def submit(self, job: Job) -> Future[Result]:
-        """Queue ``job``; its future completes when its batch has run."""
-        self.queue.put(job)
-        return job.future
+    async def _run(self) -> Result:
+        results = await self.strategy.arun([self.problem], [self.meter], self.backend, on_delta=self.on_delta)
+        if len(results) != 1:  # a strategy bug must not look like an answer
+            raise RuntimeError(f"strategy {self.strategy.name!r} returned {len(results)} results for 1 problem")
+        r = results[0]
+        r.ledger = self.meter.summary()
+        return r
 
-    def stop(self) -> None:
-        """Finish the queued jobs and end the thread."""
-        self.queue.put(None)
-        self.join(timeout=60)
+    def abandon(self) -> None:
+        """The client left: cancel the program (the engine aborts it) unless it already ended.
 
-    def _collect(self, first: Job) -> tuple[list[Job], bool]:
-        jobs, stop = [first], False
-        deadline = time.monotonic() + self.window
-        while len(jobs) < self.max_batch:
-            left = deadline - time.monotonic()
-            try:
-                job = self.queue.get(timeout=max(left, 0)) if left > 0 else self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                stop = True
-                break
-            jobs.append(job)
-        return jobs, stop
-
-    def run(self) -> None:
-        while True:
-            first = self.queue.get()
-            if first is None:
-                return
-            jobs, stop = self._collect(first)
-            groups: dict[str, list[Job]] = {}
-            for j in jobs:
-                groups.setdefault(j.key, []).append(j)
-            for group in groups.values():
-                self._run_group(group)
-            if stop:
-                return
-
-    def _run_group(self, group: list[Job]) -> None:
-        live = [j for j in group if j.future.set_running_or_notify_cancel()]
-        if not live:
+        A strategy running in a worker thread cannot be interrupted; it runs on and is settled when
+        it ends.  Safe to call any number of times, also after the request ended.
+        """
+        if self.task.done():
             return
-        self.batches += 1
+        self.disconnected = True
+        if self.cancellable:
+            self.task.cancel()
+
+    async def wait(self) -> Outcome:
+        """The outcome, once settled (cancelling the caller does not cancel the request)."""
+        return await asyncio.shield(self.settled)
+
+    def _ended(self, task: asyncio.Task[Result]) -> None:
+        latency = time.monotonic() - self.enqueued
+        if task.cancelled():
+            out = Outcome(None, cancelled=True, disconnected=True, latency_s=latency)
+        elif task.exception() is not None:
+            out = Outcome(None, error=task.exception(), disconnected=self.disconnected, latency_s=latency)
+        else:
+            out = Outcome(task.result(), disconnected=self.disconnected, latency_s=latency)
+        self._settling = self._loop.create_task(self._settle(out))  # referenced: the loop keeps tasks weakly
+
+    async def _settle(self, out: Outcome) -> None:
+        deadline = time.monotonic() + SETTLE_WAIT_S
+        while _calls_in_flight(self.meter) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         try:
-            results = live[0].strategy.run([j.problem for j in live], [j.meter for j in live], self.backend)
-            if len(results) != len(live):  # a strategy bug must not kill the worker or strand requests
-                raise RuntimeError(f"strategy {live[0].strategy.name!r} returned {len(results)} results for "
-                                   f"{len(live)} problems")
-            for j, r in zip(live, results, strict=True):
-                r.ledger = j.meter.summary()
-        except BaseException as exc:  # noqa: BLE001 - every waiting request must hear about it
-            for j in live:
-                j.future.set_exception(exc)
-            return
-        for j, r in zip(live, results, strict=True):
-            j.future.set_result(r)
+            if self.on_end is not None:  # in a worker thread: committing to the store may wait for the disk
+                out.extra = await asyncio.to_thread(self.on_end, out)
+        except Exception:  # noqa: BLE001 -- the waiting response must still hear about the request
+            log.exception("settling request %s failed", self.problem.id)
+        self.settled.set_result(out)

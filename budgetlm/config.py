@@ -10,6 +10,18 @@ from pydantic import BaseModel, ValidationError
 from budgetlm.errors import ConfigError
 
 
+_BOUNDS = {
+    "greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"), "less_than": ("<", "lt"),
+}
+"""Pydantic constraint errors, phrased as "`x` must be >= 1, got 0"."""
+_TYPES = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "bool_type": "true or false",
+    "bool_parsing": "true or false", "string_type": "a string", "list_type": "a list", "dict_type": "a mapping",
+}
+
+
 def validation_message(exc: ValidationError, owner: str, unknown: str = "unknown field `{field}` in {owner}") -> str:
     """One readable line per field error: "`field` must be …, got …"."""
     msgs = []
@@ -20,6 +32,13 @@ def validation_message(exc: ValidationError, owner: str, unknown: str = "unknown
             msgs.append(unknown.format(field=loc, owner=owner))
         elif msg.startswith("`"):
             msgs.append(msg)
+        elif err["type"] in _BOUNDS:
+            bound = (err.get("ctx") or {}).get(_BOUNDS[err["type"]][1])
+            msgs.append(f"`{loc}` must be {_BOUNDS[err['type']][0]} {bound}, got {err.get('input')!r}")
+        elif err["type"] in _TYPES:
+            msgs.append(f"`{loc}` must be {_TYPES[err['type']]}, got {err.get('input')!r}")
+        elif err["type"] == "literal_error":
+            msgs.append(f"`{loc}` must be {(err.get('ctx') or {}).get('expected')}, got {err.get('input')!r}")
         else:
             msgs.append(f"`{loc}`: {msg}, got {err.get('input')!r}")
     return f"invalid {owner}: " + "; ".join(msgs)

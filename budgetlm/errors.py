@@ -74,3 +74,20 @@ class MissingDependency(BudgetLMError, ImportError):
         fix = f"pip install 'budgetlm[{extra}]'" if extra else f"pip install {package}"
         super().__init__(f"{feature} needs the `{package}` package, which is not installed; run: {fix}")
         self.package = package
+
+
+class ContextLengthExceeded(ConfigError):
+    """A prompt leaves no room to generate within the model's context (HTTP 400 ``context_length_exceeded``)."""
+
+    def __init__(self, prompt_tokens: int, max_context: int):
+        super().__init__(
+            f"the prompt has {prompt_tokens} tokens, which leaves no room to generate within the model's "
+            f"context of {max_context} tokens; shorten the prompt or use a backend with a larger context "
+            "(e.g. max_model_len)"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_context = max_context
+
+
+class StreamingUnsupported(ConfigError):
+    """A strategy whose answer needs all its samples was asked to stream token by token."""

@@ -57,6 +57,11 @@ class Reservation:
     """The unit that clamped ``max_tokens`` (``None`` when nothing clamped it)."""
     id: int = field(default_factory=lambda: next(_ids))
     settled: bool = False
+    partial: Usage | None = None
+    """What the call has provably spent so far (prompt once admitted, tokens generated so far); set by
+    the backend layer through :meth:`progress`, charged if the call ends without :meth:`settle`."""
+    charged: Usage | None = None
+    """The usage booked when the reservation was settled (``None``: released without charge)."""
 
     @property
     def clamped(self) -> bool:
@@ -64,8 +69,45 @@ class Reservation:
         return self.max_tokens < self.requested_max_tokens
 
     def release(self) -> None:
-        """Give the reservation back without charging (the call failed or was skipped)."""
+        """Give the reservation back without charging (the call failed before anything was spent)."""
         self.meter._release(self)
+
+    def progress(self, usage: Usage) -> None:
+        """Record what the call has spent so far (charged instead of the reservation if it is cancelled)."""
+        self.partial = usage
+
+    def settle(self, usage: Usage) -> None:
+        """Charge the call's actual ``usage`` and release the reservation (once; later calls raise)."""
+        if self.settled:
+            raise ConfigError(
+                f"reservation {self.id} was already settled; a reservation is charged exactly once"
+            )
+        self.meter.charge(usage, self)
+        self.charged = usage
+
+    def _close(self) -> None:
+        """End of the ``with`` block: charge what was spent, else give the reservation back."""
+        if self.settled:
+            return
+        if self.partial is not None:
+            self.settle(self.partial)
+        else:
+            self.release()
+
+    # A reservation is a context: ``with meter.reserve(...) as r:`` or ``async with``.  Inside, the
+    # caller runs the call and settles ``r`` with its usage; leaving the block in any other way (an
+    # error, a cancellation, a deadline) charges ``r.partial`` (what was generated) or releases.
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    async def __aenter__(self) -> Reservation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._close()
 
 
 class Meter:
@@ -91,6 +133,8 @@ class Meter:
         self.records: list[Usage] = []
         self.children: list[Meter] = []
         self.stop_reason: str | None = None
+        self.active = True
+        """False once the work this meter pays for has finished (siblings then share what is left)."""
 
     # ------------------------------------------------------------------ reading
     def spent(self, unit: Unit | str) -> float:
@@ -271,11 +315,33 @@ class Meter:
                 mm._open[res.id] = res
             return res
 
+    def fair_share(self, samples: int, prompt_tokens: int = 0, *, may_think: bool = True) -> int | None:
+        """Per-sample tokens when ``samples`` samples (with ``prompt_tokens`` prompts in all) share this meter.
+
+        Without it the first of several requests that share a meter could reserve its whole budget
+        and leave nothing for the others; with it every sample gets an equal share of what is left
+        in output, total and (when ``may_think``) thinking tokens.  ``None`` when nothing limits them.
+        """
+        caps = []
+        with self._lock:
+            for unit, extra in (("output_tokens", 0), ("total_tokens", prompt_tokens), ("thinking_tokens", 0)):
+                if unit == "thinking_tokens" and not may_think:
+                    continue
+                r = self.remaining(unit)
+                if r is not None:
+                    caps.append(int((r - extra) // max(1, samples)))
+        return min(caps) if caps else None
+
     def charge(self, usage: Usage, reservation: Reservation | None = None) -> None:
         """Book ``usage`` here and in every ancestor, settling ``reservation`` if given."""
         with self._lock:
             if reservation is not None:
+                if reservation.settled:
+                    raise ConfigError(
+                        f"reservation {reservation.id} was already settled; a reservation is charged exactly once"
+                    )
                 self._release(reservation)
+                reservation.charged = usage
             for mm in self._chain():
                 for u in UNITS:
                     if u == "wall_seconds":

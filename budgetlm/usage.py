@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "abort", "error", "tool"]
-"""Why generation ended: a stop condition, the token limit, an abort, an error, or a tool call."""
+FinishReason = Literal["stop", "length", "abort", "deadline", "error", "tool"]
+"""Why generation ended: a stop condition, the token limit, an abort (cancelled), the wall-clock deadline,
+an error, or a tool call."""
 
 
 def _add(a: float | None, b: float | None) -> float | None:

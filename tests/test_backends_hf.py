@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,11 +219,43 @@ def test_deadline_stops_generation(tiny: HFBackend) -> None:
     free = PreparedRequest(req, None, ids, sp, deadline=None)
     [r_late, r_free] = tiny._generate([late, free])  # one group, rows with and without a deadline
     assert [len(c.token_ids) for c in r_late.completions] == [1, 1]  # at least one token is generated
-    assert all(c.finish_reason == "length" for c in r_late.completions)
+    assert all(c.finish_reason == "deadline" for c in r_late.completions)
     assert [len(c.token_ids) for c in r_free.completions] == [10, 10]
+    assert all(c.finish_reason == "length" for c in r_free.completions)
     meter = Meter(Budget(wall_seconds=0.1))  # the meter's wall-seconds budget becomes the deadline
     [r] = tiny.generate([_req(temperature=1.0, max_tokens=1500)], meter)
-    assert 1 <= len(r.first.token_ids) < 1500 and r.first.finish_reason == "length"
+    assert 1 <= len(r.first.token_ids) < 1500 and r.first.finish_reason == "deadline"
+    assert meter.spent("output_tokens") == len(r.first.token_ids)
+
+
+def test_abort_event_stops_rows_at_next_token(tiny: HFBackend) -> None:
+    sp = SamplingParams(temperature=1.0, max_tokens=10, n=2)
+    req = _req()
+    ids = tiny.render(req)[1]
+    gone, kept = threading.Event(), threading.Event()
+    gone.set()
+    [r_gone, r_kept] = tiny._generate([PreparedRequest(req, None, ids, sp, abort=gone),
+                                       PreparedRequest(req, None, ids, sp, abort=kept)])
+    assert [(len(c.token_ids), c.finish_reason) for c in r_gone.completions] == [(1, "abort")] * 2
+    assert [(len(c.token_ids), c.finish_reason) for c in r_kept.completions] == [(10, "length")] * 2
+    # alone in its call, a request given up before it started is not run at all
+    [r_none] = tiny._generate([PreparedRequest(req, None, ids, sp, abort=gone)])
+    assert [(c.token_ids, c.finish_reason) for c in r_none.completions] == [([], "abort")] * 2
+
+
+def test_deadline_uses_backend_clock(tiny: HFBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+
+    def clock() -> float:  # every reading moves 1 s on: the deadline 3.5 s ahead passes at the 4th token
+        now[0] += 1.0
+        return now[0]
+
+    monkeypatch.setattr(tiny, "clock", clock)
+    req = _req()
+    p = PreparedRequest(req, None, tiny.render(req)[1], SamplingParams(temperature=0, max_tokens=50),
+                        deadline=103.5)
+    [r] = tiny._generate([p])
+    assert (len(r.completions[0].token_ids), r.completions[0].finish_reason) == (4, "deadline")
 
 
 def test_info_and_prompt_rendering(tiny: HFBackend) -> None:

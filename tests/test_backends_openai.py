@@ -123,6 +123,173 @@ def test_4xx_from_stub_is_not_retried(failing_server: tuple[str, type[_Failing]]
     assert len(handler.hits) == 1
 
 
+# ---------------------------------------------------------------------------------------------- streamed path, stub server
+class _Streaming(BaseHTTPRequestHandler):
+    """An SSE chat-completions stub: each POST takes the next plan step.
+
+    ``"503"``: an HTTP 503 answer.  ``"ok"``: the words of ``WORDS`` as chunks (with vLLM's ``token_ids``
+    unless ``ids=False``), a ``length`` finish and a usage chunk.  ``"cutK"``: ``K`` token chunks, then the
+    connection closes in the middle of the chunked body.  ``"slow"``: ``"ok"`` with ``pause`` seconds
+    between chunks (``closed`` records that the client went away).
+    """
+
+    protocol_version = "HTTP/1.1"
+    plan: list[str] = []
+    hits: list[dict] = []
+    ids = True
+    pause = 0.0
+    closed: list[int] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        self.hits.append(body)
+        step = self.plan.pop(0) if self.plan else "ok"
+        if step == "503":
+            data = b'{"error": {"message": "busy", "type": "server_error", "code": 503}}'
+            self.send_response(503)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        words = WORDS[: body["max_tokens"]]
+        try:
+            self._event({"role": "assistant", "content": ""}, None)
+            for j, (text, tok) in enumerate(words):
+                if step.startswith("cut") and j == int(step[3:]):
+                    self.close_connection = True
+                    return  # no terminating chunk: the client sees a broken body
+                if step == "slow":
+                    time.sleep(self.pause)
+                last = j == len(words) - 1
+                self._event({"content": text}, "length" if last else None, [tok])
+            self._send({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": MODEL, "choices": [],
+                        "usage": {"prompt_tokens": 11, "completion_tokens": len(words), "total_tokens": 11 + len(words)}})
+            self._raw(b"data: [DONE]\n\n")
+            self._raw(b"")
+        except (BrokenPipeError, ConnectionResetError):
+            self.closed.append(len(self.hits))
+            self.close_connection = True
+
+    def _event(self, delta: dict, finish: str | None, ids: list[int] | None = None) -> None:
+        choice: dict = {"index": 0, "delta": delta, "finish_reason": finish}
+        if ids is not None and self.ids:
+            choice["token_ids"] = ids
+        self._send({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": MODEL, "choices": [choice]})
+
+    def _send(self, obj: dict) -> None:
+        self._raw(f"data: {json.dumps(obj)}\n\n".encode())
+
+    def _raw(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def log_message(self, *a: object) -> None:
+        pass
+
+
+WORDS = [(f" w{j}", 1000 + j) for j in range(200)]
+"""(text, token id) of the stub's tokens: it streams one per chunk."""
+
+
+@pytest.fixture
+def streaming_server() -> Iterator[tuple[str, type[_Streaming]]]:
+    handler = type("S", (_Streaming,), {"plan": [], "hits": [], "closed": []})
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1", handler
+    srv.shutdown()
+    srv.server_close()
+
+
+def _stub_backend(url: str, **kw: object) -> OpenAIBackend:
+    return OpenAIBackend(url, MODEL, tokenizer=None, n_params=1000, backoff=0.01, **kw)  # type: ignore[arg-type]
+
+
+def test_stream_retries_before_first_token(streaming_server: tuple[str, type[_Streaming]]) -> None:
+    url, handler = streaming_server
+    handler.plan = ["503", "cut0", "ok"]  # an error answer, then a stream cut before its first token
+    b = _stub_backend(url, max_retries=2)
+    meter = Meter()
+    deltas: list = []
+    res = asyncio.run(b.agenerate_one("hi", meter, sampling=SamplingParams(max_tokens=5), on_delta=deltas.append))
+    assert len(handler.hits) == 3 and b.attempts == 3
+    body = handler.hits[-1]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    c = res.first
+    assert c.text == "".join(w for w, _ in WORDS[:5]) == "".join(d.text for d in deltas)
+    assert c.token_ids == [t for _, t in WORDS[:5]] == [t for d in deltas for t in d.token_ids]
+    assert c.finish_reason == "length" and deltas[-1].finish_reason == "length"
+    assert res.usage.prompt_tokens == 11 and res.usage.output_tokens == 5 == res.usage.extra["server_completion_tokens"]
+    assert meter.spent("output_tokens") == 5 and meter.spent("input_tokens") == 11
+
+
+def test_stream_broken_after_tokens_is_charged_not_retried(streaming_server: tuple[str, type[_Streaming]]) -> None:
+    url, handler = streaming_server
+    handler.plan = ["cut3"]
+    b = _stub_backend(url, max_retries=3)
+    meter = Meter()
+    deltas: list = []
+    with pytest.raises(BackendUnavailable, match="broke after 3 token") as err:
+        asyncio.run(b.agenerate_one("hi", meter, sampling=SamplingParams(max_tokens=50), on_delta=deltas.append))
+    assert "not retried" in str(err.value)
+    assert len(handler.hits) == 1  # tokens had arrived: a retry would generate (and charge) them again
+    assert sum(len(d.token_ids) for d in deltas) == 3
+    assert meter.spent("output_tokens") == 3 and meter.reserved("output_tokens") == 0
+    assert meter.total().calls == 1
+
+
+def test_stream_without_token_ids_counts_locally(streaming_server: tuple[str, type[_Streaming]],
+                                                  default_model_path) -> None:
+    url, handler = streaming_server
+    handler.ids = False  # a server without vLLM's token_ids: the local tokenizer counts
+    b = OpenAIBackend(url, MODEL, tokenizer="default", backoff=0.01)
+    res = asyncio.run(b.agenerate_one("hi", sampling=SamplingParams(max_tokens=6)))
+    text = "".join(w for w, _ in WORDS[:6])
+    assert res.first.text == text and res.first.token_ids == b.encode(text)
+    assert res.usage.output_tokens == len(b.encode(text)) and res.usage.extra["server_completion_tokens"] == 6
+
+
+def test_cancelled_stream_is_closed_and_charged_what_arrived(streaming_server: tuple[str, type[_Streaming]]) -> None:
+    url, handler = streaming_server
+    handler.plan, handler.pause = ["slow"], 0.05
+    b = _stub_backend(url)
+    meter = Meter()
+    got: list = []
+
+    async def main() -> None:
+        task = asyncio.ensure_future(b.agenerate_one("hi", meter, sampling=SamplingParams(max_tokens=100),
+                                                     on_delta=got.append))
+        while sum(len(d.token_ids) for d in got) < 4:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    received = sum(len(d.token_ids) for d in got)
+    assert 4 <= received < 100
+    assert meter.spent("output_tokens") == received and meter.total().calls == 1
+    deadline = time.monotonic() + 5
+    while not handler.closed and time.monotonic() < deadline:  # the server notices at its next write
+        time.sleep(0.05)
+    assert handler.closed == [1]
+
+
+def test_extra_sampling_is_sent_and_checked(streaming_server: tuple[str, type[_Streaming]]) -> None:
+    url, handler = streaming_server
+    b = _stub_backend(url, extra_sampling={"ignore_eos": True})
+    asyncio.run(b.agenerate_one("hi", sampling=SamplingParams(max_tokens=2)))
+    assert handler.hits[-1]["ignore_eos"] is True
+    with pytest.raises(ConfigError, match="`extra_sampling` must be"):
+        _stub_backend(url, extra_sampling={"max_tokens": 3})
+
+
 # ---------------------------------------------------------------------------------------------- real server
 @pytest.fixture(scope="module")
 def backend(vllm_server: str) -> OpenAIBackend:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from budgetlm import ConfigError
+from budgetlm import BackendError, ConfigError
+from budgetlm.backends.scripted import ScriptedBackend
 from budgetlm.evals.config import EvalConfig
 from budgetlm.evals.records import read_records
 from budgetlm.evals.runner import Runner, run_eval
@@ -44,8 +45,8 @@ def test_grid_writes_one_record_per_item_and_configuration(tmp_path: Path) -> No
 def test_rerun_skips_finished_records(tmp_path: Path) -> None:
     run_eval(scripted_config(), tmp_path / "run", progress=False, report=False)
     again = run_eval(scripted_config(), tmp_path / "run", progress=False, report=False)
-    assert again.written == 0 and again.skipped == 24
-    assert len(read_records(tmp_path / "run" / "records.jsonl")) == 24
+    assert again.written == 0 and again.skipped == 24 and again.retried == 0
+    assert len(read_records(tmp_path / "run" / "records.jsonl", latest=False)) == 24
 
 
 def test_torn_last_line_is_repaired_on_resume(tmp_path: Path) -> None:
@@ -56,7 +57,7 @@ def test_torn_last_line_is_repaired_on_resume(tmp_path: Path) -> None:
     assert len(read_records(path)) == 23
     again = run_eval(scripted_config(), tmp_path / "run", progress=False, report=False)
     assert again.written == 1
-    recs = read_records(path)
+    recs = read_records(path, latest=False)
     assert len(recs) == 24 == len({r.key for r in recs})
 
 
@@ -112,7 +113,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     partial = read_records(records)
     assert 6 <= len(partial) < 24, "the kill must land mid-run"
     subprocess.run([*cmd, "--out", str(crashed)], check=True, capture_output=True, timeout=300)
-    recs = read_records(records)
+    recs = read_records(records, latest=False)  # every line: a duplicate would show
     assert len(recs) == 24 == len({r.key for r in recs})  # nothing duplicated or lost
     assert _record_set(records) == _record_set(full / "records.jsonl")
 
@@ -202,3 +203,110 @@ def test_per_strategy_budgets_and_labels(tmp_path: Path) -> None:
     assert len(recs) == 12 * 5
     with pytest.raises(ConfigError, match="must be > 0"):
         scripted_config(strategies=[{"name": "sample", "budgets": [{"output_tokens": 0}]}])
+
+
+# ------------------------------------------------------------------ errored records: retry, isolation, progress log
+
+
+def _failing_backend(bad_questions: set[str], exc: type[Exception] = BackendError) -> ScriptedBackend:
+    """The scripted backend ("Answer: 42"), raising ``exc`` on any batch holding one of ``bad_questions``."""
+    def script(prompt: str, i: int, sampling: object) -> str:
+        if any(q in prompt for q in bad_questions):
+            raise exc("engine fell over on this prompt")
+        return "Answer: 42"
+
+    return ScriptedBackend(script=script)
+
+
+def _items(suite: str = SUITE) -> list:
+    from budgetlm.evals.suites import get as get_suite
+
+    return get_suite(suite).items()
+
+
+@pytest.mark.parametrize("exc", [BackendError, RuntimeError])  # the library's errors and anything else
+def test_a_failing_item_fails_alone_not_its_batch(tmp_path: Path, exc: type[Exception]) -> None:
+    items = _items()
+    bad = items[5]  # in the second batch of 4 (items 4..7)
+    backend = _failing_backend({bad.question}, exc)
+    out = Runner(scripted_config(), tmp_path / "run", backends={"scripted": backend}, progress=False,
+                 report=False).run()
+    recs = read_records(tmp_path / "run" / "records.jsonl")
+    assert out.written == len(recs) == 24
+    errored = [r for r in recs if r.error]
+    assert {r.item_id for r in errored} == {bad.id} and len(errored) == 2  # one per budget, nothing else
+    assert all("engine fell over" in r.error for r in errored)
+    assert exc is BackendError or errored[0].error.startswith("RuntimeError: ")
+    neighbours = [r for r in recs if r.item_id in {it.id for it in items[4:8]} and r.item_id != bad.id]
+    assert len(neighbours) == 6 and all(r.error is None and r.output_tokens > 0 for r in neighbours)
+    assert len(out.errors) == 2 and out.errors[0].startswith(f"{bad.id}: ")
+    by_budget = {r.budget["output_tokens"]: r for r in neighbours}
+    assert by_budget[8].answer == "42" and not any(r.over_budget for r in recs)  # budgets still apply per item
+
+
+def test_errored_records_are_retried_on_rerun_and_the_retry_wins(tmp_path: Path) -> None:
+    from budgetlm.evals.report import write_report
+
+    items = _items()
+    bad = {items[1].question, items[9].question}
+    run_dir = tmp_path / "run"
+    first = Runner(scripted_config(), run_dir, backends={"scripted": _failing_backend(bad)}, progress=False).run()
+    assert len(first.errors) == 4 and first.retried == 0
+    assert first.report is not None
+    doc = json.loads((first.report / "summary.json").read_text())
+    assert [c["n_errors"] for c in doc["configs"]] == [2, 2] and all(c["errored"] for c in doc["configs"])
+
+    second = Runner(scripted_config(), run_dir, backends={"scripted": _failing_backend(set())}, progress=False).run()
+    assert (second.retried, second.written, second.skipped, second.errors) == (4, 4, 20, [])
+    lines = read_records(run_dir / "records.jsonl", latest=False)
+    assert len(lines) == 28  # the retries are appended, the errored lines kept
+    latest = read_records(run_dir / "records.jsonl")
+    assert len(latest) == 24 == len({r.key for r in latest}) and not any(r.error for r in latest)
+    doc = json.loads((write_report([run_dir]).parent / "summary.json").read_text())
+    assert [(c["n"], c["n_errors"], c["errored"]) for c in doc["configs"]] == [(12, 0, False), (12, 0, False)]
+    assert doc["n_errored_records"] == 0
+
+    third = Runner(scripted_config(), run_dir, backends={"scripted": _failing_backend(set())}, progress=False,
+                   report=False).run()
+    assert (third.retried, third.written, third.skipped) == (0, 0, 24)  # nothing errored is left
+
+
+def test_progress_lines_go_to_the_log_and_eval_log_when_not_a_tty(tmp_path: Path) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"name: logged\nsuites: ['{SUITE}']\nmodels: ['scripted']\n"
+                   "budgets: [{output_tokens: 1}, {output_tokens: 8}]\nbatch_size: 4\n")
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "budgetlm.cli", "eval", str(cfg), "--out", str(run_dir), "--no-report",
+           "--log-interval", "0"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # pipes: not a terminal
+    assert res.returncode == 0, res.stderr
+    log = (run_dir / "eval.log").read_text()
+    progress = [line for line in log.splitlines() if " budgetlm.evals: progress " in line]
+    assert len(progress) == 23  # one after each record but the last (0 s interval), then the final line
+    assert "progress 1/24 items (4%), 0 errors, elapsed " in progress[0] and "items/s" in progress[0]
+    assert "finished 24/24 items (100%), 0 errors" in log
+    assert "24 of 24 (item, configuration) pairs to run" in log
+    for line in progress:
+        assert line in res.stderr  # the same lines on stderr, where no bar is drawn
+    assert "budgetlm.evals" not in res.stdout and "progress" not in res.stdout
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    log2 = (run_dir / "eval.log").read_text()
+    assert log2.startswith(log)  # appended
+    assert "0 of 24 (item, configuration) pairs to run, 24 already done" in log2[len(log):]
+
+
+def test_progress_logs_every_interval(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="budgetlm.evals"):
+        Runner(scripted_config(), tmp_path / "fast", progress=False, report=False).run()  # 5 s interval
+    assert [r.getMessage().split(" ")[0] for r in caplog.records if getattr(r, "progress", False)] == [
+        "eval", "finished"]  # a fast run: only the start and end lines
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="budgetlm.evals"):
+        Runner(scripted_config(), tmp_path / "every", progress=False, report=False, log_interval=0).run()
+    lines = [r.getMessage() for r in caplog.records if getattr(r, "progress", False)]
+    assert [m.split(" items")[0] for m in lines[1:]] == [f"progress {k}/24" for k in range(1, 24)] + [
+        "finished 24/24"]  # one line per record as it is written

@@ -29,10 +29,10 @@ def test_sample_bad_parameters(kw: dict, match: str) -> None:
         get("sample", **kw)
 
 
-def test_one_backend_call_for_all_problems_and_per_problem_budgets() -> None:
+def test_one_request_per_problem_on_the_engine_and_per_problem_budgets() -> None:
     backend = ScriptedBackend(["one two three Answer: 7"])
     results = get("sample", max_tokens=100).solve(["q1", "q2", "q3"], backend=backend, budget={"output_tokens": 3})
-    assert backend.calls == 1 and backend.batches == [3]
+    assert backend.requests == 3 and backend.batches == []  # each problem is its own request, run concurrently
     for r in results:
         assert r.usage.output_tokens == 3 and r.truncated and r.answer is None  # "Answer:" was cut off
         assert r.ledger["units"]["output_tokens"] == {"spent": 3, "limit": 3, "remaining": 0}

@@ -221,8 +221,9 @@ def test_routing_with_explicit_thresholds(thresholds: list[float] | None, expect
         assert r.stop_reason == "done"
     # each stage ran once, on exactly the problems still open
     assert sorted(script.log) == sorted((q, j) for q, k in zip(QS, expected, strict=True) for j in range(k + 1))
+    # one request per problem per stage it reached (no batched call); the log above says which stage ran which problem
     sizes = [sum(k >= j for k in expected) for j in range(3)]
-    assert backend.batches == [s for s in sizes if s]
+    assert backend.requests == sum(sizes) and backend.batches == []
 
 
 def test_confidences_in_the_trace_are_the_scores() -> None:
@@ -241,15 +242,17 @@ def test_last_stage_always_answers_even_with_low_confidence() -> None:
     [r] = get("cascade", stages=stages(2), thresholds=[0.0]).solve(["q"], backend=backend)
     assert routed_stage(r) == 1 and r.answer == "2"
     assert trail(r)[-1]["answered"] and trail(r)[-1]["threshold"] is None
-    # the last stage is not scored: one scoring call (stage 0) + two generations
-    assert backend.calls == 3 and backend.batches == [1, 1]
+    # the last stage is not scored: one scoring call (stage 0) + two generation requests
+    assert backend.calls == 3 and backend.requests == 2 and backend.batches == []
 
 
 def test_single_stage_cascade_is_that_stage_and_scores_nothing() -> None:
     backend = Scored(staged(TABLE))
     rs = get("cascade", stages=stages(1)).solve(QS, backend=backend)
     assert [r.answer for r in rs] == ["10", "20", "30"]
-    assert backend.calls == 1 and all(r.usage.prompt_tokens == 3 for r in rs)  # generation prompt only
+    # one generation request per problem, no scoring call
+    assert backend.calls == backend.requests == 3 and backend.batches == []
+    assert all(r.usage.prompt_tokens == 3 for r in rs)  # generation prompt only
 
 
 def test_no_thresholds_first_stage_answers_everything() -> None:
@@ -306,7 +309,7 @@ def test_budget_exhausted_before_a_later_stage_returns_the_earlier_answer() -> N
         assert r.ledger["units"]["output_tokens"]["spent"] == 4
         assert trail(r)[1] == {"stage": 1, "name": "s1", "skipped": "budget exhausted: output_tokens"}
         assert len(trail(r)) == 2  # stage 2 is not tried either
-    assert {k for _, k in script.log} == {0} and backend.batches == [3]
+    assert {k for _, k in script.log} == {0} and backend.requests == 3 and backend.batches == []
 
 
 def test_budget_exhausted_keeps_the_answer_of_the_furthest_stage_that_answered() -> None:
@@ -525,8 +528,8 @@ def test_agreement_is_the_share_of_samples_for_the_answer() -> None:
         [r] = get("cascade", stages=stg, thresholds=[delta]).solve(["q"], backend=backend)
         assert trail(r)[0]["confidence"] == 0.75 and r.answer == answer
         assert trail(r)[0]["answer"] == "3"
-        # agreement needs no scoring call: only generations
-        assert backend.calls == len(backend.batches)
+        # agreement needs no scoring call: only generation requests (one per stage reached)
+        assert backend.calls == backend.requests == (1 if answer == "3" else 2) and backend.batches == []
 
 
 def test_agreement_with_no_answer_is_minus_infinity() -> None:
@@ -582,7 +585,7 @@ def test_verifier_scores_with_its_own_backend() -> None:
     assert trail(r)[0]["confidence"] == pytest.approx(expected) and r.answer == "4"
     verifier = cascade._backends["scripted?name=rm"]
     assert verifier.calls == 1 and verifier.name == "rm"
-    assert backend.calls == 1  # the solve backend only generated
+    assert backend.calls == backend.requests == 1  # the solve backend only generated
     assert r.usage.prompt_tokens == 3 + (3 + 3)  # generation prompt + the scored pair, charged to the problem
     cascade.close()
     assert cascade._backends == {}
@@ -596,7 +599,9 @@ def test_default_backend_stage_and_named_backend_stage() -> None:
     [r] = cascade.solve(["q"], backend=backend)
     assert r.answer == "42" and routed_stage(r) == 1
     assert [e["name"] for e in trail(r)] == ["sample@default", "sample@scripted"]
-    assert backend.batches == [1] and cascade._backends["scripted"].batches == [1]
+    # each stage's one request went to that stage's backend
+    named = cascade._backends["scripted"]
+    assert backend.requests == 1 and named.requests == 1 and backend.batches == named.batches == []
     cascade.close()
 
 

@@ -9,9 +9,11 @@ import pytest
 
 import budgetlm.strategies
 from budgetlm.backends.base import SamplingParams
-from budgetlm.backends.scripted import ScriptedBackend
+from budgetlm.backends.scripted import ScriptedBackend, VirtualClock
+from budgetlm.backends.streaming import Delta
 from budgetlm.errors import ConfigError
-from budgetlm.strategies.base import STRATEGIES, Problem
+from budgetlm.meter import Meter
+from budgetlm.strategies.base import STRATEGIES, Problem, run_sync
 from budgetlm.strategies.controlled import CONTROL_MODES, Controlled, control_instruction, with_control
 
 WORDS = 30
@@ -141,13 +143,13 @@ def test_effort_mode_records_the_effort_and_no_length_error() -> None:
     assert "length_error" not in r.details and "target_tokens" not in r.details
 
 
-def test_every_problem_of_a_batch_gets_the_instruction_in_one_call() -> None:
+def test_every_problem_of_a_batch_gets_the_instruction_in_its_own_request() -> None:
     b = recording()
     probs = [Problem(id="a", messages=[{"role": "user", "content": "qa"}]),
              Problem(id="b", messages=[{"role": "user", "content": "qb"}])]
     rs = Controlled(mode="exact", target_tokens=7).solve(probs, backend=b)
     assert [r.problem_id for r in rs] == ["a", "b"]
-    assert b.calls == 1 and b.batches == [2]
+    assert b.requests == 2 and b.batches == []  # one request per problem on the per-request path
     assert all("\n\nThink for 7 tokens." in p for p in b.seen)
     assert probs[0].messages == [{"role": "user", "content": "qa"}]  # the problem is not edited
 
@@ -177,6 +179,37 @@ def test_an_exhausted_budget_skips_the_call_and_keeps_the_control_details() -> N
     assert b.seen == []  # nothing was generated
     assert r.stop_reason.startswith("budget exhausted") and r.answer is None and r.usage.output_tokens == 0
     assert r.details == {"control": "exact", "target_tokens": 20}  # no used_tokens / length_error to average
+
+
+def test_the_answer_streams_token_by_token() -> None:
+    b = recording()
+    strat = Controlled(mode="max", target_tokens=16)
+    deltas: list[Delta] = []
+    [r] = run_sync(strat.arun([Problem.from_text("q", id="q")], [Meter()], b, on_delta=deltas.append))
+    assert strat.streams and r.answer == "7"
+    assert len(deltas) == WORDS + 2  # one delta per token
+    assert "".join(d.text for d in deltas) == r.text and deltas[-1].finish_reason == "stop"
+    assert sum(len(d.token_ids) for d in deltas) == r.usage.output_tokens
+
+
+def test_problems_finish_independently() -> None:
+    clock = VirtualClock()
+
+    def script(prompt: str, i: int, sp: SamplingParams) -> str:
+        words = 2 if "short" in prompt else 40
+        return "".join(f"w{j} " for j in range(words)) + "Answer: 7"
+
+    b = ScriptedBackend(script, token_time=0.01, clock=clock)
+    probs = [Problem.from_text("short", id="s"), Problem.from_text("long", id="l")]
+    root = Meter()
+    ends: list[float] = []
+    rs = run_sync(Controlled(mode="exact", target_tokens=8).arun(
+        probs, [root.child(name=p.id) for p in probs], b,
+        on_delta=lambda d: ends.append(clock()) if d.finish_reason else None))
+    assert b.requests == 2 and [r.usage.output_tokens for r in rs] == [4, 42]
+    # the short problem's sample ended after its 4 tokens, long before the long one's 42
+    assert len(ends) == 2 and ends[0] * 4 < ends[1]
+    assert [r.answer for r in rs] == ["7", "7"]
 
 
 # ---------------------------------------------------------------- registry

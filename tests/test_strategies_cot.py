@@ -7,10 +7,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from budgetlm.backends.base import SamplingParams
-from budgetlm.backends.scripted import ScriptedBackend
+from budgetlm.backends.scripted import ScriptedBackend, VirtualClock
+from budgetlm.backends.streaming import Delta
 from budgetlm.budget import Budget
 from budgetlm.errors import ConfigError
-from budgetlm.strategies.base import STRATEGIES, Problem
+from budgetlm.meter import Meter
+from budgetlm.strategies.base import STRATEGIES, Problem, run_sync
 from budgetlm.strategies.cot import BudgetForcing
 from budgetlm.thinking import ThinkingFormat
 
@@ -114,14 +116,16 @@ def test_k0_never_waits(tags: bool) -> None:
     b = recording(tags)
     rs = BudgetForcing(min_thinking_tokens=1000, max_waits=0).solve(["q1", "q2"], backend=b)
     assert not any("Wait" in p for p in prompts(b))
-    assert all(r.answer == "7" for r in rs) and b.calls == 2  # one thinking call, one answer call
+    assert all(r.answer == "7" for r in rs)
+    assert b.requests == 4  # per problem: one thinking call, one answer call
+    assert all([t["phase"] for t in r.trace] == ["think", "answer"] for r in rs)
 
 
 @pytest.mark.parametrize("tags", [False, True])
 def test_min_thinking_extends_exactly_k_times(tags: bool) -> None:
     b = recording(tags)
     rs = BudgetForcing(min_thinking_tokens=5 * NATURAL, max_waits=2).solve(["q1", "q2", "q3"], backend=b)
-    assert b.batches == [3, 3, 3, 3]  # think, wait, wait, answer: every phase is one batched call
+    assert b.requests == 3 * 4  # per problem: think, wait, wait, answer, each its own request
     for r in rs:
         assert [t["phase"] for t in r.trace] == ["think", "think", "think", "answer"]
         assert [t["waits"] for t in r.trace] == [0, 1, 2, 2]
@@ -145,23 +149,62 @@ def test_extension_stops_at_the_cap() -> None:
     assert [t["phase"] for t in r.trace] == ["think", "think", "answer"]  # 10, then 5 (cut), then answer
 
 
-def test_one_backend_call_per_phase_for_all_problems() -> None:
+def test_one_request_per_phase_for_every_problem() -> None:
     b = backend(False)
     rs = BudgetForcing(thinking_tokens=4).solve([f"q{i}" for i in range(5)], backend=b, budget={"output_tokens": 50})
-    assert b.calls == 2 and b.batches == [5, 5]
+    assert b.requests == 2 * 5 and b.batches == []  # think and answer per problem, none through the batch path
     assert all(r.answer == "7" and r.problem_id == str(i) for i, r in enumerate(rs))
 
 
-def test_problems_with_different_budgets_share_phases() -> None:
-    from budgetlm.meter import Meter
-
+def test_problems_with_different_budgets_run_their_own_phases() -> None:
     b = backend(False)
     root = Meter()
     meters = [root.child({"output_tokens": 40}), root.child({"output_tokens": 1})]
     rs = BudgetForcing().run([Problem.from_text("a", id="a"), Problem.from_text("b", id="b")], meters, b)
-    assert b.batches == [1, 2]  # the second problem has no room to think, but answers with the other
+    assert b.requests == 3  # the second problem has no room to think: it only answers
+    assert [[t["phase"] for t in r.trace] for r in rs] == [["think", "answer"], ["answer"]]
     assert [r.answer for r in rs] == ["7", "7"] and rs[1].usage.output_tokens == 1
     assert rs[1].stop_reason == "budget exhausted: output_tokens" and rs[1].truncated
+
+
+@pytest.mark.parametrize("tags", [False, True])
+def test_only_the_forced_answer_streams_and_the_stream_is_the_text(tags: bool) -> None:
+    strat = BudgetForcing(min_thinking_tokens=2 * NATURAL, max_waits=1)
+    deltas: list[Delta] = []
+    [r] = run_sync(strat.arun([Problem.from_text("q", id="q")], [Meter()], backend(tags), on_delta=deltas.append))
+    assert strat.streams and [t["phase"] for t in r.trace] == ["think", "think", "answer"]
+    assert "".join(d.text for d in deltas) == r.text == "Answer:7\nbecause 3 + 4 = 7."
+    assert deltas[0].text == "Answer:" and deltas[0].token_ids == []  # the lead, then the answer's tokens
+    assert sum(len(d.token_ids) for d in deltas) == r.trace[-1]["output_tokens"]  # no thinking token streamed
+    assert deltas[-1].finish_reason == "stop"
+
+
+def test_a_refused_answer_streams_nothing() -> None:
+    deltas: list[Delta] = []
+    [r] = run_sync(BudgetForcing().arun([Problem.from_text("q", id="q")], [Meter({"output_tokens": 0})],
+                                        backend(False), on_delta=deltas.append))
+    assert deltas == [] and r.text == "" and r.stop_reason == "budget exhausted: output_tokens"
+
+
+def test_problems_advance_independently() -> None:
+    clock = VirtualClock()
+    seen: list[tuple[float, str, str]] = []
+
+    def scr(prompt: str, i: int, sp: SamplingParams) -> str:
+        answer = prompt.rstrip().endswith("Answer:")
+        seen.append((clock(), "short" if "short" in prompt else "long", "answer" if answer else "think"))
+        if answer:
+            return "7"
+        return "".join(f"s{j} " for j in range(2 if "short" in prompt else 30)) + "Answer: 7"
+
+    b = ScriptedBackend(scr, token_time=0.01, clock=clock)
+    rs = BudgetForcing().solve(["short", "long"], backend=b)
+    assert [(who, phase) for _, who, phase in seen] == [
+        ("short", "think"), ("long", "think"), ("short", "answer"), ("long", "answer")]
+    start = {(who, phase): t for t, who, phase in seen}
+    # the short problem answers while the long one is still thinking (lockstep phases would start both together)
+    assert start[("short", "answer")] * 4 < start[("long", "answer")]
+    assert [reasoning_tokens(r) for r in rs] == [2, 30] and all(r.answer == "7" for r in rs)
 
 
 @pytest.mark.parametrize("tags", [False, True])
@@ -183,6 +226,15 @@ def test_batch_budget_is_never_exceeded() -> None:
     b = backend(True)
     rs = BudgetForcing().solve(["a", "b", "c"], backend=b, budget={"output_tokens": 30},
                                batch_budget={"output_tokens": 40})
+    assert sum(r.usage.output_tokens for r in rs) <= 40
+
+
+@pytest.mark.parametrize("tags", [False, True])
+def test_a_batch_budget_leaves_every_concurrent_problem_room_to_think(tags: bool) -> None:
+    # both problems start thinking at once: the first may not take the batch's tokens for itself
+    rs = BudgetForcing(answer_tokens=8).solve(["a", "b"], backend=backend(tags), batch_budget={"output_tokens": 40})
+    assert all(reasoning_tokens(r) > 0 and r.answer == "7" and r.stop_reason == "done" for r in rs)
+    assert reasoning_tokens(rs[0]) <= 40 // 2 - 8  # its equal share less the answer's reserve
     assert sum(r.usage.output_tokens for r in rs) <= 40
 
 

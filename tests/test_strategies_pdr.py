@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from budgetlm.backends.scripted import ScriptedBackend
+from budgetlm.backends.scripted import ScriptedBackend, VirtualClock
 from budgetlm.budget import Budget
 from budgetlm.errors import ConfigError
 from budgetlm.strategies.base import STRATEGIES, get
@@ -74,22 +74,43 @@ def test_sr_one_draft_per_round(distill: str) -> None:
     assert len(log) == 2 * 4 and all(n == 1 and i == 0 for _, i, n in log)
     for r in res:
         assert [len(e["drafts"]) for e in r.trace] == [1, 1, 1, 1]
-    draft_calls = be.batches[::2] if distill != "topk" else be.batches
-    assert draft_calls == [2, 2, 2, 2]
+    # per problem: 4 draft requests, and one distillation request in each of the 3 distilled rounds
+    assert be.requests == 2 * 4 + (0 if distill == "topk" else 2 * 3)
 
 
-@pytest.mark.parametrize(("distill", "batches"), [
-    ("topk", [3, 3, 3]),
-    ("summary", [3, 3, 3, 3, 3]),
-    ("per_draft", [3, 12, 3, 12, 3]),
+@pytest.mark.parametrize(("distill", "distill_requests"), [
+    ("topk", 0),  # no model call
+    ("summary", 1),  # one summary of all drafts
+    ("per_draft", 4),  # one summary per draft, run concurrently
 ])
-def test_one_backend_call_per_round(distill: str, batches: list[int]) -> None:
+def test_one_draft_request_per_round(distill: str, distill_requests: int) -> None:
     log: list = []
     be = ScriptedBackend(make_script(log))
     ParallelDistillRefine(rounds=3, drafts=4, workspace_tokens=16, distill=distill).solve(["a", "b", "c"], backend=be)
-    assert be.batches == batches
-    assert be.calls == len(batches)
-    assert all(n == 4 for _, _, n in log)
+    # per problem: 3 draft requests of n=4 samples, distillation requests in rounds 1 and 2
+    assert be.requests == 3 * (3 + 2 * distill_requests) and be.batches == []
+    assert len(log) == 3 * 3 * 4 and all(n == 4 for _, _, n in log)
+
+
+def test_problems_advance_independently() -> None:
+    clock = VirtualClock()
+    starts: dict[str, list[float]] = {"short": [], "long": []}
+
+    def script(prompt: str, i: int, sp) -> str:
+        who = "short" if "short" in prompt else "long"
+        if i == 0:
+            starts[who].append(clock())
+        return "step " * (1 if who == "short" else 30) + "Answer: 7"
+
+    be = ScriptedBackend(script, token_time=0.01, clock=clock)
+    res = ParallelDistillRefine(rounds=3, drafts=2, workspace_tokens=16, max_tokens=64).solve(
+        ["short", "long"], backend=be)
+    assert [len(v) for v in starts.values()] == [3, 3]
+    # the short problem ran its third round before the long one started its second (lockstep rounds could not)
+    assert starts["short"][2] < starts["long"][1]
+    for r in res:
+        assert r.answer == "7" and r.stop_reason == "done" and len(r.trace) == 3
+        assert r.sequential_tokens == sum(max(d["tokens"] for d in e["drafts"]) for e in r.trace)
 
 
 @given(
@@ -183,6 +204,16 @@ def test_planning_keeps_budget_for_final_round() -> None:
     assert r.stop_reason == "done"
     assert len(r.trace) == 3 and all(e["drafts"] for e in r.trace)
     assert r.usage.output_tokens <= 60
+
+
+def test_batch_budget_lets_every_concurrent_problem_reach_its_final_round() -> None:
+    # three problems plan their rounds at once: each plans with its equal share of the batch's tokens
+    be = ScriptedBackend(lambda p, i, sp: "x " * 50)
+    rs = ParallelDistillRefine(rounds=3, drafts=2, max_tokens=50, workspace_tokens=8).solve(
+        ["a", "b", "c"], backend=be, batch_budget=Budget(output_tokens=90))
+    for r in rs:
+        assert r.stop_reason == "done" and [len(e["drafts"]) for e in r.trace] == [2, 2, 2]
+    assert sum(r.usage.output_tokens for r in rs) <= 90
 
 
 def test_model_distill_falls_back_to_topk_when_unaffordable() -> None:

@@ -57,7 +57,8 @@ def test_boundary_routers_route_and_record(router: str, budget: int, arm: int, d
         assert r.details["expensive_calls"] == arm
         assert r.usage.output_tokens == tokens == spent(r) <= budget
         assert r.trace[0] == {"route": route}
-    assert be.calls == 1  # every problem went to the same arm: one batched call
+    # every problem went to the same arm: one request per problem on it, no batched call, no signal call
+    assert be.calls == be.requests == 3 and be.batches == []
     assert results[0].answer == ("42" if tokens == 2 or tokens == 8 else None)
 
 
@@ -72,25 +73,26 @@ def test_mixed_budgets_in_one_batch_downgrade_only_the_poor_problems() -> None:
     assert rich.details["route"]["arm"] == 1 and not rich.details["route"]["downgraded"]
     assert poor.details["route"]["arm"] == 0 and poor.details["route"]["downgraded"]
     assert [m.spent("output_tokens") for m in meters] == [8, 2]
-    assert be.calls == 2  # one call per arm
+    assert be.calls == be.requests == 2 and be.batches == []  # each problem's own request, on its own arm
 
 
 # ------------------------------------------------------------------ signal routers, reuse and spend
 LOGPROB = {"name": "logprob", "params": {"max_tokens": 8}}
 
 
-@pytest.mark.parametrize(("threshold", "reuse", "calls", "arm", "tokens", "reused"), [
-    (5.0, True, 1, 0, 2, True),  # routed small: the router's cheap answer is the result, no second call
-    (5.0, False, 2, 0, 4, False),  # reuse off: the small arm runs again
-    (-1.0, True, 2, 1, 10, False),  # routed large: signal 2 tokens + 4 samples × 2 tokens
-    (-1.0, False, 2, 1, 10, False),
+@pytest.mark.parametrize(("threshold", "reuse", "arm_requests", "arm", "tokens", "reused"), [
+    (5.0, True, 0, 0, 2, True),  # routed small: the router's cheap answer is the result, no second call
+    (5.0, False, 3, 0, 4, False),  # reuse off: the small arm runs again
+    (-1.0, True, 3, 1, 10, False),  # routed large: signal 2 tokens + 4 samples × 2 tokens
+    (-1.0, False, 3, 1, 10, False),
 ])
-def test_logprob_router_reuses_the_cheap_answer(threshold: float, reuse: bool, calls: int, arm: int, tokens: int,
-                                                reused: bool) -> None:
+def test_logprob_router_reuses_the_cheap_answer(threshold: float, reuse: bool, arm_requests: int, arm: int,
+                                                tokens: int, reused: bool) -> None:
     be = ScriptedBackend(["Answer: 42"])
     strat = get("route", router=LOGPROB, arms=ARMS, threshold=threshold, reuse_cheap=reuse)
     results = strat.solve(problems(), backend=be, budget={"output_tokens": 100})
-    assert be.calls == calls
+    # the signal: one call per problem (each query is its own program); then one request per problem that runs an arm
+    assert be.batches == [1, 1, 1] and be.requests == arm_requests and be.calls == 3 + arm_requests
     for r in results:
         route = r.details["route"]
         assert route["arm"] == arm and route["reused_cheap"] is reused
@@ -162,19 +164,27 @@ def test_three_arms_route_by_band(score: float, arm: int) -> None:
     assert r.details["expensive_calls"] == int(arm > 0)
 
 
-def test_three_arms_in_one_batch_call_each_arm_once() -> None:
+def test_three_arms_each_arm_runs_only_its_problems() -> None:
     arms = [{"label": f"t{k}", "strategy": "sample", "params": {"temperature": t, "max_tokens": 4}}
             for k, t in enumerate(TEMPS)]
     router = PolicyRouter(lambda q: float(q.messages[-1]["content"].split("=")[1]))
     strat = get("route", router=router, arms=arms, threshold=[0.3, 0.6])
     scores = [0.9, 0.1, 0.5, 0.0, 0.7]
     probs = [Problem(id=f"p{i}", messages=[{"role": "user", "content": f"score={s}"}]) for i, s in enumerate(scores)]
-    be = ScriptedBackend(by_temperature)
+    log: list[tuple[str, float]] = []
+
+    def script(prompt: str, i: int, sampling: SamplingParams) -> str:
+        log.append((prompt.split("score=")[1].split()[0], sampling.temperature))
+        return by_temperature(prompt, i, sampling)
+
+    be = ScriptedBackend(script)
     results = strat.solve(probs, backend=be, budget={"output_tokens": 50})
     assert [r.problem_id for r in results] == [p.id for p in probs]  # original order kept
     assert [r.details["route"]["arm"] for r in results] == [2, 0, 1, 0, 2]
     assert [r.answer for r in results] == ["30", "10", "20", "10", "30"]
-    assert be.calls == 3 and sorted(be.batches) == [1, 2, 2]
+    # one request per problem, each at its own arm's temperature only (no batched call)
+    assert be.calls == be.requests == len(probs) and be.batches == []
+    assert sorted(log) == sorted((str(s), TEMPS[a]) for s, a in zip(scores, [2, 0, 1, 0, 2], strict=True))
 
 
 # ------------------------------------------------------------------ calibration files

@@ -77,19 +77,20 @@ def test_adaptive_bad_parameters(kw: dict, match: str) -> None:
 
 
 # ------------------------------------------------------------------ voting mechanics
-def test_majority_is_the_mode_in_one_call() -> None:
+def test_majority_is_the_mode_of_one_n_sample_request() -> None:
     backend = ScriptedBackend(per_problem({
         "q1": ["so Answer: 3", "Answer: 5", "hmm Answer: 3.0", "Answer: 5", "Answer: \\boxed{3}"],
         "q2": ["Answer: 8", "Answer: 9", "Answer: 9"],
     }))
     r1, r2 = get("majority", n=5, max_tokens=20).solve(["q1", "q2"], backend=backend)
-    assert backend.calls == 1 and backend.batches == [2]
+    assert backend.requests == 2 and [r.trace[0]["n"] for r in (r1, r2)] == [5, 5]
     assert (r1.answer, r1.text, r1.stop_reason) == ("3", "so Answer: 3", "done")
     assert r1.trace[-1]["vote"]["counts"] == {"3": 3, "5": 2}
     assert r2.answer == "9" and r2.trace[-1]["vote"]["counts"] == {"8": 2, "9": 3}  # q2 cycles: 8 9 9 8 9
     # the trace adds up to the ledger
     for r in (r1, r2):
-        assert sum(t for _, _, t in sample_texts(r)) == r.usage.output_tokens
+        cancelled = sum(e["cancelled"]["generated_before_cancel"] for e in r.trace if "cancelled" in e)
+        assert sum(t for _, _, t in sample_texts(r)) + cancelled == r.usage.output_tokens
         assert r.usage.output_tokens == r.ledger["units"]["output_tokens"]["spent"]
         assert r.sequential_tokens == max(t for _, _, t in sample_texts(r))
 
@@ -221,28 +222,30 @@ def test_predictive_rule_with_tiny_delta_stops_only_decided_problems() -> None:
         ["q1", "q2"], backend=ScriptedBackend(per_problem(texts)))
     maj = get("majority", n=8).solve(["q1", "q2"], backend=ScriptedBackend(per_problem(texts)))
     assert [a.answer for a in ada] == [m.answer for m in maj] == ["7", "1"]
-    # q1: after 6 unanimous samples the lead (6) exceeds the 2 left: stopped losslessly; q2 stays open to 8
+    # checked after every sample: q1's lead (5) exceeds the 3 left after 5 unanimous samples (the 6th,
+    # in flight beside it, finished in the same engine step and still votes); q2 stays open to 8
     assert [len(sample_texts(a)) for a in ada] == [6, 8]
     assert ada[0].trace[-1]["vote"]["counts"] == {"7": 6}
+    assert any(e.get("stop") == "settled" for e in ada[0].trace)
 
 
 def test_posterior_rule_is_adaptive_consistency() -> None:
     backend = ScriptedBackend(per_problem({"q1": ["Answer: 7"]}))
     [r] = get("adaptive", rule="posterior", max_samples=8).solve(["q1"], backend=backend)
-    # Dirichlet(3, 1) after 2 votes: P = 0.875 < 0.95; after 4 votes 0.97: two rounds
-    assert backend.calls == 2 and len(sample_texts(r)) == 4
+    # Dirichlet(3, 1) after 2 votes: P = 0.875 < 0.95; after 3 0.94; after 4 votes 0.97: settled
+    assert backend.requests == 4 and len(sample_texts(r)) == 4
     assert all("horizon" not in e for e in r.trace)
 
 
 def test_adaptive_unanimous_stops_after_the_first_batch() -> None:
     backend = ScriptedBackend(per_problem({"q1": ["Answer: 7"], "q2": ["x Answer: 3"]}))
     results = get("adaptive", batch_size=4, max_samples=20).solve(["q1", "q2"], backend=backend)
-    assert backend.calls == 1 and backend.batches == [2]
+    assert backend.requests == 8  # 4 single-sample requests in flight per problem
     assert [(r.answer, r.stop_reason, len(sample_texts(r))) for r in results] == [("7", "done", 4), ("3", "done", 4)]
     # defaults (batch_size=2, prior=1, delta=0.05): 2 agreeing votes give P=0.875, 4 give 0.97
     backend = ScriptedBackend(per_problem({"q1": ["Answer: 7"]}))
     [r] = get("adaptive").solve(["q1"], backend=backend)
-    assert backend.calls == 2 and len(sample_texts(r)) == 4
+    assert backend.requests == 4 and len(sample_texts(r)) == 4
 
 
 def test_adaptive_with_tiny_delta_equals_majority() -> None:
@@ -250,7 +253,7 @@ def test_adaptive_with_tiny_delta_equals_majority() -> None:
              "q2": ["Answer: 5", "Answer: 6", "Answer: 6", "Answer: 6", "Answer: 5", "Answer: 4"]}
     backend = ScriptedBackend(per_problem(texts))
     ada = get("adaptive", delta=1e-9, max_samples=6, batch_size=2).solve(["q1", "q2"], backend=backend)
-    assert backend.batches == [2, 2, 2]  # every round: one call for all unsettled problems
+    assert backend.requests == 12  # never settles: 6 single-sample requests per problem
     maj = get("majority", n=6).solve(["q1", "q2"], backend=ScriptedBackend(per_problem(texts)))
     for a, m in zip(ada, maj, strict=True):
         assert (a.answer, a.text) == (m.answer, m.text)
@@ -263,8 +266,8 @@ def test_adaptive_with_tiny_delta_equals_majority() -> None:
 def test_adaptive_rounds_only_include_unsettled_problems() -> None:
     backend = ScriptedBackend(per_problem({"q1": ["Answer: 7"], "q2": ["Answer: 1", "Answer: 2"]}))
     r1, r2 = get("adaptive", batch_size=4, max_samples=12).solve(["q1", "q2"], backend=backend)
-    assert backend.batches == [2, 1, 1]
     assert len(sample_texts(r1)) == 4 and len(sample_texts(r2)) == 12
+    assert backend.requests == 16  # q1 settled after its first 4 samples; q2 ran on to max_samples
     assert r2.stop_reason == "done" and any(e.get("stop") == "max_samples" for e in r2.trace)
 
 
@@ -313,7 +316,8 @@ def test_no_overspend(name, per, batch, n, max_tokens, mixes) -> None:
     assert len(results) == len(qs)
     for r in results:
         assert r.usage.output_tokens == r.ledger["units"]["output_tokens"]["spent"]
-        assert sum(t for _, _, t in sample_texts(r)) == r.usage.output_tokens
+        cancelled = sum(e["cancelled"]["generated_before_cancel"] for e in r.trace if "cancelled" in e)
+        assert sum(t for _, _, t in sample_texts(r)) + cancelled == r.usage.output_tokens
         if per is not None:
             assert r.usage.output_tokens <= per
         assert r.stop_reason == "done" or r.stop_reason.startswith("budget exhausted")
@@ -338,5 +342,6 @@ def test_majority_and_adaptive_on_a_real_model(vllm_backend) -> None:
             for unit, limit in budget.limits().items():
                 assert r.ledger["units"][unit]["spent"] <= limit
             assert r.usage.output_tokens == r.ledger["units"]["output_tokens"]["spent"]
-            assert sum(t for _, _, t in sample_texts(r)) == r.usage.output_tokens
+            cancelled = sum(e["cancelled"]["generated_before_cancel"] for e in r.trace if "cancelled" in e)
+            assert sum(t for _, _, t in sample_texts(r)) + cancelled == r.usage.output_tokens
             assert len(sample_texts(r)) >= 1

@@ -19,17 +19,21 @@ as vLLM reports them by default, so that :meth:`Backend.score` agrees with gener
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from budgetlm.backends.streaming import Delta, DeltaCallback, Sink
 from budgetlm.config import Config
 from budgetlm.costs import CostModel, EnergyMeter, ModelInfo, PriceTable
-from budgetlm.errors import BudgetExceeded, ConfigError
+from budgetlm.errors import BudgetExceeded, ConfigError, ContextLengthExceeded
 from budgetlm.meter import Meter, Reservation
 from budgetlm.thinking import NO_THINKING, ThinkingFormat, count_thinking_tokens, split_thinking
 from budgetlm.usage import Usage
@@ -254,7 +258,9 @@ class PreparedRequest:
     sampling: SamplingParams
     """Sampling settings with ``max_tokens`` clamped."""
     deadline: float | None = None
-    """``time.monotonic()`` deadline from the wall-seconds budget, if any."""
+    """Deadline on the backend's :attr:`~Backend.clock` from the wall-seconds budget, if any."""
+    abort: threading.Event | None = None
+    """Set when the caller gave the request up (token loops stop at it)."""
 
 
 @dataclass
@@ -321,6 +327,63 @@ class ThinkingBudgetBackend(Protocol):
         ...
 
 
+@contextlib.asynccontextmanager
+async def _held(res: Reservation | None) -> AsyncIterator[Reservation | None]:
+    """``async with`` a reservation, or nothing when the request has no meter."""
+    if res is None:
+        yield None
+        return
+    async with res:
+        yield res
+
+
+class GenerationStream:
+    """The deltas of one streamed request (``async for``), then its :class:`GenerationResult`.
+
+    Made by :meth:`Backend.astream`.  The request starts on the first ``__anext__``.  Closing the
+    stream early (``break`` out of ``async for`` and :meth:`aclose`, or an error in the consumer)
+    cancels the request: the engine aborts it and its meter is charged what was generated.
+    """
+
+    def __init__(self, backend: Backend, request: GenerationRequest | str | list[Message], meter: Meter | None,
+                 sampling: SamplingParams | None) -> None:
+        self._backend = backend
+        self._request = request
+        self._meter = meter
+        self._sampling = sampling
+        self._queue: asyncio.Queue[Delta | None] = asyncio.Queue()
+        self._task: asyncio.Task[GenerationResult] | None = None
+        self.result: GenerationResult | None = None
+        """The request's result once the stream is exhausted."""
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> Delta:
+        if self._task is None:
+            # Validate and reserve now, so that bad input and exhausted budgets raise here, not later.
+            self._task = asyncio.ensure_future(self._backend.agenerate_one(
+                self._request, self._meter, sampling=self._sampling, on_delta=self._queue.put_nowait))
+            self._task.add_done_callback(lambda _t: self._queue.put_nowait(None))
+        item = await self._queue.get()
+        if item is None:
+            self.result = await self._task  # re-raises the request's error
+            raise StopAsyncIteration
+        return item
+
+    async def aclose(self) -> None:
+        """Cancel the request if it is still running (charging what was generated)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
 class Backend(ABC):
     """Base class of all backends; see the module docstring."""
 
@@ -341,6 +404,8 @@ class Backend(ABC):
         self._flops_kind = flops
         self._cost_model: CostModel | None = None
         self._energy = EnergyMeter() if measure_energy else None
+        self.clock: Callable[[], float] = time.monotonic
+        """The clock deadlines are measured on (meters' wall seconds use the same; tests may replace both)."""
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -406,6 +471,91 @@ class Backend(ABC):
         usd = self.prices.cost(model or self.name, prompt_tokens, 0, n * max_tokens)
         return flops, usd
 
+    # ------------------------------------------------------------------ one request: prepare and account
+    def _prepare(self, req: GenerationRequest, meter: Meter | None,
+                 share: int | None = None) -> tuple[PreparedRequest, Reservation | None]:
+        """Render ``req``, check its context, and reserve its worst case on its meter (clamping ``max_tokens``).
+
+        Raises :class:`~budgetlm.errors.BudgetExceeded` when not one token fits and
+        :class:`~budgetlm.errors.ContextLengthExceeded` when the prompt fills the model's context.
+        """
+        text, ids = self.render(req)
+        n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
+        ctx = self._max_context()
+        if ctx and n_prompt >= ctx:
+            raise ContextLengthExceeded(n_prompt, ctx)
+        m = req.meter or meter
+        sp = req.sampling
+        res = None
+        deadline = None
+        if m is not None:
+            res = m.reserve(
+                prompt_tokens=n_prompt,
+                max_tokens=sp.max_tokens if share is None else max(1, min(sp.max_tokens, share)),
+                n=sp.n,
+                may_think=req.may_think and self.thinking.enabled,
+                cost=lambda p, k, n: self._estimate(p, k, n),
+            )
+            if res.max_tokens < sp.max_tokens and res.binding_unit is None:
+                res.binding_unit = "output_tokens"  # the fair share of a meter shared in the batch
+            res.requested_max_tokens = sp.max_tokens
+            if res.max_tokens != sp.max_tokens:
+                sp = sp.model_copy(update={"max_tokens": res.max_tokens})
+            rw = m.remaining("wall_seconds")
+            deadline = None if rw is None else self.clock() + rw
+        return PreparedRequest(req, text, ids, sp, deadline), res
+
+    def _max_context(self) -> int:
+        """The model's context in tokens (0: unknown, not checked)."""
+        return 0
+
+    def _account(self, p: PreparedRequest, raw: RawResult, latency: float,
+                 joules: float | None = None) -> tuple[list[Completion], Usage]:
+        """Completions and the :class:`Usage` of one request's raw engine output."""
+        fmt = self._thinking_for(p.request)
+        comps = [self._finish(c, fmt) for c in raw.completions]
+        n_prompt = raw.prompt_tokens if raw.prompt_tokens is not None else (
+            len(p.prompt_token_ids) if p.prompt_token_ids is not None else self._approx_tokens(p.prompt_text or "")
+        )
+        lengths = [len(c.token_ids) for c in comps]
+        usage = Usage(
+            prompt_tokens=n_prompt,
+            cached_prompt_tokens=raw.cached_prompt_tokens,
+            output_tokens=sum(lengths),
+            thinking_tokens=sum(c.thinking_tokens for c in comps),
+            latency_s=latency,
+            flops=self.cost_model.flops_for_outputs(n_prompt, lengths) + float(raw.extra.get("flops_extra", 0.0)),
+            usd=self.prices.cost(self.name, n_prompt, raw.cached_prompt_tokens, sum(lengths)),
+            joules=joules,
+            model=self.name,
+            finish_reason=comps[-1].finish_reason if comps else None,
+            extra={k: v for k, v in raw.extra.items() if k != "flops_extra"},
+        )
+        if raw.usage_check:
+            usage.extra.update({k: float(v) for k, v in raw.usage_check.items() if isinstance(v, (int, float))})
+        return comps, usage
+
+    def _shares(self, reqs: list[GenerationRequest], meter: Meter | None) -> dict[int, int]:
+        """Per-sample token shares of the meters that several requests of one batch share (see
+        :meth:`Meter.fair_share <budgetlm.meter.Meter.fair_share>`)."""
+        groups: dict[int, tuple[Meter, int, int, int]] = {}
+        for req in reqs:
+            m = req.meter or meter
+            if m is None:
+                continue
+            text, ids = self.render(req)
+            n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
+            _, k, samples, prompts = groups.get(id(m), (m, 0, 0, 0))
+            groups[id(m)] = (m, k + 1, samples + req.sampling.n, prompts + n_prompt)
+        shares: dict[int, int] = {}
+        for key, (m, k, samples, prompts) in groups.items():
+            if k >= 2:
+                share = m.fair_share(samples, prompts, may_think=self.thinking.enabled)
+                if share is not None:
+                    shares[key] = share
+        return shares
+
+    # ------------------------------------------------------------------ batch (sync) API
     def generate(
         self,
         requests: Sequence[GenerationRequest | str | list[Message]],
@@ -425,131 +575,169 @@ class Backend(ABC):
             raise ConfigError(f"`on_budget_exhausted` must be 'raise' or 'skip', got {on_budget_exhausted!r}")
         reqs = [make_request(r, sampling) for r in requests]
         results: list[GenerationResult | None] = [None] * len(reqs)
-        prepared: list[PreparedRequest] = []
-        where: list[int] = []
-        reservations: list[tuple[Meter | None, Reservation | None]] = []
-        rendered = [self.render(req) for req in reqs]
-        shares = self._fair_shares(reqs, rendered, meter)
-        try:
+        prepared: list[tuple[int, PreparedRequest, Reservation | None]] = []
+        shares = self._shares(reqs, meter)
+        with contextlib.ExitStack() as held:  # every reservation is settled or released on the way out
             for i, req in enumerate(reqs):
-                text, ids = rendered[i]
-                n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
-                m = req.meter or meter
-                sp = req.sampling
-                res = None
-                deadline = None
-                if m is not None:
-                    try:
-                        share = shares.get(id(m))
-                        res = m.reserve(
-                            prompt_tokens=n_prompt,
-                            max_tokens=sp.max_tokens if share is None else max(1, min(sp.max_tokens, share)),
-                            n=sp.n,
-                            may_think=req.may_think and self.thinking.enabled,
-                            cost=lambda p, k, n: self._estimate(p, k, n),
-                        )
-                    except BudgetExceeded as exc:
-                        if on_budget_exhausted == "raise":
-                            raise
-                        results[i] = GenerationResult(req, [], Usage.zero(), ids or [], 0, exc.unit, skipped=str(exc))
-                        continue
-                    if res.max_tokens < sp.max_tokens and res.binding_unit is None:
-                        res.binding_unit = "output_tokens"  # the fair share of a meter shared in the batch
-                    res.requested_max_tokens = sp.max_tokens
-                    if res.max_tokens != sp.max_tokens:
-                        sp = sp.model_copy(update={"max_tokens": res.max_tokens})
-                    rw = m.remaining("wall_seconds")
-                    deadline = None if rw is None else time.monotonic() + rw
-                prepared.append(PreparedRequest(req, text, ids, sp, deadline))
-                where.append(i)
-                reservations.append((m, res))
-        except BaseException:
-            for _, r in reservations:
-                if r is not None:
-                    r.release()
-            raise
-        if not prepared:
-            return [r for r in results if r is not None]
-        e0 = self._energy.read_mj() if self._energy else None
-        t0 = time.perf_counter()
-        try:
-            raws = self._generate(prepared)
-        except BaseException:
-            for _, r in reservations:
-                if r is not None:
-                    r.release()
-            raise
-        latency = time.perf_counter() - t0
-        joules = self._energy.joules_since(e0) if self._energy else None
-        total_out = sum(len(c.token_ids) for raw in raws for c in raw.completions) or 1
-        for p, idx, raw, (m, res) in zip(prepared, where, raws, reservations):
-            fmt = self._thinking_for(p.request)
-            comps = [self._finish(c, fmt) for c in raw.completions]
-            n_prompt = raw.prompt_tokens if raw.prompt_tokens is not None else (
-                len(p.prompt_token_ids) if p.prompt_token_ids is not None else self._approx_tokens(p.prompt_text or "")
-            )
-            lengths = [len(c.token_ids) for c in comps]
-            usage = Usage(
-                prompt_tokens=n_prompt,
-                cached_prompt_tokens=raw.cached_prompt_tokens,
-                output_tokens=sum(lengths),
-                thinking_tokens=sum(c.thinking_tokens for c in comps),
-                latency_s=latency,
-                flops=self.cost_model.flops_for_outputs(n_prompt, lengths) + float(raw.extra.get("flops_extra", 0.0)),
-                usd=self.prices.cost(self.name, n_prompt, raw.cached_prompt_tokens, sum(lengths)),
-                joules=None if joules is None else joules * sum(lengths) / total_out,
-                model=self.name,
-                finish_reason=comps[-1].finish_reason if comps else None,
-                extra={k: v for k, v in raw.extra.items() if k != "flops_extra"},
-            )
-            if raw.usage_check:
-                usage.extra.update({k: float(v) for k, v in raw.usage_check.items() if isinstance(v, (int, float))})
-            if m is not None:
-                m.charge(usage, res)
-            results[idx] = GenerationResult(
-                p.request, comps, usage, p.prompt_token_ids or [], p.sampling.max_tokens,
-                res.binding_unit if res is not None else None,
-            )
+                try:
+                    p, res = self._prepare(req, meter, shares.get(id(req.meter or meter)))
+                except BudgetExceeded as exc:
+                    if on_budget_exhausted == "raise":
+                        raise
+                    text, ids = self.render(req)
+                    results[i] = GenerationResult(req, [], Usage.zero(), ids or [], 0, exc.unit, skipped=str(exc))
+                    continue
+                if res is not None:
+                    held.enter_context(res)
+                prepared.append((i, p, res))
+            if not prepared:
+                return [r for r in results if r is not None]
+            e0 = self._energy.read_mj() if self._energy else None
+            t0 = time.perf_counter()
+            raws = self._generate([p for _, p, _ in prepared])
+            latency = time.perf_counter() - t0
+            joules = self._energy.joules_since(e0) if self._energy else None
+            total_out = sum(len(c.token_ids) for raw in raws for c in raw.completions) or 1
+            for (idx, p, res), raw in zip(prepared, raws, strict=True):
+                out = sum(len(c.token_ids) for c in raw.completions)
+                comps, usage = self._account(p, raw, latency, None if joules is None else joules * out / total_out)
+                if res is not None:
+                    res.settle(usage)
+                results[idx] = GenerationResult(
+                    p.request, comps, usage, p.prompt_token_ids or [], p.sampling.max_tokens,
+                    res.binding_unit if res is not None else None,
+                )
         return [r for r in results if r is not None]
 
-    def _fair_shares(
-        self, reqs: list[GenerationRequest], rendered: list[tuple[str | None, list[int] | None]], meter: Meter | None
-    ) -> dict[int, int]:
-        """Per-sample token shares for meters that several requests of one batch share.
+    # ------------------------------------------------------------------ per-request (async) API
+    async def agenerate_one(
+        self,
+        request: GenerationRequest | str | list[Message],
+        meter: Meter | None = None,
+        *,
+        sampling: SamplingParams | None = None,
+        on_delta: DeltaCallback | None = None,
+        share: int | None = None,
+    ) -> GenerationResult:
+        """Generate one request on the running engine, concurrently with every other request in flight.
 
-        Without this the first request of a batch could reserve a shared meter's whole budget and
-        leave nothing for the others; with it, every sample of the batch gets an equal share of
-        what the meter has left (in output, total and thinking tokens).
+        The request is reserved on its meter (``max_tokens`` clamped), runs until it ends, its
+        meter's wall-clock deadline passes (``finish_reason="deadline"``), or the awaiting task is
+        cancelled — which aborts it in the engine and charges exactly the tokens generated (prompt
+        plus partial output) before :class:`asyncio.CancelledError` propagates.  ``on_delta`` is
+        called on this event loop with every new piece of output (:class:`Delta`).  ``share`` caps
+        the per-sample tokens (the fair share of a meter several requests use at once).
         """
-        groups: dict[int, tuple[Meter, int, int, int]] = {}
-        for req, (text, ids) in zip(reqs, rendered):
-            m = req.meter or meter
-            if m is None:
-                continue
-            n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
-            _, k, samples, prompts = groups.get(id(m), (m, 0, 0, 0))
-            groups[id(m)] = (m, k + 1, samples + req.sampling.n, prompts + n_prompt)
-        shares: dict[int, int] = {}
-        for key, (m, k, samples, prompts) in groups.items():
-            if k < 2:
-                continue
-            caps = []
-            for unit, extra in (("output_tokens", 0), ("total_tokens", prompts), ("thinking_tokens", 0)):
-                r = m.remaining(unit)
-                if r is not None and not (unit == "thinking_tokens" and not self.thinking.enabled):
-                    caps.append(int((r - extra) // samples))
-            if caps:
-                shares[key] = min(caps)
-        return shares
+        req = make_request(request, sampling)
+        p, res = self._prepare(req, meter, share)
+        sink = Sink(p.sampling.n, on_delta, asyncio.get_running_loop())
+        sink.deadline = p.deadline
+        t0 = time.perf_counter()
+        async with _held(res) as r:
+            try:
+                raw = await self._run_request(p, sink)
+            except BaseException:
+                if r is not None and sink.admitted:  # charge what was generated before the error/cancel
+                    r.progress(self._account(p, sink.raw("abort"), time.perf_counter() - t0)[1])
+                raise
+            comps, usage = self._account(p, raw, time.perf_counter() - t0)
+            if r is not None:
+                r.settle(usage)
+        return GenerationResult(req, comps, usage, p.prompt_token_ids or [], p.sampling.max_tokens,
+                                res.binding_unit if res is not None else None)
+
+    def astream(self, request: GenerationRequest | str | list[Message], meter: Meter | None = None, *,
+                sampling: SamplingParams | None = None) -> GenerationStream:
+        """Stream one request: ``async for delta in backend.astream(...)``; ``.result`` once it ends.
+
+        Leaving the loop early (``break``, an exception, :meth:`GenerationStream.aclose`) cancels the
+        request: the engine aborts it and the meter is charged what was generated.
+        """
+        return GenerationStream(self, request, meter, sampling)
+
+    async def _run_request(self, p: PreparedRequest, sink: Sink) -> RawResult:
+        """:meth:`_agenerate_request` under the request's deadline (``finish_reason="deadline"`` at it)."""
+        if p.deadline is None:
+            return await self._agenerate_request(p, sink)
+        task = asyncio.ensure_future(self._agenerate_request(p, sink))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, p.deadline - self.clock()))
+        except BaseException:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise
+        if task in done:
+            return task.result()
+        sink.end_reason = "deadline"
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        sink.close_open("deadline")
+        return sink.raw("deadline")
+
+    async def _agenerate_request(self, p: PreparedRequest, sink: Sink) -> RawResult:
+        """Run one prepared request, pushing output into ``sink``; backends with an async engine override it.
+
+        Contract: on cancellation, stop the engine's work on the request and leave ``sink`` holding
+        exactly what was generated before re-raising.  This default runs the batch hook
+        :meth:`_generate` for one request in a worker thread; cancelling sets ``sink.abort`` (token
+        loops that poll it stop) and waits for the thread, whose output is then what was generated.
+        """
+        fut = asyncio.ensure_future(asyncio.to_thread(self._generate_one_blocking, p, sink))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            sink.abort.set()
+            while not fut.done():  # wait for the thread whatever further cancellations arrive
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.shield(fut)
+            if sink.admitted and not fut.cancelled() and fut.exception() is None:
+                for i, c in enumerate(fut.result().completions):
+                    sink.push(i, c.token_ids, c.text, finish_reason=sink.end_reason or "abort")
+            raise
+
+    def _generate_one_blocking(self, p: PreparedRequest, sink: Sink) -> RawResult:
+        """One request through the batch hook (called in a worker thread by the default async path)."""
+        if sink.abort.is_set():  # given up before it started: nothing ran, nothing is charged
+            return RawResult([RawCompletion([], "", "abort") for _ in range(p.sampling.n)], prompt_tokens=0)
+        sink.admit()
+        raw = self._generate([dataclasses.replace(p, abort=sink.abort)])[0]
+        if raw.prompt_tokens is not None:
+            sink.admit(raw.prompt_tokens, raw.cached_prompt_tokens)
+        if not sink.abort.is_set():
+            for i, c in enumerate(raw.completions):
+                sink.push(i, c.token_ids, c.text, logprobs=c.logprobs, top_logprobs=c.top_logprobs,
+                          finish_reason=c.finish_reason, stop_string=c.stop_string)
+        return raw
 
     async def agenerate(
         self,
         requests: Sequence[GenerationRequest | str | list[Message]],
         meter: Meter | None = None,
-        **kw: Any,
+        *,
+        sampling: SamplingParams | None = None,
+        on_budget_exhausted: Literal["raise", "skip"] = "raise",
     ) -> list[GenerationResult]:
-        """Async :meth:`generate` (runs the batch in a worker thread unless overridden)."""
-        return await asyncio.to_thread(self.generate, requests, meter, **kw)
+        """Async :meth:`generate`: every request runs concurrently through :meth:`agenerate_one`."""
+        if on_budget_exhausted not in ("raise", "skip"):
+            raise ConfigError(f"`on_budget_exhausted` must be 'raise' or 'skip', got {on_budget_exhausted!r}")
+        reqs = [make_request(r, sampling) for r in requests]
+        shares = self._shares(reqs, meter)
+
+        async def one(req: GenerationRequest) -> GenerationResult:
+            try:
+                return await self.agenerate_one(req, meter, share=shares.get(id(req.meter or meter)))
+            except BudgetExceeded as exc:
+                if on_budget_exhausted == "raise":
+                    raise
+                _, ids = self.render(req)
+                return GenerationResult(req, [], Usage.zero(), ids or [], 0, exc.unit, skipped=str(exc))
+
+        return list(await asyncio.gather(*(one(r) for r in reqs)))
+
+    async def ascore(self, prompt: str | list[int] | list[Message], continuation: str | list[int],
+                     meter: Meter | None = None) -> ScoreResult:
+        """Async :meth:`score` (runs beside generation on the same engine)."""
+        return await asyncio.to_thread(self.score, prompt, continuation, meter)
 
     def _thinking_for(self, request: GenerationRequest) -> ThinkingFormat:
         """The thinking format for a request, given where its assistant prefix leaves off.

@@ -26,15 +26,32 @@
   the same batch composition give the same samples; a seeded request that is alone in its group
   (the usual case: one seeded request per call) is reproducible on its own.  Unseeded requests use
   the global RNG.
-* **Stop strings.**  ``stop_strings`` (with the tokenizer) make ``generate`` stop a row as soon as a
-  token completes a stop string.  As on vLLM, the token ids keep every generated token up to and
-  including the token that completed the stop string, while the text is cut before the stop string.
+* **Stop strings.**  A ``StopStringCriteria`` (inside the per-row stopping criterion below) stops a
+  row as soon as a token completes a stop string.  As on vLLM, the token ids keep every generated
+  token up to and including the token that completed the stop string, while the text is cut before
+  the stop string.
   The sample ends at the first end-of-sequence token, which is kept in ``token_ids`` (it was
   generated and is paid for, and vLLM counts it too) but adds no text; padding after a finished row
   is dropped.  ``finish_reason`` is ``"stop"`` for end of sequence or a stop string,
-  ``"length"`` otherwise (token limit, context limit or deadline).
-* **Deadlines.**  When the meter has a wall-seconds budget, a stopping criterion ends each row at its
-  request's ``deadline`` (``finish_reason="length"``); at least one token is always generated.
+  ``"length"`` for the token or context limit, ``"deadline"`` and ``"abort"`` as below.
+* **Deadlines and aborts.**  One stopping criterion, evaluated after every generated token, ends each
+  row at end of sequence, a stop string, its token limit, its request's ``deadline`` (on the
+  backend's :attr:`~budgetlm.backends.base.Backend.clock`; ``finish_reason="deadline"``, as
+  :meth:`~budgetlm.backends.base.Backend.agenerate_one` reports deadlines on every backend) or when
+  its request's ``abort`` event is set (``finish_reason="abort"``), so cancellation and deadlines
+  stop generation within one token.  A ``generate`` call whose requests were all given up before it
+  started does not run; otherwise at least one token is generated per row.
+* **Streaming** (:meth:`HFBackend._agenerate_request`, used by ``agenerate_one``/``astream``): the
+  same criterion pushes each row's new token into the request's
+  :class:`~budgetlm.backends.streaming.Sink` as soon as it is sampled, with its text detokenised
+  incrementally (text that might still turn out to be part of a stop string is held back until the
+  sample ends).  Logprobs arrive with a sample's last delta.  The deltas of a sample concatenate to
+  its final text and token ids.  Cancelling the awaiting task sets the request's abort event and
+  waits (at most one token) for the generation thread; the sink then holds exactly the tokens
+  generated, which is what is charged.
+* **No continuous batching.**  Requests that arrive while a ``generate`` call runs wait for it (the
+  model is serialised by a lock); each async request is its own ``generate`` call.  Concurrency on
+  this backend therefore overlaps waiting, not decoding; use vLLM for a shared running batch.
 * **Scoring and next-token logprobs** run one batched forward pass per chunk, left-padded with
   position ids from the attention mask (as ``generate`` does), computing logits only for the last
   positions that are needed (``logits_to_keep``).  :meth:`HFBackend.next_token_logprobs` makes this
@@ -46,12 +63,12 @@ use from several threads, e.g. through :meth:`~budgetlm.backends.base.Backend.ag
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import gc
 import inspect
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,9 +82,11 @@ from transformers import (
     LogitsProcessorList,
     StoppingCriteria,
     StoppingCriteriaList,
+    StopStringCriteria,
 )
 
 from budgetlm.backends.base import Backend, Message, PreparedRequest, RawCompletion, RawResult, SamplingParams
+from budgetlm.backends.streaming import Sink
 from budgetlm.costs import ModelInfo
 from budgetlm.errors import ConfigError, invalid
 from budgetlm.models import DEFAULT_MODEL_NAME, resolve_model_path
@@ -83,20 +102,110 @@ _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "hal
 GroupKey = tuple[float, float, int, int, tuple[str, ...], int | None, int | None, int]
 
 
-class _Deadlines(StoppingCriteria):
-    """Ends each row at its own ``time.monotonic()`` deadline and records where it was ended."""
+class _RowStream:
+    """Streams one generated row into its request's sink(s): token ids at once, text incrementally.
 
-    def __init__(self, deadlines: list[float | None]) -> None:
+    ``targets`` are ``(sink, sample index)`` pairs (a greedy row fans out to the ``n`` identical
+    samples).  Text is detokenised with a sliding window (as vLLM does: the new text is the decode of
+    the last few tokens minus the decode of the window before the new token), never emitting an
+    incomplete UTF-8 character.  With ``stop`` strings, the last ``len(longest stop) - 1``
+    characters, which may still turn out to start a stop string, are held back until the next token
+    or :meth:`finish`, and a completed stop string is never sent.
+    """
+
+    def __init__(self, targets: list[tuple[Sink, int]], decode: Any, stop: list[str]) -> None:
+        self.targets = targets
+        self._decode = decode
+        self._stop = [s for s in stop if s]
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        """The text of ``ids`` decoded so far."""
+        self.sent = ""
+        """The text already pushed."""
+        self._prefix = 0
+        self._read = 0
+
+    def token(self, tok: int) -> None:
+        self.ids.append(tok)
+        before = self._decode(self.ids[self._prefix:self._read])
+        now = self._decode(self.ids[self._prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+        upto = max(len(self.sent), len(self.text) - self._hold)
+        if self._stop:  # a completed stop string: never send it (the sample ends before it)
+            start = max(0, len(self.sent) - self._hold)
+            cuts = [c for s in self._stop if (c := self.text.find(s, start)) >= 0]
+            if cuts:
+                upto = max(len(self.sent), min(cuts))
+        new = self.text[len(self.sent):upto]
+        self.sent += new
+        for sink, i in self.targets:
+            sink.push(i, [tok], new)
+
+    def finish(self, ids: list[int], text: str, finish: str, matched: str | None,
+               logprobs: list[float] | None, top_logprobs: list[dict[int, float]] | None) -> None:
+        """The row's final output: push what was not streamed yet and end the samples.
+
+        An aborted row's samples are left open: the engine layer ends them (``abort``, or
+        ``deadline`` when its deadline cancelled the request).
+        """
+        extra = ids[len(self.ids):] if ids[: len(self.ids)] == self.ids else []
+        rest = text[len(self.sent):] if text.startswith(self.sent) else ""
+        end = None if finish == "abort" else finish
+        for sink, i in self.targets:
+            sink.push(i, extra, rest, logprobs=logprobs, top_logprobs=top_logprobs, finish_reason=end,
+                      stop_string=matched if end else None)
+
+
+class _RowStops(StoppingCriteria):
+    """Ends each row of a ``generate`` call for every reason budgetlm knows, one token at a time.
+
+    Called by ``generate`` after every sampled token with the sequences so far.  A row still running
+    ends at an end-of-sequence token, a stop string (``StopStringCriteria``), its token limit
+    (``max_new``), its ``deadline`` (on ``clock``) or when its ``abort`` event is set.  Because every
+    reason is known here, the rows' streams see exactly the tokens each row generated (no padding
+    after a row ended).  ``stopped_at`` records the sequence length (padded prompt included) at which
+    a row ended and ``reason`` why (``"done"`` for end of sequence, stop string or token limit).
+    """
+
+    def __init__(self, *, clock: Any, deadlines: list[float | None], aborts: list[threading.Event | None],
+                 eos: set[int], width: int, max_new: int, stop: StoppingCriteria | None,
+                 streams: list[_RowStream] | None) -> None:
+        self.clock = clock
         self.deadlines = deadlines
+        self.aborts = aborts
+        self.eos = eos
+        self.width = width
+        self.max_new = max_new
+        self.stop = stop
+        self.streams = streams
         self.stopped_at: dict[int, int] = {}
-        """Row → sequence length (padded prompt included) when the deadline ended it."""
+        self.reason: dict[int, str] = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        now = time.monotonic()
-        done = [d is not None and now >= d for d in self.deadlines]
-        for row, d in enumerate(done):
-            if d and row not in self.stopped_at:
-                self.stopped_at[row] = int(input_ids.shape[1])
+        length = int(input_ids.shape[1])
+        last = input_ids[:, -1].tolist()
+        hits = self.stop(input_ids, scores).tolist() if self.stop is not None else None
+        now = self.clock() if any(d is not None for d in self.deadlines) else 0.0
+        done = []
+        for r, tok in enumerate(last):
+            if r in self.stopped_at:
+                done.append(True)
+                continue
+            if self.streams is not None:
+                self.streams[r].token(int(tok))
+            why = None
+            if tok in self.eos or (hits is not None and hits[r]) or length - self.width >= self.max_new:
+                why = "done"
+            elif self.deadlines[r] is not None and now >= self.deadlines[r]:  # type: ignore[operator]
+                why = "deadline"
+            elif (ev := self.aborts[r]) is not None and ev.is_set():
+                why = "abort"
+            if why is not None:
+                self.stopped_at[r], self.reason[r] = length, why
+            done.append(why is not None)
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -368,6 +477,10 @@ class HFBackend(Backend):
         return out
 
     def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
+        return self._generate_batch(batch)
+
+    def _generate_batch(self, batch: list[PreparedRequest], sinks: list[Sink] | None = None) -> list[RawResult]:
+        """The batch hook; with ``sinks`` (one per request) every row streams into its request's sink."""
         prompts = [self._prompt_ids(p) for p in batch]
         if getattr(self, "_spec", None) is not None:
             with self._lock, torch.inference_mode():
@@ -380,15 +493,71 @@ class HFBackend(Backend):
             for key, members in groups.items():
                 seed = key[6]
                 if seed is None:
-                    self._run_group(key, members, batch, prompts, comps)
+                    self._run_group(key, members, batch, prompts, comps, sinks)
                     continue
                 devices = []
                 if self.device.type == "cuda":
                     devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
                 with torch.random.fork_rng(devices=devices):
                     torch.manual_seed(seed)
-                    self._run_group(key, members, batch, prompts, comps)
+                    self._run_group(key, members, batch, prompts, comps, sinks)
         return [RawResult(c) for c in comps]
+
+    async def _agenerate_request(self, p: PreparedRequest, sink: Sink) -> RawResult:
+        """One request as its own ``generate`` call in its own thread, streaming every token into ``sink``.
+
+        Cancelling sets ``sink.abort``: the generation stops after its next token, or gives up
+        waiting for the model (another request holds it) without running, and this coroutine waits
+        for the thread before re-raising, so ``sink`` holds exactly what was generated.  A thread per
+        request (not the loop's default executor, whose few workers may all be waiting for the
+        model) lets a queued request be cancelled at once.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[RawResult] = loop.create_future()
+
+        def done(value: RawResult | None, exc: BaseException | None) -> None:
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)  # type: ignore[arg-type]
+
+        def work() -> None:
+            try:
+                value, exc = self._generate_streamed(p, sink), None
+            except BaseException as e:  # noqa: BLE001 -- handed to the awaiting coroutine
+                value, exc = None, e
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(done, value, exc)
+
+        threading.Thread(target=work, name="budgetlm-hf-request", daemon=True).start()
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            sink.abort.set()
+            while not fut.done():  # the thread stops within a token; further cancels must not cut this wait
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(fut)
+            fut.exception()  # mark it retrieved: the request is given up, an error here is moot
+            raise
+
+    def _generate_streamed(self, p: PreparedRequest, sink: Sink) -> RawResult:
+        q = dataclasses.replace(p, abort=sink.abort)
+        while not self._lock.acquire(timeout=0.02):  # wait for the model, unless the request is given up
+            if sink.abort.is_set():
+                return RawResult([RawCompletion([], "", "abort") for _ in range(p.sampling.n)])
+        try:
+            if getattr(self, "_spec", None) is None:
+                return self._generate_batch([q], [sink])[0]
+            raw = self._generate_batch([q])[0]  # speculative decoding: output arrives at the end
+            sink.admit()
+            for i, c in enumerate(raw.completions):
+                sink.push(i, c.token_ids, c.text, logprobs=c.logprobs, top_logprobs=c.top_logprobs,
+                          finish_reason=c.finish_reason, stop_string=c.stop_string)
+            return raw
+        finally:
+            self._lock.release()
 
     def _run_group(
         self,
@@ -397,6 +566,7 @@ class HFBackend(Backend):
         batch: list[PreparedRequest],
         prompts: list[list[int]],
         comps: list[list[RawCompletion]],
+        sinks: list[Sink] | None = None,
     ) -> None:
         temperature, top_p, top_k, max_tokens, stop, logprobs, _, n = key
         greedy = temperature == 0
@@ -410,12 +580,20 @@ class HFBackend(Backend):
         for start in range(0, len(order), per_chunk):
             chunk = order[start:start + per_chunk]
             samples: list[list[RawCompletion]] = [[] for _ in chunk]
+            offset = 0
             for piece in pieces:
+                targets = None
+                if sinks is not None:  # row (prompt j, sample k) -> the samples it stands for
+                    targets = [
+                        [(sinks[i], s) for s in range(batch[i].sampling.n)] if greedy else [(sinks[i], offset + k)]
+                        for i in chunk for k in range(piece)
+                    ]
                 got = self._generate_chunk(
                     [prompts[i] for i in chunk], [batch[i].deadline for i in chunk], piece,
                     temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                    stop=list(stop), logprobs=logprobs,
+                    stop=list(stop), logprobs=logprobs, aborts=[batch[i].abort for i in chunk], targets=targets,
                 )
+                offset += piece
                 for j, s in enumerate(got):
                     samples[j].extend(s)
             for j, i in enumerate(chunk):
@@ -453,9 +631,18 @@ class HFBackend(Backend):
         max_tokens: int,
         stop: list[str],
         logprobs: int | None,
+        aborts: list[threading.Event | None] | None = None,
+        targets: list[list[tuple[Sink, int]]] | None = None,
     ) -> list[list[RawCompletion]]:
-        """One ``generate`` call: ``rows_per_prompt`` samples for each prompt."""
+        """One ``generate`` call: ``rows_per_prompt`` samples for each prompt.
+
+        ``aborts`` (one per prompt) stop a prompt's rows at their next token; ``targets`` (one per
+        row) stream each row into its request's sink (see :class:`_RowStream`).
+        """
         greedy = temperature == 0
+        aborts = aborts or [None] * len(prompts)
+        if all(a is not None and a.is_set() for a in aborts):  # every request was given up before it ran
+            return [[RawCompletion([], "", "abort") for _ in range(rows_per_prompt)] for _ in prompts]
         ids, mask = self._left_pad(prompts)
         width = ids.shape[1]
         max_new = max_tokens
@@ -474,31 +661,38 @@ class HFBackend(Backend):
             cfg.temperature = temperature
             cfg.top_p = top_p
             cfg.top_k = top_k
-        kw: dict[str, Any] = {}
-        if stop:
-            cfg.stop_strings = stop
-            kw["tokenizer"] = self.tokenizer
-        criteria = StoppingCriteriaList()
-        timer = None
-        if any(d is not None for d in deadlines):
-            timer = _Deadlines([d for d in deadlines for _ in range(rows_per_prompt)])
-            criteria.append(timer)
+        streams = None
+        if targets is not None:
+            streams = [_RowStream(t, self.decode, stop) for t in targets]
+            for j, p in enumerate(prompts):
+                for sink, _ in targets[j * rows_per_prompt]:
+                    sink.admit(len(p))
+        stops = _RowStops(
+            clock=self.clock, deadlines=[d for d in deadlines for _ in range(rows_per_prompt)],
+            aborts=[a for a in aborts for _ in range(rows_per_prompt)], eos=set(self.eos_token_ids), width=width,
+            max_new=max_new, stop=StopStringCriteria(self.tokenizer, stop) if stop else None, streams=streams,
+        )
         capture = _RawLogprobs(logprobs) if logprobs is not None else None
         sequences = self.model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=cfg, stopping_criteria=criteria,
-            logits_processor=LogitsProcessorList([capture] if capture else []), **kw,
+            input_ids=ids, attention_mask=mask, generation_config=cfg, stopping_criteria=StoppingCriteriaList([stops]),
+            logits_processor=LogitsProcessorList([capture] if capture else []),
         )
         generated = sequences[:, width:]
         rows = []
         for r, gen in enumerate(generated.tolist()):
-            if timer is not None and r in timer.stopped_at:
-                gen = gen[: timer.stopped_at[r] - width]
-            rows.append(self._finish_row(gen, stop))
+            if r in stops.stopped_at:
+                gen = gen[: stops.stopped_at[r] - width]
+            token_ids, text, finish, matched = self._finish_row(gen, stop)
+            if finish == "length" and stops.reason.get(r) in ("deadline", "abort"):
+                finish = stops.reason[r]
+            rows.append((token_ids, text, finish, matched))
         lengths = [len(row[0]) for row in rows]
         lps, tops = capture.result(generated, lengths) if capture else ([None] * len(rows), [None] * len(rows))
         samples: list[list[RawCompletion]] = [[] for _ in prompts]
         for r, (token_ids, text, finish, matched) in enumerate(rows):
             samples[r // rows_per_prompt].append(RawCompletion(token_ids, text, finish, lps[r], tops[r], matched))
+            if streams is not None:
+                streams[r].finish(token_ids, text, finish, matched, lps[r], tops[r])
         return samples
 
     def _finish_row(self, gen: list[int], stop: list[str]) -> tuple[list[int], str, str, str | None]:

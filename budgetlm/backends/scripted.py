@@ -10,6 +10,7 @@ through :class:`~budgetlm.backends.base.Backend`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import re
@@ -18,8 +19,24 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from budgetlm.backends.base import Backend, Message, PreparedRequest, RawCompletion, RawResult, SamplingParams
+from budgetlm.backends.streaming import Sink
 from budgetlm.costs import ModelInfo
-from budgetlm.errors import ConfigError
+from budgetlm.errors import BackendError, ConfigError
+
+
+class VirtualClock:
+    """A clock that moves only when told (deterministic deadline tests); pass it to the backend and the meter."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock forward."""
+        self.now += seconds
+
 
 Script = Sequence[str] | Callable[[str, int, SamplingParams], str]
 _TOKEN = re.compile(r"\S+\s*|\s+")
@@ -31,7 +48,8 @@ class ScriptedBackend(Backend):
     kind = "scripted"
 
     def __init__(self, script: Script | None = None, *, name: str = "scripted", n_params: int = 1_000_000,
-                 delay: float = 0.0, **kw: Any):
+                 delay: float = 0.0, token_time: float = 0.0, clock: Callable[[], float] | None = None,
+                 fail: Callable[[str], bool] | None = None, **kw: Any):
         super().__init__(name=name, measure_energy=False, **kw)
         if script is None:
             script = ["Answer: 42"]
@@ -52,6 +70,14 @@ class ScriptedBackend(Backend):
         """Engine calls made (one per batch)."""
         self.batches: list[int] = []
         """Size of each batch sent to the engine."""
+        self.requests = 0
+        """Requests run through the per-request (async) path."""
+        self.token_time = token_time
+        """Seconds between generated tokens on the per-request path (virtual with a :class:`VirtualClock`)."""
+        self.fail = fail
+        """A predicate on the prompt text: matching requests raise :class:`BackendError` (fault tests)."""
+        if clock is not None:
+            self.clock = clock
 
     @property
     def info(self) -> ModelInfo:
@@ -79,31 +105,73 @@ class ScriptedBackend(Backend):
         h = hashlib.sha256(f"{context}|{token}".encode()).digest()
         return -0.05 - 3.0 * (int.from_bytes(h[:4], "big") / 2**32)
 
+    def _prompt(self, p: PreparedRequest) -> str:
+        return p.prompt_text if p.prompt_text is not None else self.decode(p.prompt_token_ids or [])
+
+    def _sample(self, prompt: str, i: int, sampling: SamplingParams) -> RawCompletion:
+        """Sample ``i`` of a request: the script's text, cut at a stop string or at ``max_tokens``."""
+        text = self._script(prompt, i, sampling)
+        finish = "stop"
+        hits = sorted((text.find(s), s) for s in sampling.stop if s and s in text)
+        matched = hits[0][1] if hits else None
+        if hits:
+            text = text[: hits[0][0]]
+        ids = self.encode(text)
+        if len(ids) > sampling.max_tokens:
+            ids, finish, matched = ids[: sampling.max_tokens], "length", None
+        lps = None
+        if sampling.logprobs is not None:
+            lps = [self._logprob(prompt + self.decode(ids[:j]), t) for j, t in enumerate(ids)]
+        return RawCompletion(ids, self.decode(ids), finish, lps, stop_string=matched)
+
     def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
         self.calls += 1
         self.batches.append(len(batch))
         if self.delay:
             time.sleep(self.delay)
-        out = []
         for p in batch:
-            prompt = p.prompt_text if p.prompt_text is not None else self.decode(p.prompt_token_ids or [])
-            comps = []
-            for i in range(p.sampling.n):
-                text = self._script(prompt, i, p.sampling)
-                finish = "stop"
-                hits = sorted((text.find(s), s) for s in p.sampling.stop if s and s in text)
-                matched = hits[0][1] if hits else None
-                if hits:
-                    text = text[: hits[0][0]]
-                ids = self.encode(text)
-                if len(ids) > p.sampling.max_tokens:
-                    ids, finish, matched = ids[: p.sampling.max_tokens], "length", None
-                lps = None
-                if p.sampling.logprobs is not None:
-                    lps = [self._logprob(prompt + self.decode(ids[:j]), t) for j, t in enumerate(ids)]
-                comps.append(RawCompletion(ids, self.decode(ids), finish, lps, stop_string=matched))
-            out.append(RawResult(comps))
-        return out
+            if self.fail is not None and self.fail(self._prompt(p)):
+                raise BackendError(f"scripted failure for prompt {self._prompt(p)[-40:]!r}")
+        return [RawResult([self._sample(self._prompt(p), i, p.sampling) for i in range(p.sampling.n)]) for p in batch]
+
+    async def _agenerate_request(self, p: PreparedRequest, sink: Sink) -> RawResult:
+        """Emit the scripted samples token by token (one token per sample per step, ``token_time`` apart).
+
+        Steps advance :attr:`clock` by ``token_time`` when it is a :class:`VirtualClock` (no real
+        waiting), else sleep ``token_time`` seconds.  Cancellation between steps leaves exactly the
+        tokens emitted so far in ``sink``; a deadline on the clock ends open samples with ``deadline``.
+        """
+        self.calls += 1
+        self.requests += 1
+        prompt = self._prompt(p)
+        comps = [self._sample(prompt, i, p.sampling) for i in range(p.sampling.n)]
+        if self.fail is not None and self.fail(prompt):
+            raise BackendError(f"scripted failure for prompt {prompt[-40:]!r}")
+        sink.admit()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        step = 0
+        while not sink.done:
+            if sink.deadline is not None and self.clock() >= sink.deadline:
+                sink.close_open("deadline")
+                break
+            for i, c in enumerate(comps):
+                if step < len(c.token_ids):
+                    last = step == len(c.token_ids) - 1
+                    sink.push(i, [c.token_ids[step]], self.decode([c.token_ids[step]]),
+                              logprobs=None if c.logprobs is None else [c.logprobs[step]],
+                              finish_reason=c.finish_reason if last else None,
+                              stop_string=c.stop_string if last else None)
+                elif step == 0:  # an empty sample
+                    sink.push(i, [], "", logprobs=[] if c.logprobs is not None else None,
+                              finish_reason=c.finish_reason, stop_string=c.stop_string)
+            step += 1
+            if isinstance(self.clock, VirtualClock):
+                self.clock.advance(self.token_time)
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(self.token_time)
+        return sink.raw()
 
     def _score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
         self.calls += 1

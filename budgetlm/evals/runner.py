@@ -1,24 +1,41 @@
 """The resumable evaluation runner: models × strategies × budgets over suites.
 
-For every grid cell (model, strategy with parameters, budget) the runner sends the suite's items to
-the strategy in batches of ``batch_size`` (strategies batch their own calls across the items of a
-batch), grades each result, and appends one :class:`~budgetlm.evals.records.EvalRecord` per
-(item, configuration) to ``OUT/records.jsonl`` — written, flushed and fsynced before the next
-batch starts.  Each result's trace (samples, rounds, search trees with values and prune decisions)
+For every grid cell (model, strategy with parameters, budget) the runner runs each pending item as
+its own task — the strategy's per-problem program under the item's own meter — with ``batch_size``
+problems in flight at once on the shared engine (a continuously batched vLLM engine runs all their
+calls together), grades each result as it finishes, and appends one
+:class:`~budgetlm.evals.records.EvalRecord` per (item, configuration) to ``OUT/records.jsonl`` —
+written, flushed and fsynced right then.  A problem that fails (after the backend's retries) fails
+alone: its record carries the error and what it spent before failing, and a re-run retries it.  Each result's trace (samples, rounds, search trees with values and prune decisions)
 goes to ``OUT/traces.jsonl``, one line per record, written just before the record.  ``OUT/run.json`` holds the config, its digest, library versions, seeds and the
 history of sessions.
 
 Resuming: re-running the same command reads the records already on disk, skips every
-(suite, item, configuration) that has a record, and appends the rest; a torn last line left by a
-crash mid-write is cut off first, so nothing is duplicated or lost.  A config that keeps every
-recorded cell and adds new ones (more strategies, budgets or suites) extends the run; one that
-would orphan recorded cells is refused (use a new ``--out``).
+(suite, item, configuration) whose last record succeeded, and appends the rest; a torn last line
+left by a crash mid-write is cut off first, so nothing is duplicated or lost.  A cell whose last
+record has an ``error`` is not done: it is retried and the retry is appended, and readers use the
+last record of each cell (:func:`~budgetlm.evals.records.read_records`), so a successful retry
+supersedes the error.  :attr:`RunOutcome.retried` counts the errored records retried.  A config
+that keeps every recorded cell and adds new ones (more strategies, budgets or suites) extends the
+run; one that would orphan recorded cells is refused (use a new ``--out``).
+
+Failures: each item runs alone, so only an item that fails gets an error record and its neighbours
+are graded as usual.  Errors never stop the run.
+
+Progress: a rich progress bar on stderr when stderr is a terminal, and — terminal or not — a
+progress line (items done / total, errors, elapsed, rate, ETA) every ``log_interval`` seconds
+through :mod:`logging` (logger ``budgetlm.evals``, level INFO, ``extra={"progress": True}``), plus a
+line when the run starts and when it ends.  The CLI shows these lines on stderr when it is not a
+terminal and appends them to ``OUT/eval.log``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,12 +50,19 @@ from budgetlm.evals.metrics import finite_json
 from budgetlm.evals.records import EvalRecord, read_records
 from budgetlm.evals.suites import get as get_suite
 from budgetlm.evals.suites.base import EvalItem, Suite
+from budgetlm.meter import Meter
 from budgetlm.strategies import Problem, Result
 from budgetlm.strategies import get as get_strategy
+from budgetlm.strategies.base import run_sync
 from budgetlm.versions import library_versions
 
 TRACES_FILE = "traces.jsonl"
 """Per-record traces, next to ``records.jsonl``."""
+
+LOG_INTERVAL = 5.0
+"""Default seconds between two progress lines in the log."""
+
+log = logging.getLogger("budgetlm.evals")
 
 
 def _suite_name(spec: str | dict[str, Any]) -> str:
@@ -80,13 +104,15 @@ class RunOutcome:
     written: int = 0
     """Records written in this session."""
     skipped: int = 0
-    """(item, configuration) pairs already on disk."""
+    """(item, configuration) pairs already done on disk (last record without error)."""
+    retried: int = 0
+    """(item, configuration) pairs whose last record on disk had an error, run again in this session."""
     total: int = 0
     """Grid size in (item, configuration) pairs."""
     report: Path | None = None
     """The folder holding ``report.html`` and ``summary.*``, when written."""
     errors: list[str] = field(default_factory=list)
-    """Items that failed (recorded with their error)."""
+    """Items that failed in this session, as ``"item_id: error"`` (recorded with their error)."""
 
 
 def over_budget(result: Result, budget: Budget) -> bool:
@@ -113,13 +139,17 @@ class Runner:
         progress: bool = True,
         report: bool = True,
         on_batch: Callable[[int], None] | None = None,
+        log_interval: float = LOG_INTERVAL,
     ) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
         self._given = dict(backends or {})
         self.progress = progress
+        """Draw a progress bar (only when stderr is a terminal; log lines are written either way)."""
         self.report = report
         self.on_batch = on_batch
+        self.log_interval = log_interval
+        """Seconds between progress lines in the log (0: one after every batch)."""
 
     # ------------------------------------------------------------------ setup
     def _grid(self) -> set[tuple[str, str]]:
@@ -194,7 +224,9 @@ class Runner:
         records_path = self.out_dir / "records.jsonl"
         writer = RecordWriter(records_path)
         trace_writer = RecordWriter(self.out_dir / TRACES_FILE)
-        done = {r.key for r in read_records(records_path)}
+        on_disk = read_records(records_path)  # the last record of each cell
+        done = {r.key for r in on_disk if r.error is None}
+        errored = {r.key for r in on_disk if r.error is not None}
         suites: list[tuple[str, Suite, list[EvalItem]]] = []
         for spec in self.config.suites:
             suite = get_suite(spec)
@@ -219,10 +251,14 @@ class Runner:
             for sname, suite, items in suites:
                 todo = [it for it in items if (sname, it.id, cid) not in done]
                 outcome.skipped += len(items) - len(todo)
+                outcome.retried += sum((sname, it.id, cid) in errored for it in todo)
                 if todo:
                     plan.append((model, strat, budget, sname, suite, todo))
                     pending_total += len(todo)
-        progress = _Progress(pending_total, enabled=self.progress)
+        log.info("eval %s: %d of %d (item, configuration) pairs to run, %d already done, retrying %d errored "
+                 "records; out: %s", self.config.name, pending_total, total, outcome.skipped, outcome.retried,
+                 self.out_dir, extra={"progress": True, "console": True})
+        progress = _Progress(pending_total, enabled=self.progress, interval=self.log_interval)
         try:
             with progress:
                 by_model: dict[str, list[Any]] = {}
@@ -253,63 +289,83 @@ class Runner:
     def _cell(self, backend: Backend, model: str, strategy: Any, strat_spec: StrategySpec, budget: dict[str, float],
               cid: str, sname: str, suite: Suite, todo: list[EvalItem], writer: RecordWriter,
               trace_writer: RecordWriter, outcome: RunOutcome, progress: _Progress) -> None:
-        """Run one configuration's pending items in batches; close what the strategy loaded itself."""
+        """Run one configuration's pending items, ``batch_size`` problems in flight; close what the strategy loaded."""
         try:
-            for s in range(0, len(todo), self.config.batch_size):
-                batch = todo[s: s + self.config.batch_size]
-                done_batch = self._run_batch(backend, model, strategy, strat_spec, budget, cid, sname,
-                                             suite, batch)
-                recs = [rec for rec, _ in done_batch]
-                for rec, trace in done_batch:
-                    if trace is not None:  # before the record: a record always has its trace
-                        trace_writer.write({"suite": rec.suite, "item_id": rec.item_id,
-                                            "config_id": rec.config_id, "strategy": rec.strategy,
-                                            "trace": trace})
-                    writer.write(rec)
-                    if rec.error:
-                        outcome.errors.append(f"{rec.item_id}: {rec.error}")
-                outcome.written += len(recs)
-                progress.advance(len(recs), sum(r.output_tokens for r in recs))
-                if self.on_batch:
-                    self.on_batch(outcome.written)
+            run_sync(self._acell(backend, model, strategy, strat_spec, budget, cid, sname, suite, todo, writer,
+                                 trace_writer, outcome, progress))
         finally:
             close = getattr(strategy, "close", None)
             if callable(close):
                 close()
 
-    def _run_batch(
-        self, backend: Backend, model: str, strategy: Any, spec: StrategySpec, budget: dict[str, float],
-        cid: str, sname: str, suite: Suite, batch: list[EvalItem],
-    ) -> list[tuple[EvalRecord, list[dict[str, Any]] | None]]:
-        """One record per item, each with its result's trace (``None`` when the strategy failed)."""
-        problems = [Problem(id=it.id, messages=it.messages, metadata=it.metadata, tools=list(it.tools)) for it in batch]
+    async def _acell(self, backend: Backend, model: str, strategy: Any, spec: StrategySpec, budget: dict[str, float],
+                     cid: str, sname: str, suite: Suite, todo: list[EvalItem], writer: RecordWriter,
+                     trace_writer: RecordWriter, outcome: RunOutcome, progress: _Progress) -> None:
+        """Every pending item as its own task on the engine; each record is written (and fsynced) as it finishes.
+
+        A problem that fails fails alone: its record carries the error and what it spent before failing.
+        """
+        gate = asyncio.Semaphore(self.config.batch_size)
         b = Budget(**budget)
-        t0 = time.perf_counter()
-        common = dict(suite=sname, config_id=cid, model=model, strategy=spec.label or spec.name, params=strategy.params(),
-                      budget=dict(budget), seed=self.config.seed)
-        try:
-            results = strategy.solve(problems, backend=backend, budget=b)
-        except BudgetLMError as exc:  # a strategy-level failure is recorded per item, the run goes on
-            now = time.time()
-            return [(EvalRecord(item_id=it.id, question=it.question, gold=_text(it.gold), error=str(exc),
-                                stop_reason="error", timestamp=now, **common), None) for it in batch]
-        wall = time.perf_counter() - t0
-        out = []
-        now = time.time()
-        for it, res in zip(batch, results, strict=True):
-            text = None if res.thinking_truncated else res.text
-            grade = suite.grade(it, text)
-            u = res.usage
-            out.append((EvalRecord(
-                item_id=it.id, question=it.question, text=res.text, answer=grade.answer, gold=_text(it.gold),
-                correct=grade.correct, score=grade.score,
-                prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_prompt_tokens, output_tokens=u.output_tokens,
-                thinking_tokens=u.thinking_tokens, sequential_tokens=res.sequential_tokens, model_calls=u.calls,
-                wall_seconds=wall, latency_s=u.latency_s, flops=u.flops, usd=u.usd, joules=u.joules,
-                finish_reason=res.finish_reason, truncated=res.truncated, thinking_truncated=res.thinking_truncated,
-                stop_reason=res.stop_reason, over_budget=over_budget(res, b), details=res.details, timestamp=now, **common,
-            ), res.trace))
-        return out
+        root = Meter(None, name=cid)
+        common = dict(suite=sname, config_id=cid, model=model, strategy=spec.label or spec.name,
+                      params=strategy.params(), budget=dict(budget), seed=self.config.seed)
+
+        async def one(it: EvalItem) -> None:
+            async with gate:
+                problem = Problem(id=it.id, messages=it.messages, metadata=it.metadata, tools=list(it.tools))
+                meter = root.child(b, name=it.id)
+                t0 = time.perf_counter()
+                try:
+                    [res] = await strategy.arun([problem], [meter], backend)
+                    res.ledger = meter.summary()
+                    rec, trace = self._record(it, res, b, suite, time.perf_counter() - t0, common), res.trace
+                except Exception as exc:  # noqa: BLE001 - one problem's failure is recorded, the run goes on
+                    log.debug("item %s failed", it.id, exc_info=True)
+                    u = meter.total()  # what it generated before failing
+                    rec = EvalRecord(item_id=it.id, question=it.question, gold=_text(it.gold), error=_error_text(exc),
+                                     stop_reason="error", wall_seconds=time.perf_counter() - t0, timestamp=time.time(),
+                                     prompt_tokens=u.prompt_tokens, output_tokens=u.output_tokens,
+                                     model_calls=u.calls, flops=u.flops, usd=u.usd, **common)
+                    trace = None
+                finally:
+                    meter.active = False
+            if trace is not None:  # before the record: a record always has its trace
+                trace_writer.write({"suite": rec.suite, "item_id": rec.item_id, "config_id": rec.config_id,
+                                    "strategy": rec.strategy, "trace": trace})
+            writer.write(rec)
+            if rec.error:
+                outcome.errors.append(f"{rec.item_id}: {rec.error}")
+                log.info("item %s of %s (%s, %s) failed: %s", rec.item_id, sname, rec.strategy, cid, rec.error)
+            outcome.written += 1
+            progress.advance(1, rec.output_tokens, 1 if rec.error else 0)
+            if self.on_batch:
+                self.on_batch(outcome.written)
+
+        await asyncio.gather(*(one(it) for it in todo))
+
+    @staticmethod
+    def _record(it: EvalItem, res: Result, b: Budget, suite: Suite, wall: float,
+                common: dict[str, Any]) -> EvalRecord:
+        text = None if res.thinking_truncated else res.text
+        grade = suite.grade(it, text)
+        u = res.usage
+        return EvalRecord(
+            item_id=it.id, question=it.question, text=res.text, answer=grade.answer, gold=_text(it.gold),
+            correct=grade.correct, score=grade.score,
+            prompt_tokens=u.prompt_tokens, cached_tokens=u.cached_prompt_tokens, output_tokens=u.output_tokens,
+            thinking_tokens=u.thinking_tokens, sequential_tokens=res.sequential_tokens, model_calls=u.calls,
+            wall_seconds=wall, latency_s=u.latency_s, flops=u.flops, usd=u.usd, joules=u.joules,
+            finish_reason=res.finish_reason, truncated=res.truncated, thinking_truncated=res.thinking_truncated,
+            stop_reason=res.stop_reason, over_budget=over_budget(res, b), details=res.details, timestamp=time.time(),
+            **common,
+        )
+
+
+def _error_text(exc: BaseException) -> str:
+    """The library's own errors by their message; anything else with its type too."""
+    msg = str(exc) or type(exc).__name__
+    return msg if isinstance(exc, BudgetLMError) else f"{type(exc).__name__}: {msg}"
 
 
 def _text(gold: Any) -> str | None:
@@ -318,18 +374,33 @@ def _text(gold: Any) -> str | None:
     return gold if isinstance(gold, str) else json.dumps(gold, default=str)
 
 
-class _Progress:
-    """A rich progress bar with ETA and tokens/s (silent when disabled)."""
+def _fmt_secs(sec: float) -> str:
+    sec = max(0, int(round(sec)))
+    h, rem = divmod(sec, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
+
+class _Progress:
+    """Progress of a run: a rich bar (ETA, tokens/s) when enabled and stderr is a terminal, and a
+    progress line through ``logging`` every ``interval`` seconds (terminal or not) and at the end."""
+
+    def __init__(self, total: int, enabled: bool = True, interval: float = LOG_INTERVAL,
+                 tty: bool | None = None) -> None:
         self.total = total
-        self.enabled = enabled and total > 0
+        is_tty = tty if tty is not None else bool(getattr(sys.stderr, "isatty", lambda: False)())
+        self.enabled = enabled and total > 0 and is_tty
+        self.interval = interval
+        self.done = 0
+        self.errors = 0
         self._p: Any = None
         self._task: Any = None
         self._tokens = 0
         self._t0 = time.perf_counter()
+        self._last_log = self._t0
 
     def __enter__(self) -> _Progress:
+        self._t0 = self._last_log = time.perf_counter()
         if self.enabled:
             from rich.console import Console
             from rich.progress import (
@@ -348,15 +419,34 @@ class _Progress:
             self._task = self._p.add_task("eval", total=self.total, tps="")
         return self
 
-    def advance(self, n: int, tokens: int) -> None:
+    def line(self, final: bool = False) -> str:
+        """``"progress 12/40 items (30%), 1 errors, elapsed 0:07, 1.71 items/s, 35 tok/s, eta 0:16"``."""
+        elapsed = time.perf_counter() - self._t0
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        eta = _fmt_secs((self.total - self.done) / rate) if rate > 0 else "?"
+        return (f"{'finished' if final and self.done >= self.total else 'stopped' if final else 'progress'} "
+                f"{self.done}/{self.total} items ({pct:.0f}%), {self.errors} errors, elapsed {_fmt_secs(elapsed)}, "
+                f"{rate:.2f} items/s, {self._tokens / max(elapsed, 1e-9):.0f} tok/s"
+                + ("" if final else f", eta {eta}"))
+
+    def advance(self, n: int, tokens: int, errors: int = 0) -> None:
+        self.done += n
+        self.errors += errors
         self._tokens += tokens
+        now = time.perf_counter()
         if self._p is not None:
-            rate = self._tokens / max(1e-9, time.perf_counter() - self._t0)
+            rate = self._tokens / max(1e-9, now - self._t0)
             self._p.update(self._task, advance=n, tps=f"{rate:.0f} tok/s")
+        if now - self._last_log >= self.interval and self.done < self.total:
+            self._last_log = now
+            log.info("%s", self.line(), extra={"progress": True})
 
     def __exit__(self, *exc: object) -> None:
         if self._p is not None:
             self._p.__exit__(*exc)
+        if self.total > 0:
+            log.info("%s", self.line(final=True), extra={"progress": True})
 
 
 def run_eval(config: EvalConfig | str | Path, out_dir: str | Path, **kw: Any) -> RunOutcome:

@@ -1,10 +1,15 @@
 """Adaptive majority voting (ALGORITHMS.md §2; Adaptive-Consistency style, Aggarwal et al. 2023).
 
-Each round sends ONE batched backend call with a request of up to ``batch_size`` samples for every
-unsettled problem.  After the round a problem *settles* when the posterior probability that its
-current leader (the majority-vote winner, same tie-break as ``majority``) stays the leader reaches
-``1 - delta``; otherwise it keeps sampling until ``max_samples`` or its budget share is spent (or a
-round generates nothing).  The answer is the plain majority vote over all samples drawn.
+Each problem keeps up to ``batch_size`` single samples in flight on the shared engine (each its own
+request, so each can be cancelled).  Every time a sample finishes, the problem *settles* when the
+posterior probability that its current leader (the majority-vote winner, same tie-break as
+``majority``) stays the leader reaches ``1 - delta``; it then cancels the samples still running
+(the engine aborts them; their partial output is charged, and ``Result.details`` records
+``cancelled_samples`` and ``tokens_saved_by_cancel``, the reserved tokens never generated).
+Otherwise it keeps sampling until ``max_samples`` or its budget share is spent (or a sample
+generates nothing).  The answer is the plain majority vote over the finished samples.
+Deviation from the lockstep original: the check runs after each sample, not after each round of
+``batch_size`` samples, and sample ``i`` uses seed ``seed + i``.
 
 Stop rules (``rule``), both on a Dirichlet posterior over the answer distribution:
 
@@ -33,7 +38,7 @@ rule-of-succession ``(wins + 1) / (draws + 2)``: finite draws cannot certify mor
 result then equals plain majority over ``max_samples`` samples.
 
 Budget and reallocation (Snell et al. 2408.03314: spend where the problem is still uncertain).
-Each problem's meter keeps its per-problem budget as a hard cap.  Before each round the *room*
+Each problem's meter keeps its per-problem budget as a hard cap.  Before each sample the *room*
 of each unsettled problem is its own remaining output tokens and, when the batch budget limits
 output tokens, at most an equal share of the batch's remaining output tokens among the
 *unsettled* problems: budget left by settled problems (and by samples shorter than
@@ -48,17 +53,19 @@ settles or reaches ``max_samples``.  ``max_samples=None`` means "what the budget
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from pydantic import Field, field_validator
 
-from budgetlm.backends.base import Backend, GenerationRequest, SamplingParams
-from budgetlm.errors import ConfigError
+from budgetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams
+from budgetlm.errors import BudgetExceeded
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import vote
-from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy
-from budgetlm.strategies.voting import Sampled, empty_result, make_sampled, rooms, sample_entry, voted_result
+from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
+from budgetlm.strategies.voting import Sampled, empty_result, make_sampled, room_of, sample_entry, voted_result
 from budgetlm.usage import Usage
 
 DEFAULT_MAX_SAMPLES = 16
@@ -120,147 +127,173 @@ RULES = ("predictive", "posterior")
 """Valid values of ``rule``."""
 
 
+class AdaptiveParams(StrategyParams):
+    """Parameters of :class:`AdaptiveMajority`."""
+
+    batch_size: int = Field(default=2, ge=1, description="Samples of a problem in flight at once.")
+    max_samples: int | None = Field(default=None, ge=1, description="Sample cap; None: what the budget affords.")
+    delta: float = Field(default=0.05, gt=0, lt=1, description="Stop when P(leader stays) >= 1 - delta.")
+    max_tokens: int = Field(default=256, ge=1, description="Most tokens per sample.")
+    temperature: float = Field(default=0.7, ge=0, description="Softmax temperature.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int | None = Field(default=None, description="Sampling seed; sample i uses seed + i.")
+    prior: float = Field(default=1.0, gt=0, description="Dirichlet concentration of the posterior.")
+    draws: int = Field(default=2000, ge=1, description="Monte Carlo draws per check.")
+    rule: str = Field(default="posterior", description="Stop rule: posterior or predictive.")
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, v: str) -> str:
+        if v not in RULES:
+            raise ValueError(f"`rule` must be one of {', '.join(RULES)}, got {v!r}")
+        return v
+
+
 class AdaptiveMajority(Strategy):
-    """Majority voting that samples in rounds and stops each problem once its leader is settled."""
+    """Majority voting that samples until each problem's leader is settled, cancelling what is left."""
 
     name = "adaptive"
+    Params = AdaptiveParams
+    p: AdaptiveParams
+    batch_size: int
+    max_samples: int | None
+    delta: float
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    prior: float
+    draws: int
+    rule: str
 
-    def __init__(
-        self,
-        batch_size: int = 2,
-        max_samples: int | None = None,
-        delta: float = 0.05,
-        max_tokens: int = 256,
-        temperature: float = 0.7,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        prior: float = 1.0,
-        draws: int = 2000,
-        rule: str = "posterior",
-    ) -> None:
-        if batch_size < 1:
-            raise ConfigError(f"`batch_size` must be >= 1, got {batch_size}")
-        if max_samples is not None and max_samples < 1:
-            raise ConfigError(f"`max_samples` must be >= 1 (or None to follow the budget), got {max_samples}")
-        if not 0 < delta < 1:
-            raise ConfigError(f"`delta` must be in (0, 1), got {delta}")
-        if max_tokens < 1:
-            raise ConfigError(f"`max_tokens` must be >= 1, got {max_tokens}")
-        if not prior > 0:
-            raise ConfigError(f"`prior` must be > 0 (Dirichlet concentration), got {prior}")
-        if rule not in RULES:
-            raise ConfigError(f"`rule` must be one of {', '.join(RULES)}, got {rule!r}")
-        if draws < 1:
-            raise ConfigError(f"`draws` must be >= 1, got {draws}")
-        if not 0 < top_p <= 1:
-            raise ConfigError(f"`top_p` must be in (0, 1], got {top_p}")
-        if temperature < 0:
-            raise ConfigError(f"`temperature` must be >= 0, got {temperature}")
-        self.batch_size = batch_size
-        self.max_samples = max_samples
-        self.delta = delta
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.seed = seed
-        self.prior = prior
-        self.draws = draws
-        self.rule = rule
-
-    def _sampling(self, n: int, max_tokens: int, round: int) -> SamplingParams:
-        seed = None if self.seed is None else self.seed + round
+    def _sampling(self, n: int, max_tokens: int, index: int) -> SamplingParams:
+        seed = None if self.seed is None else self.seed + index
         return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
                               seed=seed, logprobs=0)
 
     def _horizon(self, taken: int, meter: Meter) -> int:
         """Samples the problem would draw without stopping: ``max_samples`` or what its room affords."""
-        [room] = rooms([meter])
+        room = room_of(meter)
         afford = None if room is None else taken + room // self.max_tokens
         if self.max_samples is not None:
             return self.max_samples if afford is None else min(self.max_samples, afford)
         return DEFAULT_MAX_SAMPLES if afford is None else afford
 
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        k = len(problems)
-        samples: list[list[Sampled]] = [[] for _ in range(k)]
-        usage = [Usage.zero() for _ in range(k)]
-        trace: list[list[dict[str, Any]]] = [[] for _ in range(k)]
-        seq = [0] * k
-        stop: list[str | None] = [None] * k
-        active = list(range(k))
-        rnd = 0
-        while active:
-            reqs: list[GenerationRequest] = []
-            where: list[int] = []
-            for i, room in zip(active, rooms([meters[j] for j in active]), strict=True):
-                taken = len(samples[i])
-                cap = self.max_samples or (DEFAULT_MAX_SAMPLES if room is None else None)
-                left = None if cap is None else cap - taken
-                if left is not None and left <= 0:
-                    stop[i] = "done"
-                    trace[i].append({"round": rnd, "stop": "max_samples"})
-                    continue
-                b, mt = min(self.batch_size, left or self.batch_size), self.max_tokens
-                if room is not None:
-                    full = room // self.max_tokens
-                    if full >= 1:
-                        b = min(b, full)
-                    elif taken == 0 and room >= 1:
-                        b, mt = 1, room
-                    else:
-                        stop[i] = meters[i].stop_reason or "budget exhausted: output_tokens"
-                        trace[i].append({"round": rnd, "stop": "budget", "room": room})
+    def _next(self, taken: int, meter: Meter) -> tuple[int, str | None]:
+        """``(max_tokens, None)`` for the next sample, or ``(0, why)`` when none may start now."""
+        room = room_of(meter)
+        cap = self.max_samples or (DEFAULT_MAX_SAMPLES if room is None else None)
+        if cap is not None and taken >= cap:
+            return 0, "max_samples"
+        if room is None or room >= self.max_tokens:
+            return self.max_tokens, None
+        if taken == 0 and room >= 1:
+            return room, None
+        return 0, "budget"
+
+    def _p_leader(self, samples: list[Sampled], meter: Meter, entry: dict[str, Any]) -> float:
+        keys, weights = [s.key for s in samples], [s.weight for s in samples]
+        if self.rule == "posterior":
+            return leader_probability(keys, weights, prior=self.prior, draws=self.draws, seed=self.seed or 0)
+        horizon = self._horizon(len(keys), meter)
+        entry["horizon"] = horizon
+        return stay_probability(keys, horizon, weights, prior=self.prior, draws=self.draws, seed=self.seed or 0)
+
+    async def solve_one(self, problem: Problem, ctx: Context) -> Result:
+        meter = ctx.meter
+        samples: list[Sampled] = []
+        trace: list[dict[str, Any]] = []
+        inflight: dict[asyncio.Task[GenerationResult], tuple[int, int]] = {}  # task -> (sample index, max_tokens)
+        started = 0
+        stop: str | None = None
+        saved: dict[str, int] = {"cancelled_samples": 0, "generated_before_cancel": 0, "tokens_not_generated": 0}
+        try:
+            while True:
+                while stop is None and len(inflight) < self.batch_size:
+                    mt, why = self._next(started, meter)
+                    if why is not None:
+                        if not inflight:
+                            stop = "done" if why == "max_samples" else (
+                                meter.stop_reason or "budget exhausted: output_tokens")
+                            trace.append({"call": started, "stop": why, "room": room_of(meter)})
+                        break
+                    req = GenerationRequest(messages=problem.messages, sampling=self._sampling(1, mt, started),
+                                            id=f"{problem.id}#{started}")
+                    inflight[asyncio.ensure_future(ctx.generate(req))] = (started, mt)
+                    started += 1
+                if not inflight:
+                    break
+                done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
+                for t in sorted(done, key=lambda t: inflight[t][0]):
+                    idx, mt = inflight.pop(t)
+                    try:
+                        g = t.result()
+                    except BudgetExceeded as exc:
+                        trace.append({"call": idx, "skipped": str(exc), "stop": "budget"})
+                        if stop is None and not inflight:
+                            stop = meter.stop_reason or "budget exhausted"
+                        started -= 1 if idx == started - 1 else 0
                         continue
-                reqs.append(GenerationRequest(messages=problems[i].messages, sampling=self._sampling(b, mt, rnd),
-                                              meter=meters[i], id=problems[i].id))
-                where.append(i)
-            if not reqs:
-                break
-            gens = backend.generate(reqs, on_budget_exhausted="skip")
-            for i, g in zip(where, gens, strict=True):
-                entry: dict[str, Any] = {"round": rnd, "n": g.request.sampling.n, "max_tokens": g.max_tokens,
-                                         "clamped_by": g.clamped_by, "output_tokens": g.usage.output_tokens,
-                                         "prompt_tokens": g.usage.prompt_tokens}
-                if g.skipped or not g.completions:
-                    stop[i] = meters[i].stop_reason or "budget exhausted"
-                    trace[i].append(entry | {"skipped": g.skipped, "stop": "budget"})
-                    continue
-                usage[i] = usage[i] + g.usage
-                new = [make_sampled(c, rnd) for c in g.completions]
-                seq[i] += max(s.tokens for s in new)
-                first = len(samples[i])
-                samples[i].extend(new)
-                keys, weights = [s.key for s in samples[i]], [s.weight for s in samples[i]]
-                if self.rule == "posterior":
-                    p = leader_probability(keys, weights, prior=self.prior, draws=self.draws, seed=self.seed or 0)
-                else:
-                    horizon = self._horizon(len(keys), meters[i])
-                    p = stay_probability(keys, horizon, weights, prior=self.prior, draws=self.draws,
-                                         seed=self.seed or 0)
-                    entry["horizon"] = horizon
-                entry["p_leader"] = p
-                trace[i].append(entry)
-                trace[i].extend(sample_entry(s, first + j) for j, s in enumerate(new))
-                if entry.get("horizon") is not None and len(keys) >= entry["horizon"]:
-                    pass  # horizon reached: the next round stops it for max_samples or budget, as without the rule
-                elif p >= 1 - self.delta:
-                    stop[i] = "done"
-                    trace[i].append({"round": rnd, "stop": "settled", "p_leader": p})
-                elif g.usage.output_tokens == 0:  # nothing generated: more rounds would not progress
-                    stop[i] = "done"
-                    trace[i].append({"round": rnd, "stop": "no_progress"})
-            active = [i for i in active if stop[i] is None]
-            rnd += 1
-        out = []
-        for i, p in enumerate(problems):
-            reason = stop[i] or "done"
-            if not samples[i]:
-                out.append(empty_result(p, usage[i], reason, trace[i]))
-                continue
-            v = vote([s.key for s in samples[i]], [s.weight for s in samples[i]])
-            out.append(voted_result(p, samples[i], v, v.index, usage[i], stop_reason=reason,
-                                    sequential_tokens=seq[i], trace=trace[i]))
-        return out
+                    new = make_sampled(g.first, idx)
+                    samples.append(new)
+                    entry: dict[str, Any] = {"call": idx, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
+                                             "output_tokens": g.usage.output_tokens,
+                                             "prompt_tokens": g.usage.prompt_tokens}
+                    if stop is not None:  # finished beside the sample that settled it: it still votes
+                        trace.append(entry)
+                        trace.append(sample_entry(new, len(samples) - 1))
+                        continue
+                    p = self._p_leader(samples, meter, entry)
+                    entry["p_leader"] = p
+                    trace.append(entry)
+                    trace.append(sample_entry(new, len(samples) - 1))
+                    horizon = entry.get("horizon")
+                    if horizon is not None and len(samples) >= horizon:
+                        pass  # horizon reached: max_samples or the budget stops it, as without the rule
+                    elif p >= 1 - self.delta:
+                        stop = "done"
+                        trace.append({"samples": len(samples), "stop": "settled", "p_leader": p})
+                    elif g.usage.output_tokens == 0:  # nothing generated: more samples would not progress
+                        stop = "done"
+                        trace.append({"samples": len(samples), "stop": "no_progress"})
+                if stop is not None and inflight:
+                    await self._cancel(inflight, meter, saved)
+        finally:
+            if inflight:  # the problem itself was cancelled: abort its samples too
+                await self._cancel(inflight, meter, saved)
+        if saved["cancelled_samples"]:
+            trace.append({"cancelled": saved})
+        reason = stop or "done"
+        waves: dict[int, int] = {}
+        for s in samples:
+            waves[s.round // self.batch_size] = max(waves.get(s.round // self.batch_size, 0), s.tokens)
+        if not samples:
+            return empty_result(problem, Usage.zero(), reason, trace)
+        v = vote([s.key for s in samples], [s.weight for s in samples])
+        r = voted_result(problem, samples, v, v.index, Usage.zero(), stop_reason=reason,
+                         sequential_tokens=sum(waves.values()), trace=trace)
+        r.details["cancelled_samples"] = saved["cancelled_samples"]
+        r.details["tokens_saved_by_cancel"] = saved["tokens_not_generated"]
+        return r
+
+    @staticmethod
+    async def _cancel(inflight: dict[asyncio.Task[GenerationResult], tuple[int, int]], meter: Meter,
+                      saved: dict[str, int]) -> None:
+        """Cancel the samples still running (the engine aborts them; their partial output is charged)."""
+        before = meter.spent("output_tokens")
+        tasks = list(inflight)
+        budgeted = sum(mt for _, mt in inflight.values())
+        for t in tasks:
+            t.cancel()
+        outs = await asyncio.gather(*tasks, return_exceptions=True)
+        finished = [o for o in outs if isinstance(o, GenerationResult)]
+        generated = int(meter.spent("output_tokens") - before) - sum(o.usage.output_tokens for o in finished)
+        n_cancelled = sum(1 for o in outs if isinstance(o, asyncio.CancelledError))
+        saved["cancelled_samples"] += n_cancelled
+        saved["generated_before_cancel"] += max(0, generated)
+        saved["tokens_not_generated"] += max(0, budgeted - sum(
+            mt for t, (_, mt) in inflight.items() if isinstance(outs[tasks.index(t)], GenerationResult)) - generated)
+        inflight.clear()
 
 
 STRATEGIES.register("adaptive", AdaptiveMajority)

@@ -17,19 +17,27 @@ the available ones and unknown parameters list the valid ones.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
-from abc import ABC, abstractmethod
-from collections.abc import Sequence
+import threading
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from budgetlm.backends.base import Backend, Message
+from pydantic import ConfigDict
+
+from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, Message, SamplingParams, ScoreResult
+from budgetlm.backends.streaming import DeltaCallback
 from budgetlm.budget import Budget
+from budgetlm.config import Config
 from budgetlm.errors import ConfigError
 from budgetlm.meter import Meter
 from budgetlm.registry import Registry
 from budgetlm.tools import Tool
 from budgetlm.usage import Usage
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,6 +61,10 @@ class Problem:
         return cls(id=id or str(abs(hash(text))), messages=[{"role": "user", "content": text}])
 
 
+LIMIT_STOPS = ("max rounds", "max depth", "max_steps reached")
+"""Stop reasons of strategies that reached their own limit (tree rounds or depth, agent steps) within budget."""
+
+
 @dataclass
 class Result:
     """What a strategy returns for one problem."""
@@ -66,7 +78,8 @@ class Result:
     usage: Usage
     """Everything spent on this problem (sum of its calls)."""
     stop_reason: str = "done"
-    """``"done"`` or why the strategy stopped early (e.g. ``"budget exhausted: output_tokens"``)."""
+    """``"done"``; ``"deadline"`` (the wall-clock budget ended the answer's generation); ``"budget exhausted:
+    <unit>"``; or one of :data:`LIMIT_STOPS` (the strategy reached its own search limit within budget)."""
     finish_reason: str | None = None
     """Finish reason of the sample the answer came from."""
     truncated: bool = False
@@ -88,14 +101,178 @@ class Result:
         return self.usage.calls
 
 
-class Strategy(ABC):
-    """Base class of strategies: configure in ``__init__``, run with :meth:`solve`."""
+@dataclass
+class Context:
+    """What a strategy program gets for one problem: the engine, the problem's meter, and streaming.
+
+    ``generate``/``stream``/``score`` go to the shared engine (concurrently with every other problem
+    and request in flight) and are charged to :attr:`meter`; cancelling the awaiting task aborts the
+    generation in the engine and charges what was generated.
+    """
+
+    backend: Backend
+    """The backend all calls go to."""
+    meter: Meter
+    """The problem's meter (every call is charged to it)."""
+    on_delta: DeltaCallback | None = None
+    """Where a streaming caller (the server) wants the answer's token deltas; ``None``: not streamed."""
+
+    async def generate(self, request: GenerationRequest | str | list[Message], *,
+                       sampling: SamplingParams | None = None, stream: bool = False,
+                       backend: Backend | None = None, share: int | None = None) -> GenerationResult:
+        """One request on the engine, charged to the problem's meter.
+
+        ``stream=True`` marks the call whose output *is* the answer: its deltas go to :attr:`on_delta`.
+        ``share`` caps its per-sample tokens (several concurrent requests of one problem: see
+        :meth:`Meter.fair_share <budgetlm.meter.Meter.fair_share>`).
+        """
+        b = backend or self.backend
+        return await b.agenerate_one(request, self.meter, sampling=sampling,
+                                     on_delta=self.on_delta if stream else None, share=share)
+
+    async def score_batch(self, pairs: Sequence[tuple[Any, Any]], *, backend: Backend | None = None,
+                          on_budget_exhausted: Literal["raise", "skip"] = "raise") -> list[ScoreResult]:
+        """Log-probabilities of continuations, charged to the problem's meter as prompt tokens."""
+        b = backend or self.backend
+        fut = asyncio.ensure_future(asyncio.to_thread(b.score_batch, pairs, self.meter,
+                                                      on_budget_exhausted=on_budget_exhausted))
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            while not fut.done():  # a scoring pass cannot be aborted: let it settle its charge, then give up
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.shield(fut)
+            raise
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to completion from synchronous code, also when this thread already runs an event loop
+    (Jupyter): then it runs on a fresh loop in a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(coro)
+        except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name="budgetlm-solve")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+class StrategyParams(Config):
+    """Base of every strategy's typed parameters (like vLLM's ``SamplingParams``): one pydantic model per
+    strategy, a docstring and ``Field`` constraints per field, validated once when the strategy is built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class Strategy:
+    """Base class of strategies: typed :attr:`Params`; a strategy is a per-problem async program.
+
+    Build one with ``Strategy(params)`` or ``Strategy(**fields)`` (validated by :attr:`Params`; each
+    field is also readable as an attribute); derived state goes in :meth:`setup`.
+
+    Subclasses implement :meth:`solve_one` (``async def solve_one(problem, ctx) -> Result``).
+    :meth:`solve` / :meth:`asolve` run every problem's program concurrently on one engine (each
+    problem under its own meter) and are the batch API for users.  ``streams`` says whether the
+    answer can be streamed token by token (single-sample strategies); strategies whose answer needs
+    all samples (votes) cannot.
+    """
 
     name: ClassVar[str] = "strategy"
+    streams: ClassVar[bool] = False
+    """True when :meth:`solve_one` marks the call that produces the answer (``ctx.generate(stream=True)``)."""
+    Params: ClassVar[type[StrategyParams]] = StrategyParams
+    """The strategy's typed parameters."""
 
-    @abstractmethod
+    def __init__(self, params: StrategyParams | None = None, /, **fields: Any) -> None:
+        if params is None:
+            unknown = [k for k in fields if k not in self.Params.model_fields]
+            if unknown:
+                raise ConfigError(
+                    f"unknown parameter(s) {', '.join(map(repr, unknown))} for strategy {self.name!r}; "
+                    f"valid: {', '.join(self.Params.model_fields) or '(none)'}"
+                )
+            params = self.Params(**fields)
+        elif fields or not isinstance(params, self.Params):
+            raise ConfigError(f"`params` must be a {self.Params.__name__} (and no other arguments), "
+                              f"got {type(params).__name__} and {sorted(fields)}")
+        self.p = params
+        """The validated parameters."""
+        for k in type(params).model_fields:
+            setattr(self, k, getattr(params, k))
+        self.setup()
+
+    def setup(self) -> None:
+        """Derived state, after the parameters were validated (override as needed)."""
+
+    async def solve_one(self, problem: Problem, ctx: Context) -> Result:
+        """Solve one problem, charging every call to ``ctx.meter``."""
+        raise NotImplementedError(f"strategy {self.name!r} implements no per-problem program")
+
+    def _lockstep(self) -> bool:
+        """True for strategies still written as one batched ``run`` over all problems."""
+        return type(self).solve_one is Strategy.solve_one
+
     def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        """Solve ``problems``, charging problem ``i``'s calls to ``meters[i]``."""
+        """Solve ``problems``, charging problem ``i``'s calls to ``meters[i]`` (all concurrently)."""
+        return run_sync(self.arun(problems, meters, backend))
+
+    async def run_one(self, problem: Problem, ctx: Context) -> Result:
+        """:meth:`solve_one`, or for a strategy still written as a batched ``run``, that on one problem in a
+        worker thread (its calls still join the shared engine).  For composite strategies (cascade, route)."""
+        if self._lockstep():
+            [r] = await asyncio.to_thread(type(self).run, self, [problem], [ctx.meter], ctx.backend)
+            return r
+        return await self.solve_one(problem, ctx)
+
+    async def arun(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend,
+                   on_delta: DeltaCallback | None = None) -> list[Result]:
+        """Run every problem's :meth:`solve_one` concurrently; each result's usage is its meter's total."""
+        if self._lockstep():
+            results = await asyncio.to_thread(type(self).run, self, problems, meters, backend)
+        else:
+            async def one(p: Problem, m: Meter) -> Result:
+                try:
+                    return await self.solve_one(p, Context(backend, m, on_delta))
+                finally:
+                    m.active = False  # siblings may now share what it left
+
+            results = list(await asyncio.gather(*(one(p, m) for p, m in zip(problems, meters, strict=True))))
+        for r, m in zip(results, meters, strict=True):
+            r.usage = m.total()
+        return results
+
+    def _setup(self, problems: Sequence[Problem | str], budget: Budget | dict[str, Any] | str | None,
+               batch_budget: Budget | dict[str, Any] | str | None) -> tuple[list[Problem], list[Meter]]:
+        probs = [p if isinstance(p, Problem) else Problem.from_text(p, id=str(i)) for i, p in enumerate(problems)]
+        root = Meter(batch_budget, name="batch")
+        per = Budget.parse(budget)
+        return probs, [root.child(per, name=p.id) for p in probs]
+
+    async def asolve(
+        self,
+        problems: Sequence[Problem | str],
+        *,
+        backend: Backend,
+        budget: Budget | dict[str, Any] | str | None = None,
+        batch_budget: Budget | dict[str, Any] | str | None = None,
+    ) -> list[Result]:
+        """Async :meth:`solve`."""
+        probs, meters = self._setup(problems, budget, batch_budget)
+        results = await self.arun(probs, meters, backend)
+        for r, m in zip(results, meters, strict=True):
+            r.ledger = m.summary()
+        return results
 
     def solve(
         self,
@@ -105,19 +282,17 @@ class Strategy(ABC):
         budget: Budget | dict[str, Any] | str | None = None,
         batch_budget: Budget | dict[str, Any] | str | None = None,
     ) -> list[Result]:
-        """One :class:`Result` per problem; ``budget`` applies per problem, ``batch_budget`` to all."""
-        probs = [p if isinstance(p, Problem) else Problem.from_text(p, id=str(i)) for i, p in enumerate(problems)]
-        root = Meter(batch_budget, name="batch")
-        per = Budget.parse(budget)
-        meters = [root.child(per, name=p.id) for p in probs]
-        results = self.run(probs, meters, backend)
-        for r, m in zip(results, meters, strict=True):
-            r.ledger = m.summary()
-        return results
+        """One :class:`Result` per problem; ``budget`` applies per problem, ``batch_budget`` to all.
+
+        Works from plain scripts and from code that already runs an event loop (Jupyter).
+        """
+        return run_sync(self.asolve(problems, backend=backend, budget=budget, batch_budget=batch_budget))
 
     def params(self) -> dict[str, Any]:
         """The strategy's parameters (recorded with every result)."""
-        sig = inspect.signature(type(self).__init__)
+        if type(self).Params is not StrategyParams:
+            return {k: getattr(self.p, k) for k in type(self.p).model_fields}
+        sig = inspect.signature(type(self).__init__)  # strategies not yet given typed Params
         return {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}
 
 
@@ -128,6 +303,8 @@ STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 def get(name: str, **params: Any) -> Strategy:
     """The strategy ``name`` configured with ``params``; errors list names and valid parameters."""
     cls = STRATEGIES.get(name)
+    if cls.Params is not StrategyParams:
+        return cls(**params)  # validated by its typed Params
     sig = inspect.signature(cls.__init__)
     valid = [k for k, p in sig.parameters.items() if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     unknown = [k for k in params if k not in valid]
@@ -136,3 +313,12 @@ def get(name: str, **params: Any) -> Strategy:
             f"unknown parameter(s) {', '.join(map(repr, unknown))} for strategy {name!r}; valid: {', '.join(valid) or '(none)'}"
         )
     return cls(**params)
+
+
+def param_names(name: str) -> list[str]:
+    """The parameters strategy ``name`` accepts."""
+    cls = STRATEGIES.get(name)
+    if cls.Params is not StrategyParams:
+        return list(cls.Params.model_fields)
+    sig = inspect.signature(cls.__init__)
+    return [k for k, p in sig.parameters.items() if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]

@@ -31,6 +31,7 @@ thresholds, the per-stage answer rate and accuracy on the split, ε, and the sta
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import Sequence
@@ -41,7 +42,8 @@ from typing import Any, Literal
 from budgetlm.backends.base import Backend
 from budgetlm.errors import ConfigError
 from budgetlm.meter import Meter
-from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy, get
+from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, get, param_names
+from budgetlm.usage import Usage
 
 Signal = Literal["logprob_mean", "logprob_min", "agreement", "verifier"]
 SIGNALS: tuple[str, ...] = ("logprob_mean", "logprob_min", "agreement", "verifier")
@@ -194,58 +196,53 @@ class Cascade(Strategy):
             return results, [math.inf] * len(results)
         return results, self.confidences(stage, problems, results, meters, be)
 
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        final: list[Result | None] = [None] * len(problems)
-        final_stage: list[int | None] = [None] * len(problems)
-        trail: list[list[dict[str, Any]]] = [[] for _ in problems]
-        open_ = list(range(len(problems)))
+    @property
+    def streams(self) -> bool:  # type: ignore[override]
+        """The last stage's tokens stream when its strategy streams (an earlier stage's answer is sent at the end)."""
+        return self._strategies[-1].streams
+
+    async def solve_one(self, problem: Problem, ctx: Context) -> Result:
+        m = ctx.meter
+        final: Result | None = None
+        final_stage: int | None = None
+        trail: list[dict[str, Any]] = []
         for k, stage in enumerate(self._stages):
-            if not open_:
-                break
             last = k == len(self._stages) - 1
-            runnable = [i for i in open_ if not meters[i].exhausted()]
-            for i in open_:
-                if i not in runnable:  # nothing left for this stage: keep the best earlier answer
-                    trail[i].append({"stage": k, "name": stage.name, "skipped": meters[i].exhausted_reason()})
-            if not runnable:
+            if m.exhausted():  # nothing left for this stage: keep the best earlier answer
+                trail.append({"stage": k, "name": stage.name, "skipped": m.exhausted_reason()})
                 break
-            before = {i: meters[i].spent("output_tokens") for i in runnable}
-            results, conf = self.run_stage(k, [problems[i] for i in runnable], [meters[i] for i in runnable], backend,
-                                           score=self.thresholds is not None)
+            before = m.spent("output_tokens")
+            be = self._backend(stage.backend, ctx.backend)
+            r = await self._strategies[k].run_one(problem, Context(be, m, ctx.on_delta if last else None))
+            if last or self.thresholds is None:
+                s = math.inf
+            else:
+                [s] = await asyncio.to_thread(self.confidences, stage, [problem], [r], [m], be)
             threshold = -math.inf if self.thresholds is None else (math.inf if last else self.thresholds[k])
-            still = []
-            for i, r, s in zip(runnable, results, conf, strict=True):
-                answered = last or s >= threshold or self.thresholds is None
-                trail[i].append({"stage": k, "name": stage.name, "answer": r.answer, "confidence": s,
-                                 "threshold": None if last else threshold, "answered": answered,
-                                 "output_tokens": int(meters[i].spent("output_tokens") - before[i]),
-                                 "sequential_tokens": r.sequential_tokens,
-                                 "stop_reason": r.stop_reason})
-                if final[i] is None or r.answer is not None:
-                    final[i], final_stage[i] = r, k
-                elif r.stop_reason.startswith("budget exhausted"):  # refused mid-stage: the earlier answer stands
-                    trail[i][-1]["skipped"] = r.stop_reason
-                if not answered and not r.stop_reason.startswith("budget exhausted"):
-                    still.append(i)
-            open_ = still
-        out = []
-        for i, p in enumerate(problems):
-            r = final[i]
-            usage = meters[i].total()
-            if r is None:
-                out.append(Result(p.id, "", None, usage, stop_reason=meters[i].exhausted_reason(),
-                                  trace=[{"cascade": trail[i]}]))
-                continue
-            reason = r.stop_reason
-            if any("skipped" in e for e in trail[i]):
-                reason = next(e["skipped"] for e in trail[i] if "skipped" in e)
-            elif meters[i].stop_reason and reason == "done" and trail[i][-1].get("stage") != final_stage[i]:
-                reason = meters[i].stop_reason
-            out.append(Result(p.id, r.text, r.answer, usage, stop_reason=reason, finish_reason=r.finish_reason,
-                              truncated=r.truncated, thinking_truncated=r.thinking_truncated,
-                              sequential_tokens=sum(e.get("sequential_tokens", 0) for e in trail[i]),
-                              trace=[{"cascade": trail[i], "stage": final_stage[i]}]))
-        return out
+            answered = last or s >= threshold or self.thresholds is None
+            trail.append({"stage": k, "name": stage.name, "answer": r.answer, "confidence": s,
+                          "threshold": None if last else threshold, "answered": answered,
+                          "output_tokens": int(m.spent("output_tokens") - before),
+                          "sequential_tokens": r.sequential_tokens, "stop_reason": r.stop_reason})
+            if final is None or r.answer is not None:
+                final, final_stage = r, k
+            elif r.stop_reason.startswith("budget exhausted"):  # refused mid-stage: the earlier answer stands
+                trail[-1]["skipped"] = r.stop_reason
+            if answered or r.stop_reason.startswith("budget exhausted"):
+                break
+        if final is None:
+            return Result(problem.id, "", None, Usage.zero(), stop_reason=m.exhausted_reason(),
+                          trace=[{"cascade": trail}])
+        reason = final.stop_reason
+        if any("skipped" in e for e in trail):
+            reason = next(e["skipped"] for e in trail if "skipped" in e)
+        elif m.stop_reason and reason == "done" and trail[-1].get("stage") != final_stage:
+            reason = m.stop_reason
+        return Result(problem.id, final.text, final.answer, Usage.zero(), stop_reason=reason,
+                      finish_reason=final.finish_reason, truncated=final.truncated,
+                      thinking_truncated=final.thinking_truncated,
+                      sequential_tokens=sum(e.get("sequential_tokens", 0) for e in trail),
+                      trace=[{"cascade": trail, "stage": final_stage}])
 
 
 def calibrate(cascade: Cascade, problems: Sequence[Problem], grade: Any, backend: Backend, epsilon: float,
@@ -334,11 +331,8 @@ def load_calibration(path: str | Path, stages: Sequence[Stage]) -> list[float]:
 def _seeded(stage: Stage, seed: int | None) -> dict[str, Any]:
     """The stage's parameters, with the cascade's ``seed`` for sampling strategies that were given none."""
     params = dict(stage.params)
-    if seed is not None and "seed" not in params:
-        import inspect
-
-        if "seed" in inspect.signature(STRATEGIES.get(stage.strategy).__init__).parameters:
-            params["seed"] = seed
+    if seed is not None and "seed" not in params and "seed" in param_names(stage.strategy):
+        params["seed"] = seed
     return params
 
 

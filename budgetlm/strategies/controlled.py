@@ -15,10 +15,11 @@ Modes (the instruction appended to the last user message, after a blank line):
 - ``effort`` — e1: ``"Use {E}% of your usual reasoning effort."`` (**our wording**: e1 states the
   fraction in the prompt; its exact template is not published in the text we follow).
 
-The output-token budget still clamps the call: the target is a request to the model, the budget a
-promise of the library.  Records get ``details = {"control": mode, "target_tokens" | "effort": ...,
-"length_error": |used − N|}`` (``length_error`` for the token modes only), which the training
-evaluation averages into the length-vs-target error.
+Each problem is one request on the shared engine; the answer is that single sample, so it streams
+token by token (``streams = True``).  The output-token budget still clamps the call: the target is
+a request to the model, the budget a promise of the library.  Records get ``details = {"control":
+mode, "target_tokens" | "effort": ..., "length_error": |used − N|}`` (``length_error`` for the token
+modes only), which the training evaluation averages into the length-vs-target error.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from pydantic import Field, model_validator
+
 from budgetlm.answers import extract_answer
-from budgetlm.backends.base import Backend, GenerationRequest, Message, SamplingParams
-from budgetlm.errors import invalid
-from budgetlm.meter import Meter
-from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy
+from budgetlm.backends.base import GenerationRequest, Message, SamplingParams
+from budgetlm.errors import BudgetExceeded, invalid
+from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.usage import Usage
 
-__all__ = ["CONTROL_MODES", "Controlled", "control_instruction", "with_control"]
+__all__ = ["CONTROL_MODES", "Controlled", "ControlledParams", "control_instruction", "with_control"]
 
 ControlMode = Literal["exact", "max", "effort"]
 CONTROL_MODES: tuple[str, ...] = ("exact", "max", "effort")
@@ -70,58 +72,70 @@ def with_control(messages: Sequence[Message], mode: str, value: float) -> list[M
     raise invalid("messages", "chat messages with a user message", [m.get("role") for m in out])
 
 
+class ControlledParams(StrategyParams):
+    """Parameters of :class:`Controlled`."""
+
+    mode: ControlMode = Field(default="exact", description="exact (LCPO-Exact), max (LCPO-Max) or effort (e1).")
+    target_tokens: int | None = Field(default=None, ge=1, strict=True,
+                                      description="Token target written into the prompt (modes exact and max).")
+    effort: float | None = Field(default=None, gt=0, le=1, strict=True,
+                                 description="Fraction of the usual reasoning effort (mode effort).")
+    temperature: float = Field(default=0.0, ge=0, strict=True, description="Softmax temperature; 0 is greedy.")
+    max_tokens: int = Field(default=1024, ge=1, strict=True, description="Most tokens of the sample (the budget "
+                                                                         "may clamp it).")
+    seed: int | None = Field(default=None, description="Sampling seed (None: unseeded).")
+
+    @model_validator(mode="after")
+    def _value_for_mode(self) -> ControlledParams:
+        value = self.effort if self.mode == "effort" else self.target_tokens
+        if value is None:
+            need = "effort" if self.mode == "effort" else "target_tokens"
+            raise invalid(need, f"set for mode={self.mode!r}", None,
+                          "pass effort=0..1 for mode='effort', target_tokens=N for 'exact'/'max'")
+        return self
+
+
 class Controlled(Strategy):
     """Sample once with the token target or effort fraction written into the prompt."""
 
     name = "controlled"
+    streams = True
+    Params = ControlledParams
+    p: ControlledParams
+    mode: ControlMode
+    target_tokens: int | None
+    effort: float | None
+    temperature: float
+    max_tokens: int
+    seed: int | None
 
-    def __init__(self, mode: ControlMode = "exact", target_tokens: int | None = None, effort: float | None = None,
-                 temperature: float = 0.0, max_tokens: int = 1024, seed: int | None = None) -> None:
-        if mode not in CONTROL_MODES:  # before the value check, so the error names `mode`
-            raise invalid("mode", f"one of {', '.join(CONTROL_MODES)}", mode)
-        value = effort if mode == "effort" else target_tokens
-        if value is None:
-            need = "effort" if mode == "effort" else "target_tokens"
-            raise invalid(need, f"set for mode={mode!r}", None,
-                          "pass effort=0..1 for mode='effort', target_tokens=N for 'exact'/'max'")
-        _check(mode, value)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise invalid("max_tokens", "a positive integer", max_tokens)
-        self.mode = mode
-        self.target_tokens = target_tokens
-        self.effort = effort
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.seed = seed
-        self._value = value
-        self._sampling = SamplingParams(n=1, temperature=temperature, max_tokens=max_tokens, seed=seed)
+    def setup(self) -> None:
+        self._value: float = self.effort if self.mode == "effort" else self.target_tokens  # type: ignore[assignment]
+        self._sampling = SamplingParams(n=1, temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed)
 
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        reqs = [GenerationRequest(messages=with_control(p.messages, self.mode, self._value), sampling=self._sampling,
-                                  meter=m, id=p.id) for p, m in zip(problems, meters, strict=True)]
-        gens = backend.generate(reqs, on_budget_exhausted="skip")
+    async def solve_one(self, problem: Problem, ctx: Context) -> Result:
         control: dict[str, Any] = {"control": self.mode}
         control["effort" if self.mode == "effort" else "target_tokens"] = self._value
-        out = []
-        for p, g, m in zip(problems, gens, meters, strict=True):
-            if g.skipped or not g.completions:
-                out.append(Result(p.id, "", None, Usage.zero(), stop_reason=m.stop_reason or "budget exhausted",
-                                  trace=[{"call": 0, "skipped": g.skipped}], details=dict(control)))
-                continue
-            c = g.first
-            text = "" if c.thinking_truncated else c.answer
-            used = len(c.token_ids)
-            details = dict(control, used_tokens=used)
-            if self.mode != "effort":
-                details["length_error"] = abs(used - int(self._value))
-            out.append(Result(
-                problem_id=p.id, text=text, answer=extract_answer(text).text if text else None, usage=g.usage,
-                stop_reason="done", finish_reason=c.finish_reason, truncated=c.truncated,
-                thinking_truncated=c.thinking_truncated, sequential_tokens=used,
-                trace=[{"call": 0, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by, "output_tokens": used}],
-                details=details,
-            ))
-        return out
+        req = GenerationRequest(messages=with_control(problem.messages, self.mode, self._value),
+                                sampling=self._sampling, id=problem.id)
+        try:
+            g = await ctx.generate(req, stream=True)
+        except BudgetExceeded as exc:
+            return Result(problem.id, "", None, Usage.zero(), stop_reason=ctx.meter.stop_reason or "budget exhausted",
+                          trace=[{"call": 0, "skipped": str(exc)}], details=control)
+        c = g.first
+        text = "" if c.thinking_truncated else c.answer
+        used = len(c.token_ids)
+        details = dict(control, used_tokens=used)
+        if self.mode != "effort":
+            details["length_error"] = abs(used - int(self._value))
+        return Result(
+            problem_id=problem.id, text=text, answer=extract_answer(text).text if text else None, usage=Usage.zero(),
+            stop_reason="deadline" if c.finish_reason == "deadline" else "done", finish_reason=c.finish_reason,
+            truncated=c.truncated, thinking_truncated=c.thinking_truncated, sequential_tokens=used,
+            trace=[{"call": 0, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by, "output_tokens": used}],
+            details=details,
+        )
 
 
 STRATEGIES.register("controlled", Controlled)

@@ -1,7 +1,8 @@
 """Budget forcing: a capped (and optionally extended) chain of thought, then a forced answer.
 
 Implements s1's *budget forcing* (Muennighoff et al., "s1: Simple test-time scaling",
-arXiv 2501.19393; ALGORITHMS.md §1) for every problem of a batch at once:
+arXiv 2501.19393; ALGORITHMS.md §1) as a per-problem program: every problem runs its own phases
+on the shared engine, one request at a time, independently of the other problems in flight.
 
 1. **Think** with ``max_tokens`` = what is left of the thinking cap.  For models with thinking
    tags (``backend.thinking.enabled``) the reply is opened with the start tag (unless the chat
@@ -22,17 +23,35 @@ arXiv 2501.19393; ALGORITHMS.md §1) for every problem of a batch at once:
    back to the whole reply (reasoning, lead, answer); the answer call's trace entry says which
    (``answer_from``: ``"answer"`` or ``"reply"``).  Tag models never answer from their thinking.
 
-All problems of a phase go to the backend in one batched call; each call is charged to the
-problem's meter, so nothing can overspend.
+Every call is charged to the problem's meter, so nothing can overspend; ``Result.usage`` is the
+meter's total.  Continuations re-render the reply so far as text (``assistant_prefix``), not as
+the prompt's token ids plus the generated ids: engines keep the tokens of a matched stop string
+(the end tag, ``"Answer:"``) in ``token_ids`` while cutting them from the text, and the backend
+decides from the assistant prefix whether a continuation starts inside thinking (which its
+thinking-token accounting and the thinking budget rely on).
+
+Streaming (``streams = True``).  The answer is the forced-answer call: its tokens stream to the
+caller as they are generated, preceded by one text-only delta holding ``answer_lead`` (leading
+whitespace removed) once that call has started, so the streamed text is ``Result.text``.  The
+thinking calls are not streamed: for tag models their text is thinking, and for models without
+tags the reasoning is not the answer (``Result.text`` leaves it out).  The one exception is the
+fallback above (a forced answer without an extractable answer, models without tags): the stream
+then carried the lead and the forced answer, while ``Result.text`` (the non-streamed reply and the
+records) is the whole reply.
 
 Caps.  A problem's thinking cap is the smallest of ``thinking_tokens``, the per-problem
-``thinking_tokens`` budget and — re-read before every thinking call — the remaining
-output-token budget minus ``answer_tokens`` (reserved for the answer).  With no output limit
-and no ``thinking_tokens`` the cap is 1024 tokens.  If the budget is smaller than
-``answer_tokens`` there is no thinking at all and the answer gets what is left, so an answer
-is produced whenever the budget allows one output token.  When the budget ends earlier the
-result has an empty text and ``stop_reason`` says which unit ran out (the meter's reason); the
-strategy never raises for budget exhaustion.
+``thinking_tokens`` budget and — re-read before every thinking call — the problem's output-token
+room minus ``answer_tokens`` (reserved for the answer).  The room is the problem's own remaining
+output tokens and, when a batch budget limits output tokens, at most an equal share of the batch's
+remaining output tokens among the problems still running
+(:func:`~budgetlm.strategies.voting.room_of`), so the first problems of a batch cannot take the
+answers' tokens of the last.  With no output limit and no ``thinking_tokens`` the cap is 1024
+tokens.  If the room is smaller than ``answer_tokens`` there is no thinking at all and the answer
+gets what the meter allows, so an answer is produced whenever the budget allows one output token.
+When the budget ends earlier the result has an empty text and ``stop_reason`` says which unit ran
+out (the meter's reason); the strategy never raises for budget exhaustion.  A thinking call cut by
+the wall-clock deadline (``finish_reason="deadline"``) ends the thinking like its cap; an answer
+cut by it gives ``stop_reason="deadline"``.
 
 Thinking-token accounting.  Thinking tokens are *generated* tokens of the thinking calls
 (``wait_text``, the tags we add and ``answer_lead`` are prompt text, not output).  For tag models
@@ -52,9 +71,10 @@ by the meter but may leave no room for the answer (the stop reason then says so)
 
 Engine pass-through (``thinking_budget_passthrough=True``).  Each thinking call also passes its
 thinking room to the engine as vLLM's ``SamplingParams.thinking_token_budget`` (through
-:meth:`~budgetlm.backends.vllm.VLLMBackend.thinking_token_budgets`), so the engine itself forces
-the end tag once the cap is reached; the budget given is the room minus one (the end tag is a
-generated thinking token too) plus the thinking tokens already in the prefix (vLLM counts those).
+:meth:`~budgetlm.backends.vllm.VLLMBackend.thinking_token_budgets`, a block around that call keyed
+on its request object), so the engine itself forces the end tag once the cap is reached; the
+budget given is the room minus one (the end tag is a generated thinking token too) plus the
+thinking tokens already in the prefix (vLLM counts those).
 ``max_tokens`` stays the room, so the cap and the budget hold even if the engine ignored the
 pass-through.  After every such call the strategy *verifies* it: it counts the generated tokens
 before the end tag; the trace entry gets ``thinking_token_budget``, ``passthrough_thinking`` (that
@@ -64,41 +84,98 @@ the problem then falls back to plain budget forcing, i.e. ``max_tokens`` alone, 
 None when the call ended or was clamped before the budget could take effect.  The pass-through
 needs a model with thinking tags and a backend that supports it (a vLLM engine started with a
 reasoning parser, e.g. ``VLLMBackend(..., engine_kwargs={"reasoning_parser": "deepseek_r1"})``);
-otherwise :meth:`run` raises :class:`~budgetlm.errors.ConfigError` before any call, naming the fix
+otherwise solving raises :class:`~budgetlm.errors.ConfigError` before any call, naming the fix
 (chosen over a silent fallback: asking for the pass-through and not getting it is a setup error).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import Field, ValidationInfo, field_validator
+
 from budgetlm.answers import extract_answer
 from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams, ThinkingBudgetBackend
-from budgetlm.errors import ConfigError
+from budgetlm.backends.streaming import Delta, DeltaCallback
+from budgetlm.errors import BudgetExceeded, ConfigError
 from budgetlm.meter import Meter
-from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy
+from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
+from budgetlm.strategies.voting import room_of
 from budgetlm.usage import Usage
 
 _UNBOUNDED_THINKING = 1024
 """Thinking cap when neither ``thinking_tokens`` nor an output-token budget limits it."""
 _ANSWER_STOP = ["\n\n"]
 """The forced answer ends at a blank line."""
+_INTS = {"thinking_tokens": (0, True), "answer_tokens": (1, False), "min_thinking_tokens": (0, False),
+         "max_waits": (0, False), "seed": (0, True)}
+"""Integer parameters: (lowest value, None allowed)."""
 
 
-def _int(name: str, value: Any, lo: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        what = f"an integer >= {lo}" + (" or None" if allow_none else "")
-        raise ConfigError(f"`{name}` must be {what}, got {value!r}")
+class BudgetForcingParams(StrategyParams):
+    """Parameters of :class:`BudgetForcing` (see the module docstring)."""
+
+    thinking_tokens: int | None = Field(default=None, ge=0, description=(
+        "Thinking cap in generated tokens; None: the output-token room less answer_tokens (1024 without limits)."))
+    answer_tokens: int = Field(default=32, ge=1, description="Most tokens of the forced answer.")
+    min_thinking_tokens: int = Field(default=0, ge=0, description=(
+        "Thinking that ends by itself before this many tokens is extended with wait_text."))
+    max_waits: int = Field(default=0, ge=0, description="Most wait_text extensions per problem; 0 never waits.")
+    wait_text: str = Field(default="Wait", description="Text appended to extend the thinking.")
+    answer_lead: str = Field(default="\nAnswer:", description="Text that forces the answer after the thinking.")
+    temperature: float = Field(default=0.0, ge=0, description="Softmax temperature; 0 is greedy.")
+    seed: int | None = Field(default=None, ge=0, description="Sampling seed (None: unseeded).")
+    thinking_budget_passthrough: bool = Field(default=False, description=(
+        "Also pass each thinking call's cap to the engine (vLLM's thinking_token_budget, which needs a reasoning "
+        "parser) and verify it was applied."))
+
+    @field_validator(*_INTS, mode="before")
+    @classmethod
+    def _int(cls, v: Any, info: ValidationInfo) -> Any:
+        lo, allow_none = _INTS[info.field_name or ""]
+        if v is None and allow_none:
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            what = f"an integer >= {lo}" + (" or None" if allow_none else "")
+            raise ValueError(f"`{info.field_name}` must be {what}, got {v!r}")
+        return v
+
+    @field_validator("wait_text", mode="before")
+    @classmethod
+    def _wait_text(cls, v: Any) -> Any:
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"`wait_text` must be a non-empty string, got {v!r}")
+        return v
+
+    @field_validator("answer_lead", mode="before")
+    @classmethod
+    def _answer_lead(cls, v: Any) -> Any:
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"`answer_lead` must be a non-empty string like '\\nAnswer:', got {v!r}")
+        return v
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _temperature(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"`temperature` must be a number >= 0 (0 = greedy), got {v!r}")
+        return v
+
+    @field_validator("thinking_budget_passthrough", mode="before")
+    @classmethod
+    def _passthrough(cls, v: Any) -> Any:
+        if not isinstance(v, bool):
+            raise ValueError(f"`thinking_budget_passthrough` must be True or False, got {v!r}")
+        return v
 
 
 @dataclass
 class _State:
-    """Per-problem progress."""
+    """One problem's progress."""
 
     prefix: str
     """The assistant reply so far (opening tag, reasoning, appended waits)."""
@@ -112,7 +189,6 @@ class _State:
     """Still in the thinking phase."""
     cut: bool = False
     """Thinking was stopped by its cap or the budget (not by the model)."""
-    usage: Usage = field(default_factory=Usage.zero)
     trace: list[dict[str, Any]] = field(default_factory=list)
     answer: GenerationResult | None = None
     skipped: str | None = None
@@ -124,52 +200,30 @@ class BudgetForcing(Strategy):
     """s1 budget forcing: cap (and optionally extend with "Wait") the thinking, then force an answer."""
 
     name = "cot"
+    streams = True
+    Params = BudgetForcingParams
+    p: BudgetForcingParams
+    thinking_tokens: int | None
+    answer_tokens: int
+    min_thinking_tokens: int
+    max_waits: int
+    wait_text: str
+    answer_lead: str
+    temperature: float
+    seed: int | None
+    thinking_budget_passthrough: bool
 
-    def __init__(
-        self,
-        thinking_tokens: int | None = None,
-        answer_tokens: int = 32,
-        min_thinking_tokens: int = 0,
-        max_waits: int = 0,
-        wait_text: str = "Wait",
-        answer_lead: str = "\nAnswer:",
-        temperature: float = 0.0,
-        seed: int | None = None,
-        thinking_budget_passthrough: bool = False,
-    ) -> None:
-        """See the module docstring; ``thinking_budget_passthrough=True`` also passes each thinking call's cap to
-        the engine (vLLM's ``thinking_token_budget``, which needs a reasoning parser) and verifies it was applied.
-        """
-        _int("thinking_tokens", thinking_tokens, 0, allow_none=True)
-        _int("answer_tokens", answer_tokens, 1)
-        _int("min_thinking_tokens", min_thinking_tokens, 0)
-        _int("max_waits", max_waits, 0)
-        _int("seed", seed, 0, allow_none=True)
-        if not isinstance(wait_text, str) or not wait_text.strip():
-            raise ConfigError(f"`wait_text` must be a non-empty string, got {wait_text!r}")
-        if not isinstance(answer_lead, str) or not answer_lead.strip():
-            raise ConfigError(f"`answer_lead` must be a non-empty string like '\\nAnswer:', got {answer_lead!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ConfigError(f"`temperature` must be a number >= 0 (0 = greedy), got {temperature!r}")
-        if not isinstance(thinking_budget_passthrough, bool):
-            raise ConfigError(f"`thinking_budget_passthrough` must be True or False, got {thinking_budget_passthrough!r}")
-        self.thinking_tokens = thinking_tokens
-        self.answer_tokens = answer_tokens
-        self.min_thinking_tokens = min_thinking_tokens
-        self.max_waits = max_waits
-        self.wait_text = wait_text
-        self.answer_lead = answer_lead
-        self.temperature = float(temperature)
-        self.seed = seed
-        self.thinking_budget_passthrough = thinking_budget_passthrough
+    def setup(self) -> None:
+        self._answer_sp = SamplingParams(temperature=self.temperature, seed=self.seed, stop=list(_ANSWER_STOP),
+                                         max_tokens=self.answer_tokens)
 
     # ------------------------------------------------------------------ helpers
     def _room(self, st: _State, meter: Meter) -> int:
         """Thinking tokens the next thinking call may generate."""
         room = st.cap - st.used
-        r_out = meter.remaining("output_tokens")
+        r_out = room_of(meter)
         if r_out is not None:
-            room = min(room, int(r_out) - self.answer_tokens)
+            room = min(room, r_out - self.answer_tokens)
         return max(0, room)
 
     def _answer_prefix(self, st: _State, backend: Backend) -> str:
@@ -180,8 +234,7 @@ class BudgetForcing(Strategy):
         return reasoning + self.answer_lead if reasoning else self.answer_lead.lstrip()
 
     def _call(self, st: _State, g: GenerationResult, phase: str) -> None:
-        """Book one call of a problem into its usage and trace."""
-        st.usage = st.usage + g.usage
+        """Book one call of a problem into its trace."""
         c = g.first if g.completions else None
         out = g.usage.output_tokens
         st.trace.append({
@@ -198,6 +251,11 @@ class BudgetForcing(Strategy):
             "skipped": g.skipped,
             "text": c.text if c else "",
         })
+
+    @staticmethod
+    def _refused(req: GenerationRequest, exc: BudgetExceeded) -> GenerationResult:
+        """The (empty) result of a call the meter refused."""
+        return GenerationResult(req, [], Usage.zero(), [], 0, exc.unit, skipped=str(exc))
 
     def _check_passthrough(self, backend: Backend) -> list[int]:
         """The end tag's token ids; raises when the backend cannot pass a thinking budget to its engine."""
@@ -225,113 +283,125 @@ class BudgetForcing(Strategy):
                 return j
         return -1
 
+    def _answer_stream(self, ctx: Context) -> Context:
+        """``ctx`` whose delta callback first sends ``answer_lead`` (once the answer call produces output), so
+        the streamed text is ``Result.text``."""
+        if ctx.on_delta is None:
+            return ctx
+        out: DeltaCallback = ctx.on_delta
+        lead = self.answer_lead.lstrip()
+        started = False
+
+        def on_delta(d: Delta) -> None:
+            nonlocal started
+            if not started:
+                started = True
+                out(Delta(d.index, lead))
+            out(d)
+
+        return dataclasses.replace(ctx, on_delta=on_delta)
+
     # ------------------------------------------------------------------ run
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
+    async def arun(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend,
+                   on_delta: DeltaCallback | None = None) -> list[Result]:
+        if self.thinking_budget_passthrough:
+            self._check_passthrough(backend)  # a setup error: raise once, before any problem makes a call
+        return await super().arun(problems, meters, backend, on_delta)
+
+    async def solve_one(self, problem: Problem, ctx: Context) -> Result:
+        backend, meter = ctx.backend, ctx.meter
         fmt = backend.thinking
         boundary = fmt.end if fmt.enabled else self.answer_lead.strip()
         opening = fmt.start if fmt.enabled and not fmt.starts_in_thinking else ""
         end_ids = self._check_passthrough(backend) if self.thinking_budget_passthrough else []
-        states: list[_State] = []
-        for m in meters:
-            cap = self.thinking_tokens
-            r_th = m.remaining("thinking_tokens")
-            if r_th is not None:
-                cap = int(r_th) if cap is None else min(cap, int(r_th))
-            if cap is None:
-                cap = _UNBOUNDED_THINKING if m.remaining("output_tokens") is None else 1 << 62
-            states.append(_State(prefix=opening, cap=max(0, cap), passthrough=self.thinking_budget_passthrough))
+        cap = self.thinking_tokens
+        r_th = meter.remaining("thinking_tokens")
+        if r_th is not None:
+            cap = int(r_th) if cap is None else min(cap, int(r_th))
+        if cap is None:
+            cap = _UNBOUNDED_THINKING if meter.remaining("output_tokens") is None else 1 << 62
+        st = _State(prefix=opening, cap=max(0, cap), passthrough=self.thinking_budget_passthrough)
 
         think_sp = SamplingParams(temperature=self.temperature, seed=self.seed, stop=[boundary], max_tokens=1)
-        # ---- thinking rounds: the first pass, then at most max_waits extensions
-        while True:
-            idx, reqs = [], []
-            budgets: list[tuple[GenerationRequest, int]] = []
-            limits: dict[int, tuple[int, int]] = {}  # problem -> (engine budget, generated thinking allowed)
-            for i, (p, m, st) in enumerate(zip(problems, meters, states, strict=True)):
-                if not st.thinking:
-                    continue
-                room = self._room(st, m)
-                if room < 1:
-                    st.thinking, st.cut = False, True
-                    continue
-                idx.append(i)
-                req = GenerationRequest(
-                    messages=p.messages, assistant_prefix=st.prefix or None, meter=m, id=p.id,
-                    sampling=think_sp.model_copy(update={"max_tokens": room}),
-                )
-                reqs.append(req)
-                if st.passthrough:
-                    body = st.prefix[len(opening):]
-                    pre = len(backend.encode(body)) if body else 0  # vLLM counts prompt thinking too
-                    budgets.append((req, pre + room - 1))
-                    limits[i] = (pre + room - 1, room - 1)
-            if not reqs:
+        # ---- thinking: the first pass, then at most max_waits extensions
+        while st.thinking:
+            room = self._room(st, meter)
+            if room < 1:
+                st.thinking, st.cut = False, True
                 break
-            ctx = backend.thinking_token_budgets(budgets) if budgets else contextlib.nullcontext()
-            with ctx:
-                gens = backend.generate(reqs, on_budget_exhausted="skip")
-            for i, g in zip(idx, gens, strict=True):
-                st, m = states[i], meters[i]
-                self._call(st, g, "think")
-                if g.skipped or not g.completions:
-                    st.thinking, st.cut = False, True
-                    continue
-                c = g.first
-                forced = False
-                if i in limits:
-                    budget, limit = limits[i]
-                    ids = list(c.token_ids)
-                    pos = self._find(ids, end_ids)
-                    thought = pos if pos >= 0 else len(ids)
-                    verified: bool | None
-                    if pos >= 0:
-                        verified = thought <= limit
-                    else:
-                        verified = False if len(ids) > limit else None
-                    st.trace[-1].update(thinking_token_budget=budget, passthrough_thinking=thought,
-                                        passthrough_verified=verified)
-                    if verified is False:
-                        st.passthrough = False  # not applied: plain budget forcing from here on
-                    forced = bool(verified) and thought >= limit
-                text = c.text
-                if boundary in text:  # engines exclude stop strings; be safe
-                    text = text[: text.find(boundary)]
-                st.prefix += text
-                st.used += len(c.token_ids)
-                if c.finish_reason == "length" or forced:
-                    st.thinking, st.cut = False, True
-                elif st.used < self.min_thinking_tokens and st.waits < self.max_waits and self._room(st, m) >= 1:
-                    sep = "" if not st.prefix or st.prefix[-1].isspace() else " "
-                    st.prefix += sep + self.wait_text
-                    st.waits += 1
+            req = GenerationRequest(messages=problem.messages, assistant_prefix=st.prefix or None, id=problem.id,
+                                    sampling=think_sp.model_copy(update={"max_tokens": room}))
+            limits: tuple[int, int] | None = None  # (engine budget, generated thinking allowed)
+            held: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if st.passthrough:
+                body = st.prefix[len(opening):]
+                pre = len(backend.encode(body)) if body else 0  # vLLM counts prompt thinking too
+                limits = (pre + room - 1, room - 1)
+                held = backend.thinking_token_budgets([(req, limits[0])])  # type: ignore[attr-defined]
+            try:
+                with held:  # the budget applies to this very request object only
+                    g = await ctx.generate(req)
+            except BudgetExceeded as exc:
+                self._call(st, self._refused(req, exc), "think")
+                st.thinking, st.cut = False, True
+                break
+            self._call(st, g, "think")
+            if not g.completions:
+                st.thinking, st.cut = False, True
+                break
+            c = g.first
+            forced = False
+            if limits is not None:
+                budget, limit = limits
+                ids = list(c.token_ids)
+                pos = self._find(ids, end_ids)
+                thought = pos if pos >= 0 else len(ids)
+                verified: bool | None
+                if pos >= 0:
+                    verified = thought <= limit
                 else:
-                    st.thinking = False
-
-        # ---- forced answer: one batched call for all problems
-        idx, reqs = [], []
-        answer_sp = SamplingParams(temperature=self.temperature, seed=self.seed, stop=list(_ANSWER_STOP),
-                                   max_tokens=self.answer_tokens)
-        for i, (p, m, st) in enumerate(zip(problems, meters, states, strict=True)):
-            idx.append(i)
-            reqs.append(GenerationRequest(messages=p.messages, assistant_prefix=self._answer_prefix(st, backend),
-                                          meter=m, id=p.id, sampling=answer_sp, may_think=False))
-        gens = backend.generate(reqs, on_budget_exhausted="skip") if reqs else []
-        for i, g in zip(idx, gens, strict=True):
-            st = states[i]
-            self._call(st, g, "answer")
-            if g.skipped or not g.completions:
-                st.skipped = g.skipped or "no completion"
+                    verified = False if len(ids) > limit else None
+                st.trace[-1].update(thinking_token_budget=budget, passthrough_thinking=thought,
+                                    passthrough_verified=verified)
+                if verified is False:
+                    st.passthrough = False  # not applied: plain budget forcing from here on
+                forced = bool(verified) and thought >= limit
+            text = c.text
+            if boundary in text:  # engines exclude stop strings; be safe
+                text = text[: text.find(boundary)]
+            st.prefix += text
+            st.used += len(c.token_ids)
+            if c.finish_reason in ("length", "deadline") or forced:
+                st.thinking, st.cut = False, True
+            elif st.used < self.min_thinking_tokens and st.waits < self.max_waits and self._room(st, meter) >= 1:
+                sep = "" if not st.prefix or st.prefix[-1].isspace() else " "
+                st.prefix += sep + self.wait_text
+                st.waits += 1
             else:
-                st.answer = g
+                st.thinking = False
 
-        return [self._result(p, m, st, fmt.enabled) for p, m, st in zip(problems, meters, states, strict=True)]
+        # ---- forced answer (the call whose output is the answer: streamed)
+        req = GenerationRequest(messages=problem.messages, assistant_prefix=self._answer_prefix(st, backend),
+                                id=problem.id, sampling=self._answer_sp, may_think=False)
+        try:
+            g = await self._answer_stream(ctx).generate(req, stream=True)
+        except BudgetExceeded as exc:
+            self._call(st, self._refused(req, exc), "answer")
+            st.skipped = str(exc)
+        else:
+            self._call(st, g, "answer")
+            if g.completions:
+                st.answer = g
+            else:
+                st.skipped = "no completion"
+        return self._result(problem, meter, st, fmt.enabled)
 
     def _result(self, p: Problem, m: Meter, st: _State, fmt_enabled: bool) -> Result:
-        seq = sum(t["output_tokens"] for t in st.trace)
+        seq = sum(t["output_tokens"] for t in st.trace)  # every call waits for the one before
         if st.answer is None:
             unit = st.trace[-1]["clamped_by"] if st.trace else None
             reason = m.stop_reason or (f"budget exhausted: {unit}" if unit else "budget exhausted")
-            return Result(p.id, "", None, st.usage, stop_reason=reason, finish_reason=None, truncated=False,
+            return Result(p.id, "", None, Usage.zero(), stop_reason=reason, finish_reason=None, truncated=False,
                           thinking_truncated=st.cut, sequential_tokens=seq, trace=st.trace)
         g = st.answer
         c = g.first
@@ -348,13 +418,15 @@ class BudgetForcing(Strategy):
         else:
             st.trace[-1]["answer_from"] = "answer"
         stop = "done"
-        if c.finish_reason == "length" and g.clamped_by is not None:
+        if c.finish_reason == "deadline":
+            stop = "deadline"
+        elif c.finish_reason == "length" and g.clamped_by is not None:
             stop = m.stop_reason or f"budget exhausted: {g.clamped_by}"
         return Result(
             problem_id=p.id,
             text=text,
             answer=answer,
-            usage=st.usage,
+            usage=Usage.zero(),  # the base sets the meter's total
             stop_reason=stop,
             finish_reason=c.finish_reason,
             truncated=c.truncated,

@@ -1,9 +1,10 @@
 """Parallel-Distill-Refine (PDR) and Sequential Refinement (SR), ALGORITHMS.md §3 (arXiv 2510.01123).
 
-For rounds ``r = 1..R``:
+Each problem runs its own rounds on the shared engine, independently of the other problems in
+flight.  For rounds ``r = 1..R``:
 
-1. **Draft.**  ``M`` drafts per problem, conditioned on the workspace ``W_{r-1}`` (no workspace at
-   ``r = 1``).  All problems of the round go to the backend in *one* call (``n=M`` per request).
+1. **Draft.**  ``M`` drafts conditioned on the workspace ``W_{r-1}`` (no workspace at ``r = 1``),
+   drawn in parallel as one request with ``n=M`` samples (the prompt is charged once).
    From round 2 on the prompt is the original question followed by
    ``"Here are notes from previous attempts:\\n{W}\\nUse them to write an improved solution..."``.
 2. **Distill** the round's drafts into a new textual workspace ``W_r`` of *at most*
@@ -15,48 +16,52 @@ For rounds ``r = 1..R``:
      its extracted answer and cut to an equal share of ``w`` (no model call);
    * ``"summary"``: the model writes one summary of all drafts (``max_tokens <= w``);
    * ``"per_draft"``: the model summarises each draft separately (``max_tokens`` about ``w // M``
-     each, less the ``"Attempt i: "`` header); each summary is cut to ``w // M`` tokens with its
-     header, and the concatenation is bounded by ``w`` again.
+     each, less the ``"Attempt i: "`` header), the ``M`` summaries running concurrently; each
+     summary is cut to ``w // M`` tokens with its header, and the concatenation is bounded by ``w``
+     again.
 
-   The model-written variants make one more batched backend call for all problems.  The final
-   round is not distilled (its workspace would never be read).
+   The final round is not distilled (its workspace would never be read).
 3. The next round refines, conditioned on ``W_r``.
 
 The answer is the last round's majority (:func:`~budgetlm.strategies.aggregate.vote`, ties by
 summed score) or, with ``final="best"``, its best-scored draft.  SR is PDR with ``M = 1``.
 
-**Budget planning.**  Before each round the problem's remaining output-token budget is split
-evenly over the rounds still to run (the final round gets all that is left, and whatever an
-earlier round leaves unspent carries over), so that the final round can still run when the budget
-allows it.  In a round that is distilled by the model, up to half of that round's share (at most
-what the distillation can use) is held for the distillation call; the rest is split over the
-``M`` drafts (``max_tokens`` per draft is the smaller of this share and ``max_tokens``).  If a
-model-written distillation cannot be afforded, the round falls back to the ``topk`` workspace,
-which costs nothing.  Other units (input/total tokens, FLOPs, dollars, time) are not planned but
-are enforced by the meter, which clamps or refuses every call, so spend never exceeds the budget.
-When the budget runs out the strategy stops and answers with the latest round that produced an
-answer, with ``stop_reason = "budget exhausted: <unit>"``.
+**Budget planning.**  Before each round the problem's output-token room is split evenly over the
+rounds still to run (the final round gets all that is left, and whatever an earlier round leaves
+unspent carries over), so that the final round can still run when the budget allows it.  The room
+is the problem's own remaining output tokens and, when a batch budget limits output tokens, at
+most an equal share of the batch's remaining output tokens among the problems still running
+(:func:`~budgetlm.strategies.voting.room_of`).  In a round that is distilled by the model, up to
+half of that round's share (at most what the distillation can use) is held for the distillation
+call; the rest is split over the ``M`` drafts (``max_tokens`` per draft is the smaller of this
+share and ``max_tokens``).  If a model-written distillation cannot be afforded, the round falls
+back to the ``topk`` workspace, which costs nothing.  Other units (input/total tokens, FLOPs,
+dollars, time) are not planned but are enforced by the meter, which clamps or refuses every call,
+so spend never exceeds the budget.  When the budget runs out the strategy stops and answers with
+the latest round that produced an answer, with ``stop_reason = "budget exhausted: <unit>"``.
 
-**Reporting.**  ``Result.usage`` is the total spend; ``Result.sequential_tokens`` is the
-critical path: per round the longest draft plus the distillation's output (for ``per_draft`` the
-longest per-draft summary, since those run in parallel), summed over rounds.  ``Result.trace`` has
-one entry per round with the drafts (answer keys, tokens, scores), the workspace text, its token
-count and the distillation call's tokens.
+**Reporting.**  ``Result.usage`` is the total spend (the problem meter's total);
+``Result.sequential_tokens`` is the critical path: per round the longest draft plus the
+distillation's output (for ``per_draft`` the longest per-draft summary, since those run in
+parallel), summed over rounds.  ``Result.trace`` has one entry per round with the drafts (answer
+keys, tokens, scores), the workspace text, its token count and the distillation call's tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import Field
+
 from budgetlm.answers import extract_answer
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, GenerationResult, Message, SamplingParams
-from budgetlm.errors import ConfigError
-from budgetlm.meter import Meter
+from budgetlm.errors import BudgetExceeded
 from budgetlm.strategies.aggregate import answer_key, vote
-from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy
+from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
+from budgetlm.strategies.voting import room_of
 from budgetlm.usage import Usage
 
 REFINE_PROMPT = (
@@ -79,15 +84,6 @@ PER_DRAFT_PROMPT = (
 )
 """Distillation prompt of ``distill="per_draft"`` (one per draft)."""
 
-_DISTILLS = ("summary", "topk", "per_draft")
-_FINALS = ("majority", "best")
-
-
-def _int_param(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"`{name}` must be an integer >= {low}, got {value!r}")
-    return value
-
 
 def truncate_to_tokens(backend: Backend, text: str, limit: int) -> str:
     """``text`` cut to at most ``limit`` tokens of ``backend`` (re-checked after decoding)."""
@@ -104,6 +100,27 @@ def truncate_to_tokens(backend: Backend, text: str, limit: int) -> str:
             return out
         cut -= max(1, excess)
     return ""
+
+
+class SequentialRefinementParams(StrategyParams):
+    """Parameters of :class:`SequentialRefinement` (PDR with one draft per round)."""
+
+    rounds: int = Field(default=2, ge=1, strict=True, description="Draft-distill-refine rounds R.")
+    workspace_tokens: int = Field(default=256, ge=1, strict=True, description="Workspace bound w in tokens.")
+    distill: Literal["summary", "topk", "per_draft"] = Field(default="topk", description=(
+        "How drafts become the workspace: topk (no call), summary (one model summary), per_draft (one per draft)."))
+    topk: int = Field(default=2, ge=1, strict=True, description="Drafts kept by distill='topk'.")
+    max_tokens: int = Field(default=256, ge=1, strict=True, description="Most tokens per draft.")
+    temperature: float = Field(default=0.7, ge=0, strict=True, description="Softmax temperature; 0 is greedy.")
+    seed: int | None = Field(default=None, strict=True, description="Sampling seed (None: unseeded).")
+    final: Literal["majority", "best"] = Field(default="majority", description=(
+        "The answer: the last round's majority or its best-scored draft."))
+
+
+class ParallelDistillRefineParams(SequentialRefinementParams):
+    """Parameters of :class:`ParallelDistillRefine`."""
+
+    drafts: int = Field(default=4, ge=1, strict=True, description="Parallel drafts M per round.")
 
 
 @dataclass
@@ -127,62 +144,32 @@ class _Draft:
 @dataclass
 class _State:
     problem: Problem
-    meter: Meter
     question: str
     workspace: str | None = None
     drafts: list[_Draft] = field(default_factory=list)
     answered: list[_Draft] = field(default_factory=list)
     """The latest round's drafts that gave an answer (the best answer so far comes from them)."""
-    usage: Usage = field(default_factory=Usage.zero)
     sequential: int = 0
     trace: list[dict[str, Any]] = field(default_factory=list)
-    active: bool = True
     stop_reason: str = "done"
     distill_share: int | None = None
-
-    def charge(self, g: GenerationResult) -> None:
-        if not g.skipped:
-            self.usage = self.usage + g.usage
-
-    def stop(self, why: str | None) -> None:
-        self.active = False
-        self.stop_reason = self.meter.stop_reason or why or "budget exhausted"
 
 
 class ParallelDistillRefine(Strategy):
     """PDR: rounds of ``drafts`` parallel drafts distilled into a bounded workspace (see module doc)."""
 
     name = "pdr"
-
-    def __init__(
-        self,
-        rounds: int = 2,
-        drafts: int = 4,
-        workspace_tokens: int = 256,
-        distill: Literal["summary", "topk", "per_draft"] = "topk",
-        topk: int = 2,
-        max_tokens: int = 256,
-        temperature: float = 0.7,
-        seed: int | None = None,
-        final: Literal["majority", "best"] = "majority",
-    ) -> None:
-        self.rounds = _int_param("rounds", rounds)
-        self.drafts = _int_param("drafts", drafts)
-        self.workspace_tokens = _int_param("workspace_tokens", workspace_tokens)
-        self.topk = _int_param("topk", topk)
-        self.max_tokens = _int_param("max_tokens", max_tokens)
-        if distill not in _DISTILLS:
-            raise ConfigError(f"`distill` must be one of {', '.join(map(repr, _DISTILLS))}, got {distill!r}")
-        if final not in _FINALS:
-            raise ConfigError(f"`final` must be one of {', '.join(map(repr, _FINALS))}, got {final!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-            raise ConfigError(f"`temperature` must be a number >= 0, got {temperature!r}; use 0 for greedy decoding")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ConfigError(f"`seed` must be an integer or None, got {seed!r}")
-        self.distill = distill
-        self.temperature = float(temperature)
-        self.seed = seed
-        self.final = final
+    Params = ParallelDistillRefineParams
+    p: SequentialRefinementParams
+    rounds: int
+    drafts: int
+    workspace_tokens: int
+    distill: Literal["summary", "topk", "per_draft"]
+    topk: int
+    max_tokens: int
+    temperature: float
+    seed: int | None
+    final: Literal["majority", "best"]
 
     # ------------------------------------------------------------------ planning
     def _distill_need(self) -> int:
@@ -194,15 +181,14 @@ class ParallelDistillRefine(Strategy):
             return m * max(1, w // m)
         return 0
 
-    def _plan(self, st: _State, rnd: int) -> int:
+    def _plan(self, st: _State, ctx: Context, rnd: int) -> int:
         """Per-draft ``max_tokens`` of round ``rnd``; sets ``st.distill_share`` for the distillation."""
         last = rnd == self.rounds
         need = 0 if last else self._distill_need()
-        rem = st.meter.remaining("output_tokens")
+        rem = room_of(ctx.meter)
         if rem is None:
             st.distill_share = None if need else 0
             return self.max_tokens
-        rem = max(0, math.floor(rem))
         share = rem if last else rem // (self.rounds - rnd + 1)
         st.distill_share = min(need, share // 2)
         per = (share - st.distill_share) // self.drafts
@@ -228,6 +214,14 @@ class ParallelDistillRefine(Strategy):
         seed = None if self.seed is None else self.seed + 1000 * salt + rnd
         return SamplingParams(n=n, temperature=self.temperature, max_tokens=max_tokens, logprobs=0, seed=seed)
 
+    @staticmethod
+    async def _try(ctx: Context, req: GenerationRequest) -> GenerationResult | None:
+        """One call on the problem's meter; ``None`` when the budget refuses it."""
+        try:
+            return await ctx.generate(req)
+        except BudgetExceeded:
+            return None
+
     # ------------------------------------------------------------------ distillation
     def _topk_workspace(self, backend: Backend, drafts: list[_Draft]) -> str:
         w = self.workspace_tokens
@@ -242,67 +236,53 @@ class ParallelDistillRefine(Strategy):
             parts.append(truncate_to_tokens(backend, head + d.content.strip(), each))
         return truncate_to_tokens(backend, "\n\n".join(p for p in parts if p), w)
 
-    def _distill(self, backend: Backend, states: list[_State], rnd: int) -> None:
-        """Set each active state's workspace from its drafts (one backend call when model-written)."""
-        w = self.workspace_tokens
-        jobs: list[tuple[_State, int]] = []  # (state, number of requests)
+    async def _distill(self, ctx: Context, st: _State, rnd: int) -> None:
+        """Set the problem's workspace from its drafts (model-written: one call, or one per draft, concurrent)."""
+        backend, w = ctx.backend, self.workspace_tokens
+        entry = st.trace[-1]
+        entry.update(distill=self.distill, distill_output_tokens=0, distill_prompt_tokens=0)
+        share = st.distill_share
+        k = len(st.drafts)
         reqs: list[GenerationRequest] = []
-        for st in states:
-            if not st.active:
-                continue
-            entry = st.trace[-1]
-            entry.update(distill=self.distill, distill_output_tokens=0, distill_prompt_tokens=0)
-            share = st.distill_share
-            if self.distill == "summary" and (share is None or share >= 1):
-                mt = w if share is None else min(w, share)
-                drafts = "\n\n".join(f"Candidate {i}:\n{d.content.strip()}" for i, d in enumerate(st.drafts, 1))
-                content = SUMMARY_PROMPT.format(question=st.question, m=len(st.drafts), drafts=drafts, w=w)
-                reqs.append(GenerationRequest(messages=self._with_question(st.problem, content),
-                                              sampling=self._sampling(1, mt, rnd, salt=1), meter=st.meter,
-                                              id=f"{st.problem.id}/r{rnd}/summary"))
-                jobs.append((st, 1))
-                continue
-            k = len(st.drafts)
+        if self.distill == "summary" and (share is None or share >= 1):
+            mt = w if share is None else min(w, share)
+            drafts = "\n\n".join(f"Candidate {i}:\n{d.content.strip()}" for i, d in enumerate(st.drafts, 1))
+            content = SUMMARY_PROMPT.format(question=st.question, m=k, drafts=drafts, w=w)
+            reqs.append(GenerationRequest(messages=self._with_question(st.problem, content),
+                                          sampling=self._sampling(1, mt, rnd, salt=1),
+                                          id=f"{st.problem.id}/r{rnd}/summary"))
+        elif self.distill == "per_draft" and k:
             # each "Attempt i: <summary>" part gets an equal share of w, header included
-            per = max(1, w // max(1, k) - backend.count_tokens(f"Attempt {k}: "))
-            if self.distill == "per_draft" and k and (share is None or share // k >= 1):
+            per = max(1, w // k - backend.count_tokens(f"Attempt {k}: "))
+            if share is None or share // k >= 1:
                 mt = per if share is None else min(per, share // k)
                 for i, d in enumerate(st.drafts):
                     content = PER_DRAFT_PROMPT.format(question=st.question, draft=d.content.strip(), w=mt)
                     reqs.append(GenerationRequest(messages=self._with_question(st.problem, content),
-                                                  sampling=self._sampling(1, mt, rnd, salt=2 + i), meter=st.meter,
+                                                  sampling=self._sampling(1, mt, rnd, salt=2 + i),
                                                   id=f"{st.problem.id}/r{rnd}/draft{i}"))
-                jobs.append((st, k))
-                continue
+        if not reqs:
             if self.distill != "topk":
                 entry["distill_fallback"] = "topk (no budget for a model-written distillation)"
             self._set_workspace(backend, st, self._topk_workspace(backend, st.drafts))
-        if not reqs:
             return
-        gens = backend.generate(reqs, on_budget_exhausted="skip")
-        pos = 0
-        for st, k in jobs:
-            mine = gens[pos: pos + k]
-            pos += k
-            entry = st.trace[-1]
-            for g in mine:
-                st.charge(g)
-            ran = [g for g in mine if not g.skipped and g.completions]
-            entry["distill_output_tokens"] = sum(g.usage.output_tokens for g in ran)
-            entry["distill_prompt_tokens"] = sum(g.usage.prompt_tokens for g in ran)
-            entry["distill_calls"] = len(ran)
-            st.sequential += max((len(g.first.token_ids) for g in ran), default=0)
-            if not ran:
-                entry["distill_fallback"] = "topk (the distillation call was refused by the budget)"
-                self._set_workspace(backend, st, self._topk_workspace(backend, st.drafts))
-                continue
-            if self.distill == "summary":
-                text = ran[0].first.answer.strip()
-            else:
-                each = max(1, w // k)
-                text = "\n".join(truncate_to_tokens(backend, f"Attempt {i}: {g.first.answer.strip()}", each)
-                                  for i, g in enumerate(mine, 1) if not g.skipped and g.completions)
-            self._set_workspace(backend, st, truncate_to_tokens(backend, text, w))
+        gens = await asyncio.gather(*(self._try(ctx, r) for r in reqs))
+        ran = [g for g in gens if g is not None and g.completions]
+        entry["distill_output_tokens"] = sum(g.usage.output_tokens for g in ran)
+        entry["distill_prompt_tokens"] = sum(g.usage.prompt_tokens for g in ran)
+        entry["distill_calls"] = len(ran)
+        st.sequential += max((len(g.first.token_ids) for g in ran), default=0)  # per-draft summaries run in parallel
+        if not ran:
+            entry["distill_fallback"] = "topk (the distillation call was refused by the budget)"
+            self._set_workspace(backend, st, self._topk_workspace(backend, st.drafts))
+            return
+        if self.distill == "summary":
+            text = ran[0].first.answer.strip()
+        else:
+            each = max(1, w // k)
+            text = "\n".join(truncate_to_tokens(backend, f"Attempt {i}: {g.first.answer.strip()}", each)
+                             for i, g in enumerate(gens, 1) if g is not None and g.completions)
+        self._set_workspace(backend, st, truncate_to_tokens(backend, text, w))
 
     def _set_workspace(self, backend: Backend, st: _State, text: str) -> None:
         n = backend.count_tokens(text) if text else 0
@@ -324,77 +304,62 @@ class ParallelDistillRefine(Strategy):
 
     def _result(self, st: _State) -> Result:
         d = self._pick(st.answered or st.drafts)
-        base = dict(problem_id=st.problem.id, usage=st.usage, stop_reason=st.stop_reason,
-                    sequential_tokens=st.sequential, trace=st.trace)
+        base = dict(problem_id=st.problem.id, usage=Usage.zero(), stop_reason=st.stop_reason,
+                    sequential_tokens=st.sequential, trace=st.trace)  # usage: the base sets the meter's total
         if d is None:
             return Result(text="", answer=None, **base)
         return Result(text=d.text, answer=extract_answer(d.text).text if d.text else None,
                       finish_reason=d.completion.finish_reason, truncated=d.completion.truncated,
                       thinking_truncated=d.completion.thinking_truncated, **base)
 
-    # ------------------------------------------------------------------ main loop
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        if len(problems) != len(meters):
-            raise ConfigError(f"`meters` must have one meter per problem ({len(problems)}), got {len(meters)}")
-        states = []
-        for p, m in zip(problems, meters, strict=True):
-            users = [x for x in p.messages if x.get("role") == "user"]
-            states.append(_State(p, m, users[-1]["content"] if users else ""))
+    # ------------------------------------------------------------------ one problem
+    async def solve_one(self, problem: Problem, ctx: Context) -> Result:
+        users = [x for x in problem.messages if x.get("role") == "user"]
+        st = _State(problem, users[-1]["content"] if users else "")
         for rnd in range(1, self.rounds + 1):
-            active = [st for st in states if st.active]
-            if not active:
+            req = GenerationRequest(messages=self._draft_messages(st),
+                                    sampling=self._sampling(self.drafts, self._plan(st, ctx, rnd), rnd),
+                                    id=f"{problem.id}/r{rnd}")
+            entry: dict[str, Any] = {"round": rnd, "workspace_in_tokens": (
+                ctx.backend.count_tokens(st.workspace) if st.workspace else 0)}
+            st.trace.append(entry)
+            try:
+                g = await ctx.generate(req)
+            except BudgetExceeded as exc:
+                entry.update(skipped=str(exc), drafts=[])
+                st.stop_reason = ctx.meter.stop_reason or str(exc) or "budget exhausted"
                 break
-            reqs = [GenerationRequest(messages=self._draft_messages(st),
-                                      sampling=self._sampling(self.drafts, self._plan(st, rnd), rnd),
-                                      meter=st.meter, id=f"{st.problem.id}/r{rnd}")
-                    for st in active]
-            gens = backend.generate(reqs, on_budget_exhausted="skip")
-            for st, g in zip(active, gens, strict=True):
-                st.charge(g)
-                entry: dict[str, Any] = {"round": rnd, "workspace_in_tokens": (
-                    backend.count_tokens(st.workspace) if st.workspace else 0)}
-                st.trace.append(entry)
-                if g.skipped or not g.completions:
-                    entry.update(skipped=g.skipped or "no completions", drafts=[])
-                    st.stop(g.skipped)
-                    continue
-                drafts = []
-                for c in g.completions:
-                    text = "" if c.thinking_truncated else c.answer
-                    drafts.append(_Draft(c, text, answer_key(text), c.mean_logprob))
-                st.drafts = drafts
-                if any(d.key is not None for d in drafts):
-                    st.answered = drafts
-                st.sequential += max(d.tokens for d in drafts)
-                entry.update(
-                    max_tokens=g.max_tokens, clamped_by=g.clamped_by,
-                    output_tokens=g.usage.output_tokens, prompt_tokens=g.usage.prompt_tokens,
-                    drafts=[{"answer": d.key, "tokens": d.tokens, "score": d.score,
-                             "finish_reason": d.completion.finish_reason} for d in drafts],
-                )
+            if not g.completions:
+                entry.update(skipped="no completions", drafts=[])
+                st.stop_reason = ctx.meter.stop_reason or "budget exhausted"
+                break
+            drafts = []
+            for c in g.completions:
+                text = "" if c.thinking_truncated else c.answer
+                drafts.append(_Draft(c, text, answer_key(text), c.mean_logprob))
+            st.drafts = drafts
+            if any(d.key is not None for d in drafts):
+                st.answered = drafts
+            st.sequential += max(d.tokens for d in drafts)  # the M drafts run in parallel
+            entry.update(
+                max_tokens=g.max_tokens, clamped_by=g.clamped_by,
+                output_tokens=g.usage.output_tokens, prompt_tokens=g.usage.prompt_tokens,
+                drafts=[{"answer": d.key, "tokens": d.tokens, "score": d.score,
+                         "finish_reason": d.completion.finish_reason} for d in drafts],
+            )
             if rnd < self.rounds:
-                self._distill(backend, states, rnd)
-        return [self._result(st) for st in states]
+                await self._distill(ctx, st, rnd)
+        return self._result(st)
 
 
 class SequentialRefinement(ParallelDistillRefine):
     """SR: PDR with one draft per round (iteratively improve one candidate)."""
 
     name = "sr"
+    Params = SequentialRefinementParams
 
-    def __init__(
-        self,
-        rounds: int = 2,
-        workspace_tokens: int = 256,
-        distill: Literal["summary", "topk", "per_draft"] = "topk",
-        topk: int = 2,
-        max_tokens: int = 256,
-        temperature: float = 0.7,
-        seed: int | None = None,
-        final: Literal["majority", "best"] = "majority",
-    ) -> None:
-        super().__init__(rounds=rounds, drafts=1, workspace_tokens=workspace_tokens, distill=distill, topk=topk,
-                         max_tokens=max_tokens, temperature=temperature, seed=seed, final=final)
+    def setup(self) -> None:
+        self.drafts = 1
 
 
 STRATEGIES.register("pdr", ParallelDistillRefine)

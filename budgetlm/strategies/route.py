@@ -14,7 +14,9 @@ runs, its worst case (``n × max_tokens`` from its parameters) must be affordabl
 falls back to the most expensive arm that is (recorded as ``downgraded``), so routing never plans
 a call the budget cannot pay for.  Routers whose signal *is* the cheap model's answer (``logprob``,
 ``consistency``) hand it over: a query routed to arm 0 reuses it instead of calling again
-(``reuse_cheap``).  Online routers (``linucb``) learn after each batch from the arms' answers when
+(``reuse_cheap``).  Each query is its own program on the shared engine (routing, then its arm), so
+queries routed to different arms run concurrently.  Online routers (``linucb``) learn after each
+query from the arm's answer when
 the problem carries a gold answer in ``metadata["gold"]`` (reward mixes success and normalised
 cost, §8); otherwise they do not learn.
 
@@ -27,6 +29,7 @@ cheap answer was reused, and ``expensive_calls`` (1 when an arm above the cheape
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,7 +42,7 @@ from budgetlm.errors import ConfigError, invalid
 from budgetlm.meter import Meter
 from budgetlm.routing import RouteQuery, Router, bandit_reward, check_thresholds
 from budgetlm.routing import get as get_router
-from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy
+from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy
 from budgetlm.strategies.base import get as get_strategy
 from budgetlm.usage import Usage
 
@@ -147,75 +150,54 @@ class Route(Strategy):
         n, max_tokens = arm.worst_tokens
         return m.can_afford(tokens=max_tokens, n=n)
 
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        if not self.cache:
-            return self._run(problems, meters, backend)
-        keys = [json.dumps(p.messages, sort_keys=True, default=str) for p in problems]
-        todo = [i for i, k in enumerate(keys) if k not in self._answers]
-        first = {}  # a query repeated inside the batch runs once
-        for i in todo:
-            first.setdefault(keys[i], i)
-        run_idx = sorted(first.values())
-        fresh = self._run([problems[i] for i in run_idx], [meters[i] for i in run_idx], backend) if run_idx else []
-        for i, r in zip(run_idx, fresh, strict=True):
-            self._answers[keys[i]] = r
-        out = []
-        for i, (p, k) in enumerate(zip(problems, keys, strict=True)):
-            if i in run_idx:
-                out.append(self._answers[k])
-                continue
-            hit = self._answers[k]
-            out.append(Result(p.id, hit.text, hit.answer, Usage.zero(), finish_reason=hit.finish_reason,
-                              truncated=hit.truncated, trace=[{"cached": True, "from": hit.problem_id}],
-                              details={**hit.details, "cached": True, "expensive_calls": 0}))
-        return out
+    @property
+    def streams(self) -> bool:  # type: ignore[override]
+        """A query routed to a streaming arm streams its tokens (a reused cheap answer is sent at the end)."""
+        return any(a.strategy.streams for a in self.arms)
 
-    def _run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        cheap_be = self._backend(self.arms[0], backend)
-        queries = [RouteQuery(messages=list(p.messages), id=p.id, context={"rho": m.rho()}) for p, m in zip(problems, meters, strict=True)]
-        signal_meters = [m.child(name="router") for m in meters]
-        chosen, scores = self._router.choose(queries, self._thresholds, cheap_be, signal_meters)
-        picks: list[int] = []
-        downgraded: list[bool] = []
-        for m, a in zip(meters, chosen, strict=True):
-            arm = a  # arm 0 always runs: its strategy clamps to what is left or reports the exhausted budget
-            while arm > 0 and not self._affordable(m, self.arms[arm]):
-                arm -= 1
-            picks.append(arm)
-            downgraded.append(arm != a)
-        results: list[Result | None] = [None] * len(problems)
-        for k, arm in enumerate(self.arms):
-            idx = [i for i, a in enumerate(picks) if a == k]
-            if k == 0 and self.reuse_cheap and self._router.uses_cheap_model:
-                for i in [i for i in idx if queries[i].cheap is not None]:
-                    c = queries[i].cheap
-                    assert c is not None
-                    results[i] = Result(problems[i].id, c.text, c.answer, Usage.zero(), finish_reason=c.finish_reason,
-                                        truncated=c.finish_reason == "length", trace=[{"reused_cheap_answer": True}])
-                idx = [i for i in idx if results[i] is None]
-            if not idx:
-                continue
-            arm_meters = [meters[i].child(name=f"arm:{arm.label}") for i in idx]
-            out = arm.strategy.run([problems[i] for i in idx], arm_meters, self._backend(arm, backend))
-            for i, r in zip(idx, out, strict=True):
-                results[i] = r
-        final: list[Result] = []
-        for i, (p, r) in enumerate(zip(problems, results, strict=True)):
-            assert r is not None
-            sig = signal_meters[i].total()
-            r.usage = sig + r.usage
-            r.sequential_tokens += sig.output_tokens
-            route = {"arm": picks[i], "label": self.arms[picks[i]].label, "score": scores[i],
-                     "thresholds": self._thresholds, "chosen_by_router": chosen[i], "downgraded": downgraded[i],
-                     "reused_cheap": bool(r.trace and r.trace[0].get("reused_cheap_answer")),
-                     "signal_output_tokens": sig.output_tokens}
-            r.details = {**r.details, "route": route, "expensive_calls": int(picks[i] > 0)}
-            r.trace = [{"route": route}] + r.trace
-            if r.stop_reason == "done" and meters[i].exhausted():
-                r.stop_reason = meters[i].stop_reason or r.stop_reason
-            final.append(r)
-            self._learn(p, queries[i], picks[i], r)
-        return final
+    async def solve_one(self, problem: Problem, ctx: Context) -> Result:
+        key = json.dumps(problem.messages, sort_keys=True, default=str)
+        if self.cache and key in self._answers:
+            hit = self._answers[key]
+            return Result(problem.id, hit.text, hit.answer, Usage.zero(), finish_reason=hit.finish_reason,
+                          truncated=hit.truncated, trace=[{"cached": True, "from": hit.problem_id}],
+                          details={**hit.details, "cached": True, "expensive_calls": 0})
+        r = await self._route_one(problem, ctx)
+        if self.cache:
+            self._answers.setdefault(key, r)
+        return r
+
+    async def _route_one(self, problem: Problem, ctx: Context) -> Result:
+        m = ctx.meter
+        cheap_be = self._backend(self.arms[0], ctx.backend)
+        query = RouteQuery(messages=list(problem.messages), id=problem.id, context={"rho": m.rho()})
+        signal_meter = m.child(name="router")
+        chosen, scores = await asyncio.to_thread(self._router.choose, [query], self._thresholds, cheap_be,
+                                                 [signal_meter])
+        arm = chosen[0]  # arm 0 always runs: its strategy clamps to what is left or reports the exhausted budget
+        while arm > 0 and not self._affordable(m, self.arms[arm]):
+            arm -= 1
+        r: Result | None = None
+        if arm == 0 and self.reuse_cheap and self._router.uses_cheap_model and query.cheap is not None:
+            c = query.cheap
+            r = Result(problem.id, c.text, c.answer, Usage.zero(), finish_reason=c.finish_reason,
+                       truncated=c.finish_reason == "length", trace=[{"reused_cheap_answer": True}])
+        if r is None:
+            spec = self.arms[arm]
+            r = await spec.strategy.run_one(problem, Context(self._backend(spec, ctx.backend),
+                                                             m.child(name=f"arm:{spec.label}"), ctx.on_delta))
+        sig = signal_meter.total()
+        r.sequential_tokens += sig.output_tokens
+        route = {"arm": arm, "label": self.arms[arm].label, "score": scores[0], "thresholds": self._thresholds,
+                 "chosen_by_router": chosen[0], "downgraded": arm != chosen[0],
+                 "reused_cheap": bool(r.trace and r.trace[0].get("reused_cheap_answer")),
+                 "signal_output_tokens": sig.output_tokens}
+        r.details = {**r.details, "route": route, "expensive_calls": int(arm > 0)}
+        r.trace = [{"route": route}] + r.trace
+        if r.stop_reason == "done" and m.exhausted():
+            r.stop_reason = m.stop_reason or r.stop_reason
+        self._learn(problem, query, arm, r)
+        return r
 
     def _learn(self, p: Problem, q: RouteQuery, arm: int, r: Result) -> None:
         gold = p.metadata.get("gold") if isinstance(p.metadata, dict) else None

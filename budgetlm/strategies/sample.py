@@ -1,67 +1,75 @@
 """Plain sampling: one call per problem, the first sample's answer.
 
-The baseline every other strategy is measured against.  All problems go to the backend in one
-batched call; ``max_tokens`` is clamped by each problem's meter, so the output-token budget is
-the sampling limit.  With ``n > 1`` the answer is the first sample's (use ``majority`` for voting).
+The baseline every other strategy is measured against.  Each problem is one request on the shared
+engine; ``max_tokens`` is clamped by the problem's meter, so the output-token budget is the
+sampling limit.  With ``n = 1`` the answer streams token by token.  With ``n > 1`` the answer is the first sample's (use ``majority`` for voting).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from pydantic import Field
 
 from budgetlm.answers import extract_answer
-from budgetlm.backends.base import Backend, GenerationRequest, SamplingParams
-from budgetlm.errors import ConfigError
-from budgetlm.meter import Meter
-from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy
+from budgetlm.backends.base import GenerationRequest, SamplingParams
+from budgetlm.errors import BudgetExceeded
+from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.usage import Usage
+
+
+class SampleParams(StrategyParams):
+    """Parameters of :class:`Sample`."""
+
+    temperature: float = Field(default=0.0, ge=0, description="Softmax temperature; 0 is greedy.")
+    max_tokens: int = Field(default=512, ge=1, description="Most tokens per sample (the budget may clamp it).")
+    n: int = Field(default=1, ge=1, description="Samples to draw; the answer is the first one's.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int | None = Field(default=None, description="Sampling seed (None: unseeded).")
 
 
 class Sample(Strategy):
     """Sample once (or ``n`` times) and answer with the first sample."""
 
     name = "sample"
+    Params = SampleParams
+    p: SampleParams
+    temperature: float
+    max_tokens: int
+    n: int
+    top_p: float
+    seed: int | None
 
-    def __init__(self, temperature: float = 0.0, max_tokens: int = 512, n: int = 1, top_p: float = 1.0,
-                 seed: int | None = None) -> None:
-        if n < 1:
-            raise ConfigError(f"`n` must be >= 1, got {n}; ask for at least one sample")
-        if max_tokens < 1:
-            raise ConfigError(f"`max_tokens` must be >= 1, got {max_tokens}")
-        self.temperature = temperature
-        self.max_tokens = max_tokens
-        self.n = n
-        self.top_p = top_p
-        self.seed = seed
-        self._sampling = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, top_p=top_p, seed=seed)
+    def setup(self) -> None:
+        self._sampling = SamplingParams(n=self.n, temperature=self.temperature, max_tokens=self.max_tokens,
+                                        top_p=self.top_p, seed=self.seed)
 
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        reqs = [GenerationRequest(messages=p.messages, sampling=self._sampling, meter=m, id=p.id)
-                for p, m in zip(problems, meters, strict=True)]
-        gens = backend.generate(reqs, on_budget_exhausted="skip")
-        out = []
-        for p, g, m in zip(problems, gens, meters, strict=True):
-            if g.skipped or not g.completions:
-                out.append(Result(p.id, "", None, Usage.zero(), stop_reason=m.stop_reason or "budget exhausted",
-                                  trace=[{"call": 0, "skipped": g.skipped}]))
-                continue
-            c = g.first
-            text = "" if c.thinking_truncated else c.answer
-            out.append(Result(
-                problem_id=p.id,
-                text=text,
-                answer=extract_answer(text).text if text else None,
-                usage=g.usage,
-                stop_reason="done",
-                finish_reason=c.finish_reason,
-                truncated=c.truncated,
-                thinking_truncated=c.thinking_truncated,
-                sequential_tokens=max(len(x.token_ids) for x in g.completions),
-                trace=[{"call": 0, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
-                        "output_tokens": g.usage.output_tokens, "prompt_tokens": g.usage.prompt_tokens,
-                        "finish_reasons": [x.finish_reason for x in g.completions]}],
-            ))
-        return out
+    async def solve_one(self, problem: Problem, ctx: Context) -> Result:
+        req = GenerationRequest(messages=problem.messages, sampling=self._sampling, id=problem.id)
+        try:
+            g = await ctx.generate(req, stream=self.n == 1)
+        except BudgetExceeded as exc:
+            return Result(problem.id, "", None, Usage.zero(),
+                          stop_reason=ctx.meter.stop_reason or "budget exhausted", trace=[{"call": 0, "skipped": str(exc)}])
+        c = g.first
+        text = "" if c.thinking_truncated else c.answer
+        return Result(
+            problem_id=problem.id,
+            text=text,
+            answer=extract_answer(text).text if text else None,
+            usage=g.usage,
+            stop_reason="deadline" if c.finish_reason == "deadline" else "done",
+            finish_reason=c.finish_reason,
+            truncated=c.truncated,
+            thinking_truncated=c.thinking_truncated,
+            sequential_tokens=max(len(x.token_ids) for x in g.completions),
+            trace=[{"call": 0, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
+                    "output_tokens": g.usage.output_tokens, "prompt_tokens": g.usage.prompt_tokens,
+                    "finish_reasons": [x.finish_reason for x in g.completions]}],
+        )
+
+    @property
+    def streams(self) -> bool:  # type: ignore[override]
+        """One sample streams token by token; with ``n > 1`` the answer is known only at the end."""
+        return self.n == 1
 
 
 STRATEGIES.register("sample", Sample)

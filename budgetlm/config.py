@@ -9,7 +9,6 @@ from pydantic import BaseModel, ValidationError
 
 from budgetlm.errors import ConfigError
 
-
 _BOUNDS = {
     "greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
     "less_than_equal": ("<=", "le"), "less_than": ("<", "lt"),

@@ -105,6 +105,37 @@ class SamplingParams(Config):
         return self.temperature == 0
 
 
+class SpeculativeDecoding(Config):
+    """Decode one request speculatively: draft with ``drafter``, verify with the target (ALGORITHMS.md §6-7).
+
+    Set on :attr:`GenerationRequest.speculative`; only backends with a speculative token loop
+    (:attr:`Backend.speculative_decoding`, the transformers backend) accept it.  Per request, so
+    requests decoded differently can run side by side on one backend.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    drafter: str = Field(default="layerskip", min_length=1, description=(
+        "'layerskip' (the target's first `layers` layers), 'ngram' (prompt lookup) or a path to a smaller "
+        "model with the same tokenizer."))
+    gamma: int = Field(default=4, ge=1, description="Draft tokens per round.")
+    adaptive: bool = Field(default=False, description="Adapt gamma to the acceptance rate.")
+    layers: int | None = Field(default=None, ge=1, description="Layers of the layerskip drafter (None: half).")
+    ngram: int = Field(default=3, ge=1, description="n-gram length of the ngram drafter.")
+    rule: str | None = Field(default=None, description=(
+        "A speculative-cascade deferral rule (lossy): chow, diff, opt, v1, v2, v3; None: lossless verification."))
+    alpha: float = Field(default=0.0, ge=0, le=1, description="Lenience of the deferral rule (ignored without one).")
+
+    @model_validator(mode="after")
+    def _check(self) -> SpeculativeDecoding:
+        if self.rule is not None:
+            from budgetlm.specdec import RULES  # lazy: torch
+
+            if self.rule not in RULES:
+                raise ValueError(f"`rule` must be one of {', '.join(RULES)} or None, got {self.rule!r}")
+        return self
+
+
 class GenerationRequest(Config):
     """One prompt to complete: chat ``messages``, a raw ``prompt`` or ``prompt_token_ids``."""
 
@@ -118,6 +149,8 @@ class GenerationRequest(Config):
     may_think: bool = Field(default=True, description="False when the reply cannot contain thinking (thinking budget not applied).")
     meter: Meter | None = Field(default=None, description="Meter charged for this request (else the call's meter).", exclude=True)
     id: str | None = Field(default=None, description="Caller's id, echoed in the result.")
+    speculative: SpeculativeDecoding | None = Field(default=None, description=(
+        "Decode this request speculatively (backends with `speculative_decoding` only); None: plain decoding."))
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerationRequest:
@@ -292,7 +325,8 @@ class SpeculativeBackend(Protocol):
     def speculative(self, drafter: str = "layerskip", gamma: int = 4, *, adaptive: bool = False,
                     rule: str | None = None, alpha: float = 0.0, layers: int | None = None,
                     ngram: int = 3) -> Any:
-        """A context manager within which :meth:`Backend.generate` decodes speculatively."""
+        """A context manager within which requests without their own ``speculative`` setting decode speculatively
+        (per request: :attr:`GenerationRequest.speculative`)."""
 
 
 @runtime_checkable
@@ -388,6 +422,8 @@ class Backend(ABC):
     """Base class of all backends; see the module docstring."""
 
     kind: str = "base"
+    speculative_decoding: bool = False
+    """True when requests may set :attr:`GenerationRequest.speculative` (a draft-and-verify token loop)."""
 
     def __init__(
         self,
@@ -479,6 +515,11 @@ class Backend(ABC):
         Raises :class:`~budgetlm.errors.BudgetExceeded` when not one token fits and
         :class:`~budgetlm.errors.ContextLengthExceeded` when the prompt fills the model's context.
         """
+        if req.speculative is not None and not self.speculative_decoding:
+            raise ConfigError(
+                f"`speculative` decoding needs a backend with a speculative token loop (hf:PATH), got "
+                f"{type(self).__name__}; for vLLM pass speculative_config to the engine instead"
+            )
         text, ids = self.render(req)
         n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
         ctx = self._max_context()

@@ -85,7 +85,15 @@ from transformers import (
     StopStringCriteria,
 )
 
-from budgetlm.backends.base import Backend, Message, PreparedRequest, RawCompletion, RawResult, SamplingParams
+from budgetlm.backends.base import (
+    Backend,
+    Message,
+    PreparedRequest,
+    RawCompletion,
+    RawResult,
+    SamplingParams,
+    SpeculativeDecoding,
+)
 from budgetlm.backends.streaming import Sink
 from budgetlm.costs import ModelInfo
 from budgetlm.errors import ConfigError, invalid
@@ -270,6 +278,7 @@ class HFBackend(Backend):
     """
 
     kind = "hf"
+    speculative_decoding = True
 
     def __init__(
         self,
@@ -414,25 +423,41 @@ class HFBackend(Backend):
     def speculative(self, drafter: str = "layerskip", gamma: int = 4, *, adaptive: bool = False,
                     rule: str | None = None, alpha: float = 0.0, layers: int | None = None,
                     ngram: int = 3) -> Iterator[Any]:
-        """Within the block, :meth:`generate` drafts and verifies (:mod:`budgetlm.backends.hf_speculative`).
+        """Within the block, requests without their own :attr:`~GenerationRequest.speculative` setting draft and
+        verify (:mod:`budgetlm.backends.hf_speculative`).
 
         ``drafter``: ``"layerskip"`` (the target's first ``layers`` layers, default half), ``"ngram"``
         (prompt lookup of ``ngram``-grams), or a path to a smaller model with the same tokenizer.
         ``rule``/``alpha``: a speculative-cascade deferral rule (lossy) instead of lossless verification.
+        The setting is the backend's default while the block runs; code that runs requests concurrently
+        should set :class:`~budgetlm.backends.base.SpeculativeDecoding` on each request instead.
         """
-        from budgetlm.backends.hf_speculative import SpeculativeDecoder
-
-        dec = SpeculativeDecoder(self.model, self._drafter(drafter, layers, ngram), gamma=gamma, adaptive=adaptive,
-                                 rule=rule, alpha=alpha)
-        drafter_model = getattr(dec.drafter, "model", None)
-        params = (sum(p.numel() for p in self.model.parameters()),
-                  sum(p.numel() for p in drafter_model.parameters()) if drafter_model is not None else 0)
-        prev = (getattr(self, "_spec", None), getattr(self, "_spec_params", (0, 0)))
-        self._spec, self._spec_params = dec, params
+        spec = SpeculativeDecoding(drafter=drafter, gamma=gamma, adaptive=adaptive, rule=rule, alpha=alpha,
+                                   layers=layers, ngram=ngram)
+        dec, _ = self._decoder(spec)
+        prev = getattr(self, "_spec", None)
+        self._spec = spec
         try:
             yield dec
         finally:
-            self._spec, self._spec_params = prev
+            self._spec = prev
+
+    def _spec_of(self, p: PreparedRequest) -> SpeculativeDecoding | None:
+        """The request's speculative setting, else the :meth:`speculative` block's default."""
+        return p.request.speculative if p.request.speculative is not None else getattr(self, "_spec", None)
+
+    def _decoder(self, spec: SpeculativeDecoding) -> tuple[Any, tuple[int, int]]:
+        """The decoder for ``spec`` and the (target, drafter) parameter counts, built once per setting."""
+        from budgetlm.backends.hf_speculative import SpeculativeDecoder
+
+        cache: dict[SpeculativeDecoding, tuple[Any, tuple[int, int]]] = self.__dict__.setdefault("_decoders", {})
+        if spec not in cache:
+            dec = SpeculativeDecoder(self.model, self._drafter(spec.drafter, spec.layers, spec.ngram),
+                                     gamma=spec.gamma, adaptive=spec.adaptive, rule=spec.rule, alpha=spec.alpha)
+            drafter_model = getattr(dec.drafter, "model", None)
+            cache[spec] = dec, (sum(p.numel() for p in self.model.parameters()),
+                                sum(p.numel() for p in drafter_model.parameters()) if drafter_model is not None else 0)
+        return cache[spec]
 
     def _drafter(self, spec: str, layers: int | None, ngram: int) -> Any:
         from budgetlm.backends.hf_speculative import LayerSkipDrafter, ModelDrafter, NGramDrafter
@@ -451,11 +476,12 @@ class HFBackend(Backend):
         return ModelDrafter(model)
 
     def _generate_speculative(self, batch: list[PreparedRequest], prompts: list[list[int]]) -> list[RawResult]:
-        dec = self._spec
         eos = set(self.eos_token_ids)
-        n_target, n_draft = self._spec_params
         out = []
         for p, prompt in zip(batch, prompts, strict=True):
+            spec = self._spec_of(p)
+            assert spec is not None
+            dec, (n_target, n_draft) = self._decoder(spec)
             sp = p.sampling
             if sp.stop or sp.logprobs is not None:
                 raise ConfigError("speculative decoding supports neither `stop` strings nor `logprobs` yet, got "
@@ -482,7 +508,14 @@ class HFBackend(Backend):
     def _generate_batch(self, batch: list[PreparedRequest], sinks: list[Sink] | None = None) -> list[RawResult]:
         """The batch hook; with ``sinks`` (one per request) every row streams into its request's sink."""
         prompts = [self._prompt_ids(p) for p in batch]
-        if getattr(self, "_spec", None) is not None:
+        spec = [self._spec_of(p) is not None for p in batch]
+        if any(spec):
+            if not all(spec):  # plain and speculative requests in one call: each kind on its own
+                plain = [i for i, s in enumerate(spec) if not s]
+                drafted = [i for i, s in enumerate(spec) if s]
+                got = dict(zip(plain, self._generate_batch([batch[i] for i in plain]), strict=True))
+                got.update(zip(drafted, self._generate_batch([batch[i] for i in drafted]), strict=True))
+                return [got[i] for i in range(len(batch))]
             with self._lock, torch.inference_mode():
                 return self._generate_speculative(batch, prompts)
         groups: dict[GroupKey, list[int]] = {}
@@ -548,7 +581,7 @@ class HFBackend(Backend):
             if sink.abort.is_set():
                 return RawResult([RawCompletion([], "", "abort") for _ in range(p.sampling.n)])
         try:
-            if getattr(self, "_spec", None) is None:
+            if self._spec_of(q) is None:
                 return self._generate_batch([q], [sink])[0]
             raw = self._generate_batch([q])[0]  # speculative decoding: output arrives at the end
             sink.admit()

@@ -25,7 +25,7 @@ def validation_message(exc: ValidationError, owner: str, unknown: str = "unknown
     """One readable line per field error: "`field` must be …, got …"."""
     msgs = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or owner
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or owner
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msgs.append(unknown.format(field=loc, owner=owner))

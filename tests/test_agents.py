@@ -648,7 +648,7 @@ def test_scripted_agent_loop_on_kb_agent_runs_real_tools() -> None:
                                step_tokens=64)
         tasks.append(AgentTask.create(it.id, it.messages, ctl, it.tools))
     run_agents(tasks)
-    assert be.batches[0] == len(items)  # lockstep: one batched call per round
+    assert be.requests == sum(t.controller.model_steps for t in tasks) == 3 * len(items)  # one request per step
     kb = suite.kb  # type: ignore[attr-defined]
     for it, t in zip(items, tasks, strict=True):
         ctl = t.controller
@@ -889,3 +889,46 @@ def test_real_vllm_agent_calls_tools_within_budget(vllm_backend: Any) -> None:
         assert r.usage.output_tokens <= 60
         assert r.trace[-1]["action"] == "answer" and r.trace[-1]["reason"], r.trace
         assert r.text.startswith("Answer:")
+
+
+def test_agent_tasks_advance_independently_and_a_cancelled_task_is_charged_what_it_generated() -> None:
+    """A task of three short steps finishes while a neighbour's one long step still runs (no lockstep rounds);
+    cancelling the long task aborts its step and its meter keeps exactly the tokens generated."""
+    from budgetlm.agents import arun_agent
+
+    def script(prompt: str, i: int, sp: SamplingParams) -> str:
+        if "slow question" in prompt:
+            return "thinking " * 200 + "Answer: 1"
+        if prompt.count("<tool_response>") < 2:
+            return 'Look. <tool_call>{"name": "echo", "arguments": {"x": "a"}}</tool_call>'
+        return "Answer: 2"
+
+    echo = Tool("echo", lambda x: x, "Echo x.")
+    be = ScriptedBackend(script, token_time=0.002)
+
+    def task(q: str) -> AgentTask:
+        ctl = BudgetController({"output_tokens": 2000, "tool_calls": 4}, [ModelArm("small", be)], max_steps=6,
+                               step_tokens=400)
+        return AgentTask.create(q, [{"role": "user", "content": q}], ctl, [echo])
+
+    async def main() -> tuple[AgentTask, AgentTask, list[str]]:
+        slow, fast = task("slow question"), task("fast question")
+        order: list[str] = []
+
+        async def run(t: AgentTask) -> None:
+            await arun_agent(t)
+            order.append(t.id)
+
+        ts, tf = asyncio.create_task(run(slow)), asyncio.create_task(run(fast))
+        await tf
+        assert not slow.done  # the slow task's single step is still generating
+        ts.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await ts
+        return slow, fast, order
+
+    slow, fast, order = asyncio.run(main())
+    assert order == ["fast question"] and fast.text == "Answer: 2" and fast.controller.model_steps == 3
+    spent = slow.controller.meter.spent("output_tokens")
+    assert 0 < spent < 201  # charged what was generated before the cancel, not the reservation of 400
+    assert slow.controller.meter.total().output_tokens == spent

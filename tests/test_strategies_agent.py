@@ -190,7 +190,7 @@ def test_agent_solve_details_and_usage() -> None:
     ({"models": []}, "models"),  # no model
     ({"models": [{"bogus": 1}]}, r"models\[0\]"),  # unknown key in a model block
     ({"models": [{"label": "a"}, "b"]}, r"models\[1\]"),  # a block that is not a dict
-    ({"models": [{"label": "a", "n": 0}]}, "`n`"),  # no samples
+    ({"models": [{"label": "a", "n": 0}]}, r"`models\[0\]\.n` must be >= 1"),  # no samples
     ({"threshold": [0.1, 0.2]}, "thresholds"),  # two thresholds for the two default arms
     ({"threshold": 0.5, "models": [{"label": "a"}, {"label": "b"}, {"label": "c"}]}, "thresholds"),  # 3 arms, 1 cut
     ({"router": "nosuch"}, "nosuch"),  # unknown router

@@ -12,13 +12,24 @@ Drop the controller into any agent loop::
             ...
             search = ctl.tool(search)            # each call charged first
 
-:func:`run_agents` runs ReAct-style tasks (:class:`AgentTask`) in lockstep batches; the ``agent``
-strategy wraps it for ``budgetlm eval``.
+:func:`arun_agent` runs one ReAct-style task (:class:`AgentTask`) as an async program on the shared
+engine (:func:`run_agents` runs many from synchronous code); the ``agent`` strategy wraps it for
+``budgetlm eval``.
 """
 
 from __future__ import annotations
 
 from budgetlm.agents.controller import BudgetController, ModelArm, StepPlan, StepRecord
-from budgetlm.agents.loop import ANSWER_CUE, AgentTask, run_agents
+from budgetlm.agents.loop import ANSWER_CUE, AgentTask, arun_agent, arun_agents, run_agents
 
-__all__ = ["ANSWER_CUE", "AgentTask", "BudgetController", "ModelArm", "StepPlan", "StepRecord", "run_agents"]
+__all__ = [
+    "ANSWER_CUE",
+    "AgentTask",
+    "BudgetController",
+    "ModelArm",
+    "StepPlan",
+    "StepRecord",
+    "arun_agent",
+    "arun_agents",
+    "run_agents",
+]

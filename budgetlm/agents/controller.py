@@ -332,8 +332,16 @@ class BudgetController:
 
     async def astep(self, messages: list[Message], plan: StepPlan | None = None, *, prefix: str | None = None,
                     stop: Sequence[str] = ()) -> tuple[StepPlan, GenerationResult]:
-        """Async :meth:`step`; the meter's reservations keep concurrent steps inside the budget."""
-        return await asyncio.to_thread(self.step, messages, plan, prefix=prefix, stop=stop)
+        """Async :meth:`step`: the call runs on the shared engine (cancelling it aborts the generation there and
+        charges what was generated); the meter's reservations keep concurrent steps inside the budget."""
+        plan = plan or await self.aplan(messages)
+        backend = self.models[plan.arm].backend
+        if backend is None:
+            raise ConfigError(f"model {plan.model!r} has no backend; pass ModelArm(name, backend) or use wrap_openai")
+        [res] = await backend.agenerate([self.request(plan, messages, prefix=prefix, stop=stop)],
+                                        on_budget_exhausted="skip")
+        self.record_generation(plan, res)
+        return plan, res
 
     # ------------------------------------------------------------------------------ wrapping clients
     def wrap_openai(self, client: Any) -> Any:

@@ -18,12 +18,16 @@ answer, and ``stop`` ends it with what it has.
 With ``n > 1`` samples (a stronger step), the step's action is the most common one among the
 samples (the same tool call, or the same final answer), self-consistency over actions.
 
-:func:`run_agents` runs many tasks in lockstep: each round sends the steps of all unfinished tasks
-on the same backend in one batched call.
+:func:`arun_agent` runs one task as an async program: each step is one request on the shared engine
+(:meth:`~budgetlm.backends.base.Backend.agenerate`), tools and model-backed routers run in worker
+threads, so many tasks advance independently, each at its own pace (:func:`arun_agents`,
+:func:`run_agents` from synchronous code).  Cancelling a task aborts its step in the engine and its
+meter is charged what was generated.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -31,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from budgetlm.agents.controller import BudgetController, StepPlan
+from budgetlm.aio import run_sync
 from budgetlm.answers import extract_answer, normalize_answer
 from budgetlm.backends.base import Completion, GenerationRequest, Message
 from budgetlm.routing import RouteQuery
@@ -149,37 +154,48 @@ def _advance(t: AgentTask, plan: StepPlan, c: Completion) -> None:
     t.must_answer = True
 
 
+def _plan(t: AgentTask) -> StepPlan:
+    """The task's next step: the controller's plan, forced to an answer after a step without an action."""
+    plan = t.controller.plan(t.query(), prompt_tokens=_prompt_tokens(t))
+    if plan.action == "step" and t.must_answer:
+        plan = StepPlan("answer", plan.step, 0, t.controller.models[0].name, t.controller.answer_tokens, 1,
+                        plan.score, "no action in the last step")
+    return plan
+
+
+async def arun_agent(t: AgentTask) -> AgentTask:
+    """Run ``t`` to its answer (or its budget's end), one step at a time on the shared engine."""
+    while not t.done:
+        plan = await asyncio.to_thread(_plan, t)  # a model-backed router scores off the event loop
+        if plan.action == "stop":
+            t.trace.append({"step": plan.step, "action": "stop", "reason": plan.reason})
+            t.finish(t.text or _best_effort(t), plan.reason)
+            break
+        backend = t.controller.models[plan.arm].backend
+        if backend is None:
+            raise ValueError(f"model {plan.model!r} of task {t.id!r} has no backend")
+        [g] = await backend.agenerate([_request(t, plan)], on_budget_exhausted="skip")
+        t.controller.record_generation(plan, g)
+        if g.skipped or not g.completions:
+            t.trace.append({"step": plan.step, "action": plan.action, "skipped": g.skipped})
+            t.finish(_best_effort(t), t.controller.meter.stop_reason or "budget exhausted")
+            break
+        c = pick(g.completions) if len(g.completions) > 1 else g.first
+        if plan.action != "answer" and c.stop_string == TOOL_CALL_CLOSE and t.tools:
+            await asyncio.to_thread(_advance, t, plan, c)  # runs the tool
+        else:
+            _advance(t, plan, c)
+    return t
+
+
+async def arun_agents(tasks: Sequence[AgentTask]) -> None:
+    """Run ``tasks`` concurrently, each at its own pace (:func:`arun_agent`)."""
+    await asyncio.gather(*(arun_agent(t) for t in tasks))
+
+
 def run_agents(tasks: Sequence[AgentTask]) -> None:
-    """Run ``tasks`` to completion in lockstep (one batched call per backend per round)."""
-    while True:
-        active = [t for t in tasks if not t.done]
-        if not active:
-            return
-        by_backend: dict[int, list[tuple[AgentTask, StepPlan]]] = {}
-        for t in active:
-            plan = t.controller.plan(t.query(), prompt_tokens=_prompt_tokens(t))
-            if plan.action == "step" and t.must_answer:
-                plan = StepPlan("answer", plan.step, 0, t.controller.models[0].name, t.controller.answer_tokens, 1,
-                                plan.score, "no action in the last step")
-            if plan.action == "stop":
-                t.trace.append({"step": plan.step, "action": "stop", "reason": plan.reason})
-                t.finish(t.text or _best_effort(t), plan.reason)
-                continue
-            backend = t.controller.models[plan.arm].backend
-            if backend is None:
-                raise ValueError(f"model {plan.model!r} of task {t.id!r} has no backend")
-            by_backend.setdefault(id(backend), []).append((t, plan))
-        for group in by_backend.values():
-            backend = group[0][0].controller.models[group[0][1].arm].backend
-            assert backend is not None
-            gens = backend.generate([_request(t, p) for t, p in group], on_budget_exhausted="skip")
-            for (t, plan), g in zip(group, gens, strict=True):
-                t.controller.record_generation(plan, g)
-                if g.skipped or not g.completions:
-                    t.trace.append({"step": plan.step, "action": plan.action, "skipped": g.skipped})
-                    t.finish(_best_effort(t), t.controller.meter.stop_reason or "budget exhausted")
-                    continue
-                _advance(t, plan, pick(g.completions) if len(g.completions) > 1 else g.first)
+    """:func:`arun_agents` from synchronous code (also inside a running event loop)."""
+    run_sync(arun_agents(tasks))
 
 
 def _prompt_tokens(t: AgentTask) -> int:

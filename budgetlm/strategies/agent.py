@@ -8,74 +8,107 @@ the same model) by ``router`` with ``threshold``, and the controller enforces th
 one or finish).  See :mod:`budgetlm.agents.loop` for the loop and :mod:`budgetlm.agents.controller`
 for planning.
 
+Each problem is an async program (:func:`~budgetlm.agents.loop.arun_agent`): its steps go to the shared
+engine one at a time, independently of the other problems in flight.
+
 Records get ``details``: ``steps`` (one entry per model or tool step: model, tokens, tool calls),
 ``model_steps``, ``tool_calls`` and ``expensive_calls`` (steps not on the cheapest model).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Literal
 
-from budgetlm.agents import AgentTask, BudgetController, ModelArm, run_agents
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from budgetlm.agents import AgentTask, BudgetController, ModelArm, arun_agent
 from budgetlm.answers import extract_answer
 from budgetlm.backends import load as load_backend
 from budgetlm.backends.base import Backend
-from budgetlm.errors import invalid
-from budgetlm.meter import Meter
 from budgetlm.routing import Router, check_thresholds
 from budgetlm.routing import get as get_router
-from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy
+from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
+
+
+class AgentModel(BaseModel):
+    """One model arm of the agent (cheapest first)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    label: str | None = Field(default=None, description="Name in records and plans (default model<i>).")
+    n: int = Field(default=1, ge=1, strict=True, description="Samples per step (n > 1: the most common action).")
+    temperature: float | None = Field(default=None, ge=0, description="Sampling temperature (None: greedy).")
+    model: str | None = Field(default=None, description="A backend spec of its own (default: the run's backend).")
+
 
 DEFAULT_MODELS: list[dict[str, Any]] = [{"label": "small", "n": 1}, {"label": "large", "n": 5, "temperature": 0.7}]
 """Cheap step = one greedy sample; expensive step = the most common action of 5 samples."""
+
+
+class AgentParams(StrategyParams):
+    """Parameters of :class:`Agent`."""
+
+    router: str | dict[str, Any] | Router = Field(default="always_small", description=(
+        "Per-step router: a registered name, a {name, ...} block, or a Router object."))
+    models: list[AgentModel] = Field(default_factory=lambda: [AgentModel.model_validate(m) for m in DEFAULT_MODELS], min_length=1,
+                                     description="Model arms, cheapest first.")
+    threshold: float | list[float] | None = Field(default=None, description=(
+        "Router cut(s) between neighbouring arms, ascending (None: the router's default)."))
+    max_steps: int = Field(default=8, ge=1, strict=True, description="Most model steps per problem.")
+    step_tokens: int = Field(default=128, ge=1, strict=True, description="Most tokens per step.")
+    answer_tokens: int = Field(default=24, ge=1, strict=True, description="Tokens reserved for the forced answer.")
+    min_step_tokens: int = Field(default=16, ge=1, strict=True, description="Fewest tokens a step is planned with.")
+    policy: Literal["fixed", "proportional", "value"] = Field(default="proportional", description=(
+        "How the controller splits the remaining budget over steps."))
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _blocks(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for i, m in enumerate(v):
+                if not isinstance(m, dict | AgentModel):
+                    raise ValueError(f"`models[{i}]` must be a dict with keys among label, n, temperature, model, "
+                                     f"got {m!r}")
+        return v
 
 
 class Agent(Strategy):
     """ReAct agent with tools, per-step routing and a per-problem budget controller."""
 
     name = "agent"
+    Params = AgentParams
+    p: AgentParams
+    models: list[AgentModel]
+    threshold: float | list[float] | None
+    max_steps: int
+    step_tokens: int
+    answer_tokens: int
+    min_step_tokens: int
+    policy: Literal["fixed", "proportional", "value"]
 
-    def __init__(self, router: str | Mapping[str, Any] | Router = "always_small",
-                 models: Sequence[Mapping[str, Any]] | None = None, threshold: float | list[float] | None = None,
-                 max_steps: int = 8, step_tokens: int = 128, answer_tokens: int = 24, min_step_tokens: int = 16,
-                 policy: Literal["fixed", "proportional", "value"] = "proportional") -> None:
-        specs = list(models) if models is not None else DEFAULT_MODELS
-        if not specs:
-            raise invalid("models", "at least one model block {label, n, temperature, model}", specs)
-        for i, s in enumerate(specs):
-            if not isinstance(s, Mapping) or set(s) - {"label", "n", "temperature", "model"}:
-                raise invalid(f"models[{i}]", "a dict with keys among label, n, temperature, model", s)
-        self.models = [dict(s) for s in specs]
-        self._router = get_router(router)
-        self.router = router if isinstance(router, (str, dict)) else self._router.name
-        self.threshold = threshold
-        self._thresholds = (check_thresholds(threshold, len(specs)) if threshold is not None
-                            else [self._router.default_threshold] * (len(specs) - 1))
-        self.max_steps = max_steps
-        self.step_tokens = step_tokens
-        self.answer_tokens = answer_tokens
-        self.min_step_tokens = min_step_tokens
-        self.policy = policy
+    def setup(self) -> None:
+        self._router = get_router(self.p.router)
+        self.router = self.p.router if isinstance(self.p.router, str | dict) else self._router.name
+        n = len(self.models)
+        self._thresholds = (check_thresholds(self.threshold, n) if self.threshold is not None
+                            else [self._router.default_threshold] * (n - 1))
         self._backends: dict[str, Backend] = {}
-        self._arms(None)  # validates the model blocks now
 
-    def _arms(self, default: Backend | None) -> list[ModelArm]:
+    def params(self) -> dict[str, Any]:
+        return {"router": self.router, "models": [m.model_dump(exclude_none=True) for m in self.models],
+                "threshold": self.threshold, "max_steps": self.max_steps, "step_tokens": self.step_tokens,
+                "answer_tokens": self.answer_tokens, "min_step_tokens": self.min_step_tokens, "policy": self.policy}
+
+    def _arms(self, default: Backend) -> list[ModelArm]:
         arms = []
         for i, s in enumerate(self.models):
             be = default
-            if s.get("model"):
-                if default is None:
-                    be = None
-                else:
-                    if s["model"] not in self._backends:
-                        self._backends[s["model"]] = load_backend(s["model"])
-                    be = self._backends[s["model"]]
-            n = s.get("n", 1)
-            if not isinstance(n, int) or isinstance(n, bool):
-                raise invalid(f"models[{i}].n", "a positive integer (samples per step)", n)
-            arms.append(ModelArm(s.get("label") or f"model{i}", be, n, s.get("temperature")))
+            if s.model:
+                if s.model not in self._backends:
+                    self._backends[s.model] = load_backend(s.model)
+                be = self._backends[s.model]
+            arms.append(ModelArm(s.label or f"model{i}", be, s.n, s.temperature))
         return arms
 
     def close(self) -> None:
@@ -87,29 +120,23 @@ class Agent(Strategy):
         if callable(close):
             close()
 
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        arms = self._arms(backend)
-        tasks = []
-        for p, m in zip(problems, meters, strict=True):
-            ctl = BudgetController(None, arms, router=self._router, threshold=self._thresholds, max_steps=self.max_steps,
-                                   policy=self.policy, step_tokens=self.step_tokens, answer_tokens=self.answer_tokens,
-                                   min_step_tokens=self.min_step_tokens, meter=m, name="agent")
-            tasks.append(AgentTask.create(p.id, p.messages, ctl, p.tools))
-        run_agents(tasks)
-        out = []
-        for p, t in zip(problems, tasks, strict=True):
-            s = t.controller.summary()
-            steps = [asdict(x) for x in t.controller.steps]
-            out.append(Result(
-                problem_id=p.id, text=t.text, answer=extract_answer(t.text).text if t.text else None,
-                usage=t.controller.meter.total(), stop_reason=t.controller.stop_reason or "done",
-                finish_reason=t.finish_reason, truncated=t.finish_reason == "length",
-                sequential_tokens=sum(x["output_tokens"] for x in steps if x["kind"] == "model"),
-                trace=t.trace,
-                details={"steps": steps, "model_steps": s["model_steps"], "tool_calls": s["tool_calls"],
-                         "expensive_calls": s["expensive_calls"]},
-            ))
-        return out
+    async def solve_one(self, problem: Problem, ctx: Context) -> Result:
+        ctl = BudgetController(None, self._arms(ctx.backend), router=self._router, threshold=self._thresholds,
+                               max_steps=self.max_steps, policy=self.policy, step_tokens=self.step_tokens,
+                               answer_tokens=self.answer_tokens, min_step_tokens=self.min_step_tokens,
+                               meter=ctx.meter, name="agent")
+        t = await arun_agent(AgentTask.create(problem.id, problem.messages, ctl, problem.tools))
+        s = ctl.summary()
+        steps = [asdict(x) for x in ctl.steps]
+        return Result(
+            problem_id=problem.id, text=t.text, answer=extract_answer(t.text).text if t.text else None,
+            usage=ctl.meter.total(), stop_reason=ctl.stop_reason or "done",
+            finish_reason=t.finish_reason, truncated=t.finish_reason == "length",
+            sequential_tokens=sum(x["output_tokens"] for x in steps if x["kind"] == "model"),
+            trace=t.trace,
+            details={"steps": steps, "model_steps": s["model_steps"], "tool_calls": s["tool_calls"],
+                     "expensive_calls": s["expensive_calls"]},
+        )
 
 
 STRATEGIES.register(Agent.name, Agent)

@@ -20,13 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict
 
+from budgetlm.aio import run_sync
 from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, Message, SamplingParams, ScoreResult
 from budgetlm.backends.streaming import DeltaCallback
 from budgetlm.budget import Budget
@@ -36,8 +36,6 @@ from budgetlm.meter import Meter
 from budgetlm.registry import Registry
 from budgetlm.tools import Tool
 from budgetlm.usage import Usage
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -143,29 +141,6 @@ class Context:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asyncio.shield(fut)
             raise
-
-
-def run_sync(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro`` to completion from synchronous code, also when this thread already runs an event loop
-    (Jupyter): then it runs on a fresh loop in a helper thread."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(coro)
-        except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller's thread
-            box["error"] = exc
-
-    t = threading.Thread(target=target, name="budgetlm-solve")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 class StrategyParams(Config):

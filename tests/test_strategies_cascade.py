@@ -630,6 +630,33 @@ def test_bad_configuration(kw: dict[str, Any], exc: type[Exception], match: str)
         get("cascade", **kw)
 
 
+@pytest.mark.parametrize(("kw", "match"), [
+    ({}, "`stages` must list at least one stage"),  # the default: no stages
+    ({"stages": "sample"}, "`stages` must be a list, got 'sample'"),  # one name, not a list
+    ({"stages": [{"strategy": "sample"}, 3]}, "`stages\\[1\\]`: a stage must be a mapping"),  # index named
+    ({"stages": stages(2), "thresholds": ["x"]}, "`thresholds\\[0\\]` must be a number, got 'x'"),
+    ({"stages": stages(2), "thresholds": 0.5}, "`thresholds` must be a list"),
+    ({"stages": stages(2), "seed": "x"}, "`seed` must be an integer, got 'x'"),
+])
+def test_typed_parameters_name_the_parameter(kw: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        get("cascade", **kw)
+
+
+def test_params_object_and_path_calibration(tmp_path: Path) -> None:
+    from budgetlm.strategies.cascade import CascadeParams
+
+    p = CascadeParams(stages=stages(3), thresholds=(1, 2))
+    assert p.thresholds == [1.0, 2.0] and all(f.description for f in CascadeParams.model_fields.values())
+    c = Cascade(p)
+    assert c.p is p and c.params() == get("cascade", stages=stages(3), thresholds=[1.0, 2.0]).params()
+    path = tmp_path / "cal.json"
+    calibrate(get("cascade", stages=stages(2)), CAL_PROBLEMS, grade, Scored(staged(CAL_TABLE)), 0.0, path)
+    loaded = get("cascade", stages=stages(2), calibration=path)  # a Path is recorded as a string
+    assert loaded.params()["calibration"] == str(path) and len(loaded.thresholds) == 1
+    json.dumps(loaded.params())
+
+
 def test_stage_objects_and_params_are_recorded() -> None:
     c = get("cascade", stages=[Stage("majority", {"n": 3}, confidence="agreement"), {"strategy": "sample"}],
             thresholds=[0.5])

@@ -286,6 +286,31 @@ def test_bad_inputs_raise_config_errors_naming_the_parameter(tmp_path: Path, bui
         get("route", **build(tmp_path))
 
 
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"cost_weight": 1.5}, r"`cost_weight` must be <= 1(\.0)?, got 1.5"),  # checked up front, not at the first update
+    ({"cost_weight": -0.1}, r"`cost_weight` must be >= 0"),
+    ({"threshold": "high"}, r"`threshold` must be a number or a list of ascending numbers, got 'high'"),
+    ({"arms": "sample"}, r"`arms` must be a list"),
+    ({"reuse_cheap": "maybe"}, r"`reuse_cheap` must be true or false"),
+])
+def test_typed_parameters_name_the_parameter(kw: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        get("route", **kw)
+
+
+def test_params_object_and_path_calibration(tmp_path: Path) -> None:
+    from budgetlm.strategies.route import RouteParams
+
+    assert all(f.description for f in RouteParams.model_fields.values())
+    strat = Route(RouteParams(arms=ARMS, threshold=0.25, cache=True, cost_weight=0.5))
+    assert strat.cache and strat.cost_weight == 0.5 and strat.thresholds == [0.25]
+    assert strat.params() == get("route", arms=ARMS, threshold=0.25).params()
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps({"thresholds": [0.7], "router": "random"}))
+    p = get("route", calibration=path, arms=ARMS).params()  # a Path is recorded as a string
+    assert p["calibration"] == str(path) and p["router"] == "random" and json.loads(json.dumps(p)) == p
+
+
 def test_defaults_and_params() -> None:
     strat = get("route")
     assert isinstance(strat, Route)

@@ -34,15 +34,27 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field, InstanceOf, field_validator, model_validator
+
 from budgetlm.backends.base import Backend
 from budgetlm.errors import ConfigError
 from budgetlm.meter import Meter
-from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, get, param_names
+from budgetlm.strategies.base import (
+    STRATEGIES,
+    Context,
+    Problem,
+    Result,
+    Strategy,
+    StrategyParams,
+    get,
+    param_names,
+)
 from budgetlm.usage import Usage
 
 Signal = Literal["logprob_mean", "logprob_min", "agreement", "verifier"]
@@ -119,34 +131,81 @@ def thresholds_for(scores: Sequence[float], correct: Sequence[bool], epsilon: fl
     return min(ok)
 
 
+class CascadeParams(StrategyParams):
+    """Parameters of :class:`Cascade`."""
+
+    stages: list[InstanceOf[Stage] | dict[str, Any]] = Field(default_factory=list, validate_default=True, description=(
+        "Stages cheapest first: Stage objects or mappings with strategy, params, backend, confidence, verifier, "
+        "label (at least one; the last always answers)."))
+    thresholds: list[float] | None = Field(default=None, description=(
+        "Confidence threshold of each stage but the last (None: every stage answers, unless `calibration`)."))
+    calibration: str | None = Field(default=None, description=(
+        "A calibration file written by `budgetlm cascade calibrate`, holding the thresholds (exclusive with "
+        "`thresholds`)."))
+    seed: int | None = Field(default=None, description=(
+        "Seed of every sampling stage given none of its own (None: unseeded)."))
+
+    @field_validator("stages", mode="before")
+    @classmethod
+    def _stages(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            if not v:
+                raise ValueError("`stages` must list at least one stage, e.g. [{'strategy': 'sample'}, "
+                                 "{'strategy': 'majority', 'params': {'n': 8}}]")
+            for i, s in enumerate(v):
+                if not isinstance(s, Stage | Mapping):
+                    raise ValueError(f"`stages[{i}]`: a stage must be a mapping like {{'strategy': 'sample'}}, "
+                                     f"got {s!r}")
+            return [s if isinstance(s, Stage) else dict(s) for s in v]
+        return v
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> CascadeParams:
+        if self.thresholds is not None and self.calibration is not None:
+            raise ValueError(f"`thresholds` must be None when `calibration` is given (the file holds the "
+                             f"thresholds), got {self.thresholds}; pass `thresholds` or `calibration`, not both")
+        if self.thresholds is not None and len(self.thresholds) != len(self.stages) - 1:
+            raise ValueError(f"`thresholds` must have one value per stage but the last ({len(self.stages) - 1}), "
+                             f"got {len(self.thresholds)}")
+        return self
+
+
 @STRATEGIES.register("cascade")
 class Cascade(Strategy):
     """Answer with the cheapest confident stage; see the module docstring."""
 
     name = "cascade"
+    Params = CascadeParams
+    p: CascadeParams
+    stages: list[dict[str, Any]]
+    """The stages as plain dicts (JSON-ready, as recorded)."""
+    thresholds: list[float] | None
+    """Thresholds in use (given, loaded from ``calibration``, or set by :func:`calibrate`); ``None``: every stage answers."""
+    calibration: str | None
+    seed: int | None
 
-    def __init__(self, stages: Sequence[Stage | dict[str, Any]] = (), thresholds: Sequence[float] | None = None,
-                 calibration: str | None = None, seed: int | None = None) -> None:
-        parsed = [Stage.parse(s) for s in stages]
-        if len(parsed) < 1:
-            raise ConfigError("`stages` must list at least one stage, e.g. [{'strategy': 'sample'}, "
-                              "{'strategy': 'majority', 'params': {'n': 8}}]")
-        if thresholds is not None and calibration is not None:
-            raise ConfigError("pass `thresholds` or `calibration`, not both")
-        if calibration is not None:
-            thresholds = load_calibration(calibration, parsed)
-        if thresholds is not None:
-            thresholds = [float(t) for t in thresholds]
+    def setup(self) -> None:
+        parsed = [Stage.parse(s) for s in self.p.stages]  # unknown fields, signals and strategies are reported here
+        if self.calibration is not None:
+            thresholds = load_calibration(self.calibration, parsed)
             if len(thresholds) != len(parsed) - 1:
                 raise ConfigError(f"`thresholds` must have one value per stage but the last ({len(parsed) - 1}), "
                                   f"got {len(thresholds)}")
+            self.thresholds = thresholds
+        elif self.thresholds is not None:
+            self.thresholds = list(self.thresholds)  # calibrate() may replace them; the params stay as given
         self.stages = [asdict(s) for s in parsed]
-        self.thresholds = thresholds
-        self.calibration = calibration
         self._stages = parsed
-        self.seed = seed
-        self._strategies = [get(s.strategy, **_seeded(s, seed)) for s in parsed]
+        self._strategies = [get(s.strategy, **_seeded(s, self.seed)) for s in parsed]
         self._backends: dict[str, Backend] = {}
+
+    def params(self) -> dict[str, Any]:
+        return {"stages": self.stages, "thresholds": self.thresholds, "calibration": self.calibration, "seed": self.seed}
 
     def _backend(self, spec: str | None, default: Backend) -> Backend:
         if spec is None:

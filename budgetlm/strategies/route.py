@@ -31,9 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from pydantic import Field, field_validator, model_validator
 
 from budgetlm.answers import normalize_answer
 from budgetlm.backends import load as load_backend
@@ -42,7 +45,7 @@ from budgetlm.errors import ConfigError, invalid
 from budgetlm.meter import Meter
 from budgetlm.routing import RouteQuery, Router, bandit_reward, check_thresholds
 from budgetlm.routing import get as get_router
-from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy
+from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.strategies.base import get as get_strategy
 from budgetlm.usage import Usage
 
@@ -53,15 +56,31 @@ DEFAULT_ARMS: list[dict[str, Any]] = [
 """Cheap = one greedy sample; expensive = majority over 8 samples, on the same model."""
 
 
+def check_arm(spec: Any, index: int) -> None:
+    """Raise a :class:`ConfigError` naming ``arms[index]`` unless ``spec`` is an arm mapping (strategy, params, model, label)."""
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("strategy"), str):
+        raise invalid(f"arms[{index}]", "a dict with a `strategy` name and optional `params`, `model`, `label`", spec)
+    unknown = set(spec) - {"strategy", "params", "model", "label"}
+    if unknown:
+        raise invalid(f"arms[{index}]", "keys among strategy, params, model, label", sorted(unknown))
+
+
+def check_arms(specs: Sequence[Any]) -> None:
+    """Raise a :class:`ConfigError` naming ``arms`` unless ``specs`` are at least two arms with distinct labels."""
+    if len(specs) < 2:
+        raise invalid("arms", "at least two arms, cheapest first", len(specs))
+    for i, spec in enumerate(specs):
+        check_arm(spec, i)
+    labels = [spec.get("label") or f"{spec['strategy']}#{i}" for i, spec in enumerate(specs)]
+    if len(set(labels)) != len(labels):
+        raise invalid("arms", "arms with distinct labels", labels)
+
+
 class Arm:
     """One routable arm: a configured strategy on a backend (``None``: the strategy's backend)."""
 
     def __init__(self, spec: Mapping[str, Any], index: int) -> None:
-        if not isinstance(spec, Mapping) or not isinstance(spec.get("strategy"), str):
-            raise invalid(f"arms[{index}]", "a dict with a `strategy` name and optional `params`, `model`, `label`", spec)
-        unknown = set(spec) - {"strategy", "params", "model", "label"}
-        if unknown:
-            raise invalid(f"arms[{index}]", "keys among strategy, params, model, label", sorted(unknown))
+        check_arm(spec, index)
         self.params = dict(spec.get("params") or {})
         self.strategy = get_strategy(spec["strategy"], **self.params)
         self.model: str | None = spec.get("model")
@@ -89,38 +108,81 @@ def load_route_calibration(path: str | Path) -> dict[str, Any]:
     return data
 
 
+class RouteParams(StrategyParams):
+    """Parameters of :class:`Route`."""
+
+    router: str | dict[str, Any] | Router = Field(default="logprob", description=(
+        "The router: a registered name, a {name, params} block, or a Router object (a calibration names its own)."))
+    arms: list[dict[str, Any]] | None = Field(default=None, description=(
+        "Arms cheapest first, each {strategy, params, model, label} (None: the calibration's arms, else "
+        "DEFAULT_ARMS)."))
+    threshold: float | list[float] | None = Field(default=None, description=(
+        "Router cut(s) between neighbouring arms, ascending (None: the calibration's, else the router's default)."))
+    calibration: str | None = Field(default=None, description=(
+        "A JSON file written by `budgetlm route calibrate` (router, state, thresholds; exclusive with `threshold`)."))
+    reuse_cheap: bool = Field(default=True, description=(
+        "Answer a query routed to arm 0 with the cheap answer the router already produced, if any."))
+    cost_weight: float = Field(default=0.3, ge=0, le=1, description=(
+        "Weight of cost against success in the reward of online routers (0: success only, 1: cost only)."))
+    cache: bool = Field(default=False, description="Answer repeated queries from this strategy's earlier answers.")
+
+    @field_validator("arms", mode="before")
+    @classmethod
+    def _arms(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            check_arms(v)
+            return [dict(a) for a in v]
+        return v
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, int | float | list | tuple):
+            raise ValueError(f"`threshold` must be a number or a list of ascending numbers, got {v!r}")
+        return v
+
+    @field_validator("calibration", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        return os.fspath(v) if isinstance(v, os.PathLike) else v
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> RouteParams:
+        if self.threshold is not None and self.calibration:
+            raise ValueError(f"`threshold` must be None when `calibration` is given (the calibration file holds "
+                             f"thresholds), got {self.threshold}; give either `threshold` or `calibration`, not both")
+        return self
+
+
 class Route(Strategy):
     """Route each query to one of several arms by a router's score and thresholds."""
 
     name = "route"
+    Params = RouteParams
+    p: RouteParams
+    router: str | dict[str, Any]
+    """The router that routes, as recorded (a Router object is recorded by its name)."""
+    threshold: float | list[float] | None
+    calibration: str | None
+    reuse_cheap: bool
+    cost_weight: float
+    cache: bool
 
-    def __init__(self, router: str | Mapping[str, Any] | Router = "logprob", arms: Sequence[Mapping[str, Any]] | None = None,
-                 threshold: float | list[float] | None = None, calibration: str | None = None,
-                 reuse_cheap: bool = True, cost_weight: float = 0.3, cache: bool = False) -> None:
-        cal: dict[str, Any] = load_route_calibration(calibration) if calibration else {}
-        specs = list(arms) if arms is not None else (cal.get("arms") or DEFAULT_ARMS)  # a calibration names its arms
-        if len(specs) < 2:
-            raise invalid("arms", "at least two arms, cheapest first", len(specs))
+    def setup(self) -> None:
+        cal: dict[str, Any] = load_route_calibration(self.calibration) if self.calibration else {}
+        specs = self.p.arms if self.p.arms is not None else (cal.get("arms") or DEFAULT_ARMS)  # a calibration names its arms
+        if self.p.arms is None:
+            check_arms(specs)
         self.arms = [Arm(s, i) for i, s in enumerate(specs)]
-        labels = [a.label for a in self.arms]
-        if len(set(labels)) != len(labels):
-            raise invalid("arms", "arms with distinct labels", labels)
-        self._router = get_router(cal.get("router") or router)  # a calibration names the router it calibrated
+        used = cal.get("router") or self.p.router  # what actually routes (a calibration names the router it calibrated)
+        self._router = get_router(used)
         if cal.get("state"):
             self._router.load_state(cal["state"])
-        if threshold is not None and calibration:
-            raise ConfigError("give either `threshold` or `calibration`, not both; the calibration file holds thresholds")
-        raw = threshold if threshold is not None else cal.get("thresholds", None)
+        raw = self.threshold if self.threshold is not None else cal.get("thresholds", None)
         if raw is None:
             raw = [self._router.default_threshold] * (len(self.arms) - 1)
         self._thresholds = check_thresholds(raw, len(self.arms))
-        used = cal.get("router") or router  # what actually routes (a calibration names its router)
-        self.router = used if isinstance(used, (str, dict)) else self._router.name
-        self.threshold = threshold
-        self.calibration = calibration
-        self.reuse_cheap = reuse_cheap
-        self.cost_weight = cost_weight
-        self.cache = cache
+        self.router = used if isinstance(used, str | dict) else self._router.name
         self._backends: dict[str, Backend] = {}
         self._answers: dict[str, Result] = {}
 

@@ -363,9 +363,12 @@ class OpenAIBackend(Backend):
             raise
 
     # ------------------------------------------------------------------ HTTP with retries
-    def _next_url(self) -> str:
+    def _next_url(self, failed: str | None = None) -> str:
+        """The next base URL in the rotation; a retry (``failed``: the URL that just failed) gets another one."""
         with self._lock:
             url = self.base_urls[next(self._rr) % len(self.base_urls)]
+            if url == failed and len(self.base_urls) > 1:  # concurrent requests moved the rotation on
+                url = self.base_urls[(self.base_urls.index(url) + 1) % len(self.base_urls)]
             self.url_requests[url] += 1
             self.attempts += 1
             return url
@@ -380,7 +383,7 @@ class OpenAIBackend(Backend):
             left = None if deadline is None else deadline - self.clock()
             if left is not None and left <= 0:
                 break
-            url = self._next_url()
+            url = self._next_url(tried[-1] if tried else None)
             tried.append(url)
             client = self._client(clients, url)
             api = client.chat.completions if endpoint == "chat" else client.completions
@@ -632,7 +635,7 @@ class OpenAIBackend(Backend):
                 break
             progress = [0]  # tokens this attempt pushed into the sink
             async with state.sem:
-                url = self._next_url()
+                url = self._next_url(tried[-1] if tried else None)
                 tried.append(url)
                 client = self._client(state.clients, url)
                 api = client.chat.completions if endpoint == "chat" else client.completions

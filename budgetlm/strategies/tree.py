@@ -27,10 +27,14 @@ budget among the problems still running), so one request cannot take what the ot
 request the meter cannot afford gets no children and the problem's search ends with
 ``stop_reason="budget exhausted: <unit>"``.
 
+A round's requests are awaited together (:func:`~budgetlm.strategies.values.gather_settled`): when
+one fails, its siblings are aborted and charged before the error leaves the problem's program, and
+cancelling the program aborts every request in flight (each is charged exactly what it generated).
+
 **Forced answer** (:func:`force_answer`): when a search ends without a terminal node, the best
 path is continued after ``FORCE_ANSWER`` with a short greedy call.  Searches hold that call's worst
-case (the problem plus ``max_depth`` full steps and delimiters as prompt, ``answer_tokens`` output)
-in a reservation from the start (:func:`hold`, an ``async with`` block around the search), so a
+case (the problem plus ``max_depth`` full steps and delimiters as prompt, ``answer_tokens`` output,
+and the FLOPs and dollars the backend prices that at) in a reservation from the start (:func:`hold`, an ``async with`` block around the search), so a
 search that spends its whole budget can still afford its answer; the hold is released and the
 forced call reserved with no ``await`` in between, so no other problem can take it.  When not even
 that fits (tiny budgets, or tool observations that make the path longer than ``max_depth`` steps
@@ -43,7 +47,6 @@ report draws it); token sums over the nodes plus scoring and forced-answer calls
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,7 +57,7 @@ from budgetlm.errors import BudgetExceeded, ConfigError
 from budgetlm.meter import Meter, Reservation
 from budgetlm.strategies.aggregate import answer_key, vote
 from budgetlm.strategies.base import Context, Problem, Result
-from budgetlm.strategies.values import StepView, ValueScorer
+from budgetlm.strategies.values import StepView, ValueScorer, gather_settled
 from budgetlm.strategies.voting import room_of
 from budgetlm.tools import OBSERVATION_TEMPLATE, TOOL_CALL_CLOSE, Tool, ToolOutcome, as_tools, call_tool, describe_tools
 from budgetlm.usage import Usage
@@ -207,7 +210,7 @@ class Tree:
             return len(req.prompt_token_ids)
         assert self.backend is not None
         text, ids = self.backend.render(req)
-        return len(ids) if ids is not None else max(1, -(-len(text or "") // 3))
+        return len(ids) if ids is not None else _approx(text or "")
 
     def terminals(self) -> list[Node]:
         """Terminal nodes that were not pruned (all terminal nodes when every one was pruned)."""
@@ -241,6 +244,11 @@ class Tree:
                 "extra_tokens": dict(self.extra_tokens), "output_tokens": self.output_tokens(),
                 "forced": self.forced, "stop_reason": self.done, "unscored": self.unscored,
                 "tool_refused": self.tool_refused}
+
+
+def _approx(text: str) -> int:
+    """Token estimate without a local tokenizer (about 3 characters per token, as backends estimate)."""
+    return max(1, -(-len(text) // 3))
 
 
 def _rstrip_ids(backend: Backend, ids: list[int]) -> list[int]:
@@ -333,7 +341,7 @@ async def expand(tree: Tree, jobs: Sequence[tuple[Node, int]], cfg: StepConfig, 
     cap = _step_cap(tree, reqs, cfg, ctx)
     if cap < cfg.step_tokens:
         reqs = requests(cap)
-    gens = await asyncio.gather(*(_generate(ctx, r) for r in reqs))
+    gens = await gather_settled(_generate(ctx, r) for r in reqs)
     out: list[list[Node]] = []
     for (node, _), g in zip(jobs, gens, strict=True):
         if isinstance(g, BudgetExceeded):
@@ -411,14 +419,17 @@ def nan_safe(x: float | None) -> float | None:
 
 
 # ----------------------------------------------------------------------------- forced answers
-def hold(meter: Meter, prompt_tokens: int, answer_tokens: int) -> Reservation | None:
+def hold(meter: Meter, prompt_tokens: int, answer_tokens: int, backend: Backend | None = None) -> Reservation | None:
     """Reserve the worst case of a forced answer up front (``None`` when even that does not fit).
 
+    With ``backend`` its FLOPs and dollars are held too, priced as the backend prices the forced call
+    when it reserves it, so ``flops``/``usd`` budgets cannot starve the answer either.
     Use it as ``async with`` around the search: leaving the block releases it (it is never settled).
     """
+    cost = None if backend is None else backend._estimate  # the estimate the backend reserves calls with
     try:
         return meter.reserve(prompt_tokens=prompt_tokens, max_tokens=answer_tokens, n=1, may_think=False,
-                             min_tokens=answer_tokens)
+                             min_tokens=answer_tokens, cost=cost)
     except BudgetExceeded:
         return None
 
@@ -428,9 +439,10 @@ def forced_prompt_tokens(tree: Tree, cfg: StepConfig) -> int:
     with its delimiter) and ``FORCE_ANSWER``."""
     assert tree.backend is not None
     b = tree.backend
-    base = len(tree.root_ids) if tree.root_ids is not None else max(1, -(-len(tree.root_text or "") // 3))
-    per_step = cfg.step_tokens + (len(b.encode(cfg.delimiter)) if tree.from_ids else 0)
-    return base + cfg.max_depth * per_step + len(b.encode(FORCE_ANSWER))
+    if tree.root_ids is None:  # no local tokenizer: about 3 characters per token (as the backend estimates)
+        return _approx(tree.root_text or "") + cfg.max_depth * cfg.step_tokens + _approx(FORCE_ANSWER)
+    per_step = cfg.step_tokens + len(b.encode(cfg.delimiter))
+    return len(tree.root_ids) + cfg.max_depth * per_step + len(b.encode(FORCE_ANSWER))
 
 
 async def force_answer(tree: Tree, ctx: Context, answer_tokens: int) -> None:

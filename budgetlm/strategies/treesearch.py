@@ -22,7 +22,14 @@ from pydantic import AfterValidator, BeforeValidator, Field
 
 from budgetlm.strategies.base import Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.strategies.tree import StepConfig, Tree, finish, force_answer, forced_prompt_tokens, hold
-from budgetlm.strategies.values import ValueScorer, get_scorer
+from budgetlm.strategies.values import VALUE_SCORERS, ValueScorer, get_scorer
+
+
+def _scorer(v: object) -> object:
+    if isinstance(v, str | ValueScorer):
+        return v
+    raise ValueError(f"`scorer` must be a value scorer name ({', '.join(VALUE_SCORERS.names())}) or a ValueScorer "
+                     f"instance, got {v!r}; e.g. scorer='logprob'")
 
 
 def _delimiter(v: str) -> str:
@@ -35,7 +42,7 @@ def _delimiter(v: str) -> str:
 StepTokens = Annotated[int, Field(ge=1, description="Most tokens per step.")]
 Delimiter = Annotated[str, AfterValidator(_delimiter), Field(description="String that ends a step (kept in the path).")]
 MaxDepth = Annotated[int, Field(ge=1, description="Steps after which a node is not expanded further.")]
-Scorer = Annotated[str | ValueScorer, Field(description="Value scorer: residual, logprob, prm, or a ValueScorer.")]
+Scorer = Annotated[str | ValueScorer, BeforeValidator(_scorer), Field(description="Value scorer: residual, logprob, prm, or a ValueScorer.")]
 ScorerParams = Annotated[dict[str, Any], BeforeValidator(lambda v: {} if v is None else v),
                          Field(description="Parameters of the value scorer (e.g. {'path': ...} for prm); None: {}.")]
 AnswerTokens = Annotated[int, Field(ge=1, description="Length of the forced answer (reserved up front).")]
@@ -90,7 +97,7 @@ class TreeSearch(Strategy):
     async def solve_one(self, problem: Problem, ctx: Context) -> Result:
         tree = Tree(problem, ctx.meter, root_value=self._root_value(), backend=ctx.backend)
         trace: list[dict[str, Any]] = []
-        held = hold(ctx.meter, forced_prompt_tokens(tree, self._cfg), self.answer_tokens)
+        held = hold(ctx.meter, forced_prompt_tokens(tree, self._cfg), self.answer_tokens, ctx.backend)
         async with held if held is not None else contextlib.nullcontext():  # released on the way out
             await self.search(tree, ctx, trace)
         if not tree.done:

@@ -48,9 +48,9 @@ import inspect
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.errors import BudgetExceeded, ConfigError
@@ -67,6 +67,7 @@ RESIDUAL_PROMPT = (
 """The instruction comes first and the new step last, so scoring prompts share their prefix (the
 instruction across problems, the problem and path across siblings) and hit vLLM's prefix cache."""
 RESIDUAL_PREFIX = "Rating: "
+T = TypeVar("T")
 
 
 @dataclass
@@ -105,6 +106,24 @@ class ValueScorer(ABC):
 
 
 VALUE_SCORERS: Registry[type[ValueScorer]] = Registry("value scorer")
+
+
+async def gather_settled(aws: Iterable[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather`` of one problem's concurrent calls that never leaves a call running behind it.
+
+    When one call fails (an error other than the refusals the callers catch), the others are
+    cancelled and awaited before the error propagates, so the engine aborts them and their meter
+    is charged what they generated while the problem's program is still running (``gather`` alone
+    would return at once and leave them generating, charged after the problem's result was built).
+    """
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def get_scorer(name: str | ValueScorer, **params: Any) -> ValueScorer:
@@ -181,7 +200,7 @@ class ResidualSelfEval(ValueScorer):
                 return None  # the budget cannot afford the rating: unscored
 
         out = []
-        for g in await asyncio.gather(*(rate(r) for r in reqs)):
+        for g in await gather_settled(rate(r) for r in reqs):
             if g is None or not g.completions:
                 out.append((math.nan, 0))
                 continue

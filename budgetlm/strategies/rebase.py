@@ -6,8 +6,10 @@ the previous round (the frontier) and gives each ``n_i`` children with
 ``n_i ≈ W · softmax(v_i / T)_i``, where ``W`` is ``width`` minus the trajectories already completed
 and ``T`` is ``reward_temperature``; the shares are rounded by largest remainder so they sum to
 exactly ``W`` (:func:`allocate`).  High-reward nodes get more children, low-reward ones may get
-none (they are recorded as pruned: "rebase: no children allotted").  All problems' expansions go in
-one batched backend call per round; new steps are scored in one batched scorer call.  A problem
+none (they are recorded as pruned: "rebase: no children allotted").  Each problem's search is its own
+async program on the shared engine and runs its own rounds (it never waits for another problem's
+round): a round's expansions are one request with ``n = n_i`` per allotted node, continuing the
+node's token ids, all concurrently; new steps are scored in one scorer call.  A problem
 stops when ``W`` reaches 0, the frontier is empty, after ``max_depth`` steps, or when its budget is
 spent (calls are clamped to what is left).  The answer is the value-weighted vote over completed
 trajectories (the paper's weighted majority; ``final="best"`` takes the best one); without any, the
@@ -20,16 +22,27 @@ Scorer: the paper uses a PRM (``scorer="prm"`` with ``scorer_params={"path": ...
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
+from pydantic import Field
 
-from budgetlm.backends.base import Backend
-from budgetlm.errors import ConfigError
-from budgetlm.meter import Meter
-from budgetlm.strategies.base import STRATEGIES, Problem, Result
+from budgetlm.strategies.base import STRATEGIES, Context
 from budgetlm.strategies.tree import Node, Tree, expand, score_nodes
-from budgetlm.strategies.treesearch import TreeSearch
+from budgetlm.strategies.treesearch import (
+    AnswerTokens,
+    Delimiter,
+    Final,
+    MaxDepth,
+    Scorer,
+    ScorerParams,
+    Seed,
+    StepTokens,
+    Temperature,
+    TopP,
+    TreeParams,
+    TreeSearch,
+)
 
 
 def allocate(values: Sequence[float], total: int, temperature: float) -> list[int]:
@@ -48,68 +61,57 @@ def allocate(values: Sequence[float], total: int, temperature: float) -> list[in
     return [int(x) for x in base]
 
 
+class RebaseParams(TreeParams):
+    """Parameters of :class:`Rebase`."""
+
+    width: int = Field(default=8, ge=1, description="Trajectories to complete (children per round in all).")
+    reward_temperature: float = Field(default=0.2, gt=0, description="T of the softmax(value / T) allotment.")
+    step_tokens: StepTokens = 64
+    delimiter: Delimiter = "\n\n"
+    max_depth: MaxDepth = 8
+    scorer: Scorer = "logprob"
+    scorer_params: ScorerParams = Field(default_factory=dict)
+    answer_tokens: AnswerTokens = 16
+    final: Final = "vote"
+    temperature: Temperature = 0.7
+    top_p: TopP = 1.0
+    seed: Seed = None
+
+
 @STRATEGIES.register("rebase")
 class Rebase(TreeSearch):
     """Reward-balanced expansion; see the module docstring."""
 
     name = "rebase"
+    Params = RebaseParams
+    p: RebaseParams
+    width: int
+    reward_temperature: float
 
-    def __init__(
-        self,
-        width: int = 8,
-        reward_temperature: float = 0.2,
-        step_tokens: int = 64,
-        delimiter: str = "\n\n",
-        max_depth: int = 8,
-        scorer: str = "logprob",
-        scorer_params: dict[str, Any] | None = None,
-        answer_tokens: int = 16,
-        final: Literal["vote", "best"] = "vote",
-        temperature: float = 0.7,
-        top_p: float = 1.0,
-        seed: int | None = None,
-    ) -> None:
-        self._configure(step_tokens=step_tokens, delimiter=delimiter, max_depth=max_depth, scorer=scorer,
-                        scorer_params=scorer_params, answer_tokens=answer_tokens, final=final, temperature=temperature,
-                        top_p=top_p, seed=seed, width=width)
-        if reward_temperature <= 0:
-            raise ConfigError(f"`reward_temperature` must be > 0, got {reward_temperature}")
-        self.width, self.reward_temperature = width, reward_temperature
-
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        trees, tools, holds = self._start(problems, meters, backend)
-        frontier: list[list[Node]] = [[t.root] for t in trees]
-        completed = [0] * len(trees)
-        traces: list[list[dict[str, Any]]] = [[] for _ in trees]
+    async def search(self, tree: Tree, ctx: Context, trace: list[dict[str, Any]]) -> None:
+        meter = ctx.meter
+        frontier: list[Node] = [tree.root]
+        completed = 0
         for rnd in range(self.max_depth):
-            jobs: list[tuple[Tree, Node, int]] = []
-            for i, t in enumerate(trees):
-                if t.done:
-                    continue
-                left = self.width - completed[i]
-                if left <= 0 or not frontier[i]:
-                    t.done = "done"
-                    continue
-                if meters[i].exhausted():
-                    t.done = meters[i].exhausted_reason()
-                    continue
-                alloc = [left] if rnd == 0 else allocate([n.value for n in frontier[i]], left, self.reward_temperature)
-                for n, k in zip(frontier[i], alloc, strict=True):
-                    if k > 0:
-                        jobs.append((t, n, k))
-                    else:
-                        n.pruned = "rebase: no children allotted"
-                traces[i].append({"round": rnd, "frontier": [n.id for n in frontier[i]], "children": alloc})
-            if not jobs:
-                break
-            kids = expand(backend, jobs, self._cfg, rnd, tools)
-            score_nodes([(t, c) for (t, _, _), cs in zip(jobs, kids, strict=True) for c in cs], self._scorer,
-                        backend, prune=False, round=rnd)
-            for i in range(len(trees)):
-                frontier[i] = []
-            index = {id(t): i for i, t in enumerate(trees)}
-            for (t, _, _), cs in zip(jobs, kids, strict=True):
-                i = index[id(t)]
-                completed[i] += sum(1 for c in cs if c.terminal)
-                frontier[i] += [c for c in cs if not c.terminal and c.pruned is None]
-        return self._end(trees, holds, traces, backend, "max depth")
+            left = self.width - completed
+            if left <= 0 or not frontier:
+                tree.done = "done"
+                return
+            if meter.exhausted():
+                tree.done = meter.exhausted_reason()
+                return
+            alloc = [left] if rnd == 0 else allocate([n.value for n in frontier], left, self.reward_temperature)
+            jobs: list[tuple[Node, int]] = []
+            for n, k in zip(frontier, alloc, strict=True):
+                if k > 0:
+                    jobs.append((n, k))
+                else:
+                    n.pruned = "rebase: no children allotted"
+            trace.append({"round": rnd, "frontier": [n.id for n in frontier], "children": alloc})
+            kids = await expand(tree, jobs, self._cfg, rnd, ctx)
+            cs = [c for group in kids for c in group]
+            await score_nodes(tree, cs, self._scorer, ctx, prune=False, round=rnd)
+            completed += sum(1 for c in cs if c.terminal)
+            frontier = [c for c in cs if not c.terminal and c.pruned is None]
+            if tree.done:  # the budget refused an expansion
+                return

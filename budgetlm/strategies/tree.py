@@ -1,4 +1,9 @@
-"""The tree core shared by ``bavt``, ``beam`` and ``rebase``: nodes, batched expansion, forced answers.
+"""The tree core shared by ``bavt``, ``beam`` and ``rebase``: nodes, expansion, scoring, forced answers.
+
+Every function here works on ONE problem's tree inside that problem's async program
+(:meth:`budgetlm.strategies.treesearch.TreeSearch.solve_one`): each problem's search runs its own
+rounds on the shared engine, concurrently with the other problems, and never waits for another
+problem's round.
 
 A **node** is a partial trajectory: the root is the bare problem and every other node adds one
 *step* to its parent's path.  A step is what the model writes until the step delimiter (a blank
@@ -6,20 +11,35 @@ line by default), the end of a tool call (``</tool_call>``, after which the tool
 observation joins the step), its end of sequence (the node is then *terminal* and carries the
 extracted answer), or ``step_tokens`` tokens.
 
-**Expansion** (:func:`expand`): the children of every selected node of every problem are sampled
-in ONE backend call: one request per selected node, asking ``k`` samples of its path, so siblings
-share their whole prompt and, across rounds, a child's prompt extends its parent's (prefix
-caching).  The path is passed as the assistant reply's prefix, so the model continues its own
-reply.  Each request is charged to its problem's meter; a request the meter cannot afford is
-skipped and the problem's search ends with ``stop_reason="budget exhausted: <unit>"``.
+**Expansion** (:func:`expand`): the children of a round's selected nodes are sampled as one request
+per selected node asking ``k`` samples of its path (siblings share their whole prompt), all of the
+round's requests concurrently.  Paths continue **from token ids**: a request's prompt is the root
+prompt's token ids (the rendered problem) plus the token ids the model generated along the path
+(plus the tokens of stop strings the engine left out and of tool observations), sent as
+``GenerationRequest(prompt_token_ids=...)``, so a child's prompt extends its parent's exactly and the
+engine's prefix cache is reused token for token.  Backends that do not tokenise locally (the OpenAI
+backend without a tokenizer: :meth:`~budgetlm.backends.base.Backend.render` gives no ids) fall back
+to re-rendered text: the problem's messages with the path as the assistant reply's prefix.  When a
+problem has several requests in flight in one round, each sample's ``max_tokens`` is capped by its
+fair share of the problem's meter (:meth:`~budgetlm.meter.Meter.fair_share`) and by the problem's
+output-token room (:func:`~budgetlm.strategies.voting.room_of`: an equal share of the batch
+budget among the problems still running), so one request cannot take what the others need.  A
+request the meter cannot afford gets no children and the problem's search ends with
+``stop_reason="budget exhausted: <unit>"``.
 
-**Forced answer** (:func:`force_answers`): when a search ends without a terminal node, the best
-path is continued after ``FORCE_ANSWER`` with a short greedy call, also batched over problems.
-Searches hold that call's worst case (the problem plus ``max_depth`` full steps as prompt,
-``answer_tokens`` output) in a reservation from the start (:func:`hold`), so a search that spends
-its whole budget can still afford its answer.  When not even that fits (tiny budgets, or tool
-observations that make the path longer than ``max_depth`` steps under an input-token budget), the
-answer is extracted from the best path's text and the trace says so.
+A round's requests are awaited together (:func:`~budgetlm.strategies.values.gather_settled`): when
+one fails, its siblings are aborted and charged before the error leaves the problem's program, and
+cancelling the program aborts every request in flight (each is charged exactly what it generated).
+
+**Forced answer** (:func:`force_answer`): when a search ends without a terminal node, the best
+path is continued after ``FORCE_ANSWER`` with a short greedy call.  Searches hold that call's worst
+case (the problem plus ``max_depth`` full steps and delimiters as prompt, ``answer_tokens`` output,
+and the FLOPs and dollars the backend prices that at) in a reservation from the start (:func:`hold`, an ``async with`` block around the search), so a
+search that spends its whole budget can still afford its answer; the hold is released and the
+forced call reserved with no ``await`` in between, so no other problem can take it.  When not even
+that fits (tiny budgets, or tool observations that make the path longer than ``max_depth`` steps
+under an input-token budget), the answer is extracted from the best path's text and the trace says
+so.
 
 :meth:`Tree.to_json` exports the tree with values, spend and prune decisions (the evaluation
 report draws it); token sums over the nodes plus scoring and forced-answer calls equal the ledger.
@@ -28,17 +48,19 @@ report draws it); token sums over the nodes plus scoring and forced-answer calls
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from budgetlm.backends.base import Backend, Completion, GenerationRequest, SamplingParams
+from budgetlm.backends.base import Backend, Completion, GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.errors import BudgetExceeded, ConfigError
 from budgetlm.meter import Meter, Reservation
 from budgetlm.strategies.aggregate import answer_key, vote
-from budgetlm.strategies.base import Problem, Result
-from budgetlm.strategies.values import StepView, ValueScorer
+from budgetlm.strategies.base import Context, Problem, Result
+from budgetlm.strategies.values import StepView, ValueScorer, gather_settled
+from budgetlm.strategies.voting import room_of
 from budgetlm.tools import OBSERVATION_TEMPLATE, TOOL_CALL_CLOSE, Tool, ToolOutcome, as_tools, call_tool, describe_tools
+from budgetlm.usage import Usage
 
 FORCE_ANSWER = "\nFinal answer:"
 """Appended to the best path to force an answer when no node is terminal."""
@@ -86,6 +108,9 @@ class Node:
     """The tool call the step made and its observation, if any."""
     children: list[int] = field(default_factory=list)
     """Children ids."""
+    ids: list[int] = field(default_factory=list, repr=False)
+    """The token ids this node's step adds to the path (generated tokens, then the tokens of a stop
+    string the engine left out and of a tool observation); empty when the tree continues from text."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready record."""
@@ -99,11 +124,17 @@ class Node:
 
 
 class Tree:
-    """The search tree of one problem."""
+    """The search tree of one problem.
 
-    def __init__(self, problem: Problem, meter: Meter, *, root_value: float | None = None) -> None:
+    With a ``backend`` that tokenises locally the tree continues from token ids (:attr:`root_ids` is
+    the rendered problem's ids); otherwise (no backend, or no local tokenizer) from text.
+    """
+
+    def __init__(self, problem: Problem, meter: Meter, *, root_value: float | None = None,
+                 backend: Backend | None = None) -> None:
         self.problem = problem
         self.meter = meter
+        self.backend = backend
         self.auto_root = root_value is None
         """The root's value follows its children's under value scorers (see :func:`score_nodes`)."""
         self.nodes: list[Node] = [Node(0, None, 0, value=0.5 if root_value is None else root_value)]
@@ -118,10 +149,24 @@ class Tree:
         """Tool calls the budget refused (their nodes were pruned)."""
         self.done: str | None = None
         """Why the search ended (``"done"`` or a budget reason), ``None`` while running."""
+        self.tools: dict[str, Tool] = as_tools(problem.tools) if problem.tools else {}
+        """The tools the problem may call."""
+        self.root_text: str | None = None
+        self.root_ids: list[int] | None = None
+        """The rendered problem's token ids: paths continue from token ids; ``None``: from text."""
+        if backend is not None:
+            text, ids = backend.render(GenerationRequest(messages=problem_messages(problem)))
+            self.root_text = text
+            self.root_ids = list(ids) if ids else None
 
     @property
     def root(self) -> Node:
         return self.nodes[0]
+
+    @property
+    def from_ids(self) -> bool:
+        """True when requests continue from token ids (the backend tokenises locally)."""
+        return self.root_ids is not None
 
     def add(self, parent: Node, **kw: Any) -> Node:
         node = Node(len(self.nodes), parent.id, parent.depth + 1, **kw)
@@ -140,10 +185,40 @@ class Tree:
         """The reply so far at ``node`` (the concatenated steps of its path)."""
         return "".join(n.step for n in self.path(node))
 
+    def path_ids(self, node: Node) -> list[int]:
+        """The token ids of the reply so far at ``node`` (token-id mode)."""
+        return [t for n in self.path(node) for t in n.ids]
+
+    def request(self, node: Node, sampling: SamplingParams, *, id: str | None = None,
+                suffix: str | None = None, may_think: bool = True) -> GenerationRequest:
+        """The request continuing ``node``'s path (then ``suffix``, with the path's trailing whitespace
+        removed): from token ids when the backend tokenises locally, else from re-rendered text."""
+        if self.root_ids is not None:
+            assert self.backend is not None
+            ids = self.path_ids(node)
+            if suffix is not None:
+                ids = _rstrip_ids(self.backend, ids) + self.backend.encode(suffix)
+            return GenerationRequest(prompt_token_ids=self.root_ids + ids, sampling=sampling, id=id,
+                                     may_think=may_think)
+        prefix = self.text(node) if suffix is None else self.text(node).rstrip() + suffix
+        return GenerationRequest(messages=problem_messages(self.problem), assistant_prefix=prefix or None,
+                                 sampling=sampling, id=id, may_think=may_think)
+
+    def prompt_size(self, req: GenerationRequest) -> int:
+        """Tokens of ``req``'s prompt (the backend's count; an estimate without a local tokenizer)."""
+        if req.prompt_token_ids is not None:
+            return len(req.prompt_token_ids)
+        assert self.backend is not None
+        text, ids = self.backend.render(req)
+        return len(ids) if ids is not None else _approx(text or "")
+
     def terminals(self) -> list[Node]:
         """Terminal nodes that were not pruned (all terminal nodes when every one was pruned)."""
         t = [n for n in self.nodes if n.terminal and n.pruned is None]
         return t or [n for n in self.nodes if n.terminal]
+
+    def has_terminal(self) -> bool:
+        return any(n.terminal for n in self.nodes)
 
     def live_children(self, node: Node) -> list[Node]:
         return [self.nodes[c] for c in node.children if self.nodes[c].pruned is None]
@@ -169,6 +244,24 @@ class Tree:
                 "extra_tokens": dict(self.extra_tokens), "output_tokens": self.output_tokens(),
                 "forced": self.forced, "stop_reason": self.done, "unscored": self.unscored,
                 "tool_refused": self.tool_refused}
+
+
+def _approx(text: str) -> int:
+    """Token estimate without a local tokenizer (about 3 characters per token, as backends estimate)."""
+    return max(1, -(-len(text) // 3))
+
+
+def _rstrip_ids(backend: Backend, ids: list[int]) -> list[int]:
+    """``ids`` without trailing whitespace: whitespace-only tokens dropped, a last token ending in
+    whitespace re-encoded without it (the token-id counterpart of ``str.rstrip``)."""
+    out = list(ids)
+    while out and not backend.decode([out[-1]]).strip():
+        out.pop()
+    if out:
+        last = backend.decode([out[-1]])
+        if last != last.rstrip():
+            out[-1:] = backend.encode(last.rstrip())
+    return out
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -199,56 +292,84 @@ class StepConfig:
             raise ConfigError(f"`max_depth` must be >= 1, got {self.max_depth}")
 
 
-def expand(
-    backend: Backend, jobs: Sequence[tuple[Tree, Node, int]], cfg: StepConfig, round: int,
-    tools: Mapping[int, Mapping[str, Tool]] | None = None,
-) -> list[list[Node]]:
-    """Sample ``k`` children for each ``(tree, node, k)`` in one backend call; new children per job.
+def _step_cap(tree: Tree, reqs: Sequence[GenerationRequest], cfg: StepConfig, ctx: Context) -> int:
+    """Per-sample ``max_tokens`` of a round's expansion requests of one problem.
 
-    A job whose meter cannot afford the call gets no children and its tree is marked done with the
-    meter's reason.  ``tools`` maps ``id(tree)`` to the tools its problem may call.
+    Several requests in flight at once share the problem's meter fairly (each sample gets an equal
+    share of what is left, as :meth:`Backend.agenerate` does for requests sharing a meter), and all
+    samples together stay within the problem's output-token room (:func:`room_of`).  At least 1: the
+    meter's reservation decides whether anything fits (and names the exhausted unit).
+    """
+    cap = cfg.step_tokens
+    samples = sum(r.sampling.n for r in reqs)
+    if len(reqs) >= 2:
+        share = ctx.meter.fair_share(samples, sum(tree.prompt_size(r) for r in reqs),
+                                     may_think=ctx.backend.thinking.enabled)
+        if share is not None:
+            cap = min(cap, share)
+    room = room_of(ctx.meter)
+    if room is not None:
+        cap = min(cap, room // max(1, samples))
+    return max(1, cap)
+
+
+async def _generate(ctx: Context, req: GenerationRequest) -> GenerationResult | BudgetExceeded:
+    """``ctx.generate(req)``, or the refusal when the budget cannot afford it."""
+    try:
+        return await ctx.generate(req)
+    except BudgetExceeded as exc:
+        return exc
+
+
+async def expand(tree: Tree, jobs: Sequence[tuple[Node, int]], cfg: StepConfig, round: int,
+                 ctx: Context) -> list[list[Node]]:
+    """Sample ``k`` children for each ``(node, k)`` of one problem's round (its requests run concurrently).
+
+    A request the meter cannot afford gets no children and the tree is marked done with the meter's reason.
     """
     if not jobs:
         return []
-    reqs = []
-    for tree, node, k in jobs:
-        stops = [cfg.delimiter] + ([TOOL_CALL_CLOSE] if tools and tools.get(id(tree)) else [])
-        sp = SamplingParams(
-            n=k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.step_tokens, stop=stops, logprobs=0,
-            seed=None if cfg.seed is None else cfg.seed + round,
-        )
-        reqs.append(GenerationRequest(messages=problem_messages(tree.problem), assistant_prefix=tree.text(node) or None,
-                                      sampling=sp, meter=tree.meter, id=f"{tree.problem.id}/{node.id}"))
-    gens = backend.generate(reqs, on_budget_exhausted="skip")
+    stops = [cfg.delimiter] + ([TOOL_CALL_CLOSE] if tree.tools else [])
+
+    def requests(max_tokens: int) -> list[GenerationRequest]:
+        return [tree.request(node, SamplingParams(
+            n=k, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=max_tokens, stop=stops, logprobs=0,
+            seed=None if cfg.seed is None else cfg.seed + round), id=f"{tree.problem.id}/{node.id}")
+            for node, k in jobs]
+
+    reqs = requests(cfg.step_tokens)
+    cap = _step_cap(tree, reqs, cfg, ctx)
+    if cap < cfg.step_tokens:
+        reqs = requests(cap)
+    gens = await gather_settled(_generate(ctx, r) for r in reqs)
     out: list[list[Node]] = []
-    for (tree, node, _), g in zip(jobs, gens, strict=True):
-        if g.skipped:
-            tree.done = tree.meter.stop_reason or g.skipped
+    for (node, _), g in zip(jobs, gens, strict=True):
+        if isinstance(g, BudgetExceeded):
+            tree.done = tree.meter.stop_reason or str(g)
             out.append([])
             continue
         node.expansions += 1
-        kids = []
-        for c in g.completions:
-            kids.append(_child(tree, node, c, cfg, round, (tools or {}).get(id(tree))))
-        out.append(kids)
+        out.append([_child(tree, node, c, cfg, round) for c in g.completions])
     return out
 
 
-def _child(tree: Tree, parent: Node, c: Completion, cfg: StepConfig, round: int,
-           tools: Mapping[str, Tool] | None) -> Node:
+def _child(tree: Tree, parent: Node, c: Completion, cfg: StepConfig, round: int) -> Node:
     text = c.text
     terminal = False
     tool: dict[str, Any] | None = None
-    if c.finish_reason == "stop" and c.stop_string == TOOL_CALL_CLOSE and tools:
-        outcome: ToolOutcome = call_tool(text, tools, tree.meter)
+    stop, in_ids = _stop_text(tree, c)
+    if c.finish_reason == "stop" and c.stop_string == TOOL_CALL_CLOSE and tree.tools:
+        outcome: ToolOutcome = call_tool(text, tree.tools, tree.meter)
         tool = outcome.to_json()
-        text = text + TOOL_CALL_CLOSE + OBSERVATION_TEMPLATE.format(observation=outcome.observation)
+        text = text + stop + OBSERVATION_TEMPLATE.format(observation=outcome.observation)
     elif c.finish_reason == "stop" and c.stop_string is not None:
-        text = text + c.stop_string
+        text = text + stop
     elif c.finish_reason == "stop":
         terminal = True
     child = tree.add(parent, step=text, tokens=len(c.token_ids), logprob=c.mean_logprob,
                      finish_reason=c.finish_reason, terminal=terminal, round=round, tool=tool, value=parent.value)
+    if tree.from_ids and not terminal:
+        child.ids = _step_ids(tree, c, text, len(stop) if in_ids else 0)
     if terminal:
         child.answer = answer_key(tree.text(child))
     elif tool is not None and tool["skipped"]:
@@ -259,6 +380,37 @@ def _child(tree: Tree, parent: Node, c: Completion, cfg: StepConfig, round: int,
     return child
 
 
+def _stop_text(tree: Tree, c: Completion) -> tuple[str, bool]:
+    """The text the stop string adds to the step, and whether the generated ids already hold it.
+
+    vLLM's ids include the tokens that completed the stop string, and a token may run past it (a
+    ``"\n\n"`` token for a ``"\n"`` delimiter): the step then keeps what the ids decode to, so the
+    path's text is exactly what the model continues from.  Engines whose ids stop before the stop
+    string (the scripted backend) get its tokens appended (:func:`_step_ids`).
+    """
+    stop = c.stop_string or ""
+    if not stop or not tree.from_ids or c.finish_reason != "stop":
+        return stop, False
+    assert tree.backend is not None
+    decoded = tree.backend.decode(c.token_ids)
+    if decoded.startswith(c.text + stop):
+        return decoded[len(c.text):], True
+    return stop, stop in decoded
+
+
+def _step_ids(tree: Tree, c: Completion, step: str, covered: int) -> list[int]:
+    """The token ids a step adds to the path: the generated ids, then the tokens of what the step adds
+    after the generated text and its first ``covered`` characters (a stop string the ids already hold):
+    a stop string the engine left out, a tool observation."""
+    assert tree.backend is not None
+    ids = list(c.token_ids)
+    if any(t < 0 for t in ids):  # placeholder ids (no tokenizer): continue this tree from text
+        tree.root_ids = None
+        return []
+    rest = step[len(c.text) + covered:]
+    return ids + (tree.backend.encode(rest) if rest else [])
+
+
 def nan_safe(x: float | None) -> float | None:
     """``None`` for NaN/inf scores (a scorer failure is recorded, never propagated into values)."""
     if x is None or not math.isfinite(x):
@@ -267,43 +419,56 @@ def nan_safe(x: float | None) -> float | None:
 
 
 # ----------------------------------------------------------------------------- forced answers
-def hold(meter: Meter, prompt_tokens: int, answer_tokens: int) -> Reservation | None:
-    """Reserve the worst case of a forced answer up front (``None`` when even that does not fit)."""
+def hold(meter: Meter, prompt_tokens: int, answer_tokens: int, backend: Backend | None = None) -> Reservation | None:
+    """Reserve the worst case of a forced answer up front (``None`` when even that does not fit).
+
+    With ``backend`` its FLOPs and dollars are held too, priced as the backend prices the forced call
+    when it reserves it, so ``flops``/``usd`` budgets cannot starve the answer either.
+    Use it as ``async with`` around the search: leaving the block releases it (it is never settled).
+    """
+    cost = None if backend is None else backend._estimate  # the estimate the backend reserves calls with
     try:
         return meter.reserve(prompt_tokens=prompt_tokens, max_tokens=answer_tokens, n=1, may_think=False,
-                             min_tokens=answer_tokens)
+                             min_tokens=answer_tokens, cost=cost)
     except BudgetExceeded:
         return None
 
 
-def force_answers(backend: Backend, trees: Sequence[Tree], answer_tokens: int) -> None:
-    """Force an answer from the best path of each tree (one batched greedy call); sets ``tree.forced``."""
-    jobs, reqs = [], []
-    for t in trees:
-        best = t.best()
-        prefix = t.text(best).rstrip() + FORCE_ANSWER
-        reqs.append(GenerationRequest(
-            messages=problem_messages(t.problem), assistant_prefix=prefix, meter=t.meter, may_think=False,
-            sampling=SamplingParams(n=1, temperature=0.0, max_tokens=answer_tokens, stop=["\n"]),
-            id=f"{t.problem.id}/force"))
-        jobs.append((t, best))
-    gens = backend.generate(reqs, on_budget_exhausted="skip") if reqs else []
-    for (t, best), g in zip(jobs, gens, strict=True):
-        if g.skipped or not g.completions:
-            ans = answer_key(t.text(best))
-            t.forced = {"node": best.id, "text": "", "answer": ans, "called": False,
-                        "note": f"no forced-answer call ({g.skipped}); answer extracted from the best path"}
-            continue
-        c = g.first
-        t.extra_tokens["forced"] += len(c.token_ids)
-        ans = answer_key(FORCE_ANSWER.strip() + " " + c.text) or answer_key(t.text(best))
-        t.forced = {"node": best.id, "text": c.text, "answer": ans, "called": True, "tokens": len(c.token_ids)}
+def forced_prompt_tokens(tree: Tree, cfg: StepConfig) -> int:
+    """Worst-case prompt of a forced answer: the rendered problem plus ``max_depth`` full steps (each
+    with its delimiter) and ``FORCE_ANSWER``."""
+    assert tree.backend is not None
+    b = tree.backend
+    if tree.root_ids is None:  # no local tokenizer: about 3 characters per token (as the backend estimates)
+        return _approx(tree.root_text or "") + cfg.max_depth * cfg.step_tokens + _approx(FORCE_ANSWER)
+    per_step = cfg.step_tokens + len(b.encode(cfg.delimiter))
+    return len(tree.root_ids) + cfg.max_depth * per_step + len(b.encode(FORCE_ANSWER))
+
+
+async def force_answer(tree: Tree, ctx: Context, answer_tokens: int) -> None:
+    """Force an answer from the best path (one short greedy call); sets ``tree.forced``."""
+    best = tree.best()
+    req = tree.request(best, SamplingParams(n=1, temperature=0.0, max_tokens=answer_tokens, stop=["\n"]),
+                       id=f"{tree.problem.id}/force", suffix=FORCE_ANSWER, may_think=False)
+    g = await _generate(ctx, req)
+    if isinstance(g, BudgetExceeded) or not g.completions:
+        ans = answer_key(tree.text(best))
+        why = str(g) if isinstance(g, BudgetExceeded) else "no sample"
+        tree.forced = {"node": best.id, "text": "", "answer": ans, "called": False,
+                       "note": f"no forced-answer call ({why}); answer extracted from the best path"}
+        return
+    c = g.first
+    tree.extra_tokens["forced"] += len(c.token_ids)
+    ans = answer_key(FORCE_ANSWER.strip() + " " + c.text) or answer_key(tree.text(best))
+    tree.forced = {"node": best.id, "text": c.text, "answer": ans, "called": True, "tokens": len(c.token_ids)}
 
 
 def finish(tree: Tree, final: str, *, sequential_tokens: int, trace: list[dict[str, Any]]) -> Result:
-    """The :class:`Result` of a finished tree: vote or best over terminal nodes, else the forced answer."""
+    """The :class:`Result` of a finished tree: vote or best over terminal nodes, else the forced answer.
+
+    ``usage`` is left zero: the strategy base sets it to the problem meter's total.
+    """
     terms = tree.terminals()
-    usage = tree.meter.total()
     reason = tree.done or "done"
     if not terms and tree.tool_refused and reason in ("done", "max rounds"):
         reason = "budget exhausted: tool_calls"
@@ -324,29 +489,11 @@ def finish(tree: Tree, final: str, *, sequential_tokens: int, trace: list[dict[s
         answer = forced.get("answer")
         finish_reason = "forced"
     trace = trace + [{"tree": tree.to_json(), "final": {"node": node.id, "answer": answer, "rule": final if terms else "forced"}}]
-    return Result(problem_id=tree.problem.id, text=text, answer=answer, usage=usage, stop_reason=reason,
+    return Result(problem_id=tree.problem.id, text=text, answer=answer, usage=Usage.zero(), stop_reason=reason,
                   finish_reason=finish_reason, truncated=False, sequential_tokens=sequential_tokens, trace=trace)
 
 
 # ----------------------------------------------------------------------------- shared helpers
-def check_common(*, answer_tokens: int, final: str, **positive: int) -> None:
-    """Validate the parameters every tree search shares; ``positive`` names integers that must be >= 1."""
-    for name, v in positive.items():
-        if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"`{name}` must be >= 1 (an integer), got {v!r}")
-    if answer_tokens < 1:
-        raise ConfigError(f"`answer_tokens` must be >= 1 (the forced answer's length), got {answer_tokens}")
-    if final not in ("vote", "best"):
-        raise ConfigError(f"`final` must be 'vote' or 'best', got {final!r}")
-
-
-def prompt_tokens(backend: Backend, problem: Problem, cfg: StepConfig) -> int:
-    """Worst-case prompt of a forced answer: the rendered problem plus ``max_depth`` full steps."""
-    text, ids = backend.render(GenerationRequest(messages=problem_messages(problem)))
-    base = len(ids) if ids is not None else max(1, len(text or "") // 3)
-    return base + cfg.max_depth * cfg.step_tokens + len(backend.encode(FORCE_ANSWER))
-
-
 def problem_messages(problem: Problem) -> list[dict[str, str]]:
     """The problem's messages, with the tool list as a system message when it has tools and none is given."""
     msgs = list(problem.messages)
@@ -355,14 +502,9 @@ def problem_messages(problem: Problem) -> list[dict[str, str]]:
     return msgs
 
 
-def tools_of(trees: Sequence[Tree]) -> dict[int, dict[str, Tool]]:
-    """``id(tree)`` → the tools its problem may call (problems without tools are left out)."""
-    return {id(t): as_tools(t.problem.tools) for t in trees if t.problem.tools}
-
-
-def score_nodes(pairs: Sequence[tuple[Tree, Node]], scorer: ValueScorer, backend: Backend, *, prune: bool,
-                round: int) -> None:
-    """Score new nodes (one batched scorer call) and set ``value``/``residual``; prune ``r <= 0`` when asked.
+async def score_nodes(tree: Tree, new: Sequence[Node], scorer: ValueScorer, ctx: Context, *, prune: bool,
+                      round: int) -> None:
+    """Score one problem's new nodes (one scorer call) and set ``value``/``residual``; prune ``r <= 0`` when asked.
 
     Residual scorers: ``v = clip(v_parent + r, ε, 1)``.  Value scorers: ``v = clip(s, ε, 1)`` and
     ``r = v - v_parent`` (recorded; pruning by residual applies to residual scorers only); a root
@@ -370,23 +512,23 @@ def score_nodes(pairs: Sequence[tuple[Tree, Node]], scorer: ValueScorer, backend
     value of its scored children, so it competes with them on the scorer's own scale.
     Non-finite scores leave the node unscored (parent's value, never pruned for it).
     """
-    todo = [(t, n) for t, n in pairs if n.pruned is None]
+    todo = [n for n in new if n.pruned is None]
     if not todo:
         return
-    views = [StepView(t.problem, t.text(t.nodes[n.parent]) if n.parent is not None else "", n.step, n.logprob, t.meter)
-             for t, n in todo]
-    scored = scorer.score(views, backend)
+    views = [StepView(tree.problem, tree.text(tree.nodes[n.parent]) if n.parent is not None else "", n.step,
+                      n.logprob, tree.meter) for n in todo]
+    scored = await scorer.score(views, ctx)
     if len(scored) != len(views):
         raise ConfigError(f"scorer {scorer.name!r} must return one score per step ({len(views)}), got {len(scored)}")
-    roots: dict[int, Tree] = {}
-    for (t, n), (s, toks) in zip(todo, scored, strict=True):
-        t.extra_tokens["scoring"] += int(toks)
-        t.round_scoring[round] = max(t.round_scoring.get(round, 0), int(toks))
-        parent = t.nodes[n.parent] if n.parent is not None else t.root
+    root_scored = False
+    for n, (s, toks) in zip(todo, scored, strict=True):
+        tree.extra_tokens["scoring"] += int(toks)
+        tree.round_scoring[round] = max(tree.round_scoring.get(round, 0), int(toks))
+        parent = tree.nodes[n.parent] if n.parent is not None else tree.root
         val = nan_safe(s)
         if val is None:
             n.score, n.value = None, parent.value
-            t.unscored += 1
+            tree.unscored += 1
             continue
         n.score = val
         if scorer.kind == "residual":
@@ -397,8 +539,7 @@ def score_nodes(pairs: Sequence[tuple[Tree, Node]], scorer: ValueScorer, backend
         else:
             n.value = min(1.0, max(VALUE_EPS, val))
             n.residual = n.value - parent.value
-            if n.parent == 0 and t.auto_root:
-                roots[id(t)] = t
-    for t in roots.values():  # value scorers: an unset root value is what its children are worth on average
-        vals = [t.nodes[c].value for c in t.root.children if t.nodes[c].score is not None]
-        t.root.value = sum(vals) / len(vals)
+            root_scored = root_scored or (n.parent == 0 and tree.auto_root)
+    if root_scored:  # value scorers: an unset root value is what its children are worth on average
+        vals = [tree.nodes[c].value for c in tree.root.children if tree.nodes[c].score is not None]
+        tree.root.value = sum(vals) / len(vals)

@@ -1,9 +1,11 @@
 """Value scorers for tree search: residual self-evaluation, mean-logprob confidence, an external PRM.
 
-A scorer rates the new steps of a round, all problems together, in at most one batched call.
-It is a small ABC (:class:`ValueScorer`, one method) plus the registry :data:`VALUE_SCORERS`
-(``get_scorer(name, **params)`` lists the available names and parameters).  Each scorer says what
-its number means (``kind``):
+A scorer rates the new steps of one problem's round (:meth:`ValueScorer.score` is ``async`` and gets
+the problem's :class:`~budgetlm.strategies.base.Context`; calls to the model go to the shared engine
+through ``await ctx.generate(...)``, concurrently with every other request in flight, and are
+charged to the step's meter, the problem's).  It is a small ABC (:class:`ValueScorer`, one method)
+plus the registry :data:`VALUE_SCORERS` (``get_scorer(name, **params)`` lists the available names
+and parameters).  Each scorer says what its number means (``kind``):
 
 * ``"residual"`` — the progress the step adds over its parent, in ``[-1, 1]`` (BAVT,
   ALGORITHMS.md §4 step 3): the search sets ``v = clip(v_parent + r, ε, 1)`` and prunes ``r ≤ 0``;
@@ -15,19 +17,23 @@ Registered scorers:
 ``residual`` (:class:`ResidualSelfEval`)
     The *same* backend is asked how much closer the new step gets to the answer than the steps
     before it, on a 1–5 scale (1 = wrong or useless, 3 = no progress, 5 = clear progress).  One
-    greedy token with the top-20 log-probabilities is generated per step (one batched call); the
-    rating is the expectation over the digits 1–5 renormalised among themselves, mapped to
-    ``r = (E[d] - 3) / 2``.  Reading the distribution instead of the sampled digit gives a graded,
-    deterministic score even for small models.  When no digit is among the top tokens the score
-    is ``NaN`` (unscored).  The call is charged to the problem's meter.
+    greedy token with the top-20 log-probabilities is generated per step (one request per step, all
+    of a round's steps concurrently); the rating is the expectation over the digits 1–5
+    renormalised among themselves, mapped to ``r = (E[d] - 3) / 2``.  Reading the distribution
+    instead of the sampled digit gives a graded, deterministic score even for small models.  When
+    no digit is among the top tokens the score is ``NaN`` (unscored), as it is when the budget
+    cannot afford the rating call.  The calls are charged to the problem's meter.
 ``logprob`` (:class:`LogprobScorer`)
     ``exp(mean token logprob)`` of the step (the geometric-mean token probability): free, no call.
 ``prm`` (:class:`PRMScorer`)
     A transformers process reward model loaded from a local ``path``: a sequence-classification
     model (``num_labels == 1``: sigmoid of the logit; ``>= 2``: softmax probability of
     ``positive_label``) or a token-classification model (the same, read at the last token).  The
-    input is the question, a newline and the path so far.  The PRM's forward passes are charged to
-    the problem's meter as input tokens (and FLOPs ``2 · params · tokens``).
+    input is the question, a newline and the path so far.  Each step's forward pass is held on the
+    problem's meter before it runs (``async with meter.reserve(...)``, input tokens and FLOPs
+    ``2 · params · tokens``) and settled with its usage; a step the budget cannot afford is
+    unscored.  Forward passes run in a worker thread (one at a time per scorer), so the event loop
+    keeps serving the other problems.
 
 A scorer may return ``NaN`` (or raise nothing at all for a step it could not rate): searches treat
 non-finite scores as *unscored*; the node keeps its parent's value, is not pruned, and the trace
@@ -36,18 +42,21 @@ records it (:func:`~budgetlm.strategies.tree.nan_safe`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import math
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
-from budgetlm.backends.base import Backend, GenerationRequest, SamplingParams
+from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.errors import BudgetExceeded, ConfigError
-from budgetlm.meter import Meter
+from budgetlm.meter import Meter, Reservation
 from budgetlm.registry import Registry
-from budgetlm.strategies.base import Problem
+from budgetlm.strategies.base import Context, Problem
 from budgetlm.usage import Usage
 
 RESIDUAL_PROMPT = (
@@ -58,6 +67,7 @@ RESIDUAL_PROMPT = (
 """The instruction comes first and the new step last, so scoring prompts share their prefix (the
 instruction across problems, the problem and path across siblings) and hit vLLM's prefix cache."""
 RESIDUAL_PREFIX = "Rating: "
+T = TypeVar("T")
 
 
 @dataclass
@@ -87,11 +97,33 @@ class ValueScorer(ABC):
     kind: ClassVar[Literal["residual", "value"]] = "value"
 
     @abstractmethod
-    def score(self, views: Sequence[StepView], backend: Backend) -> list[tuple[float, int]]:
-        """``(score, output tokens spent)`` per view (``NaN`` score: unscored), in at most one batched call."""
+    async def score(self, views: Sequence[StepView], ctx: Context) -> list[tuple[float, int]]:
+        """``(score, output tokens spent)`` per view (``NaN`` score: unscored).
+
+        ``views`` are the new steps of one problem's round; model calls go through ``ctx`` (the
+        engine) and are charged to each view's meter (the problem's).
+        """
 
 
 VALUE_SCORERS: Registry[type[ValueScorer]] = Registry("value scorer")
+
+
+async def gather_settled(aws: Iterable[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather`` of one problem's concurrent calls that never leaves a call running behind it.
+
+    When one call fails (an error other than the refusals the callers catch), the others are
+    cancelled and awaited before the error propagates, so the engine aborts them and their meter
+    is charged what they generated while the problem's program is still running (``gather`` alone
+    would return at once and leave them generating, charged after the problem's result was built).
+    """
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def get_scorer(name: str | ValueScorer, **params: Any) -> ValueScorer:
@@ -119,7 +151,7 @@ class LogprobScorer(ValueScorer):
     name = "logprob"
     kind = "value"
 
-    def score(self, views: Sequence[StepView], backend: Backend) -> list[tuple[float, int]]:
+    async def score(self, views: Sequence[StepView], ctx: Context) -> list[tuple[float, int]]:
         return [(math.exp(v.logprob) if v.logprob is not None else math.nan, 0) for v in views]
 
 
@@ -151,18 +183,25 @@ class ResidualSelfEval(ValueScorer):
             self._digits = ids
         return self._digits
 
-    def score(self, views: Sequence[StepView], backend: Backend) -> list[tuple[float, int]]:
+    async def score(self, views: Sequence[StepView], ctx: Context) -> list[tuple[float, int]]:
         if not views:
             return []
-        digits = self._digit_ids(backend)
+        digits = self._digit_ids(ctx.backend)
         sp = SamplingParams(n=1, temperature=0.0, max_tokens=1, logprobs=self.top_logprobs)
         reqs = [GenerationRequest(
             messages=[{"role": "user", "content": self.prompt.format(
                 question=v.question, previous=v.previous.strip() or "(none)", step=v.step.strip() or "(empty)")}],
             assistant_prefix=RESIDUAL_PREFIX, sampling=sp, meter=v.meter, may_think=False) for v in views]
+
+        async def rate(req: GenerationRequest) -> GenerationResult | None:
+            try:
+                return await ctx.generate(req)
+            except BudgetExceeded:
+                return None  # the budget cannot afford the rating: unscored
+
         out = []
-        for g in backend.generate(reqs, on_budget_exhausted="skip"):
-            if g.skipped or not g.completions:
+        for g in await gather_settled(rate(r) for r in reqs):
+            if g is None or not g.completions:
                 out.append((math.nan, 0))
                 continue
             c = g.first
@@ -203,6 +242,7 @@ class PRMScorer(ValueScorer):
         self._tok: Any = None
         self._token_level = False
         self._params = 0
+        self._lock = threading.Lock()
 
     def _load(self) -> None:
         if self._model is not None:
@@ -235,37 +275,51 @@ class PRMScorer(ValueScorer):
             self._model.config.pad_token_id = self._tok.pad_token_id
         self._params = sum(p.numel() for p in self._model.parameters())
 
-    def score(self, views: Sequence[StepView], backend: Backend) -> list[tuple[float, int]]:
+    async def score(self, views: Sequence[StepView], ctx: Context) -> list[tuple[float, int]]:
         if not views:
             return []
-        self._load()
-        import torch
-
+        await asyncio.to_thread(self._locked_load)
         texts = [f"{v.question}\n{v.previous}{v.step}" for v in views]
         out: list[tuple[float, int]] = [(math.nan, 0)] * len(views)
         lengths = [len(self._tok(t, truncation=True, max_length=self.max_length)["input_ids"]) for t in texts]
-        keep = []
-        for i, (v, n) in enumerate(zip(views, lengths, strict=True)):  # charge before running: never overspend
-            try:
-                res = v.meter.reserve(prompt_tokens=n, max_tokens=0, min_tokens=0)
-            except BudgetExceeded:
-                continue
-            v.meter.charge(Usage(prompt_tokens=n, flops=2.0 * self._params * n, model=f"prm:{self.path}",
-                                 finish_reason="stop"), res)
-            keep.append(i)
-        for s in range(0, len(keep), self.batch_size):
-            idx = keep[s:s + self.batch_size]
-            enc = self._tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                            max_length=self.max_length).to(self._model.device)
-            with torch.no_grad():
-                logits = self._model(**enc).logits.float()
-            if self._token_level:
-                last = enc["attention_mask"].sum(-1) - 1
-                logits = logits[torch.arange(len(idx)), last]
-            if logits.shape[-1] == 1:
-                p = torch.sigmoid(logits[:, 0])
-            else:
-                p = torch.softmax(logits, dim=-1)[:, self.positive_label]
-            for i, val in zip(idx, p.tolist(), strict=True):
+        async with contextlib.AsyncExitStack() as held:  # every hold is settled, or released on an error
+            keep: list[tuple[int, Reservation, Usage]] = []
+            for i, (v, n) in enumerate(zip(views, lengths, strict=True)):  # hold before running: never overspend
+                try:
+                    r = await held.enter_async_context(v.meter.reserve(prompt_tokens=n, max_tokens=0, min_tokens=0))
+                except BudgetExceeded:
+                    continue  # unscored
+                usage = Usage(prompt_tokens=n, flops=2.0 * self._params * n, model=f"prm:{self.path}",
+                              finish_reason="stop")
+                r.progress(usage)  # the forward pass reads the whole input: charged even if it is cancelled
+                keep.append((i, r, usage))
+            scores = await asyncio.to_thread(self._forward, [texts[i] for i, _, _ in keep]) if keep else []
+            for (i, r, usage), val in zip(keep, scores, strict=True):
+                r.settle(usage)
                 out[i] = (float(val), 0)
+        return out
+
+    def _locked_load(self) -> None:
+        with self._lock:
+            self._load()
+
+    def _forward(self, texts: list[str]) -> list[float]:
+        """The PRM's probability of a correct path for each text (one forward pass at a time)."""
+        import torch
+
+        out: list[float] = []
+        with self._lock:
+            for s in range(0, len(texts), self.batch_size):
+                enc = self._tok(texts[s:s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                                max_length=self.max_length).to(self._model.device)
+                with torch.no_grad():
+                    logits = self._model(**enc).logits.float()
+                if self._token_level:
+                    last = enc["attention_mask"].sum(-1) - 1
+                    logits = logits[torch.arange(logits.shape[0]), last]
+                if logits.shape[-1] == 1:
+                    p = torch.sigmoid(logits[:, 0])
+                else:
+                    p = torch.softmax(logits, dim=-1)[:, self.positive_label]
+                out.extend(float(x) for x in p.tolist())
         return out

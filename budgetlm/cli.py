@@ -467,6 +467,37 @@ def model(
         _fail(exc)
 
 
+@app.command("strategies")
+def strategies_cmd(
+    name: Annotated[str | None, typer.Argument(help="A strategy; none: list them all.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the parameters as JSON.")] = False,
+) -> None:
+    """List the strategies, or one strategy's typed parameters (name, type, default, constraints, meaning)."""
+    from budgetlm.strategies import STRATEGIES, param_table
+
+    try:
+        names = [name] if name else STRATEGIES.names()
+        tables = {n: param_table(STRATEGIES.get(n)) for n in names}
+    except BudgetLMError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        out.print_json(json.dumps(tables, default=str))
+        return
+    if not name:
+        t = Table("strategy", "what it does", "parameters", box=None)
+        for n in names:
+            doc = (STRATEGIES.get(n).__doc__ or "").strip().splitlines()[0]
+            t.add_row(n, doc, ", ".join(tables[n]))
+        out.print(t)
+        out.print("[dim]budgetlm strategies NAME shows a strategy's parameters.[/]")
+        return
+    t = Table("parameter", "type", "default", "constraints", "meaning", box=None)
+    for field, row in tables[name].items():
+        t.add_row(field, row["type"], repr(row["default"]), row["constraints"], row["description"])
+    out.print(t)
+
+
 @app.command()
 def version() -> None:
     """Print budgetlm's and its main dependencies' versions."""

@@ -34,6 +34,12 @@ def validation_message(exc: ValidationError, owner: str, unknown: str = "unknown
         elif err["type"] in _BOUNDS:
             bound = (err.get("ctx") or {}).get(_BOUNDS[err["type"]][1])
             msgs.append(f"`{loc}` must be {_BOUNDS[err['type']][0]} {bound}, got {err.get('input')!r}")
+        elif err["type"] in ("too_short", "too_long", "string_too_short", "string_too_long"):
+            ctx = err.get("ctx") or {}
+            short = err["type"].endswith("too_short")
+            bound = ctx.get("min_length") if short else ctx.get("max_length")
+            what = "character(s)" if err["type"].startswith("string") else "item(s)"
+            msgs.append(f"`{loc}` must have {'at least' if short else 'at most'} {bound} {what}, got {err.get('input')!r}")
         elif err["type"] in _TYPES:
             msgs.append(f"`{loc}` must be {_TYPES[err['type']]}, got {err.get('input')!r}")
         elif err["type"] == "literal_error":

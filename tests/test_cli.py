@@ -304,3 +304,21 @@ def test_run_json_on_the_real_engine_keeps_stdout_parseable() -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     rec = json.loads(res.stdout)  # stdout is the JSON document alone
     assert rec["backend"] == "default" and rec["usage"]["output_tokens"] <= 8
+
+
+def test_strategies_lists_every_strategy_and_one_strategys_typed_parameters() -> None:
+    from budgetlm.strategies import STRATEGIES
+
+    res = runner.invoke(app, ["strategies", "--json"])
+    assert res.exit_code == 0, res.output
+    tables = json.loads(res.stdout)
+    assert sorted(tables) == sorted(STRATEGIES.names())
+    for name, table in tables.items():
+        assert table, f"strategy {name!r} lists no typed parameters"
+        assert all(row["description"] for row in table.values()), name  # every field documented
+    assert tables["adaptive"]["delta"] == {"type": "float", "default": 0.05, "constraints": "> 0, < 1",
+                                           "description": "Stop when P(leader stays) >= 1 - delta."}
+    one = runner.invoke(app, ["strategies", "majority"])
+    assert one.exit_code == 0 and "temperature" in one.stdout and "default" in one.stdout
+    bad = runner.invoke(app, ["strategies", "nosuch"])
+    assert bad.exit_code == 2 and "majority" in bad.output  # the error lists the names

@@ -17,7 +17,7 @@ from budgetlm.budget import Budget
 from budgetlm.errors import ConfigError
 from budgetlm.meter import Meter
 from budgetlm.server import dispatch
-from budgetlm.server.dispatch import Outcome, RequestJob, StrategyCache, cancellable
+from budgetlm.server.dispatch import Outcome, RequestJob, StrategyCache
 from budgetlm.strategies import get as get_strategy
 from budgetlm.strategies.base import Context, Problem, Result, Strategy
 
@@ -65,22 +65,14 @@ class Recorder:
         return {"settled": len(self.outcomes)}
 
 
-class Lockstep(Strategy):
-    """A strategy still written as one batched ``run`` (it runs in a worker thread); waits for ``gate``."""
+class Short(Strategy):
+    """A broken strategy: its batch API returns no result for the problem."""
 
-    name = "lockstep"
+    name = "short"
 
-    def __init__(self, gate: threading.Event | None = None, short: bool = False) -> None:
-        self.gate, self.short = gate, short
-        self.calls: list[list[str]] = []
-
-    def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
-        self.calls.append([p.id for p in problems])
-        if self.gate is not None:
-            assert self.gate.wait(timeout=30)
-        g = backend.generate([p.messages for p in problems], meters[0])[0]
-        out = [Result(p.id, g.first.text, None, g.usage) for p in problems]
-        return out[:-1] if self.short else out
+    async def arun(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend,
+                   on_delta: Any = None) -> list[Result]:
+        return []
 
 
 class ScoresSlowly(Strategy):
@@ -185,7 +177,7 @@ def test_a_strategy_error_is_the_outcome() -> None:
 
 def test_wrong_number_of_results_is_an_error() -> None:
     async def go() -> Outcome:
-        job = RequestJob(Lockstep(short=True), _problem("q"), Meter(Budget(output_tokens=5)), ScriptedBackend())
+        job = RequestJob(Short(), _problem("q"), Meter(Budget(output_tokens=5)), ScriptedBackend())
         return await job.wait()
 
     out = _run(go())
@@ -202,27 +194,6 @@ def test_on_end_failing_still_resolves_the_request() -> None:
 
     out = _run(go())
     assert out.result is not None and out.extra is None and len(rec.outcomes) == 1
-
-
-def test_a_thread_strategy_runs_on_when_abandoned_and_settles_after() -> None:
-    gate = threading.Event()
-    strategy = Lockstep(gate)
-    assert not cancellable(strategy) and cancellable(get_strategy("sample"))
-    rec = Recorder()
-
-    async def go() -> tuple[Outcome, Meter]:
-        meter = Meter(Budget(output_tokens=20))
-        job = RequestJob(strategy, _problem("q"), meter, ScriptedBackend(["Answer: 42"]), on_end=rec)
-        await asyncio.sleep(0.1)
-        job.abandon()  # it cannot be interrupted ...
-        await asyncio.sleep(0.2)
-        assert not job.settled.done() and rec.outcomes == []  # ... so it is not settled before it ends
-        gate.set()
-        return await job.wait(), meter
-
-    out, meter = _run(go())
-    assert out.disconnected and not out.cancelled and out.result is not None and out.result.text == "Answer: 42"
-    assert rec.outcomes == [out] and meter.spent("output_tokens") == 2  # what it spent, once
 
 
 def test_settling_waits_for_calls_still_running_in_threads() -> None:

@@ -107,7 +107,7 @@ def test_tree_searches_are_per_problem_programs(name: str) -> None:
     from budgetlm.strategies.base import Strategy
 
     s = get(name)
-    assert s._lockstep() is False and type(s).solve_one is not Strategy.solve_one
+    assert type(s).solve_one is not Strategy.solve_one
     assert type(s).run is Strategy.run  # no batched ``run`` of their own: the base runs one program per problem
 
 

@@ -118,7 +118,7 @@ def test_registered_and_described() -> None:
     ({"agent": {"router": "always_large"}}, r"`agent` must not set router"),  # the recipe sets the routers
     ({"agent": {"threshold": 0.3}}, r"`agent` must not set threshold"),  # ... and the thresholds
     ({"agent": {"max_step": 3}}, r"unknown parameter\(s\) 'max_step' for strategy 'agent'"),  # agent param typo
-    ({"agent": {"models": []}}, r"`models` must be at least one model block"),  # invalid agent param value
+    ({"agent": {"models": []}}, r"`models` must have at least 1 item\(s\), got \[\]"),  # invalid agent param value
     ({"budget": {}}, r"`budget` must set at least one limit"),  # no limit at all
     ({"budget": {"output_tokens": 0}}, r"`budget.output_tokens` must be > 0"),  # a zero limit
     ({"budget": {"tokens": 5}}, r"unknown budget unit `tokens`"),  # a unit that does not exist

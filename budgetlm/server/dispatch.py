@@ -36,7 +36,7 @@ from budgetlm.meter import Meter
 from budgetlm.strategies import get as get_strategy
 from budgetlm.strategies.base import Problem, Result, Strategy
 
-__all__ = ["Outcome", "RequestJob", "StrategyCache", "cancellable"]
+__all__ = ["Outcome", "RequestJob", "StrategyCache"]
 
 log = logging.getLogger("budgetlm.server")
 
@@ -85,15 +85,6 @@ class StrategyCache:
                 close()
 
 
-def cancellable(strategy: Strategy) -> bool:
-    """True when ``strategy`` runs as per-problem async programs (cancelling it aborts its engine work).
-
-    Strategies still written as one batched ``run`` run in a worker thread, which cannot be stopped.
-    """
-    lockstep = getattr(strategy, "_lockstep", None)
-    return not (lockstep() if callable(lockstep) else True)
-
-
 def _calls_in_flight(meter: Meter) -> bool:
     """True while some call holds a reservation on ``meter`` (e.g. scoring in a worker thread)."""
     return meter.reserved("output_tokens") > 0 or meter.reserved("input_tokens") > 0
@@ -134,7 +125,6 @@ class RequestJob:
         self.on_delta = on_delta
         self.on_end = on_end
         self.enqueued = time.monotonic()
-        self.cancellable = cancellable(strategy)
         self.disconnected = False
         self._loop = asyncio.get_running_loop()
         self.settled: asyncio.Future[Outcome] = self._loop.create_future()
@@ -151,16 +141,14 @@ class RequestJob:
         return r
 
     def abandon(self) -> None:
-        """The client left: cancel the program (the engine aborts it) unless it already ended.
+        """The client left: cancel the program (the engine aborts its calls) unless it already ended.
 
-        A strategy running in a worker thread cannot be interrupted; it runs on and is settled when
-        it ends.  Safe to call any number of times, also after the request ended.
+        Safe to call any number of times, also after the request ended.
         """
         if self.task.done():
             return
         self.disconnected = True
-        if self.cancellable:
-            self.task.cancel()
+        self.task.cancel()
 
     async def wait(self) -> Outcome:
         """The outcome, once settled (cancelling the caller does not cancel the request)."""

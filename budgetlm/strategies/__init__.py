@@ -28,7 +28,7 @@ charge every call to per-problem :class:`~budgetlm.meter.Meter` s (see
 
 from budgetlm.strategies.adaptive import AdaptiveMajority
 from budgetlm.strategies.agent import Agent
-from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy, get
+from budgetlm.strategies.base import STRATEGIES, Problem, Result, Strategy, get, param_table
 from budgetlm.strategies.bavt import BAVT
 from budgetlm.strategies.beam import BeamSearch
 from budgetlm.strategies.cascade import Cascade, Stage
@@ -66,6 +66,7 @@ __all__ = [
     "WeightedMajority",
     "get",
     "names",
+    "param_table",
 ]
 
 

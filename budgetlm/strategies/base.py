@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -194,35 +193,21 @@ class Strategy:
         """Solve one problem, charging every call to ``ctx.meter``."""
         raise NotImplementedError(f"strategy {self.name!r} implements no per-problem program")
 
-    def _lockstep(self) -> bool:
-        """True for strategies still written as one batched ``run`` over all problems."""
-        return type(self).solve_one is Strategy.solve_one
-
     def run(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend) -> list[Result]:
         """Solve ``problems``, charging problem ``i``'s calls to ``meters[i]`` (all concurrently)."""
         return run_sync(self.arun(problems, meters, backend))
 
-    async def run_one(self, problem: Problem, ctx: Context) -> Result:
-        """:meth:`solve_one`, or for a strategy still written as a batched ``run``, that on one problem in a
-        worker thread (its calls still join the shared engine).  For composite strategies (cascade, route)."""
-        if self._lockstep():
-            [r] = await asyncio.to_thread(type(self).run, self, [problem], [ctx.meter], ctx.backend)
-            return r
-        return await self.solve_one(problem, ctx)
-
     async def arun(self, problems: Sequence[Problem], meters: Sequence[Meter], backend: Backend,
                    on_delta: DeltaCallback | None = None) -> list[Result]:
         """Run every problem's :meth:`solve_one` concurrently; each result's usage is its meter's total."""
-        if self._lockstep():
-            results = await asyncio.to_thread(type(self).run, self, problems, meters, backend)
-        else:
-            async def one(p: Problem, m: Meter) -> Result:
-                try:
-                    return await self.solve_one(p, Context(backend, m, on_delta))
-                finally:
-                    m.active = False  # siblings may now share what it left
 
-            results = list(await asyncio.gather(*(one(p, m) for p, m in zip(problems, meters, strict=True))))
+        async def one(p: Problem, m: Meter) -> Result:
+            try:
+                return await self.solve_one(p, Context(backend, m, on_delta))
+            finally:
+                m.active = False  # siblings may now share what it left
+
+        results = list(await asyncio.gather(*(one(p, m) for p, m in zip(problems, meters, strict=True))))
         for r, m in zip(results, meters, strict=True):
             r.usage = m.total()
         return results
@@ -265,10 +250,7 @@ class Strategy:
 
     def params(self) -> dict[str, Any]:
         """The strategy's parameters (recorded with every result)."""
-        if type(self).Params is not StrategyParams:
-            return {k: getattr(self.p, k) for k in type(self.p).model_fields}
-        sig = inspect.signature(type(self).__init__)  # strategies not yet given typed Params
-        return {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)}
+        return {k: getattr(self.p, k) for k in type(self.p).model_fields}
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
@@ -276,24 +258,36 @@ STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
 
 def get(name: str, **params: Any) -> Strategy:
-    """The strategy ``name`` configured with ``params``; errors list names and valid parameters."""
-    cls = STRATEGIES.get(name)
-    if cls.Params is not StrategyParams:
-        return cls(**params)  # validated by its typed Params
-    sig = inspect.signature(cls.__init__)
-    valid = [k for k, p in sig.parameters.items() if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    unknown = [k for k in params if k not in valid]
-    if unknown:
-        raise ConfigError(
-            f"unknown parameter(s) {', '.join(map(repr, unknown))} for strategy {name!r}; valid: {', '.join(valid) or '(none)'}"
-        )
-    return cls(**params)
+    """The strategy ``name`` configured with ``params`` (validated by its typed Params); errors list names and
+    valid parameters."""
+    return STRATEGIES.get(name)(**params)
+
+
+def param_table(cls: type[Strategy]) -> dict[str, dict[str, Any]]:
+    """Each typed parameter of strategy class ``cls``: its type, default, constraints and meaning."""
+    from pydantic_core import PydanticUndefined
+
+    table: dict[str, dict[str, Any]] = {}
+    for name, f in cls.Params.model_fields.items():
+        if f.default_factory is not None:
+            default = f.default_factory()  # type: ignore[call-arg]
+        else:
+            default = None if f.default is PydanticUndefined else f.default
+        if isinstance(default, list):
+            default = [d.model_dump(exclude_none=True) if hasattr(d, "model_dump") else d for d in default]
+        ann = f.annotation
+        type_name = getattr(ann, "__name__", None) if not getattr(ann, "__args__", None) else None
+        cons = []
+        for m in f.metadata:
+            for attr, sym in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "min length")):
+                v = getattr(m, attr, None)
+                if v is not None:
+                    cons.append(f"{sym} {v}")
+        table[name] = {"type": type_name or str(ann).replace("typing.", ""), "default": default,
+                       "constraints": ", ".join(cons), "description": f.description or ""}
+    return table
 
 
 def param_names(name: str) -> list[str]:
     """The parameters strategy ``name`` accepts."""
-    cls = STRATEGIES.get(name)
-    if cls.Params is not StrategyParams:
-        return list(cls.Params.model_fields)
-    sig = inspect.signature(cls.__init__)
-    return [k for k, p in sig.parameters.items() if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return list(STRATEGIES.get(name).Params.model_fields)

@@ -272,7 +272,7 @@ class Cascade(Strategy):
                 break
             before = m.spent("output_tokens")
             be = self._backend(stage.backend, ctx.backend)
-            r = await self._strategies[k].run_one(problem, Context(be, m, ctx.on_delta if last else None))
+            r = await self._strategies[k].solve_one(problem, Context(be, m, ctx.on_delta if last else None))
             if last or self.thresholds is None:
                 s = math.inf
             else:

@@ -246,7 +246,7 @@ class Route(Strategy):
                        truncated=c.finish_reason == "length", trace=[{"reused_cheap_answer": True}])
         if r is None:
             spec = self.arms[arm]
-            r = await spec.strategy.run_one(problem, Context(self._backend(spec, ctx.backend),
+            r = await spec.strategy.solve_one(problem, Context(self._backend(spec, ctx.backend),
                                                              m.child(name=f"arm:{spec.label}"), ctx.on_delta))
         sig = signal_meter.total()
         r.sequential_tokens += sig.output_tokens

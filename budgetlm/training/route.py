@@ -35,7 +35,6 @@ left, which the router's prompt also shows at inference.  All rows of a task sha
 
 from __future__ import annotations
 
-import inspect
 import random
 import warnings
 from collections.abc import Sequence
@@ -133,7 +132,7 @@ class RouteRecipe(Recipe):
     # ------------------------------------------------------------------ strategies
     def max_steps(self) -> int:
         """The agent's step limit (its ``max_steps``, default 8)."""
-        return int(self.params.agent.get("max_steps", inspect.signature(Agent).parameters["max_steps"].default))
+        return int(self.params.agent.get("max_steps", Agent.Params.model_fields["max_steps"].default))
 
     def agent_spec(self, label: str, router: str | dict[str, Any], threshold: float | None = None) -> StrategySpec:
         """An ``agent`` grid entry with the recipe's agent parameters, ``router`` and its budget."""

@@ -186,9 +186,18 @@ def test_voting_strategy_with_params_counts_every_sample(shared: Server) -> None
     assert r.usage.completion_tokens == 3 * ANSWER_TOKENS == extra["ledger"]["units"]["output_tokens"]["spent"]
 
 
+def test_majority_without_n_samples_what_the_budget_affords(shared: Server) -> None:
+    """n unset: the sample count is the budget over the strategy's per-sample max_tokens (not one huge sample)."""
+    r = shared.client().chat.completions.create(model="budgetlm/majority", messages=USER,
+                                                 extra_body={"budget": {"output_tokens": 1024}})
+    extra = r.model_extra["budgetlm"]
+    assert extra["params"].get("n") is None and extra["params"].get("max_tokens", 256) == 256  # its own default
+    assert r.usage.completion_tokens == 4 * ANSWER_TOKENS  # 1024 // 256 samples
+
+
 @pytest.mark.parametrize("content", [
     [{"type": "text", "text": "5+7?"}],  # content parts: text kept
-    [{"type": "text", "text": "5+"}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "7?"}],
+    [{"type": "text", "text": "5+"}, {"type": "text", "text": "7?"}],  # text parts joined
 ])
 def test_content_parts_are_joined(shared: Server, content: list[dict[str, Any]]) -> None:
     r = shared.client().chat.completions.create(model="budgetlm/sample", messages=[{"role": "user", "content": content}])
@@ -327,7 +336,7 @@ def test_allowance_endpoint(start: Start) -> None:
     ({"model": "budgetlm/majority", "extra_body": {"strategy_params": {"n": 0}}}, openai.BadRequestError,
      ["`n` must be >= 1"]),  # the strategy's own validation
     ({"model": "budgetlm/majority", "extra_body": {"strategy_params": {"n": "three"}}}, openai.BadRequestError,
-     ["strategy 'majority'"]),  # a wrong type is the client's error, not a 500
+     ["strategy 'majority'", "`n` must be an integer, got 'three'"]),  # a wrong type is the client's error, not a 500
     ({"model": "budgetlm/cascade"}, openai.BadRequestError, ["`stages`"]),  # a strategy that needs parameters
 ])
 def test_bad_input(shared: Server, kwargs: dict[str, Any], error: type[Exception], words: list[str]) -> None:
@@ -342,13 +351,128 @@ def test_bad_input(shared: Server, kwargs: dict[str, Any], error: type[Exception
 @pytest.mark.parametrize(("content", "status", "words"), [
     (b"{not json", 400, "must be JSON"),  # unparsable
     (b"[1, 2]", 400, "must be a JSON object"),  # not an object
-    (b'{"messages": []}', 400, "malformed request"),  # no model
-    (b'{"model": "budgetlm/sample", "messages": "hi"}', 400, "malformed request"),  # messages not a list
+    (b'{"messages": []}', 400, "`model` is required"),  # no model
+    (b'{"model": "budgetlm/sample", "messages": "hi"}', 400, "`messages` must be a list, got 'hi'"),  # not a list
 ])
 def test_bad_bodies(shared: Server, content: bytes, status: int, words: str) -> None:
     r = httpx.post(f"{shared.url}/v1/chat/completions", content=content, timeout=30,
                    headers={"Content-Type": "application/json"})
     assert r.status_code == status and words in r.json()["error"]["message"]
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+
+
+@pytest.mark.parametrize(("body", "param", "words"), [
+    # booleans are never integers (pydantic's lax mode read true as 1)
+    ({"max_completion_tokens": True}, "max_completion_tokens", ["`max_completion_tokens` must be an integer, got true"]),
+    ({"max_tokens": False}, "max_tokens", ["`max_tokens` must be an integer, got false", "whole number"]),
+    ({"n": True}, "n", ["`n` must be an integer, got true"]),
+    ({"seed": True}, "seed", ["`seed` must be an integer, got true"]),
+    ({"top_logprobs": True}, "top_logprobs", ["`top_logprobs` must be an integer, got true"]),
+    ({"temperature": True}, "temperature", ["`temperature` must be a number, got true"]),
+    ({"budget": {"output_tokens": True}}, "budget.output_tokens", ["`budget.output_tokens` must be a number, got true"]),
+    ({"budget": {"output_tokens": "lots"}}, "budget.output_tokens", ["must be a number, got \"lots\""]),
+    ({"budget": [100]}, "budget", ["`budget` must be a mapping", "output_tokens"]),
+    ({"max_tokens": "many"}, "max_tokens", ["`max_tokens` must be an integer, got 'many'"]),
+    # strategy parameters: named, with the expected type and the fix
+    ({"model": "budgetlm/majority", "strategy_params": {"n": "four"}}, "strategy_params.n",
+     ["strategy 'majority'", "`n` must be an integer, got 'four'", "the parameters of 'majority': n, max_tokens"]),
+    ({"model": "budgetlm/majority", "strategy_params": {"n": True}}, "strategy_params.n",
+     ["`strategy_params.n` must be an integer, got true", "whole number"]),
+    ({"model": "budgetlm/majority", "strategy_params": {"max_tokens": False}}, "strategy_params.max_tokens",
+     ["`strategy_params.max_tokens` must be an integer, got false"]),
+    ({"model": "budgetlm/majority", "strategy_params": {"temperature": True}}, "strategy_params.temperature",
+     ["`strategy_params.temperature` must be a number, got true"]),
+    ({"model": "budgetlm/majority", "strategy_params": {"n": 0}}, "strategy_params.n", ["`n` must be >= 1, got 0"]),
+    ({"strategy_params": {"bogus": 1}}, "strategy_params", ["unknown parameter(s) 'bogus'"]),
+    # content parts: text only; nothing is dropped silently
+    ({"messages": [{"role": "user", "content": [IMAGE]}]}, "messages[0].content",
+     ["`messages[0].content` must hold at least one text part", "image_url"]),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
+                                                 {"type": "file", "file": {}}]}]}, "messages[0].content",
+     ["file, input_audio"]),
+    ({"messages": [USER[0], {"role": "user", "content": [{"type": "text", "text": "see"}, IMAGE]}]},
+     "messages[1].content[1]", ["`messages[1].content[1]` must be a text part", "'image_url'", "remove the image_url part"]),
+    ({"messages": [{"role": "user", "content": ["5+7?"]}]}, "messages[0].content[0]",
+     ["`messages[0].content[0]` must be a content part object", '"type": "text"']),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text",
+     ["`messages[0].content[0].text` must be a string, got 5"]),
+])
+def test_bad_inputs_name_the_param(shared: Server, body: dict[str, Any], param: str, words: list[str]) -> None:
+    r = shared.post({"model": "budgetlm/sample", "messages": USER, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    assert err["param"] == param, err
+    for w in words:
+        assert w in err["message"], err["message"]
+    assert "not supported between" not in err["message"]  # never a Python comparison error
+
+
+def test_image_only_message_via_the_client(shared: Server) -> None:
+    with pytest.raises(openai.BadRequestError) as ei:
+        shared.client().chat.completions.create(model="budgetlm/sample",
+                                                messages=[{"role": "user", "content": [IMAGE]}])  # type: ignore[list-item]
+    assert ei.value.status_code == 400 and "image_url" in ei.value.message
+    assert isinstance(ei.value.body, dict) and ei.value.body["param"] == "messages[0].content"
+
+
+# --------------------------------------------------------------------- the cap shared by every sample
+
+
+@pytest.mark.parametrize(("body", "warning"), [
+    ({"max_tokens": 96, "strategy_params": {"n": 8}},  # the proxy trap: 96 for the whole request, 12 per sample
+     ["max_tokens=96 caps the whole request", "each of n=8 samples gets about 12 tokens",
+      "the strategy's max_tokens is 256", "raise max_tokens to 2048"]),
+    ({"max_completion_tokens": 300, "strategy_params": {"n": 3, "max_tokens": 200}},
+     ["max_completion_tokens=300", "about 100 tokens", "strategy_params max_tokens is 200", "to 600"]),
+    ({"budget": {"output_tokens": 200}, "strategy_params": {"n": 4}}, ["budget output_tokens=200", "about 50 tokens"]),
+    ({"strategy_params": {"n": 8}}, ["the server's default budget (output_tokens=1024)", "about 128 tokens"]),
+    ({"reasoning_effort": "minimal", "strategy_params": {"n": 3}}, ["reasoning_effort='minimal'", "about 42 tokens"]),
+    ({"max_tokens": 96, "strategy_params": {"n": 8, "max_tokens": 12}}, None),  # 12 each: what was asked
+    ({"max_tokens": 2048, "budget": {"output_tokens": 4096}, "strategy_params": {"n": 8}}, None),  # room for all
+    ({"strategy_params": {"n": 2}}, None),  # 512 each under the default budget
+    ({"max_tokens": 96}, None),  # n=None: the budget decides how many samples fit
+])
+def test_a_cap_below_the_per_sample_max_tokens_warns(shared: Server, body: dict[str, Any],
+                                                      warning: list[str] | None) -> None:
+    r = shared.post({"model": "budgetlm/majority", "messages": USER, **body})
+    assert r.status_code == 200, r.text
+    extra = r.json()["budgetlm"]
+    if warning is None:
+        assert extra["warnings"] == []
+        return
+    assert len(extra["warnings"]) == 1
+    for w in warning:
+        assert w in extra["warnings"][0], extra["warnings"][0]
+    assert extra["budget"]["output_tokens"] < 1024 or "default budget" in extra["warnings"][0]
+
+
+def test_single_sample_caps_do_not_warn(shared: Server) -> None:
+    r = shared.client().chat.completions.create(model="budgetlm/sample", messages=USER, max_tokens=3)
+    assert r.model_extra["budgetlm"]["warnings"] == [] and r.choices[0].finish_reason == "length"
+
+
+def test_an_allowance_that_clamps_the_cap_warns(start: Start) -> None:
+    s = start(allowance={"output_tokens": 100})
+    r = s.post({"model": "budgetlm/majority", "messages": USER, "strategy_params": {"n": 4}})
+    (warning,) = r.json()["budgetlm"]["warnings"]
+    assert warning.startswith("the key's allowance left today (output_tokens=100) caps the whole request: each of n=4 "
+                              "samples gets about 25 tokens")
+
+
+def test_cap_warning_via_the_client_and_in_the_stream(shared: Server) -> None:
+    c = shared.client()
+    kw: dict[str, Any] = {"model": "budgetlm/majority", "messages": USER, "max_tokens": 96,
+                          "extra_body": {"strategy_params": {"n": 8}}}
+    r = c.chat.completions.create(**kw)
+    (warning,) = r.model_extra["budgetlm"]["warnings"]
+    assert warning.startswith("max_tokens=96 caps the whole request: each of n=8 samples gets about 12 tokens")
+    assert r.model_extra["budgetlm"]["budget"] == {"output_tokens": 96}  # the documented semantics are unchanged
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    finals = [ch.model_extra["budgetlm"] for ch in chunks if (ch.model_extra or {}).get("budgetlm")]
+    assert len(finals) == 1 and finals[0]["warnings"] == [warning]
 
 
 def test_oversized_body_is_413(start: Start) -> None:

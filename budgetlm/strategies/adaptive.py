@@ -9,7 +9,9 @@ posterior probability that its current leader (the majority-vote winner, same ti
 Otherwise it keeps sampling until ``max_samples`` or its budget share is spent (or a sample
 generates nothing).  The answer is the plain majority vote over the finished samples.
 Deviation from the lockstep original: the check runs after each sample, not after each round of
-``batch_size`` samples, and sample ``i`` uses seed ``seed + i``.
+``batch_size`` samples (but not before ``min_samples`` samples, default ``batch_size``, have finished:
+checking after a single sample settled most problems on one draw and cost 0.17 accuracy on the
+arithmetic benchmark), and sample ``i`` uses seed ``seed + i``.
 
 Stop rules (``rule``), both on a Dirichlet posterior over the answer distribution:
 
@@ -58,7 +60,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from budgetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.errors import BudgetExceeded
@@ -132,6 +134,8 @@ class AdaptiveParams(StrategyParams):
 
     batch_size: int = Field(default=2, ge=1, description="Samples of a problem in flight at once.")
     max_samples: int | None = Field(default=None, ge=1, description="Sample cap; None: what the budget affords.")
+    min_samples: int | None = Field(default=None, ge=1, description=(
+        "Samples that must finish before the stop rule may settle a problem (None: batch_size)."))
     delta: float = Field(default=0.05, gt=0, lt=1, description="Stop when P(leader stays) >= 1 - delta.")
     max_tokens: int = Field(default=256, ge=1, description="Most tokens per sample.")
     temperature: float = Field(default=0.7, ge=0, description="Softmax temperature.")
@@ -148,6 +152,13 @@ class AdaptiveParams(StrategyParams):
             raise ValueError(f"`rule` must be one of {', '.join(RULES)}, got {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _samples(self) -> AdaptiveParams:
+        if self.min_samples is not None and self.max_samples is not None and self.min_samples > self.max_samples:
+            raise ValueError(f"`min_samples` must be <= max_samples ({self.max_samples}), got {self.min_samples}; "
+                             "lower min_samples or raise max_samples")
+        return self
+
 
 class AdaptiveMajority(Strategy):
     """Majority voting that samples until each problem's leader is settled, cancelling what is left."""
@@ -157,6 +168,7 @@ class AdaptiveMajority(Strategy):
     p: AdaptiveParams
     batch_size: int
     max_samples: int | None
+    min_samples: int | None
     delta: float
     max_tokens: int
     temperature: float
@@ -250,7 +262,7 @@ class AdaptiveMajority(Strategy):
                     horizon = entry.get("horizon")
                     if horizon is not None and len(samples) >= horizon:
                         pass  # horizon reached: max_samples or the budget stops it, as without the rule
-                    elif p >= 1 - self.delta:
+                    elif len(samples) >= (self.min_samples or self.batch_size) and p >= 1 - self.delta:
                         stop = "done"
                         trace.append({"samples": len(samples), "stop": "settled", "p_leader": p})
                     elif g.usage.output_tokens == 0:  # nothing generated: more samples would not progress

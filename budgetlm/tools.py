@@ -66,6 +66,18 @@ class ToolCall:
     arguments: dict[str, Any]
     """Keyword arguments."""
 
+    @property
+    def key(self) -> str:
+        """The call as a vote key: ``tool:`` + JSON of name and arguments with sorted keys (equal calls vote together)."""
+        return "tool:" + json.dumps([self.name, self.arguments], sort_keys=True, default=str)
+
+
+def calls_key(calls: list[ToolCall]) -> str:
+    """The vote key of a reply's tool calls (one call: :attr:`ToolCall.key`; several: all of them, in order)."""
+    if len(calls) == 1:
+        return calls[0].key
+    return "tool:" + json.dumps([[c.name, c.arguments] for c in calls], sort_keys=True, default=str)
+
 
 @dataclass
 class ToolOutcome:
@@ -118,7 +130,33 @@ def parse_tool_call(text: str) -> ToolCall | None:
         return None
     body = text[start + len(TOOL_CALL_OPEN):]
     end = body.find(TOOL_CALL_CLOSE)
-    body = (body if end == -1 else body[:end]).strip()
+    return _parse_body(body if end == -1 else body[:end])
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """``(text before the first call, every call)`` of a reply holding one or more ``<tool_call>`` blocks.
+
+    The last block's closing tag may be missing; blocks that do not parse are skipped, text after the
+    last block is dropped.  No parsable call: ``(text, [])``.
+
+    >>> parse_tool_calls('Let me look. <tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>')
+    ('Let me look.', [ToolCall(name='f', arguments={'x': 1})])
+    """
+    first = text.find(TOOL_CALL_OPEN)
+    if first == -1:
+        return text, []
+    calls = []
+    for block in text[first:].split(TOOL_CALL_OPEN)[1:]:
+        end = block.find(TOOL_CALL_CLOSE)
+        call = _parse_body(block if end == -1 else block[:end])
+        if call is not None:
+            calls.append(call)
+    return (text[:first].strip(), calls) if calls else (text, [])
+
+
+def _parse_body(body: str) -> ToolCall | None:
+    """The call written between the tags (JSON, or a bare ``name(arg)``), or ``None``."""
+    body = body.strip()
     try:
         obj = json.loads(body)
     except json.JSONDecodeError:

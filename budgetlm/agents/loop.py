@@ -28,7 +28,6 @@ meter is charged what was generated.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -107,7 +106,7 @@ class AgentTask:
 def _action_key(c: Completion) -> str:
     if c.stop_string == TOOL_CALL_CLOSE:
         call = parse_tool_call(c.text + TOOL_CALL_CLOSE)
-        return "tool:" + (json.dumps([call.name, call.arguments], sort_keys=True, default=str) if call else "?")
+        return call.key if call else "tool:?"
     return "answer:" + str(normalize_answer(extract_answer(c.answer).text))
 
 

@@ -75,6 +75,16 @@ from budgetlm.server.protocol import (
     usage_block,
 )
 from budgetlm.server.store import AllowanceExceeded, AllowanceStore
+from budgetlm.server.tools import (
+    TOOL_STRATEGIES,
+    ToolCallHoldback,
+    ToolsError,
+    ToolTurn,
+    format_calls,
+    history_calls,
+    render_messages,
+    tool_config,
+)
 from budgetlm.strategies import STRATEGIES
 from budgetlm.strategies.base import Problem, param_names
 from budgetlm.thinking import ThinkingFormat, split_thinking
@@ -381,6 +391,11 @@ def _check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(content, str):
             raise ApiError(400, f"`messages[{i}].content` must be text, got {type(content).__name__}",
                            f"messages[{i}].content")
+        if role == "assistant" and m.get("tool_calls"):  # the calls of an earlier turn, as the model wrote them
+            content = (content + "\n" if content else "") + format_calls(history_calls(i, m["tool_calls"]))
+        if role == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise ToolsError(f"`messages[{i}].tool_call_id` must be the id of the call this message answers, got "
+                             f"{json.dumps(m.get('tool_call_id'), default=str)}", f"messages[{i}].tool_call_id")
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
 
@@ -554,10 +569,16 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             if req.n not in (None, 1):
                 raise ApiError(400, f"`n` must be 1, got {req.n}; ask a voting strategy for samples instead, e.g. "
                                     f"model 'budgetlm/majority' with strategy_params {{'n': {req.n}}}", "n")
-            if req.tools:
-                raise ApiError(400, "`tools` are not supported: budgetlm strategies answer without client-side tool "
-                                    "calls; send the request without tools", "tools")
-            messages = _check_messages(req.messages)
+            try:
+                tools = tool_config(req.tools, req.tool_choice)
+                checked = _check_messages(req.messages)
+            except ToolsError as exc:
+                raise ApiError(400, str(exc), exc.param) from None
+            if tools is not None and tools.active and strategy_name not in TOOL_STRATEGIES:
+                raise ApiError(400, f"`tools` are supported by the strategies {', '.join(TOOL_STRATEGIES)}, got "
+                                    f"{strategy_name!r}; use one of those, or send tool_choice 'none'", "tools",
+                               "tools_unsupported")
+            messages = render_messages(checked, tools)
             budget = state.budget(req)
             params = state.params(strategy_name, req, budget)
             try:
@@ -572,14 +593,19 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                 raise ApiError(429, str(exc), None, "allowance_exceeded", "rate_limit_error") from None
             meter = Meter(Budget(**clamped), name=res.id)
             warnings = _cap_warnings(state, req, strategy_name, strategy, budget, clamped)
-            tokens = bool(req.stream) and bool(getattr(strategy, "streams", False))
-            ctx = {"state": state, "res": res, "meter": meter, "model": req.model, "strategy": strategy_name,
+            turn = ToolTurn.plan(tools, meter) if tools is not None else None
+            if turn is not None and not turn.offered:
+                messages = render_messages(checked, None)
+            # a forced call (assistant_prefix) is all tool call: it is sent at the end, not token by token
+            tokens = bool(req.stream) and bool(getattr(strategy, "streams", False)) and not (turn and turn.prefix)
+            ctx = {"tools": turn, "state": state, "res": res, "meter": meter, "model": req.model, "strategy": strategy_name,
                    "params": params, "budget": clamped, "backend": cfg.backends[backend_name], "key": key,
                    "warnings": warnings,
                    "stream": ("tokens" if tokens else "buffered") if req.stream else None}
             queue: asyncio.Queue[Delta | None] = asyncio.Queue()
-            job = RequestJob(strategy, Problem(id=res.id, messages=messages), meter, backend,
-                             on_delta=queue.put_nowait if tokens else None, on_end=lambda out: _settle(ctx, out))
+            problem = Problem(id=res.id, messages=messages, assistant_prefix=turn.prefix if turn else None)
+            job = RequestJob(strategy, problem, meter, backend, on_delta=queue.put_nowait if tokens else None,
+                             on_end=lambda out: _settle(ctx, out), finish=turn.finish if turn else None)
             counted = True
             jobs = state.jobs[backend_name]
             jobs.add(job)
@@ -599,7 +625,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             if out.result is None:
                 raise api_error(out.error)
             status = "ok"
-            return JSONResponse(completion(res.id, req.model, out.result, out.extra))
+            return JSONResponse(completion(res.id, req.model, out.result, out.extra, turn.reply if turn else None))
         except ApiError as exc:
             status = str(exc.status)
             raise
@@ -667,6 +693,10 @@ def _settle(ctx: dict[str, Any], out: Outcome) -> dict[str, Any] | None:
     left = state.store.remaining(ctx["key"], state.cfg.allowance_for(ctx["key"])) or None
     extra = extra_block(result, ctx["strategy"], ctx["params"], ctx["budget"], ctx["backend"], left)
     extra["warnings"] = list(ctx.get("warnings") or [])
+    turn: ToolTurn | None = ctx.get("tools")
+    if turn is not None:
+        extra["warnings"] += turn.warnings
+        extra["tools"] = turn.ledger()
     if ctx["stream"] is not None:
         extra["stream"] = ctx["stream"]
     return extra
@@ -697,6 +727,8 @@ async def _stream_parts(ctx: dict[str, Any], job: RequestJob, queue: asyncio.Que
 
     yield event(chunk(rid, model, created, {"role": "assistant", "content": ""}))
     answer = _AnswerText(backend.thinking)
+    turn: ToolTurn | None = ctx.get("tools")
+    hold = ToolCallHoldback() if turn is not None and turn.active else None  # a call is never streamed as text
     while True:
         if not queue.empty():
             item = queue.get_nowait()
@@ -713,6 +745,8 @@ async def _stream_parts(ctx: dict[str, Any], job: RequestJob, queue: asyncio.Que
         reasoning, content = answer.feed(item.text)
         if reasoning:
             yield event(chunk(rid, model, created, {"reasoning_content": reasoning}))
+        if content and hold is not None:
+            content = hold.feed(content)
         if content:
             yield event(chunk(rid, model, created, {"content": content}))
     out = job.settled.result()
@@ -723,16 +757,24 @@ async def _stream_parts(ctx: dict[str, Any], job: RequestJob, queue: asyncio.Que
         return
     result = out.result
     extra = out.extra
+    reply = turn.reply if turn is not None else None
+    text = (reply.content or "") if reply is not None else result.text
     if tokens:
-        rest = answer.rest(result.text)
+        sent = answer.content if hold is None else hold.sent
+        rest = text[len(sent):] if text.startswith(sent) else ""
         if rest:
             yield event(chunk(rid, model, created, {"content": rest}))
     else:
         if extra is not None:
             extra["stream_note"] = _buffered_note(ctx["strategy"])
-        for piece in _words(result.text):
-            yield event(chunk(rid, model, created, {"content": piece}))
-    yield event(chunk(rid, model, created, {}, finish_reason(result), extra=extra))
+        if text:
+            for piece in _words(text):
+                yield event(chunk(rid, model, created, {"content": piece}))
+    if reply is not None:
+        yield event(chunk(rid, model, created, {"tool_calls": reply.tool_calls(deltas=True)}))
+        yield event(chunk(rid, model, created, {}, "tool_calls", extra=extra))
+    else:
+        yield event(chunk(rid, model, created, {}, finish_reason(result), extra=extra))
     if include_usage:
         yield event(chunk(rid, model, created, None, usage=usage_block(result)))
     yield b"data: [DONE]\n\n"

@@ -112,18 +112,22 @@ class RequestJob:
     """One request's strategy program running as an asyncio task (see the module docstring).
 
     Create it inside the running event loop.  ``on_delta`` receives the answer's token deltas when
-    the strategy streams (``strategy.streams``); ``on_end(outcome)`` is called exactly once, in a worker
+    the strategy streams (``strategy.streams``); ``finish(result, meter)`` post-processes the answer (charging
+    what it adds to ``meter``) before the ledger is taken; ``on_end(outcome)`` is called exactly once, in a worker
     thread, when the task has ended and every call of the request has been charged to ``meter``.
     """
 
     def __init__(self, strategy: Strategy, problem: Problem, meter: Meter, backend: Backend, *,
-                 on_delta: DeltaCallback | None = None, on_end: Callable[[Outcome], Any] | None = None) -> None:
+                 on_delta: DeltaCallback | None = None, on_end: Callable[[Outcome], Any] | None = None,
+                 finish: Callable[[Result, Meter], Result] | None = None) -> None:
         self.strategy = strategy
         self.problem = problem
         self.meter = meter
         self.backend = backend
         self.on_delta = on_delta
         self.on_end = on_end
+        self.finish = finish
+        """Runs on the answer before its ledger is taken (the server parses and charges tool calls there)."""
         self.enqueued = time.monotonic()
         self.disconnected = False
         self._loop = asyncio.get_running_loop()
@@ -137,6 +141,8 @@ class RequestJob:
         if len(results) != 1:  # a strategy bug must not look like an answer
             raise RuntimeError(f"strategy {self.strategy.name!r} returned {len(results)} results for 1 problem")
         r = results[0]
+        if self.finish is not None:
+            r = self.finish(r, self.meter)
         r.ledger = self.meter.summary()
         return r
 

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from budgetlm.config import validation_message
+from budgetlm.server.tools import ToolReply
 from budgetlm.strategies.base import Result
 from budgetlm.usage import Usage
 
@@ -96,7 +97,13 @@ class ChatRequest(BaseModel):
     stream_options: dict[str, Any] | None = Field(
         default=None, description="{'include_usage': true} adds a usage chunk.",
         json_schema_extra={"properties": {"include_usage": {"type": "boolean"}}})
-    tools: list[dict[str, Any]] | None = Field(default=None, description="Not supported (400 when non-empty).")
+    tools: list[dict[str, Any]] | None = Field(
+        default=None, description="OpenAI function tools ({'type': 'function', 'function': {'name', 'description', "
+                                  "'parameters'}}); answered as tool_calls by sample and the voting strategies "
+                                  "(docs/server.md, Tools).")
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description="auto (default with tools), none, required, or {'type': 'function', 'function': "
+                                  "{'name': ...}}.")
     budget: dict[str, float] | str | None = Field(
         default=None, description="budgetlm: the per-request budget, e.g. {'output_tokens': 2000, 'usd': 0.01} or "
                                   "'output_tokens=2000,usd=0.01' (units: budgetlm.budget.UNITS).")
@@ -197,12 +204,17 @@ def extra_block(result: Result, strategy: str, params: dict[str, Any], budget: d
     }
 
 
-def completion(rid: str, model: str, result: Result, extra: dict[str, Any]) -> dict[str, Any]:
-    """A ``chat.completion`` object."""
+def completion(rid: str, model: str, result: Result, extra: dict[str, Any],
+               reply: ToolReply | None = None) -> dict[str, Any]:
+    """A ``chat.completion`` object (``reply``: the answer's tool calls, ``finish_reason="tool_calls"``)."""
+    message: dict[str, Any] = {"role": "assistant", "content": result.text}
+    finish: str = finish_reason(result)
+    if reply is not None:
+        message = {"role": "assistant", "content": reply.content, "tool_calls": reply.tool_calls()}
+        finish = "tool_calls"
     return {
         "id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": finish_reason(result), "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
         "usage": usage_block(result), "budgetlm": extra,
     }
 

@@ -6,7 +6,8 @@ Answers are extracted with :func:`budgetlm.answers.extract_answer` and normalise
 :func:`vote` implements the voting rules of ALGORITHMS.md §2: plain majority is the mode of the
 normalised answers; ties go to the answer with the highest summed score, then to the one seen
 first.  Weighted majority uses the summed scores as the weight.  Samples without an answer never
-win unless no sample has one.
+win unless no sample has one.  A sample that calls tools votes with its calls
+(:func:`action_key`), so samples vote over tool calls and answers together.
 """
 
 from __future__ import annotations
@@ -15,11 +16,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from budgetlm.answers import extract_answer, normalize_answer
+from budgetlm.tools import TOOL_CALL_OPEN, calls_key, parse_tool_calls
 
 
 def answer_key(text: str | None) -> str | None:
     """The normalised answer of a sample's answer text (``None`` when there is none)."""
     return normalize_answer(extract_answer(text).text) if text else None
+
+
+def action_key(text: str | None) -> str | None:
+    """The vote key of a sample: its tool calls (:func:`~budgetlm.tools.calls_key`, same function and arguments
+    vote together) when it makes any, else its normalised answer (:func:`answer_key`)."""
+    if text and TOOL_CALL_OPEN in text:
+        _, calls = parse_tool_calls(text)
+        if calls:
+            return calls_key(calls)
+    return answer_key(text)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,9 @@ class Problem:
     """Anything the caller wants echoed back."""
     tools: list[Tool] = field(default_factory=list)
     """Tools the model may call (tool-using strategies run them; see :mod:`budgetlm.tools`)."""
+    assistant_prefix: str | None = None
+    """Text the reply starts with (the server forces a tool call with it); ``sample`` and the voting strategies
+    continue it and put it back in front of the answer text, other strategies ignore it."""
 
     @classmethod
     def from_text(cls, text: str, id: str | None = None) -> Problem:

@@ -43,14 +43,15 @@ class Sample(Strategy):
                                         top_p=self.top_p, seed=self.seed)
 
     async def solve_one(self, problem: Problem, ctx: Context) -> Result:
-        req = GenerationRequest(messages=problem.messages, sampling=self._sampling, id=problem.id)
+        req = GenerationRequest(messages=problem.messages, sampling=self._sampling, id=problem.id,
+                                assistant_prefix=problem.assistant_prefix)
         try:
             g = await ctx.generate(req, stream=self.n == 1)
         except BudgetExceeded as exc:
             return Result(problem.id, "", None, Usage.zero(),
                           stop_reason=ctx.meter.stop_reason or "budget exhausted", trace=[{"call": 0, "skipped": str(exc)}])
         c = g.first
-        text = "" if c.thinking_truncated else c.answer
+        text = "" if c.thinking_truncated else (problem.assistant_prefix or "") + c.answer
         return Result(
             problem_id=problem.id,
             text=text,

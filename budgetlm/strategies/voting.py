@@ -45,7 +45,7 @@ from pydantic import Field, field_validator, model_validator
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, SamplingParams
 from budgetlm.errors import BudgetExceeded
 from budgetlm.meter import Meter
-from budgetlm.strategies.aggregate import Vote, answer_key, vote
+from budgetlm.strategies.aggregate import Vote, action_key, vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.usage import Usage
 
@@ -83,9 +83,10 @@ class Sampled:
         return len(self.completion.token_ids)
 
 
-def make_sampled(c: Completion, round: int = 0) -> Sampled:
-    text = "" if c.thinking_truncated else c.answer
-    return Sampled(c, text, answer_key(text), c.mean_logprob, round)
+def make_sampled(c: Completion, round: int = 0, prefix: str | None = None) -> Sampled:
+    """A sample of ``c``; ``prefix`` (the request's ``assistant_prefix``) is put back in front of its text."""
+    text = "" if c.thinking_truncated else (prefix or "") + c.answer
+    return Sampled(c, text, action_key(text), c.mean_logprob, round)
 
 
 def own_room(meter: Meter) -> float | None:
@@ -236,7 +237,8 @@ class _Voting(Strategy):
         if k == 0:
             return empty_result(problem, Usage.zero(), ctx.meter.stop_reason or "budget exhausted: output_tokens",
                                 [{"call": 0, "skipped": "no output tokens left", "room": room}])
-        req = GenerationRequest(messages=problem.messages, sampling=self.sampling(k, mt), id=problem.id)
+        req = GenerationRequest(messages=problem.messages, sampling=self.sampling(k, mt), id=problem.id,
+                                assistant_prefix=problem.assistant_prefix)
         try:
             g = await ctx.generate(req)
         except BudgetExceeded as exc:
@@ -244,7 +246,7 @@ class _Voting(Strategy):
                                 [{"call": 0, "n": k, "skipped": str(exc)}])
         call = {"call": 0, "n": g.request.sampling.n, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
                 "output_tokens": g.usage.output_tokens, "prompt_tokens": g.usage.prompt_tokens}
-        samples = [make_sampled(c) for c in g.completions]
+        samples = [make_sampled(c, prefix=problem.assistant_prefix) for c in g.completions]
         s_trace = await self.score(problem, samples, ctx)
         v, idx = self.pick(samples)
         trace = [call, *s_trace, *(sample_entry(s, j) for j, s in enumerate(samples))]

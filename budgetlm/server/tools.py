@@ -1,0 +1,341 @@
+"""Client-side function tools on the chat-completions endpoint: check, render, parse, charge.
+
+A request's ``tools`` (OpenAI function tools) and ``tool_choice`` become a :class:`ToolConfig`
+(:func:`tool_config`; malformed input raises :class:`ToolsError` naming the field, answered 400).
+
+**Rendering.**  Every chat template can render plain role/content messages, not every one renders
+tools (SmolLM2's does not), so budgetlm renders them itself, in the Hermes/Qwen format its own
+agents use (:mod:`budgetlm.tools`), and the backend's template sees ordinary messages:
+
+- the tool list (name, description, JSON schema of the parameters) and the call format
+  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` go into the system message
+  (appended to the conversation's first system message, else a new one);
+- an earlier assistant turn's ``tool_calls`` become ``<tool_call>`` blocks after its content;
+- ``tool`` messages become ``<tool_response>…</tool_response>`` in a user turn (consecutive ones
+  share one turn), so templates that insist on alternating roles accept them.
+
+Nothing of an earlier turn is dropped, with or without ``tools`` on the current request.
+
+**Choices.**  ``auto``: the model may call tools.  ``none``: the tool list is not shown and no
+tool call is returned.  ``required`` / a named function: the reply is started for the model
+(``assistant_prefix``: ``<tool_call>``, plus ``{"name": "<fn>", "arguments": `` for a named
+function), so it continues a call; its arguments are not yet constrained to the JSON schema
+(structured outputs are the follow-up).
+
+**Parsing and charging** (:class:`ToolTurn`, after the strategy answered): the answer text's
+``<tool_call>`` blocks (several: parallel calls) become OpenAI ``tool_calls``; the text before the
+first block is the message ``content``, text after the last is dropped.  Each returned call is
+charged one ``tool_calls`` unit on the request's meter; calls the budget cannot pay for are
+dropped (with a ``budgetlm.warnings`` entry), and a request whose budget has no tool call left
+before it starts is answered without tools (the list is not shown; a warning says so).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from budgetlm.backends.base import Message
+from budgetlm.errors import BudgetExceeded
+from budgetlm.meter import Meter
+from budgetlm.strategies.base import Result
+from budgetlm.tools import OBSERVATION_TEMPLATE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, parse_tool_calls
+
+__all__ = ["TOOL_STRATEGIES", "FunctionTool", "ToolConfig", "ToolReply", "ToolTurn", "ToolsError",
+           "history_calls", "render_messages", "tool_config"]
+
+TOOL_STRATEGIES = ("sample", "best_of_n", "majority", "weighted_majority")
+"""Strategies that answer with tool calls (the voting ones vote over calls and answers together)."""
+CHOICES = ("auto", "none", "required")
+"""String values of ``tool_choice`` (or ``{"type": "function", "function": {"name": ...}}``)."""
+_NAME = re.compile(r"[A-Za-z_][\w.-]{0,63}")
+
+
+class ToolsError(ValueError):
+    """A malformed ``tools`` / ``tool_choice`` / tool message; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v, default=str)[:80]
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    """One function the client offers (``{"type": "function", "function": {...}}``)."""
+
+    name: str
+    """The function's name (identifier-like, at most 64 characters)."""
+    description: str = ""
+    """What it does (shown to the model)."""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    """JSON schema of its arguments (shown to the model)."""
+
+    def spec(self) -> dict[str, Any]:
+        """The function as the model sees it in the tool list."""
+        return {"name": self.name, "description": self.description, "parameters": self.parameters}
+
+
+@dataclass(frozen=True)
+class ToolConfig:
+    """A request's tools and its ``tool_choice``."""
+
+    tools: tuple[FunctionTool, ...]
+    """The functions offered (may be empty only with ``choice="none"``)."""
+    choice: Literal["auto", "none", "required", "function"] = "auto"
+    """``function``: the named function :attr:`function` must be called."""
+    function: str | None = None
+    """The function a named ``tool_choice`` requires."""
+
+    @property
+    def active(self) -> bool:
+        """Whether the model may call tools (tools offered and ``tool_choice`` not ``none``)."""
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def prefix(self) -> str | None:
+        """The start of the reply that forces a call (``required`` / named), else ``None``."""
+        if self.choice == "required":
+            return TOOL_CALL_OPEN
+        if self.choice == "function":
+            return f'{TOOL_CALL_OPEN}{{"name": {json.dumps(self.function)}, "arguments": '
+        return None
+
+    def system_text(self) -> str:
+        """The tool list and call format for the system message."""
+        specs = "\n".join(json.dumps(t.spec()) for t in self.tools)
+        must = {"required": "\nYou must call at least one function in this reply.",
+                "function": f"\nYou must call the function {self.function!r} in this reply."}.get(self.choice, "")
+        return ("You can call functions. Their signatures (JSON schema of the arguments):\n<tools>\n"
+                f"{specs}\n</tools>\nTo call a function, reply with\n"
+                f'{TOOL_CALL_OPEN}{{"name": "<function name>", "arguments": {{<arguments as JSON>}}}}{TOOL_CALL_CLOSE}\n'
+                "(one block per call); the results come back in <tool_response> blocks." + must)
+
+
+def _function_tool(i: int, raw: Any) -> FunctionTool:
+    where = f"tools[{i}]"
+    if not isinstance(raw, dict):
+        raise ToolsError(f"`{where}` must be an object such as {{\"type\": \"function\", \"function\": {{\"name\": "
+                         f"\"get_weather\", \"parameters\": {{...}}}}}}, got {_show(raw)}", where)
+    if raw.get("type") != "function":
+        raise ToolsError(f"`{where}.type` must be \"function\", got {_show(raw.get('type'))}; only function tools are "
+                         f"supported", f"{where}.type")
+    fn = raw.get("function")
+    if not isinstance(fn, dict):
+        raise ToolsError(f"`{where}.function` must be an object with `name`, `description` and `parameters`, got "
+                         f"{_show(fn)}", f"{where}.function")
+    name = fn.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ToolsError(f"`{where}.function.name` must be an identifier-like name (letters, digits, _ . -, at most "
+                         f"64 characters, not starting with a digit), got {_show(name)}", f"{where}.function.name")
+    desc = fn.get("description", "") or ""
+    if not isinstance(desc, str):
+        raise ToolsError(f"`{where}.function.description` must be a string, got {_show(desc)}",
+                         f"{where}.function.description")
+    params = fn.get("parameters", {}) or {}
+    if not isinstance(params, dict):
+        raise ToolsError(f"`{where}.function.parameters` must be a JSON schema object such as {{\"type\": \"object\", "
+                         f"\"properties\": {{...}}}}, got {_show(params)}", f"{where}.function.parameters")
+    return FunctionTool(name, desc, params)
+
+
+def tool_config(tools: Any, tool_choice: Any) -> ToolConfig | None:
+    """The request's :class:`ToolConfig` (``None``: no tools and no ``tool_choice``); raises :class:`ToolsError`."""
+    if tools is not None and not isinstance(tools, list):
+        raise ToolsError(f"`tools` must be a list of function tools, got {_show(tools)}", "tools")
+    fns = tuple(_function_tool(i, t) for i, t in enumerate(tools or []))
+    names = [f.name for f in fns]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ToolsError(f"`tools[{i}].function.name` must be unique, got {n!r} twice; rename or remove one",
+                             f"tools[{i}].function.name")
+    if tool_choice is None:
+        return ToolConfig(fns) if fns else None
+    if isinstance(tool_choice, str):
+        if tool_choice not in CHOICES:
+            raise ToolsError(f"`tool_choice` must be one of {', '.join(CHOICES)} or {{\"type\": \"function\", "
+                             f"\"function\": {{\"name\": ...}}}}, got {_show(tool_choice)}", "tool_choice")
+        choice, function = tool_choice, None
+    else:
+        fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not isinstance(name, str):
+            raise ToolsError(f"`tool_choice` must be one of {', '.join(CHOICES)} or {{\"type\": \"function\", "
+                             f"\"function\": {{\"name\": ...}}}}, got {_show(tool_choice)}", "tool_choice")
+        if name not in names:
+            raise ToolsError(f"`tool_choice.function.name` must name one of the request's tools "
+                             f"({', '.join(names) or 'none given'}), got {name!r}; add it to `tools` or fix the name",
+                             "tool_choice.function.name")
+        choice, function = "function", name
+    if choice != "none" and not fns:
+        raise ToolsError(f"`tool_choice` {_show(tool_choice)} needs `tools`, got none; send the functions in `tools` "
+                         f"or leave tool_choice out", "tool_choice")
+    return ToolConfig(fns, choice, function)  # type: ignore[arg-type]
+
+
+def history_calls(i: int, raw: Any) -> list[ToolCall]:
+    """The ``tool_calls`` of an earlier assistant message ``i`` (OpenAI shape, arguments as a JSON string)."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(raw, list):
+        raise ToolsError(f"`{where}` must be a list of tool calls, got {_show(raw)}", where)
+    calls = []
+    for j, c in enumerate(raw):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ToolsError(f"`{where}[{j}].function.name` must be a string (a call is {{\"id\": ..., \"type\": "
+                             f"\"function\", \"function\": {{\"name\": ..., \"arguments\": \"{{...}}\"}}}}), got "
+                             f"{_show(c)}", f"{where}[{j}].function.name")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except json.JSONDecodeError:
+                args = {"input": args}  # rendered as the model wrote it, never dropped
+        if not isinstance(args, dict):
+            args = {"input": args}
+        calls.append(ToolCall(fn["name"], args))
+    return calls
+
+
+def format_calls(calls: list[ToolCall]) -> str:
+    """Tool calls as the model writes them (one ``<tool_call>`` block each)."""
+    return "\n".join(f"{TOOL_CALL_OPEN}{json.dumps({'name': c.name, 'arguments': c.arguments})}{TOOL_CALL_CLOSE}"
+                     for c in calls)
+
+
+def render_messages(messages: list[Message], cfg: ToolConfig | None) -> list[Message]:
+    """Role/content messages for any chat template: ``tool`` turns as user ``<tool_response>`` turns, and the
+    tool list in the system message when the model may call tools (assistant calls were rendered by
+    :func:`history_calls` / :func:`format_calls` when the messages were checked)."""
+    out: list[Message] = []
+    for m in messages:
+        if m["role"] == "tool":
+            resp = OBSERVATION_TEMPLATE.format(observation=m["content"]).strip()
+            if out and out[-1]["role"] == "user" and out[-1].get("tool_responses"):
+                out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + resp}
+            else:
+                out.append({"role": "user", "content": resp, "tool_responses": True})
+        else:
+            out.append(dict(m))
+    out = [{"role": m["role"], "content": m["content"]} for m in out]
+    if cfg is not None and cfg.active:
+        if out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": (out[0]["content"] + "\n\n" + cfg.system_text()).strip()}
+        else:
+            out.insert(0, {"role": "system", "content": cfg.system_text()})
+    return out
+
+
+@dataclass
+class ToolReply:
+    """The answer as an OpenAI assistant message with tool calls."""
+
+    content: str | None
+    """Text before the first call (``None`` when there is none)."""
+    calls: list[ToolCall]
+    """The calls returned (each charged one ``tool_calls`` unit)."""
+    ids: list[str] = field(default_factory=list)
+    """``call_…`` ids, one per call."""
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            self.ids = [f"call_{secrets.token_hex(12)}" for _ in self.calls]
+
+    def tool_calls(self, deltas: bool = False) -> list[dict[str, Any]]:
+        """The ``tool_calls`` of the message (``deltas``: of a stream chunk, with ``index``)."""
+        out = []
+        for i, (c, cid) in enumerate(zip(self.calls, self.ids, strict=True)):
+            item = {"id": cid, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            out.append({"index": i, **item} if deltas else item)
+        return out
+
+
+@dataclass
+class ToolTurn:
+    """One request's tools: whether they are shown, the reply's parsed calls, the warnings."""
+
+    cfg: ToolConfig
+    """The request's tools and choice."""
+    offered: bool = True
+    """False when the budget had no tool call left: the tools were not shown."""
+    reply: ToolReply | None = None
+    """Set by :meth:`finish` when the answer calls tools."""
+    warnings: list[str] = field(default_factory=list)
+    """``budgetlm.warnings`` entries (tool calls dropped for the budget)."""
+
+    @classmethod
+    def plan(cls, cfg: ToolConfig, meter: Meter) -> ToolTurn:
+        """The turn under ``meter``'s budget: without tools when no ``tool_calls`` are left."""
+        left = meter.remaining("tool_calls")
+        if cfg.active and left is not None and left < 1:
+            return cls(cfg, offered=False, warnings=[
+                "the budget has no tool_calls left: answered without tools (the tool list was not shown and no tool "
+                "call is returned); raise budget.tool_calls or wait for the allowance"])
+        return cls(cfg)
+
+    @property
+    def active(self) -> bool:
+        """Whether the model may call tools in this request."""
+        return self.offered and self.cfg.active
+
+    @property
+    def prefix(self) -> str | None:
+        """The request's ``assistant_prefix`` (``required`` / named choices)."""
+        return self.cfg.prefix if self.active else None
+
+    def finish(self, result: Result, meter: Meter) -> Result:
+        """Parse the answer's tool calls and charge each to ``meter`` (those that do not fit are dropped)."""
+        if not self.active:
+            return result
+        content, calls = parse_tool_calls(result.text)
+        if not calls:
+            return result
+        kept: list[ToolCall] = []
+        for c in calls:
+            try:
+                result.usage = result.usage + meter.record_tool_call(1, name=c.name)
+            except BudgetExceeded:
+                break
+            kept.append(c)
+        if len(kept) < len(calls):
+            self.warnings.append(f"the budget's tool_calls allowed {len(kept)} of the {len(calls)} tool call(s) the "
+                                 f"model made: {len(calls) - len(kept)} dropped; raise budget.tool_calls")
+        if kept:
+            self.reply = ToolReply(content or None, kept)
+        else:
+            result.text = content
+        return result
+
+    def ledger(self) -> dict[str, Any]:
+        """The ``budgetlm.tools`` block: choice, whether tools were shown, calls returned."""
+        return {"choice": self.cfg.function or self.cfg.choice, "offered": self.active,
+                "calls": len(self.reply.calls) if self.reply else 0}
+
+
+class ToolCallHoldback:
+    """Streamed content in, content safe to send out: text from a ``<tool_call>`` tag on (or a partial tag at the
+    end) is held back, so a call is never streamed as content."""
+
+    def __init__(self) -> None:
+        self.seen = ""
+        self.sent = ""
+
+    def feed(self, text: str) -> str:
+        """The part of the content so far that can be sent now."""
+        self.seen += text
+        cut = self.seen.find(TOOL_CALL_OPEN)
+        if cut == -1:
+            cut = len(self.seen)
+            for k in range(len(TOOL_CALL_OPEN) - 1, 0, -1):
+                if self.seen.endswith(TOOL_CALL_OPEN[:k]):
+                    cut -= k
+                    break
+        out = self.seen[len(self.sent):cut] if cut > len(self.sent) else ""
+        self.sent += out
+        return out

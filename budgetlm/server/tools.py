@@ -336,6 +336,7 @@ class ToolCallHoldback:
                 if self.seen.endswith(TOOL_CALL_OPEN[:k]):
                     cut -= k
                     break
+        cut = len(self.seen[:cut].rstrip())  # whitespace before a call is not content: held until text follows
         out = self.seen[len(self.sent):cut] if cut > len(self.sent) else ""
         self.sent += out
         return out

@@ -50,6 +50,9 @@ from budgetlm.errors import BackendError, ConfigError
 
 log = logging.getLogger("budgetlm.backends.vllm")
 
+SERIAL_GROUPS_WARNING = 32
+"""Seeded groups queued behind others before the engine loop warns (once) that seeds serialise them."""
+
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error", "repetition": "stop"}
 _ids = itertools.count()
 
@@ -103,6 +106,8 @@ class EngineLoop:
         """Engine steps taken (each one decodes a token for every running request)."""
         self.max_running = 0
         """The most requests seen running in one step."""
+        self.queued_groups = 0
+        """Seeded groups that had to wait for another group or for the engine to drain."""
         self._thread = threading.Thread(target=self._run, name=f"budgetlm-{name}-engine", daemon=True)
         self._thread.start()
 
@@ -200,6 +205,14 @@ class EngineLoop:
                     return
         if self._exclusive is not None or self._held or (kind == "group" and self._live):
             self._held.append((kind, arg))  # behind an exclusive group, or waiting for the engine to drain
+            if kind == "group":
+                self.queued_groups += 1
+                if self.queued_groups == SERIAL_GROUPS_WARNING:
+                    log.warning(
+                        "%d seeded request groups have waited for other seeds: on the CPU a seed is honoured by "
+                        "running its requests alone, so requests with different seeds run one group at a time "
+                        "(slow for strategies that seed each sample or tree node). For throughput, sample "
+                        "unseeded (strategy params seed: null).", SERIAL_GROUPS_WARNING)
             return
         self._start(kind, arg)
 

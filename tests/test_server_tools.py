@@ -144,12 +144,14 @@ def _votes(calls: int) -> Any:
     return reply
 
 
-@pytest.mark.parametrize("strategy", ["majority", "weighted_majority", "best_of_n"])
+@pytest.mark.parametrize("strategy", ["majority", "weighted_majority", "best_of_n", "adaptive"])
 def test_votes_over_tool_calls(start: Start, strategy: str) -> None:
     s, _ = _server(start, _votes(2))
+    params = {"max_samples": 3, "max_tokens": 64} if strategy == "adaptive" else {"n": 3}
     r = s.client().chat.completions.create(model=f"budgetlm/{strategy}", messages=USER, tools=TOOLS,
-                                           extra_body={"strategy_params": {"n": 3}})
+                                           extra_body={"strategy_params": params})
     if strategy != "best_of_n":  # best_of_n picks by score; the vote itself is checked in the trace
+        # (adaptive: each sample is its own request, sample index 0, so every sample calls the tool)
         assert r.choices[0].finish_reason == "tool_calls"
         [call] = r.choices[0].message.tool_calls
         assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "C"}

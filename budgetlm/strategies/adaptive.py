@@ -230,7 +230,7 @@ class AdaptiveMajority(Strategy):
                             trace.append({"call": started, "stop": why, "room": room_of(meter)})
                         break
                     req = GenerationRequest(messages=problem.messages, sampling=self._sampling(1, mt, started),
-                                            id=f"{problem.id}#{started}")
+                                            id=f"{problem.id}#{started}", assistant_prefix=problem.assistant_prefix)
                     inflight[asyncio.ensure_future(ctx.generate(req))] = (started, mt)
                     started += 1
                 if not inflight:
@@ -246,7 +246,7 @@ class AdaptiveMajority(Strategy):
                             stop = meter.stop_reason or "budget exhausted"
                         started -= 1 if idx == started - 1 else 0
                         continue
-                    new = make_sampled(g.first, idx)
+                    new = make_sampled(g.first, idx, prefix=problem.assistant_prefix)
                     samples.append(new)
                     entry: dict[str, Any] = {"call": idx, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
                                              "output_tokens": g.usage.output_tokens,

@@ -89,7 +89,7 @@ def test_a_tool_call_is_returned_as_tool_calls(echo: tuple[Server, Recorder]) ->
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
     extra = r.model_extra["budgetlm"]
     assert extra["ledger"]["units"]["tool_calls"]["spent"] == 1  # one unit per returned call
-    assert extra["tools"] == {"choice": "auto", "offered": True, "calls": 1}
+    assert extra["tools"] == {"choice": "auto", "offered": True, "constrained": False, "calls": 1}
     prompt = rec.prompts[-1]  # the tool list with its schema, in the system turn, before the user's question
     assert prompt.startswith("<|system|> You can call functions.") and '"name": "get_weather"' in prompt
     assert '"required": ["city"]' in prompt and "<|user|> Weather in Paris?" in prompt
@@ -261,6 +261,83 @@ def test_calls_beyond_the_tool_call_budget_are_dropped_with_a_warning(start: Sta
     assert row["ledger"]["units"]["tool_calls"]["spent"] == 1
 
 
+class ConstrainedScripted(ScriptedBackend):
+    """A scripted backend that claims constrained decoding (the script plays the constrained model)."""
+
+    constrained_decoding = True
+
+
+WEATHER_CALL_SCHEMA = {"type": "object", "properties": {"name": {"enum": ["get_weather"]},
+                                                        "arguments": WEATHER["function"]["parameters"]},
+                       "required": ["name", "arguments"]}
+
+
+def test_call_schema_of_named_and_required_choices() -> None:
+    named = tool_config(TOOLS, {"type": "function", "function": {"name": "get_weather"}})
+    assert named is not None and named.call_schema() == WEATHER_CALL_SCHEMA
+    required = tool_config(TOOLS, "required")
+    assert required is not None
+    assert required.call_schema() == {"anyOf": [WEATHER_CALL_SCHEMA, {
+        "type": "object", "properties": {"name": {"enum": ["get_time"]}, "arguments": TIME["function"]["parameters"]},
+        "required": ["name", "arguments"]}]}
+    bare = tool_config([{"type": "function", "function": {"name": "ping"}}], "required")
+    assert bare is not None and bare.call_schema() == {
+        "type": "object", "properties": {"name": {"enum": ["ping"]}, "arguments": {"type": "object"}},
+        "required": ["name", "arguments"]}
+    for choice in ("auto", "none"):
+        cfg = tool_config(TOOLS, choice)
+        assert cfg is not None and cfg.call_schema() is None
+
+
+def test_a_turn_is_constrained_only_on_a_backend_with_constrained_decoding() -> None:
+    cfg = tool_config(TOOLS, {"type": "function", "function": {"name": "get_weather"}})
+    assert cfg is not None
+    plain = ToolTurn.plan(cfg, Meter(Budget(output_tokens=100)))
+    assert plain.json_schema is None and plain.prefix == cfg.prefix and plain.ledger()["constrained"] is False
+    turn = ToolTurn.plan(cfg, Meter(Budget(output_tokens=100)), constrained=True)
+    assert turn.prefix == "<tool_call>" and turn.json_schema == WEATHER_CALL_SCHEMA
+    meter = Meter(Budget(output_tokens=100))
+    res = turn.finish(Result("p", '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}', None,
+                             Usage.zero()), meter)  # the schema ends the reply without the closing tag
+    assert turn.reply is not None and turn.reply.calls == [ToolCall("get_weather", {"city": "Oslo"})]
+    assert turn.ledger()["constrained"] is True and res.text.startswith("<tool_call>")
+    auto = ToolTurn.plan(tool_config(TOOLS, "auto"), Meter(Budget(output_tokens=100)), constrained=True)
+    assert auto.json_schema is None and auto.prefix is None and auto.ledger()["constrained"] is False
+
+
+def test_json_schema_is_refused_by_backends_without_constrained_decoding() -> None:
+    from budgetlm.backends.base import GenerationRequest
+    from budgetlm.errors import ConfigError
+
+    req = GenerationRequest(messages=USER, sampling=SamplingParams(json_schema=WEATHER_CALL_SCHEMA))
+    with pytest.raises(ConfigError, match=r"`json_schema` needs a backend with constrained decoding \(vLLM\), got "
+                                          r"ScriptedBackend"):
+        ScriptedBackend(lambda p, i, sp: "x").generate([req])
+
+
+@pytest.mark.parametrize("model", ["budgetlm/sample", "budgetlm/majority", "budgetlm/adaptive"])
+def test_forced_calls_carry_the_schema_on_a_constrained_backend(start: Start, model: str) -> None:
+    schemas: list[Any] = []
+
+    def reply(prompt: str, i: int, sampling: SamplingParams) -> str:
+        schemas.append(sampling.json_schema)
+        return '{"name": "get_weather", "arguments": {"city": "Rome"}}'
+
+    s = start(backends={"default": ConstrainedScripted(reply)})
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    extra = {"strategy_params": {"n": 3}} if "majority" in model else None
+    r = s.client().chat.completions.create(model=model, messages=USER, tools=TOOLS, tool_choice=named,
+                                           extra_body=extra)
+    assert schemas and all(sc == WEATHER_CALL_SCHEMA for sc in schemas)
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Rome"}
+    assert r.model_extra["budgetlm"]["tools"] == {"choice": "get_weather", "offered": True, "constrained": True,
+                                                  "calls": 1}
+    schemas.clear()
+    s.client().chat.completions.create(model=model, messages=USER, tools=TOOLS, extra_body=extra)
+    assert schemas and all(sc is None for sc in schemas)  # auto: unconstrained
+
+
 def test_a_budget_without_tool_calls_answers_without_tools() -> None:
     cfg = tool_config(TOOLS, "required")
     assert cfg is not None
@@ -351,3 +428,28 @@ def test_render_messages_appends_to_an_existing_system_message() -> None:
     msgs = render_messages([{"role": "system", "content": "Be brief."}, *USER], cfg)
     assert [m["role"] for m in msgs] == ["system", "user"]
     assert msgs[0]["content"].startswith("Be brief.\n\nYou can call functions.")
+
+
+# ------------------------------------------------------------------------------------------ real model
+
+
+@pytest.mark.slow
+def test_real_vllm_named_tool_choice_emits_a_schema_valid_call(start: Start, vllm_backend: Any) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    s = start(backends={"default": vllm_backend})
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = s.client().chat.completions.create(model="budgetlm/sample", messages=USER, tools=TOOLS, tool_choice=named,
+                                           temperature=0, max_tokens=80)
+    [call] = r.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    print("constrained call:", call.function.name, args)
+    assert call.function.name == "get_weather"
+    jsonschema.validate(args, WEATHER["function"]["parameters"])
+    assert r.model_extra["budgetlm"]["tools"]["constrained"] is True
+    r = s.client().chat.completions.create(model="budgetlm/sample", messages=USER, tools=TOOLS,
+                                           tool_choice="required", temperature=0, max_tokens=80)
+    calls = r.choices[0].message.tool_calls
+    print("required:", [(c.function.name, c.function.arguments) for c in calls])
+    assert calls and calls[0].function.name in ("get_weather", "get_time")
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    jsonschema.validate(json.loads(calls[0].function.arguments), params[calls[0].function.name])

@@ -56,6 +56,10 @@ class SamplingParams(Config):
         default=None, description="None: no logprobs; 0: the sampled token's; k > 0: also the top-k alternatives."
     )
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="Constrain each sample's output to this JSON schema (needs a backend with constrained decoding).",
+    )
 
     @field_validator("n")
     @classmethod
@@ -424,6 +428,8 @@ class Backend(ABC):
     kind: str = "base"
     speculative_decoding: bool = False
     """True when requests may set :attr:`GenerationRequest.speculative` (a draft-and-verify token loop)."""
+    constrained_decoding: bool = False
+    """True when requests may set :attr:`SamplingParams.json_schema` (structured outputs)."""
 
     def __init__(
         self,
@@ -519,6 +525,11 @@ class Backend(ABC):
             raise ConfigError(
                 f"`speculative` decoding needs a backend with a speculative token loop (hf:PATH), got "
                 f"{type(self).__name__}; for vLLM pass speculative_config to the engine instead"
+            )
+        if req.sampling.json_schema is not None and not self.constrained_decoding:
+            raise ConfigError(
+                f"`json_schema` needs a backend with constrained decoding (vLLM), got {type(self).__name__}; "
+                "serve the model with vllm:PATH or leave json_schema unset"
             )
         text, ids = self.render(req)
         n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")

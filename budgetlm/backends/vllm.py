@@ -190,6 +190,7 @@ class VLLMBackend(Backend):
     """
 
     kind = "vllm"
+    constrained_decoding = True
 
     def __init__(
         self,
@@ -433,6 +434,8 @@ class VLLMBackend(Backend):
             top_k=0 if sp.greedy else sp.top_k, max_tokens=min(sp.max_tokens, room),
             stop=list(sp.stop) or None, logprobs=sp.logprobs,
         )
+        if sp.json_schema is not None:
+            kw["structured_outputs"] = self._vllm.sampling_params.StructuredOutputsParams(json=sp.json_schema)
         tb = self._thinking_budgets.get(id(p.request))
         if tb is not None and tb[0] is p.request:
             kw["thinking_token_budget"] = tb[1]

@@ -593,7 +593,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                 raise ApiError(429, str(exc), None, "allowance_exceeded", "rate_limit_error") from None
             meter = Meter(Budget(**clamped), name=res.id)
             warnings = _cap_warnings(state, req, strategy_name, strategy, budget, clamped)
-            turn = ToolTurn.plan(tools, meter) if tools is not None else None
+            turn = ToolTurn.plan(tools, meter, backend.constrained_decoding) if tools is not None else None
             if turn is not None and not turn.offered:
                 messages = render_messages(checked, None)
             # a forced call (assistant_prefix) is all tool call: it is sent at the end, not token by token
@@ -603,7 +603,8 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                    "warnings": warnings,
                    "stream": ("tokens" if tokens else "buffered") if req.stream else None}
             queue: asyncio.Queue[Delta | None] = asyncio.Queue()
-            problem = Problem(id=res.id, messages=messages, assistant_prefix=turn.prefix if turn else None)
+            problem = Problem(id=res.id, messages=messages, assistant_prefix=turn.prefix if turn else None,
+                              json_schema=turn.json_schema if turn else None)
             job = RequestJob(strategy, problem, meter, backend, on_delta=queue.put_nowait if tokens else None,
                              on_end=lambda out: _settle(ctx, out), finish=turn.finish if turn else None)
             counted = True

@@ -19,8 +19,10 @@ Nothing of an earlier turn is dropped, with or without ``tools`` on the current 
 **Choices.**  ``auto``: the model may call tools.  ``none``: the tool list is not shown and no
 tool call is returned.  ``required`` / a named function: the reply is started for the model
 (``assistant_prefix``: ``<tool_call>``, plus ``{"name": "<fn>", "arguments": `` for a named
-function), so it continues a call; its arguments are not yet constrained to the JSON schema
-(structured outputs are the follow-up).
+function), so it continues a call.  On a backend with constrained decoding (vLLM) the reply is
+``<tool_call>`` plus JSON decoded under the tools' schemas (:meth:`ToolConfig.call_schema`: the name
+is one of the allowed functions, the arguments match its ``parameters``), so even a small model
+writes a valid call; elsewhere the arguments are not constrained.
 
 **Parsing and charging** (:class:`ToolTurn`, after the strategy answered): the answer text's
 ``<tool_call>`` blocks (several: parallel calls) become OpenAI ``tool_calls``; the text before the
@@ -106,6 +108,22 @@ class ToolConfig:
         if self.choice == "function":
             return f'{TOOL_CALL_OPEN}{{"name": {json.dumps(self.function)}, "arguments": '
         return None
+
+    def call_schema(self) -> dict[str, Any] | None:
+        """The JSON schema a forced call's body must match (``required`` / named), else ``None``.
+
+        One object ``{"name": <one of the names>, "arguments": <that tool's parameters>}`` per allowed tool
+        (``anyOf`` when ``required`` offers several)."""
+        if self.choice == "function":
+            allowed = [t for t in self.tools if t.name == self.function]
+        elif self.choice == "required":
+            allowed = list(self.tools)
+        else:
+            return None
+        one = [{"type": "object",
+                "properties": {"name": {"enum": [t.name]}, "arguments": t.parameters or {"type": "object"}},
+                "required": ["name", "arguments"]} for t in allowed]
+        return one[0] if len(one) == 1 else {"anyOf": one}
 
     def system_text(self) -> str:
         """The tool list and call format for the system message."""
@@ -270,30 +288,45 @@ class ToolTurn:
     """``budgetlm.warnings`` entries (tool calls dropped for the budget)."""
 
     @classmethod
-    def plan(cls, cfg: ToolConfig, meter: Meter) -> ToolTurn:
-        """The turn under ``meter``'s budget: without tools when no ``tool_calls`` are left."""
+    def plan(cls, cfg: ToolConfig, meter: Meter, constrained: bool = False) -> ToolTurn:
+        """The turn under ``meter``'s budget: without tools when no ``tool_calls`` are left; ``constrained``: the
+        backend has constrained decoding (a forced call is decoded under its JSON schema)."""
         left = meter.remaining("tool_calls")
         if cfg.active and left is not None and left < 1:
-            return cls(cfg, offered=False, warnings=[
+            return cls(cfg, offered=False, constrained=constrained, warnings=[
                 "the budget has no tool_calls left: answered without tools (the tool list was not shown and no tool "
                 "call is returned); raise budget.tool_calls or wait for the allowance"])
-        return cls(cfg)
+        return cls(cfg, constrained=constrained)
 
     @property
     def active(self) -> bool:
         """Whether the model may call tools in this request."""
         return self.offered and self.cfg.active
 
+    constrained: bool = False
+    """True when a forced call is decoded under :meth:`ToolConfig.call_schema` (the backend has constrained
+    decoding): the reply starts with ``<tool_call>`` and the model writes the call's JSON only."""
+
     @property
     def prefix(self) -> str | None:
         """The request's ``assistant_prefix`` (``required`` / named choices)."""
-        return self.cfg.prefix if self.active else None
+        if not self.active:
+            return None
+        return TOOL_CALL_OPEN if self.constrained and self.cfg.prefix else self.cfg.prefix
+
+    @property
+    def json_schema(self) -> dict[str, Any] | None:
+        """The request's JSON schema (a forced call on a backend with constrained decoding), else ``None``."""
+        return self.cfg.call_schema() if self.active and self.constrained else None
 
     def finish(self, result: Result, meter: Meter) -> Result:
         """Parse the answer's tool calls and charge each to ``meter`` (those that do not fit are dropped)."""
         if not self.active:
             return result
-        content, calls = parse_tool_calls(result.text)
+        text = result.text
+        if self.json_schema is not None and text.startswith(TOOL_CALL_OPEN) and TOOL_CALL_CLOSE not in text:
+            text += TOOL_CALL_CLOSE  # the schema ends the reply with the call's JSON: close its block
+        content, calls = parse_tool_calls(text)
         if not calls:
             return result
         kept: list[ToolCall] = []
@@ -315,7 +348,7 @@ class ToolTurn:
     def ledger(self) -> dict[str, Any]:
         """The ``budgetlm.tools`` block: choice, whether tools were shown, calls returned."""
         return {"choice": self.cfg.function or self.cfg.choice, "offered": self.active,
-                "calls": len(self.reply.calls) if self.reply else 0}
+                "constrained": self.json_schema is not None, "calls": len(self.reply.calls) if self.reply else 0}
 
 
 class ToolCallHoldback:

@@ -229,7 +229,7 @@ class AdaptiveMajority(Strategy):
                                 meter.stop_reason or "budget exhausted: output_tokens")
                             trace.append({"call": started, "stop": why, "room": room_of(meter)})
                         break
-                    req = GenerationRequest(messages=problem.messages, sampling=self._sampling(1, mt, started),
+                    req = GenerationRequest(messages=problem.messages, sampling=problem.constrain(self._sampling(1, mt, started)),
                                             id=f"{problem.id}#{started}", assistant_prefix=problem.assistant_prefix)
                     inflight[asyncio.ensure_future(ctx.generate(req))] = (started, mt)
                     started += 1

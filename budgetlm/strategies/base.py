@@ -52,6 +52,14 @@ class Problem:
     assistant_prefix: str | None = None
     """Text the reply starts with (the server forces a tool call with it); ``sample`` and the voting strategies
     continue it and put it back in front of the answer text, other strategies ignore it."""
+    json_schema: dict[str, Any] | None = None
+    """Constrain the reply (after :attr:`assistant_prefix`) to this JSON schema; the server sets it for forced tool
+    calls on backends with constrained decoding.  ``sample``, the voting strategies and ``adaptive`` honour it
+    (:meth:`constrain`), other strategies ignore it."""
+
+    def constrain(self, sp: SamplingParams) -> SamplingParams:
+        """``sp`` with this problem's :attr:`json_schema` (unchanged when there is none)."""
+        return sp if self.json_schema is None else sp.model_copy(update={"json_schema": self.json_schema})
 
     @classmethod
     def from_text(cls, text: str, id: str | None = None) -> Problem:

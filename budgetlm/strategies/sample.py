@@ -43,7 +43,7 @@ class Sample(Strategy):
                                         top_p=self.top_p, seed=self.seed)
 
     async def solve_one(self, problem: Problem, ctx: Context) -> Result:
-        req = GenerationRequest(messages=problem.messages, sampling=self._sampling, id=problem.id,
+        req = GenerationRequest(messages=problem.messages, sampling=problem.constrain(self._sampling), id=problem.id,
                                 assistant_prefix=problem.assistant_prefix)
         try:
             g = await ctx.generate(req, stream=self.n == 1)

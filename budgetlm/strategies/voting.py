@@ -237,7 +237,7 @@ class _Voting(Strategy):
         if k == 0:
             return empty_result(problem, Usage.zero(), ctx.meter.stop_reason or "budget exhausted: output_tokens",
                                 [{"call": 0, "skipped": "no output tokens left", "room": room}])
-        req = GenerationRequest(messages=problem.messages, sampling=self.sampling(k, mt), id=problem.id,
+        req = GenerationRequest(messages=problem.messages, sampling=problem.constrain(self.sampling(k, mt)), id=problem.id,
                                 assistant_prefix=problem.assistant_prefix)
         try:
             g = await ctx.generate(req)

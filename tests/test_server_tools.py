@@ -435,7 +435,8 @@ def test_render_messages_appends_to_an_existing_system_message() -> None:
 
 @pytest.mark.slow
 def test_real_vllm_named_tool_choice_emits_a_schema_valid_call(start: Start, vllm_backend: Any) -> None:
-    jsonschema = pytest.importorskip("jsonschema")
+    import jsonschema  # the dev extra installs it
+
     s = start(backends={"default": vllm_backend})
     named = {"type": "function", "function": {"name": "get_weather"}}
     r = s.client().chat.completions.create(model="budgetlm/sample", messages=USER, tools=TOOLS, tool_choice=named,

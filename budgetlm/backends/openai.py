@@ -76,6 +76,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
+from budgetlm.aio import gather_settled
 from budgetlm.backends.base import (
     Backend,
     GenerationRequest,
@@ -351,17 +352,6 @@ class OpenAIBackend(Backend):
         with self._lock:
             self._loops = weakref.WeakKeyDictionary()
 
-    @staticmethod
-    async def _gather(coros: list[Awaitable[T]]) -> list[T]:
-        tasks = [asyncio.ensure_future(c) for c in coros]
-        try:
-            return list(await asyncio.gather(*tasks))
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
-
     # ------------------------------------------------------------------ HTTP with retries
     def _next_url(self, failed: str | None = None) -> str:
         """The next base URL in the rotation; a retry (``failed``: the URL that just failed) gets another one."""
@@ -568,7 +558,7 @@ class OpenAIBackend(Backend):
             async with sem:
                 return await self._call(clients, endpoint, params, p.deadline)
 
-        responses = await self._gather([call() for _ in range(p.sampling.n if split else 1)])
+        responses = await gather_settled([call() for _ in range(p.sampling.n if split else 1)])
         return self._to_raw(p, responses, endpoint == "chat")
 
     async def _agenerate_batch(self, batch: list[PreparedRequest]) -> list[RawResult]:
@@ -576,7 +566,7 @@ class OpenAIBackend(Backend):
         sem = asyncio.Semaphore(self.concurrency)
         clients: dict[str, Any] = {}
         try:
-            return await self._gather([self._one(clients, sem, p) for p in batch])
+            return await gather_settled([self._one(clients, sem, p) for p in batch])
         finally:
             for c in clients.values():
                 await c.close()
@@ -593,7 +583,7 @@ class OpenAIBackend(Backend):
         params["stream_options"] = {"include_usage": True}
         state = self._loop_state()
         inexact: set[int] = set()
-        ends = await self._gather([
+        ends = await gather_settled([
             self._stream(state, endpoint, params, p, sink, i if split else None, inexact)
             for i in range(p.sampling.n if split else 1)
         ])
@@ -737,7 +727,7 @@ class OpenAIBackend(Backend):
             sem = asyncio.Semaphore(self.concurrency)
             clients: dict[str, Any] = {}
             try:
-                return await self._gather([self._score_one(clients, sem, p, c) for p, c in zip(prompts, continuations)])
+                return await gather_settled([self._score_one(clients, sem, p, c) for p, c in zip(prompts, continuations)])
             finally:
                 for c in clients.values():
                     await c.close()

@@ -27,7 +27,7 @@ budget among the problems still running), so one request cannot take what the ot
 request the meter cannot afford gets no children and the problem's search ends with
 ``stop_reason="budget exhausted: <unit>"``.
 
-A round's requests are awaited together (:func:`~budgetlm.strategies.values.gather_settled`): when
+A round's requests are awaited together (:func:`~budgetlm.aio.gather_settled`): when
 one fails, its siblings are aborted and charged before the error leaves the problem's program, and
 cancelling the program aborts every request in flight (each is charged exactly what it generated).
 
@@ -52,12 +52,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from budgetlm.aio import gather_settled
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.errors import BudgetExceeded, ConfigError
 from budgetlm.meter import Meter, Reservation
 from budgetlm.strategies.aggregate import answer_key, vote
 from budgetlm.strategies.base import Context, Problem, Result
-from budgetlm.strategies.values import StepView, ValueScorer, gather_settled
+from budgetlm.strategies.values import StepView, ValueScorer
 from budgetlm.strategies.voting import room_of
 from budgetlm.tools import OBSERVATION_TEMPLATE, TOOL_CALL_CLOSE, Tool, ToolOutcome, as_tools, call_tool, describe_tools
 from budgetlm.usage import Usage

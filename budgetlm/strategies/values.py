@@ -48,10 +48,11 @@ import inspect
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
+from budgetlm.aio import gather_settled
 from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.errors import BudgetExceeded, ConfigError
 from budgetlm.meter import Meter, Reservation
@@ -67,7 +68,6 @@ RESIDUAL_PROMPT = (
 """The instruction comes first and the new step last, so scoring prompts share their prefix (the
 instruction across problems, the problem and path across siblings) and hit vLLM's prefix cache."""
 RESIDUAL_PREFIX = "Rating: "
-T = TypeVar("T")
 
 
 @dataclass
@@ -106,24 +106,6 @@ class ValueScorer(ABC):
 
 
 VALUE_SCORERS: Registry[type[ValueScorer]] = Registry("value scorer")
-
-
-async def gather_settled(aws: Iterable[Awaitable[T]]) -> list[T]:
-    """``asyncio.gather`` of one problem's concurrent calls that never leaves a call running behind it.
-
-    When one call fails (an error other than the refusals the callers catch), the others are
-    cancelled and awaited before the error propagates, so the engine aborts them and their meter
-    is charged what they generated while the problem's program is still running (``gather`` alone
-    would return at once and leave them generating, charged after the problem's result was built).
-    """
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 def get_scorer(name: str | ValueScorer, **params: Any) -> ValueScorer:

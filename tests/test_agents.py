@@ -872,14 +872,21 @@ def test_real_vllm_agent_calls_tools_within_budget(vllm_backend: Any) -> None:
     assert '{"name": "search"' in items[0].messages[0]["content"]  # JSON braces survive the template
     problems = [Problem(id=it.id, messages=it.messages, tools=list(it.tools)) for it in items]
     agent = get_strategy("agent", router="random", threshold=0.5, max_steps=6, step_tokens=64)
-    results = agent.solve(problems, backend=vllm_backend, budget={"output_tokens": 400, "tool_calls": 3})
+    # Whether the 135M model writes a tool call is chance (sampled steps, batch-dependent numerics): up to three
+    # runs of the 8 tasks; the budget invariants below are checked on every run, and one run must call a tool.
     kb = suite.kb  # type: ignore[attr-defined]
-    calls = [e["tool"] for r in results for e in r.trace if "tool" in e]
-    searches = [c for c in calls if c["name"] == "search" and c["error"] is None and not c["skipped"]]
-    assert sum(r.usage.tool_calls for r in results) > 0 and searches, calls
+    runs = []
+    for _ in range(3):
+        results = agent.solve(problems, backend=vllm_backend, budget={"output_tokens": 400, "tool_calls": 3})
+        runs.append(results)
+        calls = [e["tool"] for r in results for e in r.trace if "tool" in e]
+        searches = [c for c in calls if c["name"] == "search" and c["error"] is None and not c["skipped"]]
+        if sum(r.usage.tool_calls for r in results) > 0 and searches:
+            break
+    assert sum(r.usage.tool_calls for r in results) > 0 and searches, [r.trace for r in results]
     for c in searches:  # the observation is what the real KB returned for the model's own query
         assert c["observation"] == kb.search(**c["arguments"]), c
-    for r in results:
+    for r in (r for rs in runs for r in rs):
         assert r.usage.output_tokens <= 400 and r.usage.tool_calls <= 3, r
         assert r.stop_reason == "done" or "budget exhausted" in r.stop_reason or "step" in r.stop_reason, r.stop_reason
         assert r.details["tool_calls"] == r.usage.tool_calls

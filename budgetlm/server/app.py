@@ -74,10 +74,21 @@ from budgetlm.server.protocol import (
     request_error,
     usage_block,
 )
+from budgetlm.server.route import RouteDecision, StepRouter
+from budgetlm.server.sessions import (
+    FINAL_INSTRUCTION,
+    SESSION_HEADER,
+    SessionExhausted,
+    SessionStore,
+    SessionTicket,
+    check_session_id,
+    parse_session_budget,
+)
 from budgetlm.server.store import AllowanceExceeded, AllowanceStore
 from budgetlm.server.tools import (
     TOOL_STRATEGIES,
     ToolCallHoldback,
+    ToolConfig,
     ToolsError,
     ToolTurn,
     format_calls,
@@ -105,9 +116,10 @@ class ApiError(Exception):
     """An error answered with ``status`` and an OpenAI error body."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error") -> None:
+                 type_: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+        self.headers = headers
 
 
 def api_error(exc: BaseException | None) -> ApiError:
@@ -134,6 +146,9 @@ class ServerState:
         self.given = dict(backends or {})
         self.backends: dict[str, Backend] = {}
         self.store = AllowanceStore(cfg.db_path)
+        self.sessions = SessionStore(cfg.db_path, cfg.session_ttl_s)
+        self.routers: dict[str, StepRouter] = {}
+        """Per-step routers by route name (built at start, on the loaded backends)."""
         self.metrics = Metrics()
         self.strategies = StrategyCache()
         self.started = time.time()
@@ -143,9 +158,15 @@ class ServerState:
     def start(self) -> None:
         for name, spec in self.cfg.backends.items():
             self.backends[name] = self.given.get(name) or load_backend(spec)
+        for name, route in self.cfg.routes.items():
+            self.routers[name] = StepRouter(name, route, self.backends)
+        self.sessions.purge()
 
     def stop(self) -> None:
         self.strategies.close()
+        for r in self.routers.values():
+            r.close()
+        self.sessions.close()
         for name, be in self.backends.items():
             if name not in self.given:
                 be.close()
@@ -172,24 +193,30 @@ class ServerState:
     def allowed(self) -> list[str]:
         return self.cfg.strategies or STRATEGIES.names()
 
-    def resolve_model(self, model: str) -> tuple[str, str]:
-        """``(backend name, strategy name)`` of a model id."""
+    def resolve_model(self, model: str) -> tuple[str, str, str | None]:
+        """``(backend name, strategy name, route name or None)`` of a model id (a route's backend is its cheap one
+        until the router decides)."""
         first = next(iter(self.cfg.backends))
         head, sep, tail = model.partition("/")
+        if tail == "route" and (head in self.cfg.routes or (head == "budgetlm" and self.cfg.routes)):
+            name = head if head in self.cfg.routes else next(iter(self.cfg.routes))
+            spec = self.cfg.routes[name]
+            return spec.cheap, spec.strategy, name
         if not sep:
             if head in self.cfg.backends or head == "budgetlm":
-                return (first if head == "budgetlm" else head), "sample"
-            raise ApiError(404, f"`model` must be budgetlm/<strategy> or <backend>/<strategy>, got {model!r}; "
+                return (first if head == "budgetlm" else head), "sample", None
+            raise ApiError(404, f"`model` must be budgetlm/<strategy>, <backend>/<strategy> or <route>/route, got {model!r}; "
                                 f"backends: {', '.join(self.cfg.backends)}; GET /v1/models lists every id",
                            "model", "model_not_found")
         backend = first if head == "budgetlm" else head
         if backend not in self.cfg.backends:
+            routes = f"; routes (<name>/route): {', '.join(self.cfg.routes)}" if self.cfg.routes else ""
             raise ApiError(404, f"unknown backend {head!r} in model {model!r}; backends: budgetlm (= {first}), "
-                                f"{', '.join(self.cfg.backends)}", "model", "model_not_found")
+                                f"{', '.join(self.cfg.backends)}{routes}", "model", "model_not_found")
         if tail not in self.allowed():
             raise ApiError(400, f"unknown strategy {tail!r} in model {model!r}; available strategies: "
                                 f"{', '.join(self.allowed())}", "model", "unknown_strategy")
-        return backend, tail
+        return backend, tail, None
 
     def budget(self, req: ChatRequest) -> dict[str, float]:
         """The request's budget: its ``budget`` field (else the default), capped by the standard fields."""
@@ -400,6 +427,45 @@ def _check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _session_id(header: str | None, body: str | None) -> str | None:
+    """The call's session id (the header or the body field; both must agree)."""
+    if header is not None:
+        try:
+            check_session_id(header, SESSION_HEADER)
+        except ConfigError as exc:
+            raise ApiError(400, str(exc), SESSION_HEADER, "invalid_session") from None
+        if body is not None and body != header:
+            raise ApiError(400, f"`session` must match the {SESSION_HEADER} header, got {body!r} and {header!r}; "
+                                f"send one of them", "session", "invalid_session")
+        return header
+    return body
+
+
+def _open_session(state: ServerState, key: str, sid: str, req: ChatRequest,
+                  budget: dict[str, float]) -> tuple[SessionTicket, dict[str, float]]:
+    """Hold this call's share of session ``sid``: the ticket and the call's budget clamped to the session's rest."""
+    default = state.cfg.session_budget_for(key)
+    try:
+        sb = parse_session_budget(req.session_budget if req.session_budget is not None else default or {})
+        return state.sessions.reserve(key, sid, sb, budget, explicit=req.session_budget is not None)
+    except SessionExhausted as exc:
+        raise ApiError(429, str(exc), "session", "session_budget_exhausted", "rate_limit_error",
+                       headers={"x-should-retry": "false", SESSION_HEADER: sid}) from None
+    except ConfigError as exc:
+        raise ApiError(400, str(exc), "session_budget", "invalid_session_budget") from None
+
+
+def _final_reason(ticket: SessionTicket | None, tools: ToolConfig | None) -> str | None:
+    """Why this call must be its session's final answer (``None``: it may go on)."""
+    if ticket is None:
+        return None
+    if ticket.final is not None:
+        return ticket.final
+    if tools is not None and tools.active and ticket.tool_calls_left is not None and ticket.tool_calls_left < 1:
+        return "the session has no tool calls left"
+    return None
+
+
 def _key(state: ServerState, authorization: str | None) -> str:
     if state.cfg.api_keys is None:
         return ANONYMOUS
@@ -510,7 +576,8 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Any, exc: ApiError) -> Any:
-        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+        return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
+                            headers=exc.headers)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -536,6 +603,15 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
         limits = cfg.allowance_for(key)
         return {"key": key if key == ANONYMOUS else key[:4] + "…", "allowance": limits,
                 "spent_today": state.store.spent(key), "remaining": state.store.remaining(key, limits)}
+
+    @app.get("/v1/sessions/{session_id}")
+    async def session(session_id: str, request: Request) -> dict[str, Any]:
+        key = _key(state, request.headers.get("authorization"))
+        report = await asyncio.to_thread(state.sessions.report, key, session_id)
+        if report is None:
+            raise ApiError(404, f"no session {session_id!r} for this API key (never used, or idle longer than "
+                                f"session_ttl_s={cfg.session_ttl_s:g} s and deleted)", "session_id", "session_not_found")
+        return report
 
     @app.post("/v1/chat/completions", openapi_extra={"requestBody": request_body_schema()},
               summary="Answer a conversation with a strategy under a budget")
@@ -564,7 +640,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             except ValidationError as exc:
                 msg, param = request_error(exc)
                 raise ApiError(400, msg, param) from None
-            backend_name, strategy_name = state.resolve_model(req.model)
+            backend_name, strategy_name, route_name = state.resolve_model(req.model)
             model_name = req.model  # only once resolved: client-chosen strings must not become metric labels
             if req.n not in (None, 1):
                 raise ApiError(400, f"`n` must be 1, got {req.n}; ask a voting strategy for samples instead, e.g. "
@@ -587,21 +663,64 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                 raise _params_error(strategy_name, exc) from None
             backend = state.backends[backend_name]
             _check_context(backend, messages)
+            sid = _session_id(request.headers.get(SESSION_HEADER), req.session)
+            ticket: SessionTicket | None = None
+            if sid is not None:
+                ticket, budget = _open_session(state, key, sid, req, budget)
             try:
-                res, clamped = state.store.reserve(key, cfg.allowance_for(key), budget)
+                res, clamped = state.store.reserve(key, cfg.allowance_for(key), budget,
+                                                   request_id=ticket.request_id if ticket else None)
             except AllowanceExceeded as exc:
+                if ticket is not None:
+                    state.sessions.release(ticket)
                 raise ApiError(429, str(exc), None, "allowance_exceeded", "rate_limit_error") from None
             meter = Meter(Budget(**clamped), name=res.id)
             warnings = _cap_warnings(state, req, strategy_name, strategy, budget, clamped)
+            final = _final_reason(ticket, tools)
+            ctx = {"state": state, "res": res, "meter": meter, "model": req.model, "strategy": strategy_name,
+                   "params": params, "budget": clamped, "backend": cfg.backends[backend_name], "key": key,
+                   "warnings": warnings, "session": ticket, "final": final, "route": None, "tools": None,
+                   "stream": None, "backend_name": backend_name}
+            if route_name is not None:
+                try:
+                    decision = await state.routers[route_name].decide(
+                        messages, meter, rho=ticket.rho if ticket else meter.rho(),
+                        step=ticket.step if ticket else 0, final=final is not None)
+                except Exception as exc:  # noqa: BLE001 -- the router's model failed: settle what it spent, answer
+                    await asyncio.to_thread(_settle, ctx, Outcome(None, error=exc))
+                    counted = True
+                    raise api_error(exc) from None
+                ctx["route"] = decision
+                spec = cfg.routes[route_name]
+                if decision.arm == "expensive" and spec.expensive_strategy is not None:
+                    strategy_name = spec.expensive_strategy
+                    params = {**state.params(strategy_name, req.model_copy(update={"strategy_params": None}), budget),
+                              **spec.expensive_params}
+                    try:
+                        _, strategy = state.strategies.get(strategy_name, params)
+                    except (ConfigError, TypeError, ValueError) as exc:  # the server config's expensive_params
+                        await asyncio.to_thread(_settle, ctx, Outcome(None, error=exc))
+                        counted = True
+                        raise ApiError(500, f"`routes.{route_name}.expensive_params` are invalid for "
+                                            f"{strategy_name!r}: {exc}; fix the server config", None,
+                                       "server_config", "server_error") from None
+                    ctx["strategy"], ctx["params"] = strategy_name, params
+                backend_name = decision.backend
+                backend = state.backends[backend_name]
+                ctx["backend"], ctx["backend_name"] = cfg.backends[backend_name], backend_name
             turn = ToolTurn.plan(tools, meter, backend.constrained_decoding) if tools is not None else None
+            if turn is not None and final is not None:
+                turn = ToolTurn(turn.cfg, offered=False, warnings=[f"forced final answer: {final}; the tools were "
+                                                                   f"withheld and the model was told to answer now"])
             if turn is not None and not turn.offered:
                 messages = render_messages(checked, None)
+            if final is not None:
+                messages = [*messages, {"role": "user", "content": FINAL_INSTRUCTION}]
             # a forced call (assistant_prefix) is all tool call: it is sent at the end, not token by token
             tokens = bool(req.stream) and bool(getattr(strategy, "streams", False)) and not (turn and turn.prefix)
-            ctx = {"tools": turn, "state": state, "res": res, "meter": meter, "model": req.model, "strategy": strategy_name,
-                   "params": params, "budget": clamped, "backend": cfg.backends[backend_name], "key": key,
-                   "warnings": warnings,
-                   "stream": ("tokens" if tokens else "buffered") if req.stream else None}
+            ctx["tools"] = turn
+            ctx["stream"] = ("tokens" if tokens else "buffered") if req.stream else None
+            headers = {SESSION_HEADER: ticket.session} if ticket is not None else {}
             queue: asyncio.Queue[Delta | None] = asyncio.Queue()
             problem = Problem(id=res.id, messages=messages, assistant_prefix=turn.prefix if turn else None,
                               json_schema=turn.json_schema if turn else None)
@@ -616,17 +735,19 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                 include_usage = bool((req.stream_options or {}).get("include_usage"))
                 status = "stream"
                 return StreamingResponse(_stream(ctx, job, queue, include_usage, backend),
-                                         media_type="text/event-stream", headers={STREAM_HEADER: ctx["stream"]},
+                                         media_type="text/event-stream",
+                                         headers={STREAM_HEADER: ctx["stream"], **headers},
                                          background=BackgroundTask(_abandon, job))
             out = await _until_done_or_gone(request, job)
             if out is None:  # the client left: nobody reads this; the job was cancelled and settles itself
                 status = "499"
                 return JSONResponse(error_body("the client disconnected; the request was cancelled", "invalid_request_error",
-                                               None, "client_disconnected"), status_code=499)
+                                               None, "client_disconnected"), status_code=499, headers=headers)
             if out.result is None:
                 raise api_error(out.error)
             status = "ok"
-            return JSONResponse(completion(res.id, req.model, out.result, out.extra, turn.reply if turn else None))
+            return JSONResponse(completion(res.id, req.model, out.result, out.extra, turn.reply if turn else None),
+                                headers=headers)
         except ApiError as exc:
             status = str(exc.status)
             raise
@@ -677,9 +798,15 @@ def _settle(ctx: dict[str, Any], out: Outcome) -> dict[str, Any] | None:
         row_status = f"error: {out.error}"
     else:
         row_status = "ok" if not out.disconnected else "ok (the client disconnected before the answer)"
+    usage = usage_block(result if result is not None else total)
     state.store.commit(ctx["res"], spend, model=ctx["model"], strategy=ctx["strategy"], status=row_status,
-                       usage=usage_block(result if result is not None else total),
-                       ledger=result.ledger if result is not None else meter.summary())
+                       usage=usage, ledger=result.ledger if result is not None else meter.summary())
+    ticket: SessionTicket | None = ctx.get("session")
+    decision: RouteDecision | None = ctx.get("route")
+    if ticket is not None:
+        state.sessions.commit(ticket, spend, model=ctx["model"], backend=ctx["backend_name"], strategy=ctx["strategy"],
+                              status=row_status, usage=usage, forced_final=ctx.get("final") is not None,
+                              route=decision.to_json() if decision is not None else None)
     if out.disconnected:
         status = "499"
     elif result is not None:
@@ -700,6 +827,13 @@ def _settle(ctx: dict[str, Any], out: Outcome) -> dict[str, Any] | None:
         extra["tools"] = turn.ledger()
     if ctx["stream"] is not None:
         extra["stream"] = ctx["stream"]
+    extra["forced_final"] = ctx.get("final") is not None
+    if ctx.get("final") is not None:
+        extra["forced_final_reason"] = ctx["final"]
+    if decision is not None:
+        extra["route"] = decision.to_json()
+    if ticket is not None:
+        extra["session"] = (state.sessions.report(ticket.key, ticket.session, calls=False) or {}) | {"step": ticket.step}
     return extra
 
 

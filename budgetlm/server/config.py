@@ -11,6 +11,9 @@ A YAML with every section::
     db_path: budgetlm_server.sqlite
     default_budget: {output_tokens: 1024}
     max_budget: {output_tokens: 16384}
+    session_budget: {output_tokens: 4000, tool_calls: 8, steps: 12}   # agent sessions without their own
+    session_ttl_s: 86400
+    routes: {agents: {cheap: small, expensive: default, threshold: 0.5}}  # model agents/route (and budgetlm/route)
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from budgetlm.budget import check_limits
 from budgetlm.config import Config
+from budgetlm.server.route import RouteSpec
+from budgetlm.server.sessions import parse_session_budget
 
 __all__ = ["EFFORT_BUDGETS", "ServerConfig", "parse_backend_args"]
 
@@ -80,6 +85,16 @@ class ServerConfig(Config):
     batch_window_ms: float = Field(default=5.0, description="Ignored (kept so older configs load): requests no longer wait in a batching window; each runs on the engine's continuous batch at once.")
     max_batch: int = Field(default=32, description="Ignored (kept so older configs load): there is no strategy batch any more; the engine batches every request in flight.")
     seed: int = Field(default=0, description="Seed given to strategies that sample, unless the request sets `seed`.")
+    session_budget: dict[str, float] | None = Field(
+        default=None, description="Budget of a new agent session whose first call sets no `session_budget` (units of "
+                                  "`budget` plus `steps`); None: such sessions are tracked, not limited.")
+    key_session_budgets: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Per-key session budgets replacing `session_budget`.")
+    session_ttl_s: float = Field(default=86400.0, gt=0, description="Seconds an idle session is kept; a call with an "
+                                                                    "expired id starts a new session.")
+    routes: dict[str, RouteSpec] = Field(
+        default_factory=dict, description="Per-step routes between a cheap and an expensive backend: model "
+                                          "`<name>/route` (and `budgetlm/route` for the first one).")
 
     @field_validator("backends")
     @classmethod
@@ -151,8 +166,49 @@ class ServerConfig(Config):
             raise ValueError(f"`batch_window_ms` must be >= 0, got {v}")
         return v
 
+    @field_validator("session_budget")
+    @classmethod
+    def _session_budget(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            parse_session_budget(v, "session_budget")
+        return v
+
+    @field_validator("key_session_budgets")
+    @classmethod
+    def _key_session_budgets(cls, v: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+        for key, b in v.items():
+            parse_session_budget(b, f"key_session_budgets.{key}")
+        return v
+
     @model_validator(mode="after")
     def _cross(self) -> ServerConfig:
+        for name, r in self.routes.items():
+            if name == "budgetlm" or name in self.backends or not _NAME.match(name):
+                raise ValueError(f"`routes` names must be letters, digits, '_', '.', '-', not 'budgetlm' and not a "
+                                 f"backend name ({', '.join(self.backends)}), got {name!r}")
+            for side in ("cheap", "expensive"):
+                if getattr(r, side) not in self.backends:
+                    raise ValueError(f"`routes.{name}.{side}` must name a backend ({', '.join(self.backends)}), got "
+                                     f"{getattr(r, side)!r}")
+            from budgetlm.strategies import STRATEGIES
+            from budgetlm.strategies import get as get_strategy
+
+            allowed = self.strategies or STRATEGIES.names()
+            for field, value in (("strategy", r.strategy), ("expensive_strategy", r.expensive_strategy)):
+                if value is not None and value not in allowed:
+                    raise ValueError(f"`routes.{name}.{field}` must be one of the allowed strategies "
+                                     f"({', '.join(allowed)}), got {value!r}")
+            if r.expensive_strategy is not None:
+                try:
+                    get_strategy(r.expensive_strategy, **r.expensive_params)
+                except Exception as exc:  # noqa: BLE001 -- any refusal of the parameters, named for the config
+                    raise ValueError(f"`routes.{name}.expensive_params` are invalid for {r.expensive_strategy!r}: "
+                                     f"{exc}") from None
+        if self.api_keys is not None:
+            unknown_s = [k for k in self.key_session_budgets if k not in self.api_keys]
+            if unknown_s:
+                raise ValueError(f"`key_session_budgets` names keys that are not in `api_keys`: {unknown_s}; add them to "
+                                 f"api_keys or remove the entries")
         if self.api_keys is not None:
             unknown = [k for k in self.key_allowances if k not in self.api_keys]
             if unknown:
@@ -166,6 +222,10 @@ class ServerConfig(Config):
                 raise ValueError(f"`strategies` must be registered strategy names ({', '.join(STRATEGIES.names())}), "
                                  f"got {bad}")
         return self
+
+    def session_budget_for(self, key: str) -> dict[str, float] | None:
+        """The default session budget of ``key`` (its override, else the common one)."""
+        return self.key_session_budgets.get(key, self.session_budget)
 
     def allowance_for(self, key: str) -> dict[str, float] | None:
         """The daily allowance of ``key`` (its override, else the common one)."""

@@ -6,7 +6,9 @@ strategy comes from the model name (``budgetlm/<strategy>`` on the first backend
 the standard API cannot say:
 
 - ``budget`` — a per-request :class:`~budgetlm.budget.Budget` (``{"output_tokens": 2000, "usd": 0.01}``);
-- ``strategy_params`` — the strategy's parameters (``{"n": 8}`` for ``budgetlm/majority``).
+- ``strategy_params`` — the strategy's parameters (``{"n": 8}`` for ``budgetlm/majority``);
+- ``session`` / ``session_budget`` — the agent session of the call and, on its first call, the session's
+  budget (:mod:`budgetlm.server.sessions`).
 
 Standard fields map onto budgets: ``max_completion_tokens`` (or the older ``max_tokens``) caps
 ``output_tokens``; ``reasoning_effort`` (``minimal``/``low``/``medium``/``high``) gives an
@@ -109,6 +111,11 @@ class ChatRequest(BaseModel):
                                   "'output_tokens=2000,usd=0.01' (units: budgetlm.budget.UNITS).")
     strategy_params: dict[str, Any] | None = Field(default=None, description="budgetlm: the strategy's parameters, "
                                                                              "e.g. {'n': 8} for budgetlm/majority.")
+    session: str | None = Field(default=None, description="budgetlm: the agent session this call belongs to (or the "
+                                                         "X-Budgetlm-Session header); its calls share one budget.")
+    session_budget: dict[str, float] | str | None = Field(
+        default=None, description="budgetlm: the session's budget, on its first call: the units of `budget` plus "
+                                  "`steps`, e.g. {'output_tokens': 2000, 'tool_calls': 6, 'steps': 8}.")
 
     @field_validator(*INT_FIELDS, mode="before")
     @classmethod
@@ -124,6 +131,32 @@ class ChatRequest(BaseModel):
         if isinstance(v, bool):
             raise ValueError(f"`{info.field_name}` must be a number, got {json.dumps(v)}; send a number such as 0.7 "
                              f"or leave the field out")
+        return v
+
+    @field_validator("session_budget", mode="before")
+    @classmethod
+    def _session_budget(cls, v: Any) -> Any:
+        from budgetlm.errors import ConfigError
+        from budgetlm.server.sessions import parse_session_budget
+
+        if v is not None:
+            try:
+                parse_session_budget(v)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("session", mode="before")
+    @classmethod
+    def _session(cls, v: Any) -> Any:
+        from budgetlm.errors import ConfigError
+        from budgetlm.server.sessions import check_session_id
+
+        if v is not None:
+            try:
+                check_session_id(v)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
         return v
 
     @field_validator("budget", mode="before")

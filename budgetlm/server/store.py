@@ -121,13 +121,14 @@ class AllowanceStore:
             spent, held = self._spent(key, day), self._in_flight(key, day)
         return {u: max(0.0, lim - spent.get(u, 0.0) - held.get(u, 0.0)) for u, lim in allowance.items()}
 
-    def reserve(self, key: str, allowance: dict[str, float] | None, budget: dict[str, float]) -> tuple[Reservation, dict[str, float]]:
+    def reserve(self, key: str, allowance: dict[str, float] | None, budget: dict[str, float],
+                request_id: str | None = None) -> tuple[Reservation, dict[str, float]]:
         """Clamp ``budget`` to ``key``'s remaining allowance, reserve it, and return it.
 
         Raises :class:`AllowanceExceeded` when a unit has nothing left (integer units: less than 1).
         """
         day = today()
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        rid = request_id or f"chatcmpl-{uuid.uuid4().hex[:24]}"
         with self._lock:
             clamped = dict(budget)
             amounts: dict[str, float] = {}

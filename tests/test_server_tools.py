@@ -161,6 +161,49 @@ def test_votes_over_tool_calls(start: Start, strategy: str) -> None:
     assert spent == (1 if r.choices[0].finish_reason == "tool_calls" else 0)
 
 
+def test_cot_returns_a_call_that_ends_its_reasoning_without_forcing_an_answer(start: Start) -> None:
+    s, rec = _server(start, f"I should look it up. {CALL} and more")
+    r = s.client().chat.completions.create(model="budgetlm/cot", messages=USER, tools=TOOLS,
+                                           extra_body={"strategy_params": {"thinking_tokens": 64}})
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content == "I should look it up."
+    [call] = r.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert len(rec.prompts) == 1  # the reasoning stopped at the call: no forced-answer call
+    # without a call, cot is budget forcing as before: reasoning, then the forced answer
+    s2, rec2 = _server(start, lambda prompt, i: " 12" if prompt.rstrip().endswith("Answer:") else "Six and six.")
+    r = s2.client().chat.completions.create(model="budgetlm/cot", messages=USER, tools=TOOLS,
+                                            extra_body={"strategy_params": {"thinking_tokens": 64}})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == "Answer: 12"
+    assert len(rec2.prompts) == 2
+
+
+def test_cot_forced_call_is_one_constrained_call(start: Start) -> None:
+    schemas: list[Any] = []
+
+    def reply(prompt: str, i: int, sampling: SamplingParams) -> str:
+        schemas.append(sampling.json_schema)
+        return '{"name": "get_weather", "arguments": {"city": "Rome"}}'
+
+    s = start(backends={"default": ConstrainedScripted(reply)})
+    r = s.client().chat.completions.create(model="budgetlm/cot", messages=USER, tools=TOOLS, tool_choice="required")
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and schemas and schemas[0] is not None and len(schemas) == 1
+
+
+@pytest.mark.parametrize("model, params", [
+    ("budgetlm/cascade", {"stages": [{"strategy": "sample"}, {"strategy": "majority", "params": {"n": 3}}]}),
+    ("budgetlm/route", {"router": "always_large"}),
+])
+def test_cascade_and_route_strategies_return_calls(start: Start, model: str, params: dict[str, Any]) -> None:
+    s, _ = _server(start, CALL)
+    r = s.client().chat.completions.create(model=model, messages=USER, tools=TOOLS,
+                                           extra_body={"strategy_params": params})
+    assert r.choices[0].finish_reason == "tool_calls", r.model_extra["budgetlm"]
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert r.model_extra["budgetlm"]["ledger"]["units"]["tool_calls"]["spent"] == 1
+
+
 def test_an_answer_outvotes_a_call(start: Start) -> None:
     s, _ = _server(start, _votes(1))
     r = s.client().chat.completions.create(model="budgetlm/majority", messages=USER, tools=TOOLS,
@@ -229,7 +272,7 @@ def test_a_named_tool_choice_starts_that_call(start: Start) -> None:
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice.function.name", ["get_weather, get_time", "'nope'"]),
     ({"tool_choice": "required"}, "tool_choice", ["needs `tools`"]),
-    ({"tools": TOOLS, "model": "budgetlm/cot"}, "tools", ["sample, best_of_n, majority", "'cot'"]),
+    ({"tools": TOOLS, "model": "budgetlm/pdr"}, "tools", ["sample, cot, best_of_n, majority", "'pdr'"]),
     ({"messages": [*USER, {"role": "tool", "content": "18C"}]}, "messages[1].tool_call_id", ["tool_call_id"]),
     ({"messages": [*USER, {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "function": {}}]}]},
      "messages[1].tool_calls[0].function.name", ["must be a string"]),

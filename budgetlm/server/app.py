@@ -723,7 +723,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             headers = {SESSION_HEADER: ticket.session} if ticket is not None else {}
             queue: asyncio.Queue[Delta | None] = asyncio.Queue()
             problem = Problem(id=res.id, messages=messages, assistant_prefix=turn.prefix if turn else None,
-                              json_schema=turn.json_schema if turn else None)
+                              json_schema=turn.json_schema if turn else None, calls_tools=bool(turn and turn.active))
             job = RequestJob(strategy, problem, meter, backend, on_delta=queue.put_nowait if tokens else None,
                              on_end=lambda out: _settle(ctx, out), finish=turn.finish if turn else None)
             counted = True

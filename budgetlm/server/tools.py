@@ -49,7 +49,7 @@ from budgetlm.tools import OBSERVATION_TEMPLATE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 __all__ = ["TOOL_STRATEGIES", "FunctionTool", "ToolConfig", "ToolReply", "ToolTurn", "ToolsError",
            "history_calls", "render_messages", "tool_config"]
 
-TOOL_STRATEGIES = ("sample", "best_of_n", "majority", "weighted_majority", "adaptive")
+TOOL_STRATEGIES = ("sample", "cot", "best_of_n", "majority", "weighted_majority", "adaptive", "route", "cascade")
 """Strategies that answer with tool calls (the voting ones vote over calls and answers together)."""
 CHOICES = ("auto", "none", "required")
 """String values of ``tool_choice`` (or ``{"type": "function", "function": {"name": ...}}``)."""

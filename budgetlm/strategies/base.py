@@ -57,6 +57,10 @@ class Problem:
     calls on backends with constrained decoding.  ``sample``, the voting strategies and ``adaptive`` honour it
     (:meth:`constrain`), other strategies ignore it."""
 
+    calls_tools: bool = False
+    """The reply may be a tool call (the server's requests with tools): strategies that rewrite the reply (``cot``
+    forces an answer after its reasoning) stop at a ``</tool_call>`` and return the call as the reply."""
+
     def constrain(self, sp: SamplingParams) -> SamplingParams:
         """``sp`` with this problem's :attr:`json_schema` (unchanged when there is none)."""
         return sp if self.json_schema is None else sp.model_copy(update={"json_schema": self.json_schema})

@@ -23,6 +23,12 @@ on the shared engine, one request at a time, independently of the other problems
    back to the whole reply (reasoning, lead, answer); the answer call's trace entry says which
    (``answer_from``: ``"answer"`` or ``"reply"``).  Tag models never answer from their thinking.
 
+**Tool calls** (the server's requests with ``tools``, :attr:`Problem.calls_tools`; our addition): the
+thinking calls also stop at ``</tool_call>``; a reasoning that ends in a tool call is returned as the
+reply (reasoning and call, no forced answer), so the server returns the call.  A forced call (the
+problem's ``assistant_prefix``, ``tool_choice`` required or named) has no reasoning to cap: it is one
+call continuing the prefix under the problem's JSON schema.
+
 Every call is charged to the problem's meter, so nothing can overspend; ``Result.usage`` is the
 meter's total.  Continuations re-render the reply so far as text (``assistant_prefix``), not as
 the prompt's token ids plus the generated ids: engines keep the tokens of a matched stop string
@@ -105,6 +111,7 @@ from budgetlm.errors import BudgetExceeded, ConfigError
 from budgetlm.meter import Meter
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.strategies.voting import room_of
+from budgetlm.tools import TOOL_CALL_CLOSE
 from budgetlm.usage import Usage
 
 _UNBOUNDED_THINKING = 1024
@@ -173,6 +180,10 @@ class BudgetForcingParams(StrategyParams):
         return v
 
 
+FORCED_CALL_TOKENS = 256
+"""Most tokens of a forced tool call's JSON (at least ``answer_tokens``)."""
+
+
 @dataclass
 class _State:
     """One problem's progress."""
@@ -194,6 +205,8 @@ class _State:
     skipped: str | None = None
     passthrough: bool = False
     """Thinking calls pass the cap to the engine (until a call shows it was not applied)."""
+    tool_call: bool = False
+    """The reasoning ended in a tool call (returned as the reply)."""
 
 
 class BudgetForcing(Strategy):
@@ -310,6 +323,8 @@ class BudgetForcing(Strategy):
 
     async def solve_one(self, problem: Problem, ctx: Context) -> Result:
         backend, meter = ctx.backend, ctx.meter
+        if problem.calls_tools and problem.assistant_prefix is not None:
+            return await self._forced_call(problem, ctx)
         fmt = backend.thinking
         boundary = fmt.end if fmt.enabled else self.answer_lead.strip()
         opening = fmt.start if fmt.enabled and not fmt.starts_in_thinking else ""
@@ -322,7 +337,8 @@ class BudgetForcing(Strategy):
             cap = _UNBOUNDED_THINKING if meter.remaining("output_tokens") is None else 1 << 62
         st = _State(prefix=opening, cap=max(0, cap), passthrough=self.thinking_budget_passthrough)
 
-        think_sp = SamplingParams(temperature=self.temperature, seed=self.seed, stop=[boundary], max_tokens=1)
+        stops = [boundary, TOOL_CALL_CLOSE] if problem.calls_tools else [boundary]
+        think_sp = SamplingParams(temperature=self.temperature, seed=self.seed, stop=stops, max_tokens=1)
         # ---- thinking: the first pass, then at most max_waits extensions
         while st.thinking:
             room = self._room(st, meter)
@@ -367,6 +383,10 @@ class BudgetForcing(Strategy):
                     st.passthrough = False  # not applied: plain budget forcing from here on
                 forced = bool(verified) and thought >= limit
             text = c.text
+            if problem.calls_tools and c.stop_string == TOOL_CALL_CLOSE:  # the reasoning called a tool: the reply
+                st.prefix += text + TOOL_CALL_CLOSE
+                st.tool_call, st.thinking = True, False
+                break
             if boundary in text:  # engines exclude stop strings; be safe
                 text = text[: text.find(boundary)]
             st.prefix += text
@@ -380,6 +400,10 @@ class BudgetForcing(Strategy):
             else:
                 st.thinking = False
 
+        if st.tool_call:
+            return Result(problem.id, st.prefix[len(opening):].strip(), None, Usage.zero(), stop_reason="done",
+                          finish_reason="stop", truncated=False, thinking_truncated=False,
+                          sequential_tokens=sum(t["output_tokens"] for t in st.trace), trace=st.trace)
         # ---- forced answer (the call whose output is the answer: streamed)
         req = GenerationRequest(messages=problem.messages, assistant_prefix=self._answer_prefix(st, backend),
                                 id=problem.id, sampling=self._answer_sp, may_think=False)
@@ -395,6 +419,26 @@ class BudgetForcing(Strategy):
             else:
                 st.skipped = "no completion"
         return self._result(problem, meter, st, fmt.enabled)
+
+    async def _forced_call(self, problem: Problem, ctx: Context) -> Result:
+        """A forced tool call: one call continuing the problem's prefix under its JSON schema."""
+        sp = problem.constrain(SamplingParams(temperature=self.temperature, seed=self.seed,
+                                              max_tokens=max(self.answer_tokens, FORCED_CALL_TOKENS)))
+        req = GenerationRequest(messages=problem.messages, assistant_prefix=problem.assistant_prefix, id=problem.id,
+                                sampling=sp, may_think=False)
+        st = _State(prefix="", cap=0)
+        try:
+            g = await ctx.generate(req)
+        except BudgetExceeded as exc:
+            self._call(st, self._refused(req, exc), "call")
+            return Result(problem.id, "", None, Usage.zero(), stop_reason=ctx.meter.exhausted_reason(), trace=st.trace)
+        self._call(st, g, "call")
+        if not g.completions:
+            return Result(problem.id, "", None, Usage.zero(), stop_reason=ctx.meter.exhausted_reason(), trace=st.trace)
+        c = g.first
+        return Result(problem.id, (problem.assistant_prefix or "") + c.text, None, Usage.zero(), stop_reason="done",
+                      finish_reason=c.finish_reason, truncated=c.truncated, sequential_tokens=len(c.token_ids),
+                      trace=st.trace)
 
     def _result(self, p: Problem, m: Meter, st: _State, fmt_enabled: bool) -> Result:
         seq = sum(t["output_tokens"] for t in st.trace)  # every call waits for the one before

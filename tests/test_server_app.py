@@ -326,8 +326,8 @@ def test_allowance_endpoint(start: Start) -> None:
     ({"max_completion_tokens": 0}, openai.BadRequestError, ["`max_completion_tokens` must be >= 1"]),  # no tokens
     ({"reasoning_effort": "extreme"}, openai.BadRequestError, ["minimal, low, medium, high", "'extreme'"]),  # bad effort
     ({"n": 2}, openai.BadRequestError, ["`n` must be 1", "budgetlm/majority"]),  # several choices
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "model": "budgetlm/cot"},
-     openai.BadRequestError, ["`tools` are supported by the strategies", "'cot'"]),  # not yet every strategy
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "model": "budgetlm/beam"},
+     openai.BadRequestError, ["`tools` are supported by the strategies", "'beam'"]),  # not yet every strategy
     ({"messages": []}, openai.BadRequestError, ["at least one message"]),  # empty conversation
     ({"messages": [{"role": "robot", "content": "hi"}]}, openai.BadRequestError, ["messages[0].role", "'robot'"]),
     ({"messages": [{"role": "user", "content": 5}]}, openai.BadRequestError, ["messages[0].content", "int"]),

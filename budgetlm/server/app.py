@@ -77,6 +77,7 @@ from budgetlm.server.protocol import (
 from budgetlm.server.route import RouteDecision, StepRouter
 from budgetlm.server.sessions import (
     FINAL_INSTRUCTION,
+    NO_TOOL_CALLS_LEFT,
     SESSION_HEADER,
     SessionExhausted,
     SessionStore,
@@ -106,6 +107,9 @@ ANONYMOUS = "anonymous"
 """The allowance key of requests when the server has no API keys."""
 KEEPALIVE_S = 10.0
 """Seconds without output after which a stream sends a keep-alive comment."""
+FORCED_FINAL_HEADER = "x-budgetlm-forced-final"
+"""Response header of session calls: ``true`` when the call was forced to be the session's final answer (known
+before it runs, so streamed responses carry it too; frameworks that hide the body expose headers)."""
 STREAM_HEADER = "x-budgetlm-stream"
 """Response header of streamed requests: ``tokens`` (real token deltas) or ``buffered`` (the finished answer)."""
 THREADS = 256
@@ -449,10 +453,29 @@ def _open_session(state: ServerState, key: str, sid: str, req: ChatRequest,
         sb = parse_session_budget(req.session_budget if req.session_budget is not None else default or {})
         return state.sessions.reserve(key, sid, sb, budget, explicit=req.session_budget is not None)
     except SessionExhausted as exc:
+        if exc.held:  # the session's calls in flight hold the rest: retrying after they finish can succeed
+            raise ApiError(429, str(exc), "session", "session_budget_held", "rate_limit_error",
+                           headers={"x-should-retry": "true", "retry-after": "1", SESSION_HEADER: sid}) from None
         raise ApiError(429, str(exc), "session", "session_budget_exhausted", "rate_limit_error",
                        headers={"x-should-retry": "false", SESSION_HEADER: sid}) from None
     except ConfigError as exc:
         raise ApiError(400, str(exc), "session_budget", "invalid_session_budget") from None
+
+
+def _with_final_instruction(messages: list[dict[str, Any]], backend: Backend, meter: Meter,
+                            warnings: list[str]) -> list[dict[str, Any]]:
+    """``messages`` plus the instruction to answer now, when the longer prompt still fits the call's prompt-counted
+    budget (``input_tokens``, ``total_tokens``); otherwise unchanged, with a warning (the tools are withheld anyway)."""
+    extended = [*messages, {"role": "user", "content": FINAL_INSTRUCTION}]
+    rooms = [r for r in (meter.remaining("input_tokens"), meter.remaining("total_tokens")) if r is not None]
+    if rooms:
+        text, ids = backend.render(GenerationRequest(messages=extended))
+        need = len(ids) if ids is not None else backend._approx_tokens(text or "")
+        if need >= min(rooms):
+            warnings.append("forced final answer: the instruction to answer now did not fit the tokens left; the "
+                            "tools were withheld only")
+            return messages
+    return extended
 
 
 def _final_reason(ticket: SessionTicket | None, tools: ToolConfig | None) -> str | None:
@@ -462,7 +485,7 @@ def _final_reason(ticket: SessionTicket | None, tools: ToolConfig | None) -> str
     if ticket.final is not None:
         return ticket.final
     if tools is not None and tools.active and ticket.tool_calls_left is not None and ticket.tool_calls_left < 1:
-        return "the session has no tool calls left"
+        return NO_TOOL_CALLS_LEFT
     return None
 
 
@@ -639,7 +662,9 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                 req = ChatRequest(**data)
             except ValidationError as exc:
                 msg, param = request_error(exc)
-                raise ApiError(400, msg, param) from None
+                code = "invalid_session" if param == "session" else \
+                    "invalid_session_budget" if (param or "").startswith("session_budget") else None
+                raise ApiError(400, msg, param, code) from None
             backend_name, strategy_name, route_name = state.resolve_model(req.model)
             model_name = req.model  # only once resolved: client-chosen strings must not become metric labels
             if req.n not in (None, 1):
@@ -715,12 +740,13 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             if turn is not None and not turn.offered:
                 messages = render_messages(checked, None)
             if final is not None:
-                messages = [*messages, {"role": "user", "content": FINAL_INSTRUCTION}]
+                messages = _with_final_instruction(messages, backend, meter, warnings)
             # a forced call (assistant_prefix) is all tool call: it is sent at the end, not token by token
             tokens = bool(req.stream) and bool(getattr(strategy, "streams", False)) and not (turn and turn.prefix)
             ctx["tools"] = turn
             ctx["stream"] = ("tokens" if tokens else "buffered") if req.stream else None
-            headers = {SESSION_HEADER: ticket.session} if ticket is not None else {}
+            headers = {SESSION_HEADER: ticket.session, FORCED_FINAL_HEADER: str(final is not None).lower()} \
+                if ticket is not None else {}
             queue: asyncio.Queue[Delta | None] = asyncio.Queue()
             problem = Problem(id=res.id, messages=messages, assistant_prefix=turn.prefix if turn else None,
                               json_schema=turn.json_schema if turn else None, calls_tools=bool(turn and turn.active))

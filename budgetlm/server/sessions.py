@@ -152,13 +152,17 @@ def check_session_id(sid: Any, param: str = "session") -> str:
 
 
 class SessionExhausted(BudgetLMError):
-    """The session has nothing left in some unit (HTTP 429, not retryable)."""
+    """The session has nothing left in some unit (HTTP 429; not retryable unless ``held``)."""
 
-    def __init__(self, sid: str, unit: str, spent: float, limit: float) -> None:
-        self.session, self.unit, self.spent, self.limit = sid, unit, spent, limit
-        super().__init__(
-            f"the budget of session {sid!r} is spent: {unit} {spent:g} of {limit:g} used (or held by its calls in "
-            f"flight); end the agent task, or start a new session with a larger session_budget")
+    def __init__(self, sid: str, unit: str, spent: float, limit: float, held: bool = False) -> None:
+        self.session, self.unit, self.spent, self.limit, self.held = sid, unit, spent, limit, held
+        if held:
+            msg = (f"the budget of session {sid!r} is held by its calls in flight: {unit} {spent:g} of {limit:g} spent "
+                   f"or held; retry when they finish (or give each call a smaller budget)")
+        else:
+            msg = (f"the budget of session {sid!r} is spent: {unit} {spent:g} of {limit:g} used; end the agent task, "
+                   f"or start a new session with a larger session_budget")
+        super().__init__(msg)
 
 
 @dataclass
@@ -289,7 +293,7 @@ class SessionStore:
             if b.steps is not None:
                 left_steps = b.steps - row.steps - held_steps
                 if left_steps < 1:
-                    raise SessionExhausted(sid, "steps", row.steps + held_steps, b.steps)
+                    raise SessionExhausted(sid, "steps", row.steps + held_steps, b.steps, held=row.steps < b.steps)
                 rho = min(rho, left_steps / b.steps)
                 if left_steps == 1:
                     final = f"the session's last step ({b.steps} steps)"
@@ -304,9 +308,13 @@ class SessionStore:
                     left = max(left, 0.0)
                     tool_left = left
                 elif left <= 0 or (unit in INTEGER_UNITS and left < 1):
+                    spent = row.spent.get(unit, 0.0)
                     used = lim - max(left, 0.0) if unit == "wall_seconds" else \
-                        row.spent.get(unit, 0.0) + sum(t.held.get(unit, 0.0) for t in holds)
-                    raise SessionExhausted(sid, unit, used, lim)
+                        spent + sum(t.held.get(unit, 0.0) for t in holds)
+                    room = lim - spent  # what the session would have if its calls in flight held nothing
+                    held = unit != "wall_seconds" and bool(holds) and room > 0 and \
+                        not (unit in INTEGER_UNITS and room < 1)
+                    raise SessionExhausted(sid, unit, used, lim, held=held)
                 rho = min(rho, max(left, 0.0) / lim)
                 want = clamped.get(unit)
                 clamped[unit] = left if want is None else min(want, left)

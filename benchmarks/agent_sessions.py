@@ -11,12 +11,16 @@ samples, as in the routing benchmark):
   (``budget_aware`` around ``logprob`` scored on a 32-token greedy prefix: the threshold rises as the
   session's budget falls).
 
-Each task is an agent loop written against the raw client, as framework code would be: the model is
-called with the ``search`` and ``calculator`` tools as OpenAI function tools (``tool_choice`` is
+Each task is an agent run by the OpenAI Agents SDK (``--client sdk``, the default: an ``Agent`` with
+``search`` and ``calculator`` function tools on the SDK's chat-completions model pointed at the server,
+the session header on its client and the session budget in ``ModelSettings.extra_body``), or a loop
+written against the raw client (``--client raw``).  The model is called with the tools (``tool_choice`` is
 ``required`` on the first step, since the 135M model rarely calls tools unprompted, then ``auto``; with
 ``--tool-choice always`` on every step, so a task ends only with the session's forced final answer), tool
-calls are run locally and sent back as ``tool`` messages, and the loop ends at the first answer
-without tool calls, or when the server refuses the session (429 ``session_budget_exhausted``).  All
+calls are run locally and sent back as ``tool`` messages, and the run ends at the first answer
+without tool calls, or when the server refuses the session (429 ``session_budget_exhausted``).  Per-step
+figures (which arm ran, forced answers) come from ``GET /v1/sessions/{id}``, since the SDK does not expose
+the response's ``budgetlm`` block.  All
 calls of a task carry one ``X-Budgetlm-Session`` id; the first sends the ``session_budget``.  After the
 task, ``GET /v1/sessions/{id}`` gives the session's spend, which is checked against the budget in every
 unit (a *violation* is any unit or the step count above its limit).
@@ -137,6 +141,68 @@ async def run_task(c: Any, http: Any, route: str, level: str, item: Any, suite: 
             "seconds": time.monotonic() - t0}
 
 
+def _sdk_tools(item: Any) -> list[Any]:
+    """The item's ``search`` and ``calculator`` as Agents SDK function tools."""
+    from agents import function_tool
+
+    fns = {t.name: t.fn for t in item.tools}
+
+    @function_tool(name_override="search")
+    def search(query: str) -> str:
+        """The facts of one entity (person, city or company) by its exact name.
+
+        Args:
+            query: The entity's name.
+        """
+        return str(fns["search"](query=query))[:800]
+
+    @function_tool(name_override="calculator")
+    def calculator(expression: str) -> str:
+        """Evaluate an arithmetic expression such as '2024 - 1990'.
+
+        Args:
+            expression: The expression.
+        """
+        return str(fns["calculator"](expression=expression))[:800]
+
+    return [search, calculator]
+
+
+async def run_task_sdk(url: str, http: Any, route: str, level: str, item: Any, suite: Any,
+                       tool_choice: str = "first") -> dict[str, Any]:
+    """One agent task run by the OpenAI Agents SDK (its chat-completions model) in its own session."""
+    from agents import Agent, ModelSettings, OpenAIChatCompletionsModel, Runner, set_tracing_disabled
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)
+    sid = f"{route}-{level}-{item.id}-{uuid.uuid4().hex[:8]}"
+    budget = LEVELS[level]
+    client = AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600,
+                         default_headers={"X-Budgetlm-Session": sid})
+    agent = Agent(name="kb", tools=_sdk_tools(item),
+                  model=OpenAIChatCompletionsModel(model=f"{route}/route", openai_client=client),
+                  model_settings=ModelSettings(tool_choice="required", temperature=0.0, extra_body={
+                      "session_budget": budget, "strategy_params": {"max_tokens": STEP_TOKENS}}),
+                  reset_tool_choice=tool_choice == "first")  # first: the SDK drops tool_choice after a call
+    answer, refused = None, None
+    t0 = time.monotonic()
+    try:
+        result = await Runner.run(agent, item.messages[-1]["content"], max_turns=int(budget["steps"]) + 2)
+        answer = str(result.final_output or "")
+    except Exception as exc:  # noqa: BLE001 -- a refused session (429) or the SDK's own limits end the task
+        refused = f"{type(exc).__name__}: {str(exc)[:200]}"
+    report = (await http.get(f"/v1/sessions/{sid}")).json()
+    calls = report["calls"]
+    violations = [u for u, lim in budget.items()
+                  if (report["steps"] if u == "steps" else report["spent"].get(u, 0.0)) > lim]
+    grade = suite.grade(item, answer) if answer is not None else None
+    return {"route": route, "level": level, "item": item.id, "session": sid, "correct": bool(grade and grade.correct),
+            "answered": answer is not None, "steps": len(calls),
+            "expensive_steps": sum((c["route"] or {}).get("arm") == "expensive" for c in calls),
+            "forced_final": sum(c["forced_final"] for c in calls), "refused": refused, "spent": report["spent"],
+            "session_steps": report["steps"], "violations": violations, "seconds": time.monotonic() - t0}
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for level in LEVELS:
@@ -172,7 +238,8 @@ def print_table(table: list[dict[str, Any]]) -> None:
               f"{t['forced_final']} | {t['refused']} | {t['violations']} |")
 
 
-async def drive(url: str, items: list[Any], suite: Any, concurrency: int, tool_choice: str) -> list[dict[str, Any]]:
+async def drive(url: str, items: list[Any], suite: Any, concurrency: int, tool_choice: str,
+                client: str = "sdk") -> list[dict[str, Any]]:
     import httpx
     from openai import AsyncOpenAI
 
@@ -182,7 +249,10 @@ async def drive(url: str, items: list[Any], suite: Any, concurrency: int, tool_c
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         async def one(route: str, level: str, item: Any) -> None:
             async with sem:
-                rows.append(await run_task(c, http, route, level, item, suite, tool_choice))
+                if client == "sdk":
+                    rows.append(await run_task_sdk(url, http, route, level, item, suite, tool_choice))
+                else:
+                    rows.append(await run_task(c, http, route, level, item, suite, tool_choice))
 
         for i, item in enumerate(items):  # every configuration on the same item at once: interleaved
             await asyncio.gather(*(one(r, lv, item) for lv in LEVELS for r in ROUTES))
@@ -199,6 +269,8 @@ def main() -> None:
     ap.add_argument("--difficulty", default="mixed")
     ap.add_argument("--concurrency", type=int, default=9)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--client", choices=("sdk", "raw"), default="sdk",
+                    help="sdk: the OpenAI Agents SDK runs each task; raw: a loop on the openai client")
     ap.add_argument("--tool-choice", choices=("first", "always"), default="first",
                     help="first: `required` on the first step, then `auto`; always: `required` on every step, so "
                          "the task ends only with the session's forced final answer")
@@ -224,12 +296,12 @@ def main() -> None:
     t0 = time.monotonic()
     try:
         print(f"server ready in {srv.wait_ready():.0f} s", flush=True)
-        rows = asyncio.run(drive(srv.url, items, suite, args.concurrency, args.tool_choice))
+        rows = asyncio.run(drive(srv.url, items, suite, args.concurrency, args.tool_choice, args.client))
     finally:
         srv.stop()
     table = summarize(rows)
     print(f"\nkb_agent ({args.items} items, seed {args.seed}, difficulty {args.difficulty}, tool_choice "
-          f"{args.tool_choice}), "
+          f"{args.tool_choice}, client {args.client}), "
           f"{time.monotonic() - t0:.0f} s; session budgets: {json.dumps(LEVELS)}")
     print_table(table)
     total_v = sum(t["violations"] for t in table)
@@ -237,7 +309,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "table": table, "rows": rows, "levels": LEVELS, "server_config": cfg, "items": args.items, "seed": args.seed,
-        "difficulty": args.difficulty, "concurrency": args.concurrency, "tool_choice": args.tool_choice, "step_tokens": STEP_TOKENS,
+        "difficulty": args.difficulty, "concurrency": args.concurrency, "tool_choice": args.tool_choice, "client": args.client, "step_tokens": STEP_TOKENS,
         "versions": library_versions(),
     }, indent=1, default=str))
     print(f"wrote {args.out}")

@@ -497,3 +497,16 @@ def test_real_vllm_named_tool_choice_emits_a_schema_valid_call(start: Start, vll
     assert calls and calls[0].function.name in ("get_weather", "get_time")
     params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
     jsonschema.validate(json.loads(calls[0].function.arguments), params[calls[0].function.name])
+
+
+@pytest.mark.parametrize("reply, content", [
+    ('Let me see. <tool_call>{"name": "get_weather", "arguments": {"city": "Par', "Let me see."),  # never closed
+    ('<tool_call>{"name": "get_weather", "arguments": nonsense}</tool_call>', ""),  # does not parse
+])
+def test_a_call_that_does_not_parse_is_dropped_not_returned_as_content(start: Start, reply: str, content: str) -> None:
+    s, _ = _server(start, reply)
+    r = s.client().chat.completions.create(model="budgetlm/sample", messages=USER, tools=TOOLS)
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content == content
+    assert "<tool_call>" not in (r.choices[0].message.content or "")
+    [w] = [w for w in r.model_extra["budgetlm"]["warnings"] if "started a tool call" in w]
+    assert "raise strategy_params.max_tokens" in w

@@ -328,6 +328,13 @@ class ToolTurn:
             text += TOOL_CALL_CLOSE  # the schema ends the reply with the call's JSON: close its block
         content, calls = parse_tool_calls(text)
         if not calls:
+            cut = text.find(TOOL_CALL_OPEN)
+            if cut >= 0:  # a call that never closed or parsed (cut by max_tokens): never returned as content
+                result.text = text[:cut].rstrip()
+                why = "it was cut by the token limit" if result.truncated or result.finish_reason == "length" else \
+                    "its JSON did not parse"
+                self.warnings.append(f"the reply started a tool call that was dropped because {why}; raise "
+                                     f"strategy_params.max_tokens (or the budget) for longer calls")
             return result
         kept: list[ToolCall] = []
         for c in calls:

@@ -18,6 +18,7 @@ from test_server_app import Server, Start, _start
 from budgetlm.backends.base import SamplingParams
 from budgetlm.backends.scripted import ScriptedBackend
 from budgetlm.budget import Budget
+from budgetlm.errors import ConfigError
 from budgetlm.meter import Meter
 from budgetlm.server.tools import ToolCallHoldback, ToolTurn, render_messages, tool_config
 from budgetlm.strategies.aggregate import action_key
@@ -89,7 +90,8 @@ def test_a_tool_call_is_returned_as_tool_calls(echo: tuple[Server, Recorder]) ->
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
     extra = r.model_extra["budgetlm"]
     assert extra["ledger"]["units"]["tool_calls"]["spent"] == 1  # one unit per returned call
-    assert extra["tools"] == {"choice": "auto", "offered": True, "constrained": False, "calls": 1}
+    assert extra["tools"] == {"choice": "auto", "offered": True, "constrained": False, "calls": 1,
+                              "parser": "budgetlm"}
     prompt = rec.prompts[-1]  # the tool list with its schema, in the system turn, before the user's question
     assert prompt.startswith("<|system|> You can call functions.") and '"name": "get_weather"' in prompt
     assert '"required": ["city"]' in prompt and "<|user|> Weather in Paris?" in prompt
@@ -375,7 +377,7 @@ def test_forced_calls_carry_the_schema_on_a_constrained_backend(start: Start, mo
     [call] = r.choices[0].message.tool_calls
     assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Rome"}
     assert r.model_extra["budgetlm"]["tools"] == {"choice": "get_weather", "offered": True, "constrained": True,
-                                                  "calls": 1}
+                                                  "calls": 1, "parser": "budgetlm"}
     schemas.clear()
     s.client().chat.completions.create(model=model, messages=USER, tools=TOOLS, extra_body=extra)
     assert schemas and all(sc is None for sc in schemas)  # auto: unconstrained
@@ -510,3 +512,37 @@ def test_a_call_that_does_not_parse_is_dropped_not_returned_as_content(start: St
     assert "<tool_call>" not in (r.choices[0].message.content or "")
     [w] = [w for w in r.model_extra["budgetlm"]["warnings"] if "started a tool call" in w]
     assert "raise strategy_params.max_tokens" in w
+
+
+def test_tool_parsers_need_an_in_process_vllm_backend_and_a_known_backend_name() -> None:
+    from budgetlm.server import ServerConfig
+    from budgetlm.server.tool_parsers import EngineToolParser
+
+    with pytest.raises(ConfigError, match=r"`tool_parsers.default` needs an in-process vLLM backend"):
+        EngineToolParser.for_backend("hermes", ScriptedBackend(["x"]), "default")
+    with pytest.raises(ConfigError, match=r"`tool_parsers` must name backends \(default\), got \['small'\]"):
+        ServerConfig(tool_parsers={"small": "hermes"})
+
+
+@pytest.mark.slow
+def test_real_vllm_hermes_tool_parser_parses_the_calls(start: Start, vllm_backend: Any) -> None:
+    """vLLM's own `hermes` parser on the engine's tokenizer: the same calls and content as budgetlm's parser, and
+    a server configured with it answers forced calls through it."""
+    from budgetlm.server.tool_parsers import EngineToolParser, parser_names
+
+    assert "hermes" in parser_names()
+    with pytest.raises(ConfigError, match=r"vLLM tool parsers \(.*hermes.*\), got 'nope'"):
+        EngineToolParser.for_backend("nope", vllm_backend, "default")
+    parser = EngineToolParser.for_backend("hermes", vllm_backend, "default")
+    text = f"Checking both. {CALL}\n" + '<tool_call>{"name": "get_time", "arguments": {"city": "Paris"}}</tool_call>'
+    content, calls = parser.parse(text, TOOLS)
+    assert (content, calls) == parse_tool_calls(text)
+    assert [c.name for c in calls] == ["get_weather", "get_time"] and content == "Checking both."
+    assert parser.parse("No call here.", TOOLS) == ("No call here.", [])
+    s = start(backends={"default": vllm_backend}, tool_parsers={"default": "hermes"})
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = s.client().chat.completions.create(model="budgetlm/sample", messages=USER, tools=TOOLS, tool_choice=named,
+                                           temperature=0, max_tokens=80)
+    [call] = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
+    assert r.model_extra["budgetlm"]["tools"]["parser"] == "vllm:hermes"

@@ -35,6 +35,7 @@ word-sized chunks.  The response header ``x-budgetlm-stream`` (``tokens`` or ``b
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -86,6 +87,7 @@ from budgetlm.server.sessions import (
     parse_session_budget,
 )
 from budgetlm.server.store import AllowanceExceeded, AllowanceStore
+from budgetlm.server.tool_parsers import EngineToolParser
 from budgetlm.server.tools import (
     TOOL_STRATEGIES,
     ToolCallHoldback,
@@ -152,6 +154,8 @@ class ServerState:
         self.store = AllowanceStore(cfg.db_path)
         self.sessions = SessionStore(cfg.db_path, cfg.session_ttl_s)
         self.routers: dict[str, StepRouter] = {}
+        self.tool_parsers: dict[str, EngineToolParser] = {}
+        """vLLM tool parsers by backend name (``tool_parsers`` in the config)."""
         """Per-step routers by route name (built at start, on the loaded backends)."""
         self.metrics = Metrics()
         self.strategies = StrategyCache()
@@ -164,6 +168,8 @@ class ServerState:
             self.backends[name] = self.given.get(name) or load_backend(spec)
         for name, route in self.cfg.routes.items():
             self.routers[name] = StepRouter(name, route, self.backends)
+        for name, parser in self.cfg.tool_parsers.items():
+            self.tool_parsers[name] = EngineToolParser.for_backend(parser, self.backends[name], name)
         self.sessions.purge()
 
     def stop(self) -> None:
@@ -734,6 +740,10 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                 backend = state.backends[backend_name]
                 ctx["backend"], ctx["backend_name"] = cfg.backends[backend_name], backend_name
             turn = ToolTurn.plan(tools, meter, backend.constrained_decoding) if tools is not None else None
+            if turn is not None and backend_name in state.tool_parsers:
+                engine_parser = state.tool_parsers[backend_name]
+                turn.parser = functools.partial(engine_parser.parse, tools=list(req.tools or []))
+                turn.parser_name = f"vllm:{engine_parser.name}"
             if turn is not None and final is not None:
                 turn = ToolTurn(turn.cfg, offered=False, warnings=[f"forced final answer: {final}; the tools were "
                                                                    f"withheld and the model was told to answer now"])

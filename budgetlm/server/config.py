@@ -92,6 +92,10 @@ class ServerConfig(Config):
         default_factory=dict, description="Per-key session budgets replacing `session_budget`.")
     session_ttl_s: float = Field(default=86400.0, gt=0, description="Seconds an idle session is kept; a call with an "
                                                                     "expired id starts a new session.")
+    tool_parsers: dict[str, str] = Field(
+        default_factory=dict, description="Backend name → vLLM tool parser (hermes, qwen3_json, ...) that parses that "
+                                          "backend's tool calls instead of budgetlm's <tool_call> parser (in-process "
+                                          "vLLM backends only).")
     routes: dict[str, RouteSpec] = Field(
         default_factory=dict, description="Per-step routes between a cheap and an expensive backend: model "
                                           "`<name>/route` (and `budgetlm/route` for the first one).")
@@ -182,6 +186,9 @@ class ServerConfig(Config):
 
     @model_validator(mode="after")
     def _cross(self) -> ServerConfig:
+        unknown_b = [b for b in self.tool_parsers if b not in self.backends]
+        if unknown_b:
+            raise ValueError(f"`tool_parsers` must name backends ({', '.join(self.backends)}), got {unknown_b}")
         for name, r in self.routes.items():
             if name == "budgetlm" or name in self.backends or not _NAME.match(name):
                 raise ValueError(f"`routes` names must be letters, digits, '_', '.', '-', not 'budgetlm' and not a "

@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -306,6 +307,10 @@ class ToolTurn:
     constrained: bool = False
     """True when a forced call is decoded under :meth:`ToolConfig.call_schema` (the backend has constrained
     decoding): the reply starts with ``<tool_call>`` and the model writes the call's JSON only."""
+    parser: Callable[[str], tuple[str, list[ToolCall]]] | None = None
+    """Parses a reply into ``(content, calls)`` (a vLLM tool parser, :mod:`.tool_parsers`); ``None``: budgetlm's."""
+    parser_name: str = "budgetlm"
+    """The parser's name, for the ledger."""
 
     @property
     def prefix(self) -> str | None:
@@ -326,7 +331,7 @@ class ToolTurn:
         text = result.text
         if self.json_schema is not None and text.startswith(TOOL_CALL_OPEN) and TOOL_CALL_CLOSE not in text:
             text += TOOL_CALL_CLOSE  # the schema ends the reply with the call's JSON: close its block
-        content, calls = parse_tool_calls(text)
+        content, calls = (self.parser or parse_tool_calls)(text)
         if not calls:
             cut = text.find(TOOL_CALL_OPEN)
             if cut >= 0:  # a call that never closed or parsed (cut by max_tokens): never returned as content
@@ -355,7 +360,8 @@ class ToolTurn:
     def ledger(self) -> dict[str, Any]:
         """The ``budgetlm.tools`` block: choice, whether tools were shown, calls returned."""
         return {"choice": self.cfg.function or self.cfg.choice, "offered": self.active,
-                "constrained": self.json_schema is not None, "calls": len(self.reply.calls) if self.reply else 0}
+                "constrained": self.json_schema is not None, "calls": len(self.reply.calls) if self.reply else 0,
+                "parser": self.parser_name}
 
 
 class ToolCallHoldback:

@@ -988,3 +988,20 @@ def test_a_held_session_answers_a_retryable_429(shared: Server) -> None:
     finally:
         store.release(ticket)
     assert _post(shared, {}, sid).status_code == 200  # released: the call runs
+
+
+@pytest.mark.parametrize(("threshold", "arm"), [(0.5, "expensive"), (0.75, "cheap")])
+def test_a_learned_step_policy_plugs_in_as_the_router(tmp_path: Path, threshold: float, arm: str) -> None:
+    """BoPO's step policy (``lm_policy``: a chat model answering small/large, loaded from a backend spec) routes a
+    server route from the config alone.  The scripted policy answers neither word: score 0.5 (unparseable)."""
+    routes = {"bopo": {"cheap": "small", "expensive": "default", "threshold": threshold,
+                       "router": {"name": "lm_policy", "params": {"model": "scripted"}}}}
+    s = _start(tmp_path / "bopo.sqlite", backends=_backends(), routes=routes)
+    try:
+        r = s.client().chat.completions.create(model="bopo/route", messages=_user("bopo"))
+        route = r.model_extra["budgetlm"]["route"]
+        assert route["score"] == 0.5 and route["arm"] == arm and route["reason"] == "routed"
+        assert r.choices[0].message.content == (CALLER if arm == "expensive" else CHEAP)
+        assert s.state.routers["bopo"].router.counts == {"small": 0, "large": 0, "unparseable": 1}
+    finally:
+        s.stop()

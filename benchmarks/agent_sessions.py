@@ -203,6 +203,11 @@ async def run_task_sdk(url: str, http: Any, route: str, level: str, item: Any, s
             "session_steps": report["steps"], "violations": violations, "seconds": time.monotonic() - t0}
 
 
+def _refused(row: dict[str, Any]) -> bool:
+    """The task ended because the server refused its session (429), not because the client failed."""
+    return row["refused"] is not None and ("429" in row["refused"] or "RateLimitError" in row["refused"])
+
+
 def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for level in LEVELS:
@@ -221,7 +226,8 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "steps": steps / n,
                 "expensive_share": sum(r["expensive_steps"] for r in rs) / max(steps, 1),
                 "forced_final": sum(r["forced_final"] for r in rs),
-                "refused": sum(r["refused"] is not None for r in rs),
+                "refused": sum(_refused(r) for r in rs),
+                "errors": sum(r["refused"] is not None and not _refused(r) for r in rs),
                 "violations": sum(bool(r["violations"]) for r in rs),
             })
     return out
@@ -229,13 +235,13 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def print_table(table: list[dict[str, Any]]) -> None:
     head = ("level", "route", "success", "answered", "out tok", "total tok", "tool calls", "steps", "expensive",
-            "forced", "refused", "violations")
+            "forced", "refused", "client errors", "violations")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for t in table:
         print(f"| {t['level']} | {t['route']} | {t['success']:.2f} | {t['answered']:.2f} | {t['output_tokens']:.0f} | "
               f"{t['total_tokens']:.0f} | {t['tool_calls']:.2f} | {t['steps']:.2f} | {t['expensive_share']:.2f} | "
-              f"{t['forced_final']} | {t['refused']} | {t['violations']} |")
+              f"{t['forced_final']} | {t['refused']} | {t.get('errors', 0)} | {t['violations']} |")
 
 
 async def drive(url: str, items: list[Any], suite: Any, concurrency: int, tool_choice: str,
@@ -275,7 +281,14 @@ def main() -> None:
                     help="first: `required` on the first step, then `auto`; always: `required` on every step, so "
                          "the task ends only with the session's forced final answer")
     ap.add_argument("--out", default="benchmarks/results/agent_sessions.json")
+    ap.add_argument("--table", metavar="RESULTS_JSON", help="print the table of a saved run and exit")
     args = ap.parse_args()
+    if args.table:
+        saved = json.loads(Path(args.table).read_text())
+        print_table(summarize(saved["rows"]))
+        for e in sorted({r["refused"][:100] for r in saved["rows"] if r["refused"] is not None and not _refused(r)}):
+            print(f"client error: {e}")
+        return
 
     import yaml
 
@@ -306,6 +319,8 @@ def main() -> None:
     print_table(table)
     total_v = sum(t["violations"] for t in table)
     print(f"\nsession-budget violations: {total_v} of {len(rows)} sessions")
+    for e in sorted({r["refused"][:100] for r in rows if r["refused"] is not None and not _refused(r)}):
+        print(f"client error: {e}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "table": table, "rows": rows, "levels": LEVELS, "server_config": cfg, "items": args.items, "seed": args.seed,

@@ -8,7 +8,12 @@ directory (default: the first run directory):
   breakdown and Pareto flags, the Pareto frontiers, frontier cost-of-pass, token complexity per
   model with its oracle-accuracy curve, and the runs' metadata.  Strict JSON: infinite or
   undefined numbers (cost-of-pass at zero accuracy, τ of never-solved questions) are ``null``;
-  question keys are ``"suite/item_id"``.
+  question keys are ``"suite/item_id"``.  Token complexity counts ``n_infinite_tau`` (τ = ∞: no token
+  threshold beats "always wrong") apart from ``n_never_solved`` (no configuration of the model solved
+  it — the frontier cost-of-pass's unsolved count on that model's records); the first includes the second.
+* The tables and the notes (prose) are rendered from the ``summary.json`` document alone, so every
+  figure in them is one of its fields; parameter values are shown by :func:`format_value`
+  (``delimiter='\\n\\n'``, never a blank).
 * ``summary.md`` — one Markdown table row per configuration, then a per-suite table.
 * ``accuracy_vs_tokens.png`` — accuracy (95% CI bars) vs mean output tokens, one line per
   (run, model, strategy, params) across budgets, the Pareto frontier as a step line with ringed
@@ -53,6 +58,7 @@ from budgetlm.evals.metrics import (
     FrontierCostOfPass,
     accuracy_vs_cost_curves,
     finite_json,
+    format_value,
     frontier_cost_of_pass,
     frontier_summaries,
     oracle_curve,
@@ -120,32 +126,6 @@ def _fmt_num(x: float | None, digits: int = 3) -> str:
     if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
         return f"{x:.{digits}g}"
     return f"{x:,.{digits}f}".rstrip("0").rstrip(".") if isinstance(x, float) else f"{x:,}"
-
-
-_PLAIN_PUNCT = frozenset("'\"\\,=[]{}:")
-"""Characters that make a string ambiguous in a ``k=v, k=v`` cell, so it is shown quoted."""
-
-
-def format_value(value: Any, *, nested: bool = False) -> str:
-    """One parameter value as a table shows it: readable, unambiguous and on one line.
-
-    Numbers as written (``2.0`` → ``2``), ``None``/booleans as Python spells them, plain strings bare
-    (``greedy``, ``café``), and strings that are empty or hold whitespace, control characters, quotes or
-    separators repr-style with escapes (``'\\n\\n'``, ``'a b'``), so ``delimiter='\\n\\n'`` never renders as
-    blank.  Lists and dicts recurse, their strings always quoted (``['a', 'b']``, ``{'k': 1}``).
-    """
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if isinstance(value, str):
-        plain = value and all(c.isprintable() and not c.isspace() and c not in _PLAIN_PUNCT for c in value)
-        return value if plain and not nested else repr(value)
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{format_value(k, nested=True)}: {format_value(v, nested=True)}"
-                               for k, v in value.items()) + "}"
-    if isinstance(value, list | tuple):
-        inner = ", ".join(format_value(v, nested=True) for v in value)
-        return f"({inner}{',' if len(value) == 1 else ''})" if isinstance(value, tuple) else f"[{inner}]"
-    return repr(value) if isinstance(value, bool | None) else str(value)
 
 
 def _fmt_dict(d: dict[str, Any]) -> str:

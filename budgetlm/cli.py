@@ -7,6 +7,12 @@
 * ``budgetlm train CONFIG.yaml --out DIR`` — GRPO training with a recipe, then trained-vs-base evaluation.
 * ``budgetlm serve --backend SPEC`` — the OpenAI-compatible server (:mod:`budgetlm.server`).
 * ``budgetlm model`` — prepare the embedded default model and print its path.
+* ``budgetlm report RUN_DIR... [--format md|json|html]`` — write the report and print its table (default),
+  or print the Markdown tables and notes (``md``) or ``summary.json`` (``json``), or write it and print
+  ``report.html``'s path (``html``).
+
+Result tables go to stdout as a compact rich table on a terminal; when stdout is not a terminal (a pipe,
+a log file) they are a plain Markdown table, one unwrapped line per row, parameters shown with escapes.
 
 stdout carries only the commands' output (the answer, ``--json`` documents, the eval table); every
 log line — budgetlm's, vLLM's and transformers' — goes to stderr, quiet by default (warnings; vLLM
@@ -379,7 +385,7 @@ def route_calibrate(
 
 
 def out_console_path(path: Any) -> None:
-    out.print(f"report: {path}/report.html")
+    out.print(f"report: {path}/report.html", soft_wrap=True, highlight=False, markup=False)
 
 
 def out_json(text: str) -> None:
@@ -403,8 +409,22 @@ def _fmt(x: Any, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
+def _stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
+
+
+def _write_stdout(text: str) -> None:
+    """Plain text on stdout, exactly as given (no rich wrapping, markup or colour)."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
 def _print_summary(report_dir: Any) -> None:
-    """A terminal table of a report's configurations (the full table is in summary.md)."""
+    """A report's configurations table on stdout: on a terminal a compact rich table (the full table is in
+    summary.md); otherwise (a pipe, a log file) the full Markdown table, one unwrapped line per row."""
     path = Path(report_dir) / "summary.json"
     if not path.exists():
         return
@@ -432,24 +452,49 @@ def _print_summary(report_dir: Any) -> None:
             console.print(f"[yellow]{n_err} errored records[/] in {escape(c['strategy'])} {escape(f'[{budget}]')} "
                           f"({c['config_id']}): left out of its accuracy, not ranked on the Pareto frontier",
                           highlight=False, soft_wrap=True)
-    out.print(table)
+    if _stdout_is_terminal():
+        out.print(table)
+        return
+    from budgetlm.evals.report import markdown_table
+
+    _write_stdout(markdown_table(summary))
+
+
+REPORT_FORMATS = ("md", "json", "html")
 
 
 @app.command()
 def report(
     runs: Annotated[list[str], typer.Argument(help="Run folders to report on (compared on one chart).")],
     out_dir: Annotated[str | None, typer.Option("--out", "-o", help="Where to write (default: the first run).")] = None,
+    fmt: Annotated[str | None, typer.Option(
+        "--format", "-f", help="md: the Markdown tables and notes on stdout; json: summary.json's content on "
+                               "stdout (md and json write nothing); html: write the report and print report.html's "
+                               "path. Default: write the report, print the table and the path.")] = None,
 ) -> None:
-    """Write summary.json, summary.md, PNG plots and report.html for one or more runs."""
-    from budgetlm.evals.report import write_report
+    """Write summary.json, summary.md, PNG plots and report.html for one or more runs (or print one format)."""
+    from budgetlm.evals.report import markdown_summary, summary_doc, write_report
 
     try:
-        path = write_report([Path(r) for r in runs], Path(out_dir) if out_dir else None).parent
+        if fmt is not None and fmt not in REPORT_FORMATS:
+            raise BudgetLMError(f"`--format` must be one of {', '.join(REPORT_FORMATS)}, got {fmt!r}; "
+                                "or leave it out to write the report and print its table")
+        if fmt in ("md", "json"):
+            if out_dir is not None:
+                raise BudgetLMError(f"`--out` must be left out with `--format {fmt}`, got {out_dir!r}: md and json "
+                                    "print to stdout and write nothing; use --format html or no --format to write")
+            doc = summary_doc([Path(r) for r in runs])
+            _write_stdout(markdown_summary(doc) if fmt == "md" else json.dumps(doc, indent=2, allow_nan=False))
+            return
+        html_path = write_report([Path(r) for r in runs], Path(out_dir) if out_dir else None)
     except BudgetLMError as exc:
         _fail(exc)
         return
-    _print_summary(path)
-    out_console_path(path)
+    if fmt == "html":
+        _write_stdout(str(html_path))
+        return
+    _print_summary(html_path.parent)
+    out_console_path(html_path.parent)
 
 
 @app.command()

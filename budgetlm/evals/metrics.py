@@ -646,12 +646,38 @@ def short_model(model: str) -> str:
     return f"{prefix}{sep}{rest}"
 
 
+_PLAIN_PUNCT = frozenset("'\"\\,=[]{}:")
+"""Characters that make a string ambiguous in a ``k=v, k=v`` cell, so it is shown quoted."""
+
+
+def format_value(value: Any, *, nested: bool = False) -> str:
+    """One parameter value as a table shows it: readable, unambiguous and on one line.
+
+    Numbers as written (``2.0`` → ``2``), ``None``/booleans as Python spells them, plain strings bare
+    (``greedy``, ``café``), and strings that are empty or hold whitespace, control characters, quotes or
+    separators repr-style with escapes (``'\\n\\n'``, ``'a b'``), so ``delimiter='\\n\\n'`` never renders as
+    blank.  Lists and dicts recurse, their strings always quoted (``['a', 'b']``, ``{'k': 1}``).
+    """
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str):
+        plain = value and all(c.isprintable() and not c.isspace() and c not in _PLAIN_PUNCT for c in value)
+        return value if plain and not nested else repr(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{format_value(k, nested=True)}: {format_value(v, nested=True)}"
+                               for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        inner = ", ".join(format_value(v, nested=True) for v in value)
+        return f"({inner}{',' if len(value) == 1 else ''})" if isinstance(value, tuple) else f"[{inner}]"
+    return repr(value) if isinstance(value, bool | None) else str(value)
+
+
 def curve_label(run: str, model: str, strategy: str, params: Mapping[str, Any]) -> str:
     """Human label of a (run, model, strategy, params) group."""
     parts = [p for p in (run, short_model(model), strategy) if p]
     label = " · ".join(parts)
     if params:
-        label += " " + ",".join(f"{k}={v}" for k, v in sorted(params.items()))
+        label += " " + ",".join(f"{k}={format_value(v)}" for k, v in sorted(params.items()))
     return label
 
 

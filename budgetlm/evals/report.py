@@ -8,7 +8,12 @@ directory (default: the first run directory):
   breakdown and Pareto flags, the Pareto frontiers, frontier cost-of-pass, token complexity per
   model with its oracle-accuracy curve, and the runs' metadata.  Strict JSON: infinite or
   undefined numbers (cost-of-pass at zero accuracy, τ of never-solved questions) are ``null``;
-  question keys are ``"suite/item_id"``.
+  question keys are ``"suite/item_id"``.  Token complexity counts ``n_infinite_tau`` (τ = ∞: no token
+  threshold beats "always wrong") apart from ``n_never_solved`` (no configuration of the model solved
+  it — the frontier cost-of-pass's unsolved count on that model's records); the first includes the second.
+* The tables and the notes (prose) are rendered from the ``summary.json`` document alone, so every
+  figure in them is one of its fields; parameter values are shown by :func:`format_value`
+  (``delimiter='\\n\\n'``, never a blank).
 * ``summary.md`` — one Markdown table row per configuration, then a per-suite table.
 * ``accuracy_vs_tokens.png`` — accuracy (95% CI bars) vs mean output tokens, one line per
   (run, model, strategy, params) across budgets, the Pareto frontier as a step line with ringed
@@ -48,12 +53,12 @@ from typing import Any
 
 from budgetlm.errors import ConfigError, MissingDependency, invalid
 from budgetlm.evals.metrics import (
-    ConfigKey,
     ConfigSummary,
     CostKind,
     FrontierCostOfPass,
     accuracy_vs_cost_curves,
     finite_json,
+    format_value,
     frontier_cost_of_pass,
     frontier_summaries,
     oracle_curve,
@@ -106,11 +111,11 @@ def _cost_unit(summaries: Sequence[ConfigSummary]) -> CostKind:
     return "output_tokens"
 
 
-def _fmt_acc(s: Any) -> str:
-    """``"0.750 [0.500, 1.000]"``; ``"—"`` when nothing was graded."""
-    if s.n == 0 or math.isnan(s.accuracy):
+def _fmt_acc(c: dict[str, Any]) -> str:
+    """``"0.750 [0.500, 1.000]"`` of a summary dict (a configuration or a suite); ``"—"`` when nothing was graded."""
+    if not c.get("n") or c.get("accuracy") is None:
         return "—"
-    return f"{s.accuracy:.3f} [{s.accuracy_ci_low:.3f}, {s.accuracy_ci_high:.3f}]"
+    return f"{c['accuracy']:.3f} [{c['accuracy_ci_low']:.3f}, {c['accuracy_ci_high']:.3f}]"
 
 
 def _fmt_num(x: float | None, digits: int = 3) -> str:
@@ -124,41 +129,43 @@ def _fmt_num(x: float | None, digits: int = 3) -> str:
 
 
 def _fmt_dict(d: dict[str, Any]) -> str:
-    def val(v: Any) -> Any:
-        return int(v) if isinstance(v, float) and v.is_integer() else v
-
-    return ", ".join(f"{k}={val(v)}" for k, v in sorted(d.items())) or "—"
+    return ", ".join(f"{k}={format_value(v)}" for k, v in sorted(d.items())) or "—"
 
 
-def _table_rows(
-    summaries: Sequence[ConfigSummary], cost: CostKind, tok_front: set[ConfigKey], cost_front: set[ConfigKey]
-) -> tuple[list[str], list[list[str]]]:
+_MEAN_FIELD = {"usd": "mean_usd", "flops": "mean_flops", "output_tokens": "mean_output_tokens",
+               "total_tokens": "mean_total_tokens"}
+
+
+def _table_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The configurations table of a ``summary.json`` document (summary.md, report.html and the CLI)."""
+    cost: CostKind = doc["cost_unit"]
     extra = cost != "output_tokens"  # a second cost column only when the cost unit is not tokens
     header = ["run", "model", "strategy", "params", "budget", "n", "accuracy [95% CI]", "mean output tokens",
               *([f"mean {'USD' if cost == 'usd' else 'FLOPs' if cost == 'flops' else cost.replace('_', ' ')}"]
                 if extra else []),
               "truncation", "errored", "frontier"]
     rows = []
-    for s in summaries:
-        fronts = (("tokens", tok_front), ("cost", cost_front)) if extra else (("tokens", tok_front),)
-        marks = [m for m, front in fronts if s.key in front]
+    for c in doc["configs"]:
+        units = ("output_tokens", cost) if extra else ("output_tokens",)
+        marks = [("tokens" if u == "output_tokens" else "cost") for u in units if c["on_frontier"].get(u)]
+        n_err = c["n_errors"]
         rows.append([
-            s.run or "—", s.model, s.strategy, _fmt_dict(s.params), _fmt_dict(s.budget), str(s.n), _fmt_acc(s),
-            _fmt_num(s.mean_output_tokens, 1), *([_fmt_num(s.mean_cost(cost), 4)] if extra else []),
-            "—" if math.isnan(s.truncation_rate) else f"{s.truncation_rate:.1%}",
-            f"⚠ {s.n_errors} errored" if s.n_errors else "",
-            ("★ " + "+".join(marks)) if marks else ("✗ not ranked (errored)" if s.n_errors else ""),
+            c["run"] or "—", c["model"], c["strategy"], _fmt_dict(c["params"]), _fmt_dict(c["budget"]), str(c["n"]),
+            _fmt_acc(c), _fmt_num(c["mean_output_tokens"], 1), *([_fmt_num(c[_MEAN_FIELD[cost]], 4)] if extra else []),
+            "—" if c["truncation_rate"] is None else f"{c['truncation_rate']:.1%}",
+            f"⚠ {n_err} errored" if n_err else "",
+            ("★ " + "+".join(marks)) if marks else ("✗ not ranked (errored)" if n_err else ""),
         ])
     return header, rows
 
 
-def _suite_rows(summaries: Sequence[ConfigSummary]) -> tuple[list[str], list[list[str]]]:
+def _suite_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["run", "strategy", "params", "budget", "suite", "n", "accuracy [95% CI]", "mean output tokens"]
     rows = []
-    for s in summaries:
-        for suite, ss in s.per_suite.items():
-            rows.append([s.run or "—", s.strategy, _fmt_dict(s.params), _fmt_dict(s.budget), suite, str(ss.n),
-                         _fmt_acc(ss), _fmt_num(ss.mean_output_tokens, 1)])
+    for c in doc["configs"]:
+        for suite, ss in c["per_suite"].items():
+            rows.append([c["run"] or "—", c["strategy"], _fmt_dict(c["params"]), _fmt_dict(c["budget"]), suite,
+                         str(ss["n"]), _fmt_acc(ss), _fmt_num(ss["mean_output_tokens"], 1)])
     return header, rows
 
 
@@ -292,6 +299,33 @@ def _fcop_json(fc: Any) -> dict[str, Any]:
     })
 
 
+def _token_complexity_json(recs: list[EvalRecord], summaries: Sequence[ConfigSummary], model: str) -> dict[str, Any]:
+    """``summary.json``'s token complexity of one model.
+
+    τ = ∞ is *not* "never solved": a question solved by one configuration of seven still gets τ = ∞
+    when no token threshold classifies its responses better than "always wrong".  So the questions no
+    configuration of the model solved (``n_never_solved``) are counted by :func:`frontier_cost_of_pass`
+    — the function behind the frontier cost-of-pass line — on the model's graded records, and the
+    questions with τ = ∞ separately (``n_infinite_tau`` ≥ ``n_never_solved``).
+    """
+    taus = token_complexity(recs)
+    finite = sorted(v for v in taus.values() if math.isfinite(v))
+    graded = [r for r in recs if r.error is None]
+    never = frontier_cost_of_pass(graded).n_unsolved if graded else 0
+    budgets = sorted({s.mean_output_tokens for s in summaries if s.model == model and s.n > 0})
+    return finite_json({
+        "n_questions": len(taus),
+        "n_finite_tau": len(finite),
+        "n_infinite_tau": sum(1 for v in taus.values() if math.isinf(v)),
+        "n_never_solved": never,
+        "mean_finite_tau": sum(finite) / len(finite) if finite else None,
+        "median_finite_tau": statistics.median(finite) if finite else None,
+        "per_question": taus,
+        "oracle_curve": [{"mean_budget": b, "oracle_accuracy": a} for b, a in oracle_curve(taus, budgets)]
+        if taus else [],
+    })
+
+
 def build_summary(
     runs: list[tuple[str, Path, dict[str, Any], list[EvalRecord]]],
 ) -> tuple[dict[str, Any], list[ConfigSummary]]:
@@ -310,18 +344,7 @@ def build_summary(
         by_model[r.model].append(r)
     tc: dict[str, Any] = {}
     for model, recs in sorted(by_model.items()):
-        taus = token_complexity(recs)
-        finite = sorted(v for v in taus.values() if math.isfinite(v))
-        budgets = sorted({s.mean_output_tokens for s in summaries if s.model == model and s.n > 0})
-        tc[model] = finite_json({
-            "n_questions": len(taus),
-            "n_never_solved": sum(1 for v in taus.values() if math.isinf(v)),
-            "mean_finite_tau": sum(finite) / len(finite) if finite else None,
-            "median_finite_tau": statistics.median(finite) if finite else None,
-            "per_question": taus,
-            "oracle_curve": [{"mean_budget": b, "oracle_accuracy": a} for b, a in oracle_curve(taus, budgets)]
-            if taus else [],
-        })
+        tc[model] = _token_complexity_json(recs, summaries, model)
     configs = []
     for s in summaries:
         d = s.to_dict()
@@ -350,6 +373,53 @@ def build_summary(
     return doc, summaries
 
 
+def load_runs(run_dirs: Sequence[Path | str]) -> list[tuple[str, Path, dict[str, Any], list[EvalRecord]]]:
+    """``(name, dir, run.json dict, records)`` of each run directory, names made unique.
+
+    Raises :class:`ConfigError` when the list is empty or a run directory has no ``records.jsonl``
+    (or no complete record in it).
+    """
+    dirs = [Path(d) for d in run_dirs]
+    if not dirs:
+        raise invalid("run_dirs", "a non-empty list of run directories", list(run_dirs),
+                      "pass the run directories written by `budgetlm eval`")
+    loaded = [_load_run(d) for d in dirs]
+    names = _unique_names([str(meta.get("name") or d.name) for d, (meta, _) in zip(dirs, loaded)])
+    return [(n, d, meta, recs) for n, d, (meta, recs) in zip(names, dirs, loaded)]
+
+
+def summary_doc(run_dirs: Sequence[Path | str]) -> dict[str, Any]:
+    """The ``summary.json`` document of run directories, computed from their records (nothing written)."""
+    return build_summary(load_runs(run_dirs))[0]
+
+
+def _front_note(doc: dict[str, Any]) -> str:
+    cost = doc["cost_unit"]
+    return _FRONT_NOTE + ("" if cost == "output_tokens" else f" (tokens) and/or mean {cost} (cost)") + "."
+
+
+def markdown_table(doc: dict[str, Any]) -> str:
+    """The configurations table of a ``summary.json`` document as Markdown, with the frontier legend.
+
+    One line per row however wide (what ``budgetlm eval``/``report`` print when stdout is not a terminal).
+    """
+    return _md_table(*_table_rows(doc)) + "\n\n" + _front_note(doc)
+
+
+def markdown_summary(doc: dict[str, Any], *, per_suite: bool = True) -> str:
+    """The report's Markdown body from a ``summary.json`` document: the configurations table, the
+    frontier legend, the notes and (``per_suite``) the per-suite table.
+
+    Every figure comes from ``doc``, so what ``summary.md``, ``budgetlm report --format md`` and a
+    redirected ``budgetlm eval`` print agrees with ``summary.json``.  Full width: a cell never wraps.
+    """
+    header, rows = _table_rows(doc)
+    md = [_md_table(header, rows), "", _front_note(doc), "", *[f"- {n}" for n in _notes(doc)]]
+    if per_suite:
+        md += ["", "## Per suite", "", _md_table(*_suite_rows(doc))]
+    return "\n".join(md)
+
+
 def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = None) -> Path:
     """Write ``summary.json``, ``summary.md``, the PNGs and ``report.html``; return the HTML's path.
 
@@ -357,13 +427,9 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = No
     directory has no ``records.jsonl`` (or no complete record in it).
     """
     _require_matplotlib()
-    dirs = [Path(d) for d in run_dirs]
-    if not dirs:
-        raise invalid("run_dirs", "a non-empty list of run directories", list(run_dirs),
-                      "pass the run directories written by `budgetlm eval`")
-    loaded = [_load_run(d) for d in dirs]
-    names = _unique_names([str(meta.get("name") or d.name) for d, (meta, _) in zip(dirs, loaded)])
-    runs = [(n, d, meta, recs) for n, d, (meta, recs) in zip(names, dirs, loaded)]
+    runs = load_runs(run_dirs)
+    names = [n for n, *_ in runs]
+    dirs = [d for _, d, *_ in runs]
     out = Path(out_dir) if out_dir is not None else dirs[0]
     out.mkdir(parents=True, exist_ok=True)
 
@@ -371,10 +437,8 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = No
     (out / "summary.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
     cost: CostKind = doc["cost_unit"]
-    tok_front = {tuple(k) for k in doc["pareto_frontier"]["output_tokens"]}
-    cost_front = {tuple(k) for k in doc["pareto_frontier"][cost]}
-    header, rows = _table_rows(summaries, cost, tok_front, cost_front)  # type: ignore[arg-type]
-    s_header, s_rows = _suite_rows(summaries)
+    header, rows = _table_rows(doc)
+    s_header, s_rows = _suite_rows(doc)
 
     _plot_accuracy_vs(summaries, "output_tokens", out / PLOTS[0], log_x=None)
     _plot_accuracy_vs(summaries, cost, out / PLOTS[1], log_x=True)
@@ -382,15 +446,13 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = No
     trees = _tree_figures(dirs, summaries, out)
     plots = [*PLOTS, *trees]
 
-    notes = _notes(doc, summaries, cost)
-    front_note = _FRONT_NOTE + ("" if cost == "output_tokens" else f" (tokens) and/or mean {cost} (cost)") + "."
+    notes = _notes(doc)
     md = ["# budgetlm evaluation report", "", "Runs: " + ", ".join(f"`{n}`" for n in names), "",
-          _md_table(header, rows), "", front_note, "", *[f"- {n}" for n in notes], "", "## Per suite", "",
-          _md_table(s_header, s_rows), "", *[f"![{p}]({p})" for p in plots], ""]
+          markdown_summary(doc), "", *[f"![{p}]({p})" for p in plots], ""]
     (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
 
     html_path = out / "report.html"
-    html_path.write_text(_html(names, runs, header, rows, s_header, s_rows, notes, front_note, out, plots),
+    html_path.write_text(_html(names, runs, header, rows, s_header, s_rows, notes, _front_note(doc), out, plots),
                          encoding="utf-8")
     return html_path
 
@@ -418,7 +480,13 @@ def _tree_figures(dirs: Sequence[Path], summaries: Sequence[ConfigSummary], out:
     return names
 
 
-def _notes(doc: dict[str, Any], summaries: Sequence[ConfigSummary], cost: CostKind) -> list[str]:
+def _notes(doc: dict[str, Any]) -> list[str]:
+    """The report's notes, every figure read from the ``summary.json`` document ``doc``.
+
+    The counts are the fields the tables and ``summary.json`` hold (tests parse them back out):
+    the never-solved count of the token-complexity note is the frontier cost-of-pass's unsolved
+    count on the model's records, not the number of questions with τ = ∞.
+    """
     notes = []
     n_over = doc["n_over_budget_records"]
     notes.append(f"Budget adherence: {n_over} record(s) over budget" + (" — BUDGET VIOLATED" if n_over else " (ok)"))
@@ -427,21 +495,30 @@ def _notes(doc: dict[str, Any], summaries: Sequence[ConfigSummary], cost: CostKi
         solved = fc["n_problems"] - fc["n_unsolved"]
         notes.append(f"Frontier cost-of-pass ({u.replace('_', ' ')}): "
                      + (f"{_fmt_num(mean, 4)} per correct answer over {solved} solved problem(s)" if solved else
-                        "∞ (no problem solved by any configuration)") + f"; {fc['n_unsolved']} unsolved")
+                        "∞ (no problem solved by any configuration)")
+                     + f" of {fc['n_problems']}; {fc['n_unsolved']} never solved by any configuration")
     for model, tc in doc["token_complexity"].items():
-        notes.append(f"Token complexity ({model}): {tc['n_questions']} question(s), mean finite τ "
-                     f"{_fmt_num(tc['mean_finite_tau'], 1)}, {tc['n_never_solved']} never solved")
+        n_inf, never = tc["n_infinite_tau"], tc["n_never_solved"]
+        rare = n_inf - never
+        notes.append(f"Token complexity ({model}): {tc['n_questions']} question(s); finite τ for {tc['n_finite_tau']} "
+                     f"(mean {_fmt_num(tc['mean_finite_tau'], 1)}, median {_fmt_num(tc['median_finite_tau'], 1)} "
+                     f"output tokens); τ = ∞ for {n_inf}: {never} never solved by any configuration"
+                     + (f", {rare} solved too rarely for a token threshold to beat 'always wrong'" if rare else ""))
     n_err = doc["n_errored_records"]
     if n_err:
         notes.append(f"⚠ {n_err} errored record(s) in {len(doc['errored_configs'])} configuration(s): left out of "
                      "accuracy and costs, and those configurations are not ranked on the Pareto frontier; re-run "
                      "`budgetlm eval` with the same config and --out to retry them")
-    for s in summaries:
-        xi = _fmt_num(s.overthinking_efficiency, 3)
-        ipj = "" if s.intelligence_per_joule is None else f", accuracy/J {_fmt_num(s.intelligence_per_joule, 4)}"
-        cop = _fmt_num(s.cost_of_pass["output_tokens"], 1)
-        notes.append(f"{s.run} · {s.strategy} [{_fmt_dict(s.budget)}]: cost-of-pass {cop} output tokens, "
-                     f"ξ_O {xi}{ipj}, errors {s.n_errors}" + (" ⚠ ERRORED: not ranked" if s.n_errors else ""))
+    short = [f"{c['run']} · {c['strategy']} [{_fmt_dict(c['budget'])}]" for c in doc["configs"]]
+    for c, label in zip(doc["configs"], short):
+        if short.count(label) > 1:  # configurations told apart by their parameters alone
+            label = f"{c['run']} · {c['strategy']} {_fmt_dict(c['params'])} [{_fmt_dict(c['budget'])}]"
+        xi = _fmt_num(c["overthinking_efficiency"], 3)
+        ipj = "" if c["intelligence_per_joule"] is None else f", accuracy/J {_fmt_num(c['intelligence_per_joule'], 4)}"
+        cop_v = c["cost_of_pass"].get("output_tokens")
+        cop = "—" if not c["n"] else "∞" if cop_v is None else _fmt_num(cop_v, 1)  # null: zero accuracy
+        notes.append(f"{label}: cost-of-pass {cop} output tokens, "
+                     f"ξ_O {xi}{ipj}, errors {c['n_errors']}" + (" ⚠ ERRORED: not ranked" if c["n_errors"] else ""))
     return notes
 
 

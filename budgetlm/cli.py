@@ -4,6 +4,8 @@
   budget and print the answer and the spend (``--json`` for machine output).
 * ``budgetlm demo`` — the README's main job: easy reasoning-gym arithmetic on the default model,
   printing answers, accuracy and spend.
+* ``budgetlm regrade RUN_DIR --grader NAME`` — re-grade a finished eval run without generating
+  anything (:mod:`budgetlm.evals.regrade`): prints how many verdicts changed.
 * ``budgetlm train CONFIG.yaml --out DIR`` — GRPO training with a recipe, then trained-vs-base evaluation.
 * ``budgetlm serve --backend SPEC`` — the OpenAI-compatible server (:mod:`budgetlm.server`).
 * ``budgetlm model`` — prepare the embedded default model and print its path.
@@ -245,6 +247,33 @@ def eval_cmd(
             return
         _print_summary(res.report)
         out_console_path(res.report)
+
+
+@app.command("regrade")
+def regrade_cmd(
+    run_dir: Annotated[str, typer.Argument(help="A finished run folder (the --out of `budgetlm eval`).")],
+    grader: Annotated[str, typer.Option("--grader", "-g", help="Grader name (math, reasoning_gym, exact, normalized, "
+                                                                "numeric), or 'suite' for each suite's own grader.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print regrade.json on stdout instead of the line.")] = False,
+) -> None:
+    """Re-grade a finished run without generating anything: writes RUN_DIR/records.regraded.jsonl and
+    RUN_DIR/regrade.json, and prints how many verdicts changed (voting runs: votes are recomputed from
+    the samples stored in traces.jsonl)."""
+    from budgetlm.evals.regrade import regrade
+
+    try:
+        with stdout_to_stderr():
+            res = regrade(run_dir, grader)
+    except BudgetLMError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        out_json((Path(run_dir) / "regrade.json").read_text())
+        return
+    out.print(res.line(), soft_wrap=True)
+    for label, acc in res.accuracy.items():
+        out.print(f"  {label}: accuracy {acc['before']:.3f} -> {acc['after']:.3f} (n={acc['n']:.0f})", soft_wrap=True)
+    console.print(f"wrote {res.out} and {Path(run_dir) / 'regrade.json'}", soft_wrap=True)
 
 
 @app.command("train")

@@ -7,10 +7,18 @@ A cell (suite, item, configuration) may have several records: a record with ``er
 retried when the run is resumed, and the retry is appended.  The **last** record of a cell wins:
 :func:`read_records` returns only the last record per :attr:`EvalRecord.key` unless asked for every
 line (``latest=False``), and :func:`latest_records` does the same for a list in memory.
+
+``runs/NAME/traces.jsonl`` holds one line per record with its trace (for voting strategies every
+sample's text, tokens and extracted answer; for tree searches the tree).  A trace whose JSON
+exceeds :data:`TRACE_GZIP_BYTES` is stored gzipped and base64-encoded in ``trace_gz`` instead of
+``trace`` (:func:`trace_line`), so the file stays line-oriented and resumable;
+:func:`read_traces` decodes both forms.
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -107,3 +115,40 @@ def read_records(path: str | Path, *, latest: bool = True) -> list[EvalRecord]:
                 break
             raise ConfigError(f"{p}:{i}: malformed record ({exc}); fix or delete that line to resume") from None
     return latest_records(out) if latest else out
+
+
+TRACE_GZIP_BYTES = 64 * 1024
+"""A trace whose JSON is longer than this (in bytes) is stored gzipped, base64-encoded, in ``trace_gz``."""
+
+
+def trace_line(key: dict[str, Any], trace: list[dict[str, Any]], *, gzip_over: int | None = None) -> dict[str, Any]:
+    """One ``traces.jsonl`` line: ``key`` (suite, item id, config id, strategy) and the trace, gzipped into
+    ``trace_gz`` when its JSON exceeds ``gzip_over`` bytes (default :data:`TRACE_GZIP_BYTES`)."""
+    raw = json.dumps(trace, default=str)
+    if len(raw.encode()) <= (TRACE_GZIP_BYTES if gzip_over is None else gzip_over):
+        return {**key, "trace": trace}
+    packed = base64.b64encode(gzip.compress(raw.encode(), mtime=0)).decode("ascii")
+    return {**key, "trace_gz": packed}
+
+
+def decode_trace_line(line: dict[str, Any]) -> dict[str, Any]:
+    """A ``traces.jsonl`` line with ``trace_gz`` unpacked into ``trace`` (other lines unchanged)."""
+    if "trace_gz" not in line:
+        return line
+    out = {k: v for k, v in line.items() if k != "trace_gz"}
+    out["trace"] = json.loads(gzip.decompress(base64.b64decode(line["trace_gz"])).decode())
+    return out
+
+
+def read_traces(path: str | Path) -> list[dict[str, Any]]:
+    """The lines of a ``traces.jsonl`` with their traces decoded (a torn or unreadable line is skipped)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    out = []
+    for raw in p.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(decode_trace_line(json.loads(raw)))
+        except (ValueError, OSError, EOFError):  # torn last line (JSON, base64 or gzip cut short)
+            continue
+    return out

@@ -7,7 +7,9 @@ calls together), grades each result as it finishes, and appends one
 :class:`~budgetlm.evals.records.EvalRecord` per (item, configuration) to ``OUT/records.jsonl`` —
 written, flushed and fsynced right then.  A problem that fails (after the backend's retries) fails
 alone: its record carries the error and what it spent before failing, and a re-run retries it.  Each result's trace (samples, rounds, search trees with values and prune decisions)
-goes to ``OUT/traces.jsonl``, one line per record, written just before the record.  ``OUT/run.json`` holds the config, its digest, library versions, seeds and the
+goes to ``OUT/traces.jsonl``, one line per record, written just before the record (voting strategies
+keep every sample's text, tokens and extracted answer there, so ``budgetlm regrade`` can re-grade a
+run; a trace over :data:`~budgetlm.evals.records.TRACE_GZIP_BYTES` is stored gzipped in ``trace_gz``).  ``OUT/run.json`` holds the config, its digest, library versions, seeds and the
 history of sessions.
 
 Resuming: re-running the same command reads the records already on disk, skips every
@@ -47,7 +49,7 @@ from budgetlm.budget import Budget
 from budgetlm.errors import BudgetLMError, ConfigError
 from budgetlm.evals.config import EvalConfig, StrategySpec, config_id
 from budgetlm.evals.metrics import finite_json
-from budgetlm.evals.records import EvalRecord, read_records
+from budgetlm.evals.records import EvalRecord, read_records, trace_line
 from budgetlm.evals.suites import get as get_suite
 from budgetlm.evals.suites.base import EvalItem, Suite
 from budgetlm.meter import Meter
@@ -331,8 +333,8 @@ class Runner:
                 finally:
                     meter.active = False
             if trace is not None:  # before the record: a record always has its trace
-                trace_writer.write({"suite": rec.suite, "item_id": rec.item_id, "config_id": rec.config_id,
-                                    "strategy": rec.strategy, "trace": trace})
+                trace_writer.write(trace_line({"suite": rec.suite, "item_id": rec.item_id, "config_id": rec.config_id,
+                                               "strategy": rec.strategy}, trace))
             writer.write(rec)
             if rec.error:
                 outcome.errors.append(f"{rec.item_id}: {rec.error}")

@@ -9,10 +9,11 @@ node the final answer came from.  Edge labels give the step's output tokens.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from budgetlm.evals.records import read_traces as _read
 
 
 def tree_of(trace: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]] | None:
@@ -40,16 +41,8 @@ def pick_tree(lines: Iterable[dict[str, Any]], strategy: str, *, max_nodes: int 
 
 
 def read_traces(path: Path) -> list[dict[str, Any]]:
-    """The lines of a ``traces.jsonl`` (a torn last line is skipped)."""
-    out = []
-    if not path.exists():
-        return out
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(raw))
-        except json.JSONDecodeError:
-            continue
-    return out
+    """The lines of a ``traces.jsonl``, decoded (:func:`budgetlm.evals.records.read_traces`)."""
+    return _read(path)
 
 
 def _layout(nodes: list[dict[str, Any]]) -> dict[int, tuple[float, float]]:

@@ -123,8 +123,16 @@ def plan(room: int | None, n: int | None, max_tokens: int, default_n: int = DEFA
 
 
 def sample_entry(s: Sampled, index: int) -> dict[str, Any]:
-    return {"sample": index, "round": s.round, "answer": s.key, "score": s.score, "weight": s.weight,
-            "tokens": s.tokens, "finish_reason": s.completion.finish_reason}
+    """The trace entry of one sample: its answer text (``text``, what the vote and the grader read; empty when
+    thinking was cut off), normalised answer, score, output tokens (thinking included) and finish reason, so a
+    run can be audited and re-graded (``budgetlm regrade``) without generating anything."""
+    e = {"sample": index, "round": s.round, "answer": s.key, "score": s.score, "weight": s.weight,
+         "tokens": s.tokens, "finish_reason": s.completion.finish_reason, "text": s.text}
+    if s.completion.thinking_tokens:
+        e["thinking_tokens"] = s.completion.thinking_tokens
+    if s.completion.thinking_truncated:
+        e["thinking_truncated"] = True
+    return e
 
 
 def empty_result(p: Problem, usage: Usage, reason: str, trace: list[dict[str, Any]]) -> Result:

@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.budgetlm-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast browser lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,10 +31,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/budgetlm demo
 
-test: $(STAMP)
+# The report's browser test (tests/test_evals_report_browser.py) renders report.html in headless
+# Chromium: install Debian's chromium where it is missing, when running as root with apt-get (as CI
+# does); elsewhere say how, and that test fails with the same advice.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "Installing Debian's chromium (apt-get) for the report's browser test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "chromium is missing and cannot be installed here (needs root and apt-get):" \
+		     "install it (e.g. sudo apt-get install chromium), or tests/test_evals_report_browser.py fails" >&2; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -379,8 +379,6 @@ def _plot_accuracy_vs(summaries: Sequence[ConfigSummary], cost: CostKind, path: 
     The figure grows with the legend (outside the axes, on the right), so every entry is inside it.
     Returns the saved figure.
     """
-    from matplotlib.figure import Figure
-
     summaries = _graded(summaries)
     curves = accuracy_vs_cost_curves(summaries, cost)
     colors = label_colors(c.label for c in curves)  # the labels do not depend on the cost unit
@@ -391,8 +389,7 @@ def _plot_accuracy_vs(summaries: Sequence[ConfigSummary], cost: CostKind, path: 
     labels = [c.label for c in curves] + ["Pareto frontier"] * bool(front) + [_ERRORED_LABEL] * bool(errored)
     ncols = 1 if len(labels) <= 30 else 2
     rows = math.ceil(len(labels) / ncols)
-    fig = Figure(figsize=(min(5.8 + ncols * _legend_width(labels), 16.0), max(4.6, 1.0 + _ENTRY_IN * rows)),
-                 layout="constrained")
+    fig = _agg_figure(figsize=(min(5.8 + ncols * _legend_width(labels), 16.0), max(4.6, 1.0 + _ENTRY_IN * rows)))
     ax = fig.subplots()
     for c in curves:
         xs = [p.cost for p in c.points]
@@ -433,7 +430,6 @@ def _plot_per_suite(summaries: Sequence[ConfigSummary], path: Path) -> Figure:
     configurations on the Pareto frontier (tokens) get a ★ in the legend.  Returns the saved figure.
     """
     import numpy as np
-    from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     summaries = _graded(summaries)
@@ -462,9 +458,8 @@ def _plot_per_suite(summaries: Sequence[ConfigSummary], path: Path) -> Figure:
     group_w = axes_w / max(len(suites), 1)
     rotate = max((len(x) for x in short), default=0) * 0.075 > 0.9 * group_w
     key_h = (0.25 + _ENTRY_IN * len(key)) if key else 0.0
-    fig = Figure(figsize=(axes_w + 0.8 + ncols * _legend_width(labels),
-                          max(4.2, 1.0 + _ENTRY_IN * rows) + key_h + (0.6 if rotate else 0.0)),
-                 layout="constrained")
+    fig = _agg_figure(figsize=(axes_w + 0.8 + ncols * _legend_width(labels),
+                               max(4.2, 1.0 + _ENTRY_IN * rows) + key_h + (0.6 if rotate else 0.0)))
     ax = fig.subplots()
     width = 0.8 / n_cfg
     x = np.arange(len(suites))
@@ -489,6 +484,16 @@ def _plot_per_suite(summaries: Sequence[ConfigSummary], path: Path) -> Figure:
         fig.legend(blank, key, loc="outside lower left", fontsize=_LEGEND_FONT, frameon=False, title="suites",
                    title_fontsize=_LEGEND_FONT, alignment="left", handlelength=0, handletextpad=0)
     fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    return fig
+
+
+def _agg_figure(**kw: Any) -> Figure:
+    """A constrained-layout figure on its own Agg canvas (no pyplot): it draws, measures and saves alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(layout="constrained", **kw)
+    FigureCanvasAgg(fig)
     return fig
 
 

@@ -16,11 +16,18 @@ directory (default: the first run directory):
   (``delimiter='\\n\\n'``, never a blank).
 * ``summary.md`` — one Markdown table row per configuration, then a per-suite table.
 * ``accuracy_vs_tokens.png`` — accuracy (95% CI bars) vs mean output tokens, one line per
-  (run, model, strategy, params) across budgets, the Pareto frontier as a step line with ringed
-  points.
+  (run, model, strategy, params) across budgets, the Pareto frontier as a thick dashed step line
+  through ringed points (its own legend entry).
 * ``accuracy_vs_cost.png`` — the same vs mean USD when any configuration cost money, else vs mean
-  FLOPs (else vs output tokens), log x when every cost is positive.
-* ``per_suite.png`` — per-suite accuracy bars for each configuration;
+  FLOPs (else vs output tokens), log x when every cost is positive.  Log axes carry a few plain-number
+  tick labels (``20 30 40``, ``10 100 1,000``; :func:`tick_label`) and unlabelled minor ticks.
+* ``per_suite.png`` — per-suite accuracy bars for each configuration, suites labelled by
+  :func:`short_suite_labels` (``chain_sum difficulty=2``) with the full specs in a key below; ★ marks
+  the configurations on the Pareto frontier (tokens).
+* Every chart colours a curve (strategy, with run, model and parameters when they tell curves apart)
+  by :func:`label_colors`, so a strategy has one colour across the report; per-suite bars of cheaper
+  budgets are lighter shades of it.  Legends sit outside the axes (right of them) and the figure
+  grows with the number of entries, so 10+ configurations fit.
 * ``tree_<strategy>.png`` — for tree searches (runs with ``traces.jsonl``), the search tree of one
   representative problem with node values, spend and prune decisions
   (:mod:`budgetlm.evals.treeplot`).

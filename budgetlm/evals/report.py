@@ -16,11 +16,18 @@ directory (default: the first run directory):
   (``delimiter='\\n\\n'``, never a blank).
 * ``summary.md`` — one Markdown table row per configuration, then a per-suite table.
 * ``accuracy_vs_tokens.png`` — accuracy (95% CI bars) vs mean output tokens, one line per
-  (run, model, strategy, params) across budgets, the Pareto frontier as a step line with ringed
-  points.
+  (run, model, strategy, params) across budgets, the Pareto frontier as a thick dashed step line
+  through ringed points (its own legend entry).
 * ``accuracy_vs_cost.png`` — the same vs mean USD when any configuration cost money, else vs mean
-  FLOPs (else vs output tokens), log x when every cost is positive.
-* ``per_suite.png`` — per-suite accuracy bars for each configuration;
+  FLOPs (else vs output tokens), log x when every cost is positive.  Log axes carry a few plain-number
+  tick labels (``20 30 40``, ``10 100 1,000``; :func:`tick_label`) and unlabelled minor ticks.
+* ``per_suite.png`` — per-suite accuracy bars for each configuration, suites labelled by
+  :func:`short_suite_labels` (``chain_sum difficulty=2``) with the full specs in a key below; ★ marks
+  the configurations on the Pareto frontier (tokens).
+* Every chart colours a curve (strategy, with run, model and parameters when they tell curves apart)
+  by :func:`label_colors`, so a strategy has one colour across the report; per-suite bars of cheaper
+  budgets are lighter shades of it.  Legends sit outside the axes (right of them) and the figure
+  grows with the number of entries, so 10+ configurations fit.
 * ``tree_<strategy>.png`` — for tree searches (runs with ``traces.jsonl``), the search tree of one
   representative problem with node values, spend and prune decisions
   (:mod:`budgetlm.evals.treeplot`).
@@ -42,14 +49,16 @@ frontier cost-of-pass uses graded records only.
 from __future__ import annotations
 
 import base64
+import colorsys
 import html
 import json
 import math
 import statistics
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 from budgetlm.errors import ConfigError, MissingDependency, invalid
 from budgetlm.evals.metrics import (
@@ -67,8 +76,12 @@ from budgetlm.evals.metrics import (
 )
 from budgetlm.evals.records import EvalRecord, read_records
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 PLOTS = ("accuracy_vs_tokens.png", "accuracy_vs_cost.png", "per_suite.png")
 _DPI = 110
+_ERRORED_LABEL = "has errored records (not ranked)"
 _FRONT_NOTE = "★ = on the Pareto frontier of (mean cost ↓, accuracy ↑) in mean output tokens"
 _COST_LABEL = {
     "usd": "mean USD per item",
@@ -186,36 +199,218 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# chart helpers: suite labels, colours, tick labels (pure: no matplotlib)
+
+_TAB10 = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+          "#17becf")
+_TAB20 = ("#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd",
+          "#c5b0d5", "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d",
+          "#17becf", "#9edae5")
+
+
+def label_colors(labels: Iterable[str]) -> dict[str, str]:
+    """One colour (``"#rrggbb"``) per distinct label, the same for the same set of labels in any order.
+
+    The labels, sorted, take the tab10 colours in turn (tab20 when there are 11 to 20 of them; more take
+    evenly spaced hues, alternately dark and light).  Every chart of a report colours a curve label
+    (strategy, with run, model and the telling parameters when needed) by this map.
+    """
+    uniq = sorted(set(labels))
+    if len(uniq) <= len(_TAB10):
+        return dict(zip(uniq, _TAB10))
+    if len(uniq) <= len(_TAB20):
+        return dict(zip(uniq, _TAB20))
+    out = {}
+    for i, label in enumerate(uniq):
+        r, g, b = colorsys.hls_to_rgb(i / len(uniq), 0.38 if i % 2 else 0.58, 0.75)
+        out[label] = f"#{round(r * 255):02x}{round(g * 255):02x}{round(b * 255):02x}"
+    return out
+
+
+def _suite_parts(spec: str) -> tuple[str, str, dict[str, str]]:
+    """``(kind, target, params)`` of a suite name as records carry it (a spec string or a JSON config
+    block), read leniently: any string gives an answer."""
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            block = json.loads(text)
+        except ValueError:
+            block = None
+        if isinstance(block, dict):
+            params = {str(k): format_value(v) for k, v in block.items()}
+            kind = params.pop("kind", "")
+            target = params.pop("task", None) or params.pop("path", None) or ""
+            return kind, target, params
+    head, _, query = text.partition("?")
+    kind, _, target = head.partition(":")
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    return kind, target, params
+
+
+def short_suite_labels(specs: Sequence[str]) -> list[str]:
+    """Short, unique chart labels of suite specs: the task name plus the parameters that tell it apart.
+
+    ``reasoning_gym:chain_sum?size=100&seed=3&difficulty=2`` next to the same spec with
+    ``difficulty=1`` gives ``chain_sum difficulty=2``; a task that appears once is its name alone
+    (``chain_sum``); a file suite is its file name (``jsonl:data/gsm8k.jsonl`` → ``gsm8k.jsonl``).
+    Parameters shown are those whose values differ between the suites of the same name, in the spec's
+    order.  Names that still collide get the suite kind (``reasoning_gym_agent:chain_sum``), then the
+    whole target (a file's path); identical specs get ``#2``, ``#3``…  The result has one label per
+    spec, in order, all different.
+    """
+    parts = [_suite_parts(s) for s in specs]
+
+    def base(i: int, level: int) -> str:
+        kind, target, _ = parts[i]
+        name = target.rstrip("/").rsplit("/", 1)[-1] if target else kind
+        if level == 0 or not kind or not target:
+            return name or specs[i].strip() or "?"
+        return f"{kind}:{name}" if level == 1 else f"{kind}:{target}"
+
+    def labels_at(levels: list[int]) -> list[str]:
+        bases = [base(i, lv) for i, lv in enumerate(levels)]
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, b in enumerate(bases):
+            groups[b].append(i)
+        out = []
+        for i, b in enumerate(bases):
+            siblings = [parts[j][2] for j in groups[b]]
+            own = parts[i][2]
+            shown = [f"{k}={v}" for k, v in own.items() if any(o.get(k) != v for o in siblings)]
+            out.append(" ".join([b, *shown]))
+        return out
+
+    levels = [0] * len(specs)
+    labels = labels_at(levels)
+    while True:
+        counts = Counter(labels)
+        bump = [i for i, lab in enumerate(labels) if counts[lab] > 1 and levels[i] < 2]
+        if not bump:
+            break
+        for i in bump:
+            levels[i] += 1
+        labels = labels_at(levels)
+    taken = set(labels)
+    seen: dict[str, int] = defaultdict(int)
+    out = []
+    for lab in labels:
+        seen[lab] += 1
+        if seen[lab] == 1:
+            out.append(lab)
+            continue
+        k = seen[lab]
+        while f"{lab} #{k}" in taken:
+            k += 1
+        taken.add(f"{lab} #{k}")
+        out.append(f"{lab} #{k}")
+    return out
+
+
+def tick_label(x: float, _pos: Any = None) -> str:
+    """A cost axis tick as a plain number: ``20``, ``0.002``, ``1,000``, ``100,000``; ``2.5e-4`` and
+    ``1e9`` outside [0.001, 10⁶)."""
+    if x == 0 or not math.isfinite(x):
+        return "0" if x == 0 else str(x)
+    a = abs(x)
+    if 1e-3 <= a < 1e6:
+        return f"{x:,.0f}" if a >= 100 else f"{x:.3g}"
+    mantissa, exp = f"{x:.1e}".split("e")
+    return f"{float(mantissa):g}e{int(exp)}"
+
+
+# ------------------------------------------------------------------------------------------------
 # plots
 
+_LEGEND_FONT = 7
+_ENTRY_IN = 0.2
+"""Height of one legend entry at ``_LEGEND_FONT`` points, in inches (with its spacing)."""
+_CHAR_IN = 0.06
+"""Width of one legend character at ``_LEGEND_FONT`` points, in inches (a generous average)."""
 
-def _plot_accuracy_vs(summaries: Sequence[ConfigSummary], cost: CostKind, path: Path, log_x: bool | None) -> None:
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
 
+def _legend_width(labels: Sequence[str]) -> float:
+    """Inches a one-column legend of ``labels`` takes (handle, padding and the longest label)."""
+    return 0.9 + _CHAR_IN * max((len(x) for x in labels), default=0)
+
+
+def _log_ticks(ax: Any, axis: str = "x") -> None:
+    """Readable ticks on a log axis: a few plain-number major labels (:func:`tick_label`), minor ticks
+    unlabelled.
+
+    Under one decade the majors are round linear steps (``20 30 40 50 60``), thinned so that no two are
+    closer than a ninth of the axis; up to 2.3 decades 1-2-5 steps; wider, whole decades, at most 7.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    lo, hi = sorted(ax.get_xlim() if axis == "x" else ax.get_ylim())
+    decades = math.log10(hi / lo) if lo > 0 and hi > 0 else 0.0
+    if decades < 1.0:
+        target.set_major_locator(_spaced_locator())
+        target.set_minor_locator(NullLocator())
+    else:
+        subs = (1.0, 2.0, 5.0) if decades < 2.3 else (1.0,)
+        target.set_major_locator(LogLocator(base=10, subs=subs, numticks=7))
+        target.set_minor_locator(LogLocator(base=10, subs="auto", numticks=12))
+    target.set_major_formatter(FuncFormatter(tick_label))
+    target.set_minor_formatter(NullFormatter())
+
+
+def _spaced_locator() -> Any:
+    """A major locator for a log axis spanning under a decade: round linear steps, none closer than a
+    ninth of the axis in log space."""
+    from matplotlib.ticker import Locator, MaxNLocator
+
+    class SpacedLocator(Locator):
+        def __call__(self) -> Any:
+            vmin, vmax = self.axis.get_view_interval()
+            return self.tick_values(vmin, vmax)
+
+        def tick_values(self, vmin: float, vmax: float) -> list[float]:
+            vmin, vmax = sorted((vmin, vmax))
+            if vmin <= 0:
+                return []
+            gap = math.log10(vmax / vmin) / 9
+            kept: list[float] = []
+            for t in MaxNLocator(nbins=8, steps=[1, 2, 2.5, 5, 10]).tick_values(vmin, vmax):
+                if vmin <= t <= vmax and (not kept or math.log10(t / kept[-1]) >= gap):
+                    kept.append(float(t))
+            return kept
+
+    return SpacedLocator()
+
+
+def _plot_accuracy_vs(summaries: Sequence[ConfigSummary], cost: CostKind, path: Path, log_x: bool | None) -> Figure:
+    """Accuracy (95% CI bars) vs mean ``cost``: one line per curve, the Pareto frontier, errored points.
+
+    The figure grows with the legend (outside the axes, on the right), so every entry is inside it.
+    Returns the saved figure.
+    """
     summaries = _graded(summaries)
     curves = accuracy_vs_cost_curves(summaries, cost)
+    colors = label_colors(c.label for c in curves)  # the labels do not depend on the cost unit
     runs = list(dict.fromkeys(s.run for s in summaries))
     markers = "osD^vP*X"
-    fig = Figure(figsize=(7.5, 4.6))
+    errored = [s for s in summaries if s.n_errors and math.isfinite(s.mean_cost(cost))]
+    front = [s for s in frontier_summaries(summaries, cost) if math.isfinite(s.mean_cost(cost))]
+    labels = [c.label for c in curves] + ["Pareto frontier"] * bool(front) + [_ERRORED_LABEL] * bool(errored)
+    ncols = 1 if len(labels) <= 30 else 2
+    rows = math.ceil(len(labels) / ncols)
+    fig = _agg_figure(figsize=(min(5.8 + ncols * _legend_width(labels), 16.0), max(4.6, 1.0 + _ENTRY_IN * rows)))
     ax = fig.subplots()
-    cmap = colormaps.get_cmap("tab10" if len(curves) <= 10 else "tab20")
-    for i, c in enumerate(curves):
+    for c in curves:
         xs = [p.cost for p in c.points]
         ys = [p.accuracy for p in c.points]
         yerr = [[max(p.accuracy - p.ci_low, 0.0) for p in c.points], [max(p.ci_high - p.accuracy, 0.0) for p in c.points]]
         ax.errorbar(xs, ys, yerr=yerr, marker=markers[runs.index(c.run) % len(markers)], ms=5, capsize=3, lw=1.4,
-                    color=cmap(i % cmap.N), label=c.label)
-    errored = [s for s in summaries if s.n_errors and math.isfinite(s.mean_cost(cost))]
+                    color=colors.get(c.label, "#444444"), label=c.label)
+    if front:  # a thick dashed black step through ringed points, drawn over the curves
+        ax.plot([s.mean_cost(cost) for s in front], [s.accuracy for s in front], drawstyle="steps-post",
+                color="black", ls="--", lw=1.8, marker="o", ms=13, mfc="none", mec="black", mew=1.6, zorder=5,
+                label="Pareto frontier")
     if errored:  # flagged, never ringed as frontier points
         ax.scatter([s.mean_cost(cost) for s in errored], [s.accuracy for s in errored], s=90, marker="x",
-                   color="red", linewidths=2.0, zorder=6, label="has errored records (not ranked)")
-    front = frontier_summaries(summaries, cost)
-    fx = [s.mean_cost(cost) for s in front if math.isfinite(s.mean_cost(cost))]
-    fy = [s.accuracy for s in front if math.isfinite(s.mean_cost(cost))]
-    if fx:
-        ax.step(fx, fy, where="post", color="black", ls="--", lw=1.0, alpha=0.7, label="Pareto frontier", zorder=1)
-        ax.scatter(fx, fy, s=140, facecolors="none", edgecolors="black", linewidths=1.5, zorder=5)
+                   color="red", linewidths=2.0, zorder=6, label=_ERRORED_LABEL)
     xs_all = [s.mean_cost(cost) for s in summaries if math.isfinite(s.mean_cost(cost))]
     if log_x is None:  # auto: log when every cost is positive and they span > 20x
         log_x = bool(xs_all) and min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20
@@ -223,52 +418,95 @@ def _plot_accuracy_vs(summaries: Sequence[ConfigSummary], cost: CostKind, path: 
         log_x = False  # a zero cost cannot be drawn on a log axis
     if log_x:
         ax.set_xscale("log")
+        _log_ticks(ax, "x")
     ax.set_xlabel(_COST_LABEL[cost] + (" (log)" if log_x else ""))
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.03, 1.03)
     ax.grid(True, alpha=0.3)
     ax.set_title(f"Accuracy vs {_COST_LABEL[cost].removeprefix('mean ').removesuffix(' per item')}")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if labels:
+        fig.legend(loc="outside right upper", fontsize=_LEGEND_FONT, ncols=ncols, frameon=False)
     fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    return fig
 
 
-def _plot_per_suite(summaries: Sequence[ConfigSummary], path: Path) -> None:
+def _plot_per_suite(summaries: Sequence[ConfigSummary], path: Path) -> Figure:
+    """Per-suite accuracy bars, one per configuration: its curve's colour, lighter for cheaper budgets.
+
+    Suites are labelled by :func:`short_suite_labels` with the full specs in a key below the axes;
+    configurations on the Pareto frontier (tokens) get a ★ in the legend.  Returns the saved figure.
+    """
     import numpy as np
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     summaries = _graded(summaries)
     suites = sorted({suite for s in summaries for suite in s.per_suite})
+    short = short_suite_labels(suites)
     n_cfg = max(len(summaries), 1)
-    width = 0.8 / n_cfg
-    fig = Figure(figsize=(min(max(4.5, 1.2 + len(suites) * (0.35 * n_cfg + 0.6)), 14), 4.2))
-    ax = fig.subplots()
-    # one hue per (run, model, strategy, params) line, lighter for cheaper budgets of that line
     curves = accuracy_vs_cost_curves(summaries)
-    cmap = colormaps.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    colors = label_colors(c.label for c in curves)
     shade: dict[tuple[str, str], Any] = {}
-    for ci, c in enumerate(curves):
-        base = np.array(cmap(ci % cmap.N)[:3])
+    curve_of: dict[tuple[str, str], str] = {}
+    for c in curves:
+        base = np.array(_rgb(colors[c.label]))
         for j, p in enumerate(c.points):
             mix = 0.55 * (len(c.points) - 1 - j) / max(len(c.points) - 1, 1)
             shade[(c.run, p.config_id)] = tuple(base * (1 - mix) + mix)
+            curve_of[(c.run, p.config_id)] = c.label
+    on_front = {s.key for s in frontier_summaries(summaries)}
+    labels = []
+    for s in summaries:
+        labels.append(f"{curve_of[s.key]} [{_fmt_dict(s.budget)}]" + (" ★" if s.key in on_front else "")
+                      + (f" ⚠ {s.n_errors} errored" if s.n_errors else ""))
+    key = [f"{a} = {b}" for a, b in zip(short, suites) if a != b]
+    ncols = 1 if len(labels) <= 30 else 2
+    rows = math.ceil(len(labels) / ncols)
+    axes_w = min(max(4.0, len(suites) * (0.16 * n_cfg + 0.5)), 14.0)
+    group_w = axes_w / max(len(suites), 1)
+    rotate = max((len(x) for x in short), default=0) * 0.075 > 0.9 * group_w
+    key_h = (0.25 + _ENTRY_IN * len(key)) if key else 0.0
+    fig = _agg_figure(figsize=(axes_w + 0.8 + ncols * _legend_width(labels),
+                               max(4.2, 1.0 + _ENTRY_IN * rows) + key_h + (0.6 if rotate else 0.0)))
+    ax = fig.subplots()
+    width = 0.8 / n_cfg
     x = np.arange(len(suites))
-    for i, s in enumerate(summaries):
+    for i, (s, label) in enumerate(zip(summaries, labels)):
         acc = [s.per_suite[q].accuracy if q in s.per_suite else np.nan for q in suites]
         lo = [s.per_suite[q].accuracy - s.per_suite[q].accuracy_ci_low if q in s.per_suite else 0.0 for q in suites]
         hi = [s.per_suite[q].accuracy_ci_high - s.per_suite[q].accuracy if q in s.per_suite else 0.0 for q in suites]
-        label = f"{accuracy_vs_cost_curves([s])[0].label} [{_fmt_dict(s.budget)}]" + (
-            f" ⚠ {s.n_errors} errored" if s.n_errors else "")
         ax.bar(x - 0.4 + width * (i + 0.5), acc, width, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], capsize=2,
                color=shade[s.key], label=label, error_kw={"lw": 0.8})
-    ax.set_xticks(x, suites, rotation=20 if len(suites) > 3 else 0, ha="right" if len(suites) > 3 else "center",
-                  fontsize=8)
+    if rotate:
+        ax.set_xticks(x, short, rotation=25, ha="right", rotation_mode="anchor", fontsize=8)
+    else:
+        ax.set_xticks(x, short, fontsize=8)
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.05)
     ax.set_title("Accuracy per suite")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if labels:
+        fig.legend(loc="outside right upper", fontsize=_LEGEND_FONT, ncols=ncols, frameon=False)
+    if key:
+        blank = [Line2D([], [], ls="none") for _ in key]
+        fig.legend(blank, key, loc="outside lower left", fontsize=_LEGEND_FONT, frameon=False, title="suites",
+                   title_fontsize=_LEGEND_FONT, alignment="left", handlelength=0, handletextpad=0)
     fig.savefig(path, dpi=_DPI, bbox_inches="tight")
+    return fig
+
+
+def _agg_figure(**kw: Any) -> Figure:
+    """A constrained-layout figure on its own Agg canvas (no pyplot): it draws, measures and saves alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(layout="constrained", **kw)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _rgb(color: str) -> tuple[float, float, float]:
+    """``"#rrggbb"`` → RGB floats in [0, 1]."""
+    return (int(color[1:3], 16) / 255, int(color[3:5], 16) / 255, int(color[5:7], 16) / 255)
 
 
 def _graded(summaries: Sequence[ConfigSummary]) -> list[ConfigSummary]:

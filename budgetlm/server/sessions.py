@@ -32,20 +32,21 @@ expired id starts a new session.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from budgetlm.budget import INTEGER_UNITS, UNITS, Budget
 from budgetlm.errors import BudgetLMError, ConfigError
+from budgetlm.server.store import open_database, transaction
 
 __all__ = [
     "FINAL_INSTRUCTION",
@@ -204,26 +205,15 @@ class SessionStore:
 
     def __init__(self, path: str | Path, ttl_s: float = 86400.0, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.ttl_s = float(ttl_s)
         self._clock = clock
         self._lock = threading.Lock()
         self._held: dict[str, SessionTicket] = {}
         self._next_step: dict[tuple[str, str], int] = {}
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
+        self._conn = open_database(self.path, _SCHEMA)  # the allowances' file and settings
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._conn)
 
     # ------------------------------------------------------------------ rows
     def _load(self, key: str, sid: str) -> _Row | None:

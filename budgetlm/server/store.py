@@ -18,6 +18,7 @@ nothing they reserved stays held.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import sqlite3
@@ -32,7 +33,7 @@ from typing import Any
 from budgetlm.budget import INTEGER_UNITS, UNITS
 from budgetlm.errors import BudgetLMError
 
-__all__ = ["AllowanceExceeded", "AllowanceStore", "Reservation", "today"]
+__all__ = ["AllowanceExceeded", "AllowanceStore", "Reservation", "open_database", "today", "transaction"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spend (key TEXT NOT NULL, day TEXT NOT NULL, unit TEXT NOT NULL,
@@ -41,6 +42,32 @@ CREATE TABLE IF NOT EXISTS requests (id TEXT PRIMARY KEY, key TEXT NOT NULL, day
                                      created REAL NOT NULL, model TEXT, strategy TEXT, status TEXT,
                                      usage TEXT, ledger TEXT);
 """
+
+
+def open_database(path: Path, schema: str) -> sqlite3.Connection:
+    """A connection to the server's SQLite file (created with its folder), WAL-journaled, with ``schema`` applied.
+
+    Autocommit mode: writes go through :func:`transaction`.  WAL with ``synchronous=NORMAL`` is durable
+    across process crashes and commits fast.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(schema)
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back if the block raises)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def today() -> str:
@@ -77,23 +104,12 @@ class AllowanceStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._reserved: dict[str, Reservation] = {}
-        self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across process crashes, fast commits
-        self._conn.executescript(_SCHEMA)
+        self._conn = open_database(self.path, _SCHEMA)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._conn
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
-        self._conn.execute("COMMIT")
+    def _tx(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._conn)
 
     def spent(self, key: str, day: str | None = None) -> dict[str, float]:
         """What ``key`` spent on ``day`` (default today), by unit."""

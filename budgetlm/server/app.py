@@ -683,7 +683,7 @@ def _settle(ctx: dict[str, Any], out: Outcome) -> dict[str, Any] | None:
     decision: RouteDecision | None = ctx.get("route")
     if ticket is not None:
         state.sessions.commit(ticket, spend, model=ctx["model"], backend=ctx["backend_name"], strategy=ctx["strategy"],
-                              status=row_status, usage=usage, forced_final=ctx.get("final") is not None,
+                              status=row_status, usage=usage, forced_final=ctx.get("final") is not None, reason=ctx.get("final"),
                               route=decision.to_json() if decision is not None else None)
     if out.disconnected:
         status = "499"

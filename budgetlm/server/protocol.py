@@ -39,6 +39,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from budgetlm.config import validation_message
+from budgetlm.errors import ConfigError
+from budgetlm.server.sessions import check_session_id, parse_session_budget
 from budgetlm.server.tools import ToolReply
 from budgetlm.strategies.base import Result
 from budgetlm.usage import Usage
@@ -133,28 +135,13 @@ class ChatRequest(BaseModel):
                              f"or leave the field out")
         return v
 
-    @field_validator("session_budget", mode="before")
+    @field_validator("session", "session_budget", mode="before")
     @classmethod
-    def _session_budget(cls, v: Any) -> Any:
-        from budgetlm.errors import ConfigError
-        from budgetlm.server.sessions import parse_session_budget
-
+    def _session_fields(cls, v: Any, info: ValidationInfo) -> Any:
+        check = check_session_id if info.field_name == "session" else parse_session_budget
         if v is not None:
             try:
-                parse_session_budget(v)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
-        return v
-
-    @field_validator("session", mode="before")
-    @classmethod
-    def _session(cls, v: Any) -> Any:
-        from budgetlm.errors import ConfigError
-        from budgetlm.server.sessions import check_session_id
-
-        if v is not None:
-            try:
-                check_session_id(v)
+                check(v)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return v

@@ -328,12 +328,14 @@ class SessionStore:
             self._held.pop(ticket.request_id, None)
 
     def commit(self, ticket: SessionTicket, spend: Mapping[str, float], *, model: str, backend: str, strategy: str,
-               status: str, usage: Mapping[str, Any], forced_final: bool, route: Mapping[str, Any] | None = None) -> None:
-        """Add the call's actual ``spend`` and one step to the session and store the call's row; drops the hold."""
+               status: str, usage: Mapping[str, Any], forced_final: bool, route: Mapping[str, Any] | None = None,
+               reason: str | None = None) -> None:
+        """Add the call's actual ``spend`` and one step to the session and store the call's row; drops the hold.
+
+        ``reason``: why the call was forced final when the server decided it (e.g. :data:`NO_TOOL_CALLS_LEFT`);
+        default: the ticket's own reason."""
         now = self._clock()
-        reason = ticket.final
-        if forced_final and reason is None and ticket.tool_calls_left is not None and ticket.tool_calls_left < 1:
-            reason = NO_TOOL_CALLS_LEFT  # forced by the server (tools offered, none left), not by the ticket
+        reason = reason or ticket.final
         with self._lock:
             try:
                 row = self._load(ticket.key, ticket.session)

@@ -128,7 +128,8 @@ class _Streaming(BaseHTTPRequestHandler):
     """An SSE chat-completions stub: each POST takes the next plan step.
 
     ``"503"``: an HTTP 503 answer.  ``"ok"``: the words of ``WORDS`` as chunks (with vLLM's ``token_ids``
-    unless ``ids=False``), a ``length`` finish and a usage chunk.  ``"cutK"``: ``K`` token chunks, then the
+    unless ``ids=False``), a ``length`` finish and a usage chunk; a request that continues an assistant
+    message (``continue_final_message``) gets the words after the ones it holds.  ``"cutK"``: ``K`` token chunks, then the
     connection closes in the middle of the chunked body.  ``"slow"``: ``"ok"`` with ``pause`` seconds
     between chunks (``closed`` records that the client went away).
     """
@@ -156,7 +157,10 @@ class _Streaming(BaseHTTPRequestHandler):
         self.send_header("content-type", "text/event-stream")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        words = WORDS[: body["max_tokens"]]
+        start = 0  # a continuation (continue_final_message) goes on after the words it already has
+        if body.get("continue_final_message") and body.get("messages", [{}])[-1].get("role") == "assistant":
+            start = len(body["messages"][-1]["content"].split())
+        words = WORDS[start: start + body["max_tokens"]]
         try:
             self._event({"role": "assistant", "content": ""}, None)
             for j, (text, tok) in enumerate(words):
@@ -229,16 +233,42 @@ def test_stream_retries_before_first_token(streaming_server: tuple[str, type[_St
     assert meter.spent("output_tokens") == 5 and meter.spent("input_tokens") == 11
 
 
-def test_stream_broken_after_tokens_is_charged_not_retried(streaming_server: tuple[str, type[_Streaming]]) -> None:
+def test_stream_broken_after_tokens_continues_from_what_arrived(streaming_server: tuple[str, type[_Streaming]]) -> None:
     url, handler = streaming_server
     handler.plan = ["cut3"]
     b = _stub_backend(url, max_retries=3)
     meter = Meter()
     deltas: list = []
+    res = asyncio.run(b.agenerate_one("hi", meter, sampling=SamplingParams(max_tokens=50), on_delta=deltas.append))
+    c = res.completions[0]
+    # the 3 tokens that arrived are kept (and were streamed once); the rest came from a continuation
+    assert c.text == "".join(w for w, _ in WORDS[:50]) == "".join(d.text for d in deltas)
+    assert c.token_ids == [t for _, t in WORDS[:50]]
+    assert len(handler.hits) == 2
+    cont = handler.hits[1]
+    assert cont["max_tokens"] == 47 and cont["continue_final_message"] is True
+    assert cont["messages"][-1] == {"role": "assistant", "content": " w0 w1 w2"}
+    # charged once: every generated token once, and the prompt once: its local estimate (the broken call's
+    # usage never came; the continuation's prompt, which holds the 3 tokens, is not the request's)
+    estimate = b._approx_tokens(b.render(GenerationRequest(messages=[{"role": "user", "content": "hi"}]))[0])
+    assert meter.spent("output_tokens") == 50 and meter.spent("input_tokens") == estimate
+    assert meter.reserved("output_tokens") == 0 and res.usage.extra["failovers"] == 1
+    assert res.usage.extra["server_completion_tokens"] == 50
+    [stats] = b.pool.snapshot()
+    assert (stats.requests, stats.failovers, stats.tokens) == (2, 1, 50)
+
+
+def test_stream_broken_with_no_attempt_left_is_charged_what_arrived(
+        streaming_server: tuple[str, type[_Streaming]]) -> None:
+    url, handler = streaming_server
+    handler.plan = ["cut3"]
+    b = _stub_backend(url, max_retries=0)
+    meter = Meter()
+    deltas: list = []
     with pytest.raises(BackendUnavailable, match="broke after 3 token") as err:
         asyncio.run(b.agenerate_one("hi", meter, sampling=SamplingParams(max_tokens=50), on_delta=deltas.append))
-    assert "not retried" in str(err.value)
-    assert len(handler.hits) == 1  # tokens had arrived: a retry would generate (and charge) them again
+    assert "no server was left to continue it" in str(err.value)
+    assert len(handler.hits) == 1
     assert sum(len(d.token_ids) for d in deltas) == 3
     assert meter.spent("output_tokens") == 3 and meter.reserved("output_tokens") == 0
     assert meter.total().calls == 1

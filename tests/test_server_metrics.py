@@ -112,3 +112,20 @@ def test_thread_safe_counting() -> None:
     assert s['budgetlm_tokens_total{kind="completion"}'] == 1600
     assert s['budgetlm_request_latency_seconds_count{strategy="sample"}'] == 1600
     assert s["budgetlm_requests_in_flight"] == 0
+
+
+def test_upstream_series_per_backend_and_server() -> None:
+    from budgetlm.backends.pool import ServerPool
+
+    pool = ServerPool(["http://a:1/v1", "http://b:2/v1"])
+    url = pool.pick()
+    pool.done(url, ok=False, error=ConnectionError("refused"), dead=True, moved="retry")
+    pool.done(pool.pick(exclude=[url]), ok=True, tokens=7)
+    text = Metrics().render({"pooled": pool.snapshot()})
+    assert 'budgetlm_upstream_up{backend="pooled",url="http://a:1/v1"} 0' in text
+    assert 'budgetlm_upstream_up{backend="pooled",url="http://b:2/v1"} 1' in text
+    assert 'budgetlm_upstream_retries_total{backend="pooled",url="http://a:1/v1"} 1' in text
+    assert 'budgetlm_upstream_tokens_total{backend="pooled",url="http://b:2/v1"} 7' in text
+    assert 'budgetlm_upstream_marked_down_total{backend="pooled",url="http://a:1/v1"} 1' in text
+    assert "# TYPE budgetlm_upstream_outstanding gauge" in text
+    assert "budgetlm_upstream" not in Metrics().render()

@@ -63,8 +63,8 @@ reports them); ``Usage.extra`` keeps ``server_prompt_tokens``, ``server_completi
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
+import logging
 import os
 import threading
 import warnings
@@ -72,6 +72,7 @@ import weakref
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -85,12 +86,14 @@ from budgetlm.backends.base import (
     RawCompletion,
     RawResult,
 )
+from budgetlm.backends.pool import ServerPool
 from budgetlm.backends.streaming import Sink
 from budgetlm.costs import CostModel, ModelInfo
 from budgetlm.errors import BackendError, BackendUnavailable, MissingDependency, invalid
 from budgetlm.thinking import ThinkingFormat
 
 T = TypeVar("T")
+log = logging.getLogger("budgetlm.backends.openai")
 _RETRY_STATUS = frozenset({408, 429})
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 _CONTROLLED = frozenset({
@@ -125,6 +128,20 @@ def _cached(usage: Any) -> int:
 
 class _StreamCut(Exception):
     """A stream that ended before every choice had its ``finish_reason`` (a cut connection or proxy)."""
+
+
+@dataclass
+class _StreamEnd:
+    """What one streamed call (with its retries and continuations) reports back."""
+
+    usage: Any = None
+    """The server's usage of the call that carried the request's own prompt (None: broken or a continuation)."""
+    prompt_ids: Any = None
+    """The server's prompt token ids (vLLM), for the cross-check."""
+    completion_tokens: int = 0
+    """Tokens generated over every attempt: the server's count when it finished, what arrived when it broke."""
+    failovers: int = 0
+    """Breaks after tokens that continued on another attempt."""
 
 
 class _LoopState:
@@ -164,6 +181,9 @@ class OpenAIBackend(Backend):
         extra_sampling: dict[str, Any] | None = None,
         thinking: ThinkingFormat | None = None,
         name: str | None = None,
+        fail_threshold: int = 3,
+        probe_interval: float = 1.0,
+        max_probe_interval: float = 30.0,
         **backend_kwargs: Any,
     ) -> None:
         urls = [u.strip() for u in (base_urls.split(",") if isinstance(base_urls, str) else list(base_urls))]
@@ -211,9 +231,10 @@ class OpenAIBackend(Backend):
         self._models: list[dict[str, Any]] | None = None
         self._info: ModelInfo | None = None
         self._lock = threading.RLock()
-        self._rr = itertools.count()
-        self.url_requests: Counter[str] = Counter()
-        """HTTP requests sent per base URL (retries included)."""
+        self.pool = ServerPool(self.base_urls, api_key=self.api_key, fail_threshold=fail_threshold,
+                               probe_interval=probe_interval, max_probe_interval=max_probe_interval,
+                               health_timeout=min(self.timeout, 5.0))
+        """The servers behind this backend: selection, health and per-server metrics (:mod:`~budgetlm.backends.pool`)."""
         self.attempts = 0
         """HTTP requests sent in total (retries included)."""
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
@@ -353,19 +374,33 @@ class OpenAIBackend(Backend):
             self._loops = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ HTTP with retries
-    def _next_url(self, failed: str | None = None) -> str:
-        """The next base URL in the rotation; a retry (``failed``: the URL that just failed) gets another one."""
+    @property
+    def url_requests(self) -> Counter[str]:
+        """HTTP attempts sent per base URL (retries and continuations included)."""
+        return self.pool.requests
+
+    def _pick(self, tried: list[str]) -> str:
+        """The server for the next attempt: least outstanding among the live ones not tried yet (see the pool)."""
+        url = self.pool.pick(exclude=tried)
         with self._lock:
-            url = self.base_urls[next(self._rr) % len(self.base_urls)]
-            if url == failed and len(self.base_urls) > 1:  # concurrent requests moved the rotation on
-                url = self.base_urls[(self.base_urls.index(url) + 1) % len(self.base_urls)]
-            self.url_requests[url] += 1
             self.attempts += 1
-            return url
+        return url
+
+    @staticmethod
+    def _dead(exc: BaseException) -> bool:
+        """Whether a failure says the server is gone (connection refused or cut), not merely slow or busy."""
+        openai = _openai()
+        import httpx
+
+        if isinstance(exc, openai.APITimeoutError):
+            return False
+        if isinstance(exc, openai.APIConnectionError):
+            return True
+        return isinstance(exc, (httpx.TransportError, _StreamCut)) and not isinstance(exc, httpx.TimeoutException)
 
     async def _call(self, clients: dict[str, Any], endpoint: str, params: dict[str, Any],
                     deadline: float | None) -> Any:
-        """One API call with retries; ``endpoint`` is ``chat`` or ``completions``."""
+        """One API call with retries on other servers; ``endpoint`` is ``chat`` or ``completions``."""
         openai = _openai()
         tried: list[str] = []
         last: BaseException | None = None
@@ -373,20 +408,42 @@ class OpenAIBackend(Backend):
             left = None if deadline is None else deadline - self.clock()
             if left is not None and left <= 0:
                 break
-            url = self._next_url(tried[-1] if tried else None)
+            url = self._pick(tried)
             tried.append(url)
             client = self._client(clients, url)
             api = client.chat.completions if endpoint == "chat" else client.completions
+            t0 = self.clock()
+            failed: BaseException | None = None
             try:
-                return await api.create(**params, timeout=self.timeout if left is None else min(self.timeout, left))
+                resp = await api.create(**params, timeout=self.timeout if left is None else min(self.timeout, left))
             except openai.APIStatusError as exc:
-                last = self._retryable(exc, url)
+                failed = exc
+                try:
+                    last = self._retryable(exc, url)
+                except BackendError:
+                    self.pool.done(url, ok=True)  # a 4xx is an answer: the server is alive
+                    raise
             except openai.APIConnectionError as exc:  # includes APITimeoutError
-                last = exc
+                failed = last = exc
             except openai.APIError as exc:
+                self.pool.done(url, ok=True)
                 raise self._unreadable(exc, url) from exc
-            await self._pause(attempt, deadline)
+            except BaseException:  # cancelled: nothing is known about the server
+                self.pool.done(url, ok=True)
+                raise
+            if failed is None:
+                usage = getattr(resp, "usage", None)
+                self.pool.done(url, ok=True, tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+                               latency_s=self.clock() - t0)
+                return resp
+            self.pool.done(url, ok=False, error=failed, dead=self._dead(failed),
+                           moved="retry" if attempt < self.max_retries else None)
+            await self._pause(attempt, deadline, self._untried(tried))
         raise self._unavailable(tried, last) from last
+
+    def _untried(self, tried: list[str]) -> bool:
+        """Whether a live server this request has not tried yet can take the retry (then without a pause)."""
+        return any(s.up and s.url not in tried for s in self.pool.snapshot())
 
     def _retryable(self, exc: Any, url: str) -> BaseException:
         """An HTTP error answer: returned when it is worth retrying, else raised as :class:`BackendError`."""
@@ -401,9 +458,10 @@ class OpenAIBackend(Backend):
     def _unreadable(exc: BaseException, url: str) -> BackendError:
         return BackendError(f"server {url} sent an unreadable answer: {exc}; check that it is OpenAI-compatible")
 
-    async def _pause(self, attempt: int, deadline: float | None) -> None:
-        """The backoff before retry ``attempt + 1`` (none after the last attempt; never past the deadline)."""
-        if attempt < self.max_retries:
+    async def _pause(self, attempt: int, deadline: float | None, elsewhere: bool = False) -> None:
+        """The backoff before retry ``attempt + 1`` (none after the last attempt, none when the retry goes to
+        another live server, never past the deadline)."""
+        if attempt < self.max_retries and not elsewhere:
             pause = self.backoff * 2**attempt
             if deadline is not None:
                 pause = min(pause, max(0.0, deadline - self.clock()))
@@ -591,13 +649,12 @@ class OpenAIBackend(Backend):
         prompt_tokens: int | None = None
         cached = completion_tokens = 0
         server_prompt_ids = None
-        for usage, prompt_ids in ends:
-            if usage is not None:
-                if prompt_tokens is None:  # split greedy samples: the prompt counts once
-                    prompt_tokens, cached = usage.prompt_tokens, _cached(usage)
-                completion_tokens += usage.completion_tokens or 0
+        for end in ends:
+            if end.usage is not None and prompt_tokens is None:  # split greedy samples: the prompt counts once
+                prompt_tokens, cached = end.usage.prompt_tokens, _cached(end.usage)
+            completion_tokens += end.completion_tokens
             if server_prompt_ids is None:
-                server_prompt_ids = prompt_ids
+                server_prompt_ids = end.prompt_ids
         unknown = []
         for i in sorted(inexact):  # token ids were estimated per delta: count the whole text instead
             c = raw.completions[i]
@@ -607,59 +664,146 @@ class OpenAIBackend(Backend):
                 c.token_ids = []
                 unknown.append(i)
         self._placeholders(raw.completions, unknown, completion_tokens)
-        raw.prompt_tokens = prompt_tokens
-        raw.cached_prompt_tokens = cached
-        raw.usage_check = self._usage_check(p, prompt_tokens or 0, completion_tokens, server_prompt_ids)
+        if prompt_tokens is not None:  # else: the prompt ids the server streamed first, or the local count
+            raw.prompt_tokens = prompt_tokens
+            raw.cached_prompt_tokens = cached
+        raw.usage_check = self._usage_check(p, raw.prompt_tokens or 0, completion_tokens, server_prompt_ids)
+        if failovers := sum(e.failovers for e in ends):
+            raw.usage_check["failovers"] = failovers
         return raw
 
     async def _stream(self, state: _LoopState, endpoint: str, params: dict[str, Any], p: PreparedRequest,
-                      sink: Sink, index: int | None, inexact: set[int]) -> tuple[Any, Any]:
-        """One streamed call with retries before its first token; returns (server usage, prompt ids)."""
+                      sink: Sink, index: int | None, inexact: set[int], *, continuation: bool = False,
+                      attempts: int | None = None) -> _StreamEnd:
+        """One streamed call: retried on another server before its first token, continued there after it.
+
+        A stream that breaks after tokens arrived continues from what arrived (:meth:`_continue`), so no token
+        is generated or charged twice; ``continuation`` marks such a call (its prompt is not the request's).
+        """
         openai = _openai()
         import httpx  # a dependency of openai
+        chat = endpoint == "chat"
         tried: list[str] = []
         last: BaseException | None = None
-        for attempt in range(self.max_retries + 1):
+        end = _StreamEnd()
+        attempts = self.max_retries + 1 if attempts is None else attempts
+        for attempt in range(attempts):
             left = None if p.deadline is None else p.deadline - self.clock()
             if left is not None and left <= 0:
                 break
             progress = [0]  # tokens this attempt pushed into the sink
+            failed: BaseException | None = None
             async with state.sem:
-                url = self._next_url(tried[-1] if tried else None)
+                url = self._pick(tried)
                 tried.append(url)
                 client = self._client(state.clients, url)
-                api = client.chat.completions if endpoint == "chat" else client.completions
+                api = client.chat.completions if chat else client.completions
+                t0 = self.clock()
                 try:
                     stream = await api.create(**params, timeout=self.timeout if left is None else min(self.timeout, left))
-                    sink.admit()  # the server accepted the request: its prompt counts from now on
+                    if not continuation:
+                        sink.admit()  # the server accepted the request: its prompt counts from now on
                     try:
-                        return await self._consume(stream, p, sink, index, endpoint == "chat", inexact, progress)
+                        usage, prompt_ids = await self._consume(stream, p, sink, index, chat, inexact, progress,
+                                                                continuation)
                     finally:
                         await stream.close()  # on cancellation too: the server aborts the request
                 except openai.APIStatusError as exc:
-                    if progress[0]:
-                        raise self._broken(url, progress[0], exc) from exc
-                    last = self._retryable(exc, url)
+                    failed = last = exc
+                    if not progress[0]:
+                        try:
+                            last = self._retryable(exc, url)
+                        except BackendError:
+                            self.pool.done(url, ok=True)  # a 4xx is an answer: the server is alive
+                            raise
                 except (openai.APIConnectionError, httpx.HTTPError, _StreamCut) as exc:  # httpx: while reading
-                    if progress[0]:
-                        raise self._broken(url, progress[0], exc) from exc
-                    last = exc
+                    failed = last = exc
                 except openai.APIError as exc:  # an error event in the stream, or an unreadable answer
+                    self.pool.done(url, ok=True, tokens=progress[0])
                     after = f" after {progress[0]} token(s)" if progress[0] else ""
                     raise BackendError(f"the stream from {url} failed{after}: {exc}; check the server's log "
                                        "(an answer that cannot be read is not OpenAI-compatible)") from exc
-            await self._pause(attempt, p.deadline)
+                except BaseException:  # cancelled: says nothing about the server
+                    self.pool.done(url, ok=True, tokens=progress[0])
+                    raise
+                if failed is None:
+                    self.pool.done(url, ok=True, tokens=progress[0], latency_s=self.clock() - t0)
+                    end.completion_tokens += int(getattr(usage, "completion_tokens", 0) or 0) if usage else progress[0]
+                    if not continuation:
+                        end.usage, end.prompt_ids = usage, prompt_ids
+                    return end
+                moved = "failover" if progress[0] else ("retry" if attempt + 1 < attempts else None)
+                self.pool.done(url, ok=False, error=failed, dead=self._dead(failed), tokens=progress[0], moved=moved)
+            if progress[0]:  # broke after tokens arrived: they are kept and charged, the rest continues elsewhere
+                end.completion_tokens += progress[0]
+                sub = await self._continue(state, endpoint, params, p, sink, index, inexact, url, failed,
+                                           attempts - attempt - 1)
+                end.completion_tokens += sub.completion_tokens
+                end.failovers += 1 + sub.failovers
+                return end
+            await self._pause(attempt, p.deadline, self._untried(tried))
         raise self._unavailable(tried, last) from last
+
+    async def _continue(self, state: _LoopState, endpoint: str, params: dict[str, Any], p: PreparedRequest,
+                        sink: Sink, index: int | None, inexact: set[int], url: str, exc: BaseException,
+                        attempts: int) -> _StreamEnd:
+        """Continue the open samples of a broken stream on another attempt, each from its own output so far."""
+        choices = [index] if index is not None else list(range(p.sampling.n))
+        open_ = [i for i in choices if not sink.output(i)[2]]
+        got = sum(len(sink.output(i)[0]) for i in choices)
+        if open_ and (attempts <= 0 or (endpoint == "chat" and not self.vllm_extensions)):
+            raise self._broken(url, got, exc)
+        log.info("the stream from %s broke after %d token(s) (%s: %s); continuing %d sample(s) from their output "
+                 "on another server", url, got, type(exc).__name__, exc, len(open_))
+        calls = []
+        for i in open_:
+            cparams = self._continuation(endpoint, params, p, sink, i)
+            if cparams is None:  # the sample had used all of its max_tokens
+                sink.push(i, [], "", finish_reason="length")
+                continue
+            calls.append(self._stream(state, endpoint, cparams, p, sink, i, inexact, continuation=True,
+                                      attempts=attempts))
+        ends = await gather_settled(calls)
+        total = _StreamEnd()
+        for e in ends:
+            total.completion_tokens += e.completion_tokens
+            total.failovers += e.failovers
+        return total
+
+    def _continuation(self, endpoint: str, params: dict[str, Any], p: PreparedRequest, sink: Sink,
+                      i: int) -> dict[str, Any] | None:
+        """The request that continues sample ``i`` after its output so far (None when no token is left)."""
+        ids, text, _ = sink.output(i)
+        left = p.sampling.max_tokens - len(ids)
+        if left <= 0:
+            return None
+        cp = dict(params, n=1, max_tokens=left)
+        extra = dict(cp.get("extra_body") or {})
+        if endpoint == "chat":
+            messages = [dict(m) for m in cp["messages"]]
+            if extra.get("continue_final_message"):  # the request already continued an assistant prefix
+                messages[-1]["content"] = (messages[-1].get("content") or "") + text
+            else:
+                messages.append({"role": "assistant", "content": text})
+                extra.update(continue_final_message=True, add_generation_prompt=False)
+            cp["messages"] = messages
+        elif isinstance(cp["prompt"], list) and -1 not in ids:
+            cp["prompt"] = list(cp["prompt"]) + ids
+        else:
+            cp["prompt"] = (cp["prompt"] if isinstance(cp["prompt"], str) else self.decode(cp["prompt"])) + text
+        if extra:
+            cp["extra_body"] = extra
+        return cp
 
     @staticmethod
     def _broken(url: str, tokens: int, exc: BaseException) -> BackendUnavailable:
         return BackendUnavailable(
-            f"the stream from {url} broke after {tokens} token(s) ({type(exc).__name__}: {exc}); the request "
-            "was charged what arrived and is not retried (a retry would generate and charge it again)"
+            f"the stream from {url} broke after {tokens} token(s) ({type(exc).__name__}: {exc}) and no server was "
+            "left to continue it; the request was charged what arrived (raise max_retries or add servers)"
         )
 
     async def _consume(self, stream: Any, p: PreparedRequest, sink: Sink, index: int | None, chat: bool,
-                       inexact: set[int], progress: list[int]) -> tuple[Any, Any]:
+                       inexact: set[int], progress: list[int], continuation: bool = False) -> tuple[Any, Any]:
         """Push every chunk of ``stream`` into ``sink``; returns (the final usage, the server's prompt ids)."""
         k = p.sampling.logprobs
         usage = prompt_ids = None
@@ -668,7 +812,7 @@ class OpenAIBackend(Backend):
             if chunk.usage is not None:
                 usage = chunk.usage
             for ch in chunk.choices:
-                if prompt_ids is None:  # vLLM sends the prompt's ids once: the server's own prompt count
+                if prompt_ids is None and not continuation:  # vLLM sends the prompt's ids once: its prompt count
                     prompt_ids = _extra(chunk if chat else ch, "prompt_token_ids")
                     if prompt_ids is not None:
                         sink.admit(len(prompt_ids))
@@ -690,7 +834,7 @@ class OpenAIBackend(Backend):
                 matched = _extra(ch, "stop_reason") if finish else None
                 if not (ids or text or finish or vals):
                     continue  # the role chunk
-                progress[0] += len(ids) or len(text)
+                progress[0] += len(ids)
                 sink.push(i, [int(t) for t in ids], text, logprobs=vals, top_logprobs=tops, finish_reason=finish,
                           stop_string=matched if isinstance(matched, str) else None)
                 if finish:

@@ -118,6 +118,12 @@ class Sink:
         elif not loop.is_closed():
             loop.call_soon_threadsafe(cb, delta)
 
+    def output(self, index: int) -> tuple[list[int], str, bool]:
+        """Sample ``index``'s token ids and text so far, and whether it has ended."""
+        with self._lock:
+            s = self._samples[index]
+            return list(s.token_ids), s.text, s.finish_reason is not None
+
     @property
     def generated(self) -> int:
         """Tokens generated so far over all samples."""

@@ -21,6 +21,11 @@ supersedes the error.  :attr:`RunOutcome.retried` counts the errored records ret
 that keeps every recorded cell and adds new ones (more strategies, budgets or suites) extends the
 run; one that would orphan recorded cells is refused (use a new ``--out``).
 
+Servers: with an OpenAI-compatible backend over several servers (a
+:class:`~budgetlm.backends.pool.ServerPool`), each record's ``details["servers"]`` holds its attempts
+per server, retries and failovers, and each session in ``run.json`` keeps every pool's per-server
+metrics (``sessions[-1]["servers"]``).
+
 Failures: each item runs alone, so only an item that fails gets an error record and its neighbours
 are graded as usual.  Errors never stop the run.
 
@@ -34,6 +39,7 @@ terminal and appends them to ``OUT/eval.log``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -45,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from budgetlm.backends import Backend, load
+from budgetlm.backends.pool import ServerPool, ServerUse, track_servers
 from budgetlm.budget import Budget
 from budgetlm.errors import BudgetLMError, ConfigError
 from budgetlm.evals.config import EvalConfig, StrategySpec, config_id
@@ -275,6 +282,10 @@ class Runner:
                             self._cell(backend, model, strategy, strat_spec, budget, cid, sname, suite, todo,
                                        writer, trace_writer, outcome, progress)
                     finally:
+                        pool = getattr(backend, "pool", None)
+                        if isinstance(pool, ServerPool):  # per-server metrics of this session
+                            meta["sessions"][-1].setdefault("servers", {})[model] = [
+                                dataclasses.asdict(st) for st in pool.snapshot()]
                         if model not in self._given:
                             backend.close()
         finally:
@@ -318,9 +329,13 @@ class Runner:
                 problem = Problem(id=it.id, messages=it.messages, metadata=it.metadata, tools=list(it.tools))
                 meter = root.child(b, name=it.id)
                 t0 = time.perf_counter()
+                use = ServerUse()
                 try:
-                    [res] = await strategy.arun([problem], [meter], backend)
+                    with track_servers() as use:  # which servers of a pool the item's calls went to
+                        [res] = await strategy.arun([problem], [meter], backend)
                     res.ledger = meter.summary()
+                    if use.calls:
+                        res.details["servers"] = use.as_dict()
                     rec, trace = self._record(it, res, b, suite, time.perf_counter() - t0, common), res.trace
                 except Exception as exc:  # noqa: BLE001 - one problem's failure is recorded, the run goes on
                     log.debug("item %s failed", it.id, exc_info=True)
@@ -328,7 +343,8 @@ class Runner:
                     rec = EvalRecord(item_id=it.id, question=it.question, gold=_text(it.gold), error=_error_text(exc),
                                      stop_reason="error", wall_seconds=time.perf_counter() - t0, timestamp=time.time(),
                                      prompt_tokens=u.prompt_tokens, output_tokens=u.output_tokens,
-                                     model_calls=u.calls, flops=u.flops, usd=u.usd, **common)
+                                     model_calls=u.calls, flops=u.flops, usd=u.usd,
+                                     details={"servers": use.as_dict()} if use.calls else {}, **common)
                     trace = None
                 finally:
                     meter.active = False

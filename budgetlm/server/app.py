@@ -8,7 +8,7 @@ Endpoints:
 - ``GET /v1/models`` — ``budgetlm/<strategy>`` and ``<backend>/<strategy>`` for every backend and
   allowed strategy;
 - ``GET /v1/allowance`` — the calling key's allowance, spend and what is left today;
-- ``GET /health`` — liveness, backends, requests running per backend, engine figures;
+- ``GET /health`` — liveness, backends, requests running per backend, engine figures, upstream servers (up, outstanding);
 - ``GET /metrics`` — Prometheus text (:mod:`budgetlm.server.metrics`).
 
 **Execution.**  Each request is an asyncio task running its strategy program on the shared engine
@@ -57,6 +57,7 @@ from pydantic import ValidationError
 
 from budgetlm.backends import load as load_backend
 from budgetlm.backends.base import Backend, GenerationRequest
+from budgetlm.backends.pool import ServerPool, ServerStats
 from budgetlm.backends.streaming import Delta
 from budgetlm.budget import UNITS, Budget, check_limits
 from budgetlm.errors import BackendUnavailable, ConfigError
@@ -178,6 +179,11 @@ class ServerState:
                 out[name] = {"steps": int(eng.steps), "running": int(getattr(eng, "running", 0)),
                              "max_running": int(getattr(eng, "max_running", 0))}
         return out
+
+    def upstreams(self) -> dict[str, list[ServerStats]]:
+        """Per-server state of every backend over OpenAI-compatible servers (its :class:`ServerPool`)."""
+        return {name: be.pool.snapshot() for name, be in self.backends.items()
+                if isinstance(getattr(be, "pool", None), ServerPool)}
 
     # ------------------------------------------------------------------ request parsing
     def allowed(self) -> list[str]:
@@ -453,11 +459,13 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "backends": cfg.backends, "uptime_s": time.time() - state.started,
-                "running": state.running(), "engines": state.engines(), "in_flight": state.metrics.in_flight}
+                "running": state.running(), "engines": state.engines(), "in_flight": state.metrics.in_flight,
+                "upstreams": {name: [{"url": st.url, "up": st.up, "outstanding": st.outstanding} for st in stats]
+                              for name, stats in state.upstreams().items()}}
 
     @app.get("/metrics")
     async def metrics() -> Any:
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(state.metrics.render(state.upstreams()), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -3,7 +3,12 @@
 Counters: ``budgetlm_requests_total{model,status}``, ``budgetlm_tokens_total{kind}`` (prompt,
 completion, thinking, cached), ``budgetlm_spend_usd_total``, ``budgetlm_flops_total``,
 ``budgetlm_allowance_refusals_total``; a gauge ``budgetlm_requests_in_flight``; a histogram
-``budgetlm_request_latency_seconds{strategy}``.  Written by hand (a few lines) rather than pulling in
+``budgetlm_request_latency_seconds{strategy}``.  For every backend over OpenAI-compatible servers (a
+:class:`~budgetlm.backends.pool.ServerPool`), per server: gauges ``budgetlm_upstream_up`` and
+``budgetlm_upstream_outstanding``, counters ``budgetlm_upstream_requests_total``,
+``budgetlm_upstream_failures_total``, ``budgetlm_upstream_retries_total``,
+``budgetlm_upstream_failovers_total``, ``budgetlm_upstream_tokens_total`` and
+``budgetlm_upstream_marked_down_total``, labelled ``{backend,url}``.  Written by hand (a few lines) rather than pulling in
 ``prometheus_client`` for six series.
 """
 
@@ -11,6 +16,11 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from budgetlm.backends.pool import ServerStats
 
 __all__ = ["BUCKETS", "Metrics"]
 
@@ -69,8 +79,8 @@ class Metrics:
                 self._lat_sum[strategy] += latency_s
                 self._lat_count[strategy] += 1
 
-    def render(self) -> str:
-        """The Prometheus text exposition."""
+    def render(self, upstreams: Mapping[str, Sequence[ServerStats]] | None = None) -> str:
+        """The Prometheus text exposition; ``upstreams``: each pooled backend's per-server snapshot."""
         with self._lock:
             out = ["# HELP budgetlm_requests_total Chat-completion requests by model and status.",
                    "# TYPE budgetlm_requests_total counter"]
@@ -95,4 +105,28 @@ class Metrics:
                 out.append(f"budgetlm_request_latency_seconds_bucket{_labels(strategy=strategy, le='+Inf')} {count}")
                 out.append(f"budgetlm_request_latency_seconds_sum{_labels(strategy=strategy)} {self._lat_sum[strategy]!r}")
                 out.append(f"budgetlm_request_latency_seconds_count{_labels(strategy=strategy)} {count}")
-            return "\n".join(out) + "\n"
+        out += _upstream_lines(upstreams or {})
+        return "\n".join(out) + "\n"
+
+
+_UPSTREAM = (
+    ("up", "gauge", "1 when the server takes requests, 0 while it is marked down.", lambda s: int(s.up)),
+    ("outstanding", "gauge", "Requests in flight to the server.", lambda s: s.outstanding),
+    ("requests_total", "counter", "HTTP attempts sent to the server.", lambda s: s.requests),
+    ("failures_total", "counter", "Attempts that failed (connection, 5xx, timeout, broken stream).", lambda s: s.failures),
+    ("retries_total", "counter", "Requests retried elsewhere before their first token.", lambda s: s.retries),
+    ("failovers_total", "counter", "Streams that broke after tokens and continued elsewhere.", lambda s: s.failovers),
+    ("tokens_total", "counter", "Completion tokens received from the server.", lambda s: s.tokens),
+    ("marked_down_total", "counter", "Times the server was marked down.", lambda s: s.times_down),
+)
+
+
+def _upstream_lines(upstreams: Mapping[str, Sequence[ServerStats]]) -> list[str]:
+    if not upstreams:
+        return []
+    out = []
+    for suffix, kind, help_, get in _UPSTREAM:
+        out += [f"# HELP budgetlm_upstream_{suffix} {help_}", f"# TYPE budgetlm_upstream_{suffix} {kind}"]
+        for backend, stats in sorted(upstreams.items()):
+            out += [f"budgetlm_upstream_{suffix}{_labels(backend=backend, url=st.url)} {get(st)}" for st in stats]
+    return out

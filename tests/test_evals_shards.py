@@ -92,9 +92,8 @@ def test_shard_specs_parse_and_coerce() -> None:
 
 
 def test_the_cli_refuses_a_bad_shard_before_running(tmp_path: Path) -> None:
-    cfg = tmp_path / "cfg.yaml"
+    cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(config().model_dump()))
-    cfg = cfg.rename(tmp_path / "cfg.json")
     res = cli.invoke(app, ["eval", str(cfg), "--out", str(tmp_path / "x"), "--shard", "4/3", "--no-progress"])
     assert res.exit_code == 2
     assert "`--shard` must be I/N with 1 <= I <= N, got '4/3'; pass e.g. --shard 1/3" in " ".join(res.output.split())

@@ -4,6 +4,12 @@
   budget and print the answer and the spend (``--json`` for machine output).
 * ``budgetlm demo`` — the README's main job: easy reasoning-gym arithmetic on the default model,
   printing answers, accuracy and spend.
+* ``budgetlm eval CONFIG.yaml --out DIR [--shard I/N]`` — run (or resume) an evaluation grid; with
+  ``--shard I/N`` (1-based) only the cells of shard I of N (a stable hash of (suite, item,
+  configuration)), so N processes or hosts share one grid (:mod:`budgetlm.evals.shards`).
+* ``budgetlm merge SHARD_DIR... --out MERGED`` — check that shard folders are one grid's shards (same
+  config digest and shard count, each index once, no overlap, no gap, each complete) and merge them
+  into one run folder with its report.
 * ``budgetlm regrade RUN_DIR --grader NAME`` — re-grade a finished eval run without generating
   anything (:mod:`budgetlm.evals.regrade`): prints how many verdicts changed.
 * ``budgetlm train CONFIG.yaml --out DIR`` — GRPO training with a recipe, then trained-vs-base evaluation.
@@ -11,7 +17,8 @@
 * ``budgetlm model`` — prepare the embedded default model and print its path.
 * ``budgetlm report RUN_DIR... [--format md|json|html]`` — write the report and print its table (default),
   or print the Markdown tables and notes (``md``) or ``summary.json`` (``json``), or write it and print
-  ``report.html``'s path (``html``).
+  ``report.html``'s path (``html``).  Several shard folders are merged in memory first (checked as by
+  ``merge``; ``--allow-partial`` accepts missing or incomplete shards); one alone is reported as partial.
 
 Result tables go to stdout as a compact rich table on a terminal; when stdout is not a terminal (a pipe,
 a log file) they are a plain Markdown table, one unwrapped line per row, parameters shown with escapes.
@@ -213,15 +220,21 @@ def eval_cmd(
     log_interval: Annotated[float, typer.Option(help="Seconds between progress lines (stderr when not a terminal, "
                                                      "and OUT/eval.log).")] = 5.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout instead of the table.")] = False,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", help="Run only shard I of N of the grid's (item, configuration) cells, e.g. 1/3 (1-based); "
+                        "run every I into its own --out, then `budgetlm merge`.")] = None,
 ) -> None:
     """Run an evaluation grid into OUT (records.jsonl, run.json, report), resuming if OUT exists.
 
     Errored records are retried by re-running the same command; progress lines are appended to
-    OUT/eval.log."""
+    OUT/eval.log.  With --shard I/N only that shard's cells are run (merge the N folders with
+    `budgetlm merge`)."""
     from budgetlm.evals.config import EvalConfig
     from budgetlm.evals.runner import run_eval
+    from budgetlm.evals.shards import Shard
 
     try:
+        part = Shard.parse(shard) if shard is not None else None
         if log_interval < 0:
             raise BudgetLMError(f"`--log-interval` must be >= 0 seconds, got {log_interval}")
         if as_json and not report:
@@ -229,7 +242,7 @@ def eval_cmd(
         cfg = EvalConfig.load(config)
         configure_logging(_verbosity, show_progress=progress and not console.is_terminal)
         with log_to_file(Path(out) / "eval.log", _verbosity), stdout_to_stderr():
-            res = run_eval(cfg, out, progress=progress, report=report, log_interval=log_interval)
+            res = run_eval(cfg, out, progress=progress, report=report, log_interval=log_interval, shard=part)
     except BudgetLMError as exc:
         _fail(exc)
         return
@@ -237,10 +250,14 @@ def eval_cmd(
         console.print(f"[yellow]interrupted[/]: finished records are kept in {out}/records.jsonl; "
                       "re-run the same command to resume")
         raise typer.Exit(code=130) from None
-    console.print(f"{res.written} records written, {res.skipped} already done"
+    console.print((f"shard {res.shard.label} ({res.total} cells of the grid): " if res.shard else "")
+                  + f"{res.written} records written, {res.skipped} already done"
                   + (f", retrying {res.retried} errored records" if res.retried else "")
                   + ("" if res.errors else ", 0 errors"), soft_wrap=True)
     _print_errors(res)
+    if res.shard is not None:
+        console.print(f"partial results: this folder holds shard {res.shard.label}; when every shard has run, "
+                      "merge them with `budgetlm merge SHARD_DIR... --out MERGED`", soft_wrap=True)
     if res.report is not None:
         if as_json:
             out_json((Path(res.report) / "summary.json").read_text())
@@ -500,6 +517,9 @@ def report(
         "--format", "-f", help="md: the Markdown tables and notes on stdout; json: summary.json's content on "
                                "stdout (md and json write nothing); html: write the report and print report.html's "
                                "path. Default: write the report, print the table and the path.")] = None,
+    allow_partial: Annotated[bool, typer.Option(
+        "--allow-partial", help="Shard folders: report them even when shards are missing or incomplete "
+                                "(never when they overlap or mix configs).")] = False,
 ) -> None:
     """Write summary.json, summary.md, PNG plots and report.html for one or more runs (or print one format)."""
     from budgetlm.evals.report import markdown_summary, summary_doc, write_report
@@ -512,10 +532,11 @@ def report(
             if out_dir is not None:
                 raise BudgetLMError(f"`--out` must be left out with `--format {fmt}`, got {out_dir!r}: md and json "
                                     "print to stdout and write nothing; use --format html or no --format to write")
-            doc = summary_doc([Path(r) for r in runs])
+            doc = summary_doc([Path(r) for r in runs], allow_partial=allow_partial)
             _write_stdout(markdown_summary(doc) if fmt == "md" else json.dumps(doc, indent=2, allow_nan=False))
             return
-        html_path = write_report([Path(r) for r in runs], Path(out_dir) if out_dir else None)
+        html_path = write_report([Path(r) for r in runs], Path(out_dir) if out_dir else None,
+                                 allow_partial=allow_partial)
     except BudgetLMError as exc:
         _fail(exc)
         return
@@ -524,6 +545,34 @@ def report(
         return
     _print_summary(html_path.parent)
     out_console_path(html_path.parent)
+
+
+@app.command("merge")
+def merge_cmd(
+    shards: Annotated[list[str], typer.Argument(help="The --out folders of `budgetlm eval --shard I/N`, one per shard.")],
+    out_dir: Annotated[str, typer.Option("--out", "-o", help="The merged run folder (new, empty or a previous merge).")],
+    report: Annotated[bool, typer.Option(help="Write the merged report.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summary.json on stdout instead of the table.")] = False,
+) -> None:
+    """Merge the shard folders of one grid into OUT after checking them: one config digest and shard count,
+    each shard once, no cell in two shards, no shard missing, every shard complete."""
+    from budgetlm.evals.shards import merge_shards
+
+    try:
+        if as_json and not report:
+            raise BudgetLMError("`--json` prints the report's summary.json; drop `--no-report`")
+        with stdout_to_stderr():
+            res = merge_shards([Path(s) for s in shards], Path(out_dir), report=report)
+    except BudgetLMError as exc:
+        _fail(exc)
+        return
+    console.print(f"merged {res.shards} shards: {res.records} records into {res.out_dir}", soft_wrap=True)
+    if res.report is not None:
+        if as_json:
+            out_json((Path(res.report) / "summary.json").read_text())
+            return
+        _print_summary(res.report)
+        out_console_path(res.report)
 
 
 @app.command()

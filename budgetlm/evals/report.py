@@ -38,6 +38,14 @@ directory (default: the first run directory):
 Several runs are compared on the same charts; labels carry the run name (``run.json``'s ``name``,
 else the directory name; repeated names get ``#2``, ``#3``…).
 
+Shards (:mod:`budgetlm.evals.shards`): one shard folder on its own is reported as it is, marked
+partial — its name carries ``[shard I/N]`` and a note says how many of the grid's cells it holds.
+Several shard folders are merged in memory first (:func:`~budgetlm.evals.shards.merge_in_memory`:
+same config digest and shard count, each index once, no overlap, no gap, every shard complete
+unless ``allow_partial``) and reported as one run; the report needs an explicit ``out_dir`` then.
+Shard folders mixed with full runs are refused: merge the shards (``budgetlm merge``) and compare
+the merged folder.
+
 Errored records: only the last record of each (suite, item, configuration) is read, so a successful
 retry supersedes an error.  Records still errored are left out of accuracy, costs and rates (an
 error is not a wrong answer at zero tokens; ``n`` counts the graded records) and counted in
@@ -75,6 +83,7 @@ from budgetlm.evals.metrics import (
     token_complexity,
 )
 from budgetlm.evals.records import EvalRecord, read_records
+from budgetlm.evals.shards import is_shard_folder, merge_in_memory, shard_info
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -611,24 +620,41 @@ def build_summary(
     return doc, summaries
 
 
-def load_runs(run_dirs: Sequence[Path | str]) -> list[tuple[str, Path, dict[str, Any], list[EvalRecord]]]:
+_PARTIAL_HINT = ", or pass --allow-partial to report what is there"
+
+
+def load_runs(run_dirs: Sequence[Path | str], *,
+              allow_partial: bool = False) -> list[tuple[str, Path, dict[str, Any], list[EvalRecord]]]:
     """``(name, dir, run.json dict, records)`` of each run directory, names made unique.
 
-    Raises :class:`ConfigError` when the list is empty or a run directory has no ``records.jsonl``
-    (or no complete record in it).
+    Several shard folders become one run merged in memory (its ``run.json`` dict has ``merged_from``
+    and ``merged_in_memory``; its dir is the first shard's); a lone shard folder is named
+    ``NAME [shard I/N]``.  Raises :class:`ConfigError` when the list is empty, a run directory has no
+    ``records.jsonl`` (or no complete record in it), or shard folders do not merge (see
+    :func:`~budgetlm.evals.shards.check_shards`; ``allow_partial`` accepts gaps and incomplete shards).
     """
     dirs = [Path(d) for d in run_dirs]
     if not dirs:
         raise invalid("run_dirs", "a non-empty list of run directories", list(run_dirs),
                       "pass the run directories written by `budgetlm eval`")
+    if len(dirs) > 1 and any(is_shard_folder(d) for d in dirs):
+        for d in dirs:  # a missing records.jsonl gets the usual message first
+            _load_run(d)
+        meta, recs = merge_in_memory(dirs, allow_partial=allow_partial, partial_hint=_PARTIAL_HINT)
+        meta["merged_in_memory"] = True
+        return [(str(meta.get("name") or dirs[0].name), dirs[0], meta, recs)]
     loaded = [_load_run(d) for d in dirs]
-    names = _unique_names([str(meta.get("name") or d.name) for d, (meta, _) in zip(dirs, loaded)])
+    names = []
+    for d, (meta, _) in zip(dirs, loaded):
+        info = shard_info(meta)
+        names.append(str(meta.get("name") or d.name) + (f" [shard {info.label}]" if info else ""))
+    names = _unique_names(names)
     return [(n, d, meta, recs) for n, d, (meta, recs) in zip(names, dirs, loaded)]
 
 
-def summary_doc(run_dirs: Sequence[Path | str]) -> dict[str, Any]:
+def summary_doc(run_dirs: Sequence[Path | str], *, allow_partial: bool = False) -> dict[str, Any]:
     """The ``summary.json`` document of run directories, computed from their records (nothing written)."""
-    return build_summary(load_runs(run_dirs))[0]
+    return build_summary(load_runs(run_dirs, allow_partial=allow_partial))[0]
 
 
 def _front_note(doc: dict[str, Any]) -> str:
@@ -658,16 +684,23 @@ def markdown_summary(doc: dict[str, Any], *, per_suite: bool = True) -> str:
     return "\n".join(md)
 
 
-def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = None) -> Path:
+def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = None, *,
+                 allow_partial: bool = False) -> Path:
     """Write ``summary.json``, ``summary.md``, the PNGs and ``report.html``; return the HTML's path.
 
-    ``out_dir`` defaults to the first run directory.  Raises :class:`ConfigError` when a run
-    directory has no ``records.jsonl`` (or no complete record in it).
+    ``out_dir`` defaults to the first run directory (several shard folders, merged in memory, need
+    one).  Raises :class:`ConfigError` when a run directory has no ``records.jsonl`` (or no complete
+    record in it), or shard folders do not merge.
     """
     _require_matplotlib()
-    runs = load_runs(run_dirs)
+    runs = load_runs(run_dirs, allow_partial=allow_partial)
     names = [n for n, *_ in runs]
     dirs = [d for _, d, *_ in runs]
+    if out_dir is None and any(m.get("merged_in_memory") for _, _, m, _ in runs):
+        raise invalid("--out", "a folder for the merged report of shard folders", None,
+                      "pass --out runs/NAME-merged, or merge them first: budgetlm merge SHARD... --out MERGED")
+    trace_dirs = [Path(s["path"]) for _, d, m, _ in runs for s in m["merged_from"]] if any(
+        m.get("merged_in_memory") for _, _, m, _ in runs) else dirs
     out = Path(out_dir) if out_dir is not None else dirs[0]
     out.mkdir(parents=True, exist_ok=True)
 
@@ -681,7 +714,7 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = No
     _plot_accuracy_vs(summaries, "output_tokens", out / PLOTS[0], log_x=None)
     _plot_accuracy_vs(summaries, cost, out / PLOTS[1], log_x=True)
     _plot_per_suite(summaries, out / PLOTS[2])
-    trees = _tree_figures(dirs, summaries, out)
+    trees = _tree_figures(trace_dirs, summaries, out)
     plots = [*PLOTS, *trees]
 
     notes = _notes(doc)
@@ -726,6 +759,17 @@ def _notes(doc: dict[str, Any]) -> list[str]:
     count on the model's records, not the number of questions with τ = ∞.
     """
     notes = []
+    for run in doc["runs"]:
+        meta = run.get("meta") or {}
+        info, partial = meta.get("shard"), meta.get("partial")
+        if isinstance(info, dict):
+            notes.append(f"⚠ Partial results: {run['name']} is shard {info.get('index')}/{info.get('count')} of "
+                         f"its grid ({info.get('cells')} of {info.get('grid_cells')} cells); merge every shard "
+                         "folder (`budgetlm merge SHARD... --out MERGED`) for the full results")
+        if isinstance(partial, dict):
+            missing = ", ".join(str(i) for i in partial.get("missing_shards", [])) or "none"
+            notes.append(f"⚠ Partial merge: {run['name']} lacks shard(s) {missing}; incomplete shards (cells "
+                         f"missing): {partial.get('missing_cells') or 'none'}")
     n_over = doc["n_over_budget_records"]
     notes.append(f"Budget adherence: {n_over} record(s) over budget" + (" — BUDGET VIOLATED" if n_over else " (ok)"))
     for u, fc in doc["frontier_cost_of_pass"].items():

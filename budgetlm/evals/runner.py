@@ -26,6 +26,13 @@ Servers: with an OpenAI-compatible backend over several servers (a
 per server, retries and failovers, and each session in ``run.json`` keeps every pool's per-server
 metrics (``sessions[-1]["servers"]``).
 
+Sharding: ``shard=(I, N)`` (CLI ``--shard I/N``, 1-based) runs only the cells
+:mod:`budgetlm.evals.shards` assigns to shard ``I`` of ``N`` (a stable hash of (suite, item id,
+configuration id)), so N processes or hosts share one grid; ``run.json`` records ``shard: {index,
+count, cells, grid_cells}`` (``null`` for a full run), the progress lines name the shard, and resuming
+a folder with another ``--shard`` (or none) is refused.  A shard's own report is marked partial;
+``budgetlm merge`` joins the shards' folders.
+
 Failures: each item runs alone, so only an item that fails gets an error record and its neighbours
 are graded as usual.  Errors never stop the run.
 
@@ -57,6 +64,7 @@ from budgetlm.errors import BudgetLMError, ConfigError
 from budgetlm.evals.config import EvalConfig, StrategySpec, config_id
 from budgetlm.evals.metrics import finite_json
 from budgetlm.evals.records import EvalRecord, read_records, trace_line
+from budgetlm.evals.shards import Shard, ShardInfo, shard_info
 from budgetlm.evals.suites import get as get_suite
 from budgetlm.evals.suites.base import EvalItem, Suite
 from budgetlm.meter import Meter
@@ -117,7 +125,9 @@ class RunOutcome:
     retried: int = 0
     """(item, configuration) pairs whose last record on disk had an error, run again in this session."""
     total: int = 0
-    """Grid size in (item, configuration) pairs."""
+    """Grid size in (item, configuration) pairs (of this shard's partition when sharded)."""
+    shard: Shard | None = None
+    """The shard run, None for the whole grid."""
     report: Path | None = None
     """The folder holding ``report.html`` and ``summary.*``, when written."""
     errors: list[str] = field(default_factory=list)
@@ -149,6 +159,7 @@ class Runner:
         report: bool = True,
         on_batch: Callable[[int], None] | None = None,
         log_interval: float = LOG_INTERVAL,
+        shard: Shard | tuple[int, int] | str | None = None,
     ) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
@@ -159,6 +170,8 @@ class Runner:
         self.on_batch = on_batch
         self.log_interval = log_interval
         """Seconds between progress lines in the log (0: one after every batch)."""
+        self.shard = Shard.coerce(shard)
+        """Run only this shard's cells (see :mod:`budgetlm.evals.shards`); None: the whole grid."""
 
     # ------------------------------------------------------------------ setup
     def _grid(self) -> set[tuple[str, str]]:
@@ -182,6 +195,7 @@ class Runner:
         meta: dict[str, Any] = {}
         if path.exists():
             meta = json.loads(path.read_text())
+            self._check_shard(shard_info(meta))
             if meta.get("config_digest") != self.config.digest():
                 grid = self._grid()
                 recorded = {(r.suite, r.config_id) for r in read_records(self.out_dir / "records.jsonl")}
@@ -200,10 +214,31 @@ class Runner:
             "config_digest": self.config.digest(),
             "seed": self.config.seed,
             "versions": library_versions(),
+            "shard": None if self.shard is None else ShardInfo(index=self.shard.index, count=self.shard.count,
+                                                               cells=None).model_dump(),
         })
         meta.setdefault("sessions", []).append({"started": time.time()})
         self._write_json(path, meta)
         return meta
+
+    def _check_shard(self, recorded: ShardInfo | None) -> None:
+        """Resuming needs the shard spec the folder was started with (or none for a full run)."""
+        given = self.shard.label if self.shard else None
+        have = recorded.label if recorded else None
+        if given == have:
+            return
+        if recorded is None:
+            raise ConfigError(
+                f"`--shard` must be left out to resume `--out` {str(self.out_dir)!r}, which holds a full "
+                f"(unsharded) run, got {given!r}; use a new --out folder for each shard")
+        raise ConfigError(f"`--shard` must be {have} to resume `--out` {str(self.out_dir)!r} (a folder of shard "
+                          f"{have}), got {repr(given) if given else 'no --shard'}; pass --shard {have} to resume it, "
+                          "or use a new --out folder")
+
+    @property
+    def _tag(self) -> str:
+        """``" (shard 2/3)"`` for log lines of a shard run, else empty."""
+        return f" (shard {self.shard.label})" if self.shard else ""
 
     @staticmethod
     def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -251,23 +286,33 @@ class Runner:
             for strat in self.config.strategies
             for budget in (strat.budgets or self.config.budgets)
         ]
-        total = sum(len(items) for _, _, items in suites) * len(cells)
-        outcome = RunOutcome(self.out_dir, total=total)
-        pending_total = 0
-        plan: list[tuple[str, StrategySpec, dict[str, float], str, Suite, list[EvalItem]]] = []
+        grid_total = sum(len(items) for _, _, items in suites) * len(cells)
+        owned: list[tuple[str, StrategySpec, dict[str, float], str, Suite, list[EvalItem]]] = []
         for model, strat, budget in cells:
             cid = config_id(model, strat, budget, self.config.seed)
             for sname, suite, items in suites:
-                todo = [it for it in items if (sname, it.id, cid) not in done]
-                outcome.skipped += len(items) - len(todo)
-                outcome.retried += sum((sname, it.id, cid) in errored for it in todo)
-                if todo:
-                    plan.append((model, strat, budget, sname, suite, todo))
-                    pending_total += len(todo)
-        log.info("eval %s: %d of %d (item, configuration) pairs to run, %d already done, retrying %d errored "
-                 "records; out: %s", self.config.name, pending_total, total, outcome.skipped, outcome.retried,
-                 self.out_dir, extra={"progress": True, "console": True})
-        progress = _Progress(pending_total, enabled=self.progress, interval=self.log_interval)
+                mine = [it for it in items if self.shard is None or self.shard.owns((sname, it.id, cid))]
+                owned.append((model, strat, budget, sname, suite, mine))
+        total = sum(len(mine) for *_, mine in owned)
+        if self.shard is not None:
+            meta["shard"].update(cells=total, grid_cells=grid_total)
+            self._write_json(self.out_dir / "run.json", meta)
+        outcome = RunOutcome(self.out_dir, total=total, shard=self.shard)
+        pending_total = 0
+        plan: list[tuple[str, StrategySpec, dict[str, float], str, Suite, list[EvalItem]]] = []
+        for model, strat, budget, sname, suite, items in owned:
+            cid = config_id(model, strat, budget, self.config.seed)
+            todo = [it for it in items if (sname, it.id, cid) not in done]
+            outcome.skipped += len(items) - len(todo)
+            outcome.retried += sum((sname, it.id, cid) in errored for it in todo)
+            if todo:
+                plan.append((model, strat, budget, sname, suite, todo))
+                pending_total += len(todo)
+        of_grid = f" (shard {self.shard.label}: {total} of the grid's {grid_total})" if self.shard else ""
+        log.info("eval %s: %d of %d (item, configuration) pairs to run%s, %d already done, retrying %d errored "
+                 "records; out: %s", self.config.name, pending_total, total, of_grid, outcome.skipped,
+                 outcome.retried, self.out_dir, extra={"progress": True, "console": True})
+        progress = _Progress(pending_total, enabled=self.progress, interval=self.log_interval, suffix=self._tag)
         try:
             with progress:
                 by_model: dict[str, list[Any]] = {}
@@ -354,7 +399,8 @@ class Runner:
             writer.write(rec)
             if rec.error:
                 outcome.errors.append(f"{rec.item_id}: {rec.error}")
-                log.info("item %s of %s (%s, %s) failed: %s", rec.item_id, sname, rec.strategy, cid, rec.error)
+                log.info("item %s of %s (%s, %s) failed%s: %s", rec.item_id, sname, rec.strategy, cid, self._tag,
+                         rec.error)
             outcome.written += 1
             progress.advance(1, rec.output_tokens, 1 if rec.error else 0)
             if self.on_batch:
@@ -404,8 +450,10 @@ class _Progress:
     progress line through ``logging`` every ``interval`` seconds (terminal or not) and at the end."""
 
     def __init__(self, total: int, enabled: bool = True, interval: float = LOG_INTERVAL,
-                 tty: bool | None = None) -> None:
+                 tty: bool | None = None, suffix: str = "") -> None:
         self.total = total
+        self.suffix = suffix
+        """Appended to every progress line (``" (shard 2/3)"`` for a shard run)."""
         is_tty = tty if tty is not None else bool(getattr(sys.stderr, "isatty", lambda: False)())
         self.enabled = enabled and total > 0 and is_tty
         self.interval = interval
@@ -446,7 +494,7 @@ class _Progress:
         return (f"{'finished' if final and self.done >= self.total else 'stopped' if final else 'progress'} "
                 f"{self.done}/{self.total} items ({pct:.0f}%), {self.errors} errors, elapsed {_fmt_secs(elapsed)}, "
                 f"{rate:.2f} items/s, {self._tokens / max(elapsed, 1e-9):.0f} tok/s"
-                + ("" if final else f", eta {eta}"))
+                + ("" if final else f", eta {eta}") + self.suffix)
 
     def advance(self, n: int, tokens: int, errors: int = 0) -> None:
         self.done += n

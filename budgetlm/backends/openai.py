@@ -1,8 +1,10 @@
 """A backend for OpenAI-compatible servers (vLLM's ``api_server`` first of all), through the ``openai`` client.
 
 :class:`OpenAIBackend` sends every request of a batch concurrently (at most ``concurrency`` at a time) to
-one or more base URLs, used round-robin per HTTP request (scale-out over several servers; a retry goes to
-the next URL).  Chat ``messages`` go to ``/chat/completions``; a raw ``prompt`` or ``prompt_token_ids`` go
+one or more base URLs through a :class:`~budgetlm.backends.pool.ServerPool`: each HTTP attempt goes to the
+live server with the fewest requests outstanding, a dead server is marked down and probed back, and a
+retry goes to a server the request has not tried (see :mod:`budgetlm.backends.pool`; ``fail_threshold``,
+``probe_interval`` and ``max_probe_interval`` are the pool's settings).  Chat ``messages`` go to ``/chat/completions``; a raw ``prompt`` or ``prompt_token_ids`` go
 to ``/completions``.  The meter's enforcement is that of every backend (:meth:`Backend.generate`): the
 prompt is rendered locally to count its tokens, ``max_tokens`` is clamped before the request leaves.
 
@@ -29,12 +31,18 @@ Two paths share the request building, retries and accounting:
 
 Retries: the client's own retries are off; this backend retries HTTP 5xx, 408 and 429 answers, timeouts and
 connection errors up to ``max_retries`` times with exponential backoff (``backoff · 2^attempt`` seconds), then
-raises :class:`~budgetlm.errors.BackendUnavailable`.  Other 4xx answers raise
-:class:`~budgetlm.errors.BackendError` at once.  One request therefore takes at most
+raises :class:`~budgetlm.errors.BackendUnavailable`; a retry goes to another live server when there is
+one (then without the pause).  Other 4xx answers raise :class:`~budgetlm.errors.BackendError` at once.  One request therefore takes at most
 ``(max_retries + 1) · timeout + backoff · (2^max_retries − 1)`` seconds, less when the meter's wall-clock
-budget sets an earlier deadline.  A stream is retried (on the next URL) only when it fails before any token
-arrived; a stream that breaks after tokens arrived raises :class:`~budgetlm.errors.BackendUnavailable`
-and its request is charged what arrived.
+budget sets an earlier deadline.  A stream that fails before any token arrived is retried like a call.  A
+stream that breaks after tokens arrived (the server died) *continues* on another attempt from what
+arrived: the partial output goes back as the assistant message with ``continue_final_message`` (chat), or
+is appended to the prompt (text or token ids), with ``max_tokens`` reduced by it; each unfinished sample
+of an ``n > 1`` stream continues on its own.  The tokens that arrived stay in the output (a streaming
+consumer saw them once), every generated token is charged once and the prompt once (the request's own,
+not the continuation's; the re-prefill is not charged), and ``Usage.extra["failovers"]`` counts the
+continuations.  Only when no attempt is left does the request raise
+:class:`~budgetlm.errors.BackendUnavailable`, charged what arrived.
 
 vLLM extensions (``vllm_extensions=True``, the default; turn them off for servers that reject unknown
 fields): ``return_token_ids`` (exact generated token ids per sample, end-of-sequence token included, and the
@@ -160,7 +168,7 @@ def _tokenizer_dir(path: str | os.PathLike[str]) -> Path | None:
 
 
 class OpenAIBackend(Backend):
-    """An OpenAI-compatible server (or several, round-robin); see the module docstring."""
+    """An OpenAI-compatible server (or a pool of several: least outstanding, failover); see the module docstring."""
 
     kind = "openai"
 

@@ -303,3 +303,19 @@ def test_check_probes_every_server(two: tuple[_Server, _Server]) -> None:
     stats = pool.check()
     assert [s.up for s in stats] == [False, True]
     assert stats[0].last_error is not None
+
+
+def test_run_sync_closes_the_loop_clients_before_the_loop_closes(two: tuple[_Server, _Server]) -> None:
+    from budgetlm.aio import run_sync
+
+    a, b = two
+    be = _backend([a.url, b.url])
+    seen: list = []
+
+    async def main() -> None:
+        await be.agenerate_one("hi", Meter(), sampling=SamplingParams(max_tokens=3))
+        seen.extend(be._loop_state().clients.values())  # noqa: SLF001
+
+    run_sync(main())
+    assert seen and all(c.is_closed() for c in seen)
+    assert len(be._loops) == 0  # noqa: SLF001

@@ -85,7 +85,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
-from budgetlm.aio import gather_settled
+from budgetlm.aio import gather_settled, on_loop_exit
 from budgetlm.backends.base import (
     Backend,
     GenerationRequest,
@@ -368,7 +368,15 @@ class OpenAIBackend(Backend):
             state = self._loops.get(loop)
             if state is None:
                 state = self._loops[loop] = _LoopState(self.concurrency)
+                on_loop_exit(lambda: self._close_loop(loop))
             return state
+
+    async def _close_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the HTTP clients of ``loop`` (run by :func:`~budgetlm.aio.run_sync` before it closes the loop)."""
+        with self._lock:
+            state = self._loops.pop(loop, None)
+        for client in (state.clients.values() if state is not None else ()):
+            await client.close()
 
     def _client(self, clients: dict[str, Any], url: str) -> Any:
         if url not in clients:

@@ -19,9 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import multiprocess_rewards as mp
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 

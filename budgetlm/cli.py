@@ -318,6 +318,8 @@ def train_cmd(
                       "to resume")
         raise typer.Exit(code=130) from None
     t = res.train
+    if not res.main_process:  # another process of `accelerate launch`: the main process reports
+        return
     console.print(f"{'already trained' if t.skipped else 'trained'}: {t.steps} steps"
                   f"{f' (resumed from {t.resumed_from})' if t.resumed_from else ''}; model in {t.model_dir}")
     if res.comparison:

@@ -31,8 +31,6 @@ def cfg(**kw: Any) -> TrainConfig:
     ({"recipe": "effort"}, "suite"),  # no suite
     ({**BASE, "num_generations": 1}, "num_generations"),  # GRPO needs a group of >= 2
     ({**BASE, "num_generations": 0}, "num_generations"),  # not even one completion
-    ({**BASE, "num_generations": 4, "per_device_train_batch_size": 6}, "per_device_train_batch_size"),  # not a multiple
-    ({**BASE, "num_generations": 3, "per_device_train_batch_size": 4}, "multiple of `num_generations`"),  # 4 % 3
     ({**BASE, "learning_rate": -1e-5}, "learning_rate"),  # negative lr
     ({**BASE, "learning_rate": 0}, "learning_rate"),  # zero lr
     ({**BASE, "temperature": 0}, "temperature"),  # greedy rollouts give GRPO no variance
@@ -232,6 +230,33 @@ def test_grpo_config_carries_the_fields_over(tmp_path: Path) -> None:
     assert g.report_to in ("none", [], ["none"])  # TRL normalises "none" to no integrations
     assert g.reward_weights is None  # the effort recipe has a single reward
     assert g.model_init_kwargs == {"dtype": "float32"}
+
+
+@pytest.mark.parametrize("kw", [
+    {"num_generations": 4, "per_device_train_batch_size": 6},  # 6 completions: one and a half groups
+    {"num_generations": 3, "per_device_train_batch_size": 4},  # 4 % 3
+])
+def test_grpo_config_needs_whole_groups_per_generation_batch(tmp_path: Path, kw: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=r"`per_device_train_batch_size` × processes × steps_per_generation must be "
+                                          r"a multiple of `num_generations`"):
+        build_grpo_config(cfg(**kw), recipe(), tmp_path / "ck", CPU)
+
+
+@pytest.mark.parametrize(("kw", "processes", "size", "error"), [
+    ({"per_device_train_batch_size": 2}, 2, 4, None),  # half a group per process: two processes make one group
+    ({"per_device_train_batch_size": 2}, 1, None, r"2 × 1 × 1 = 2.*a multiple of 4,"),  # one process: half a group
+    ({"per_device_train_batch_size": 6}, 2, 12, None),  # a group spans the two processes
+    ({"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2}, 1, 4, None),  # two micro-batches
+    ({"per_device_train_batch_size": 2, "steps_per_generation": 3}, 1, None, r"2 × 1 × 3 = 6"),  # grpo override
+    ({"per_device_train_batch_size": 2, "generation_batch_size": 6}, 1, None, "grpo.generation_batch_size"),
+])
+def test_check_batch_counts_processes(kw: dict[str, Any], processes: int, size: int | None, error: str | None) -> None:
+    full = {"num_generations": 4, "gradient_accumulation_steps": 1, **kw}
+    if error is None:
+        assert grpo.check_batch(full, processes) == size
+    else:
+        with pytest.raises(ConfigError, match=error):
+            grpo.check_batch(full, processes)
 
 
 @pytest.mark.parametrize("method, weights", [

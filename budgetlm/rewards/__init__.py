@@ -13,7 +13,8 @@ Registered names (:data:`REWARDS`): ``correctness``, ``think_format`` (:mod:`.co
 ``lcpo_exact``, ``lcpo_max``, ``kimi_length``, ``dapo_overlong``, ``think_prune``,
 ``cosine_length`` (:mod:`.length`); ``effort`` (:mod:`.effort`); ``lcr1_length``,
 ``lcr1_compress`` (:mod:`.compress`); ``boundary_routing``, ``dual_efficiency``, ``route_choice`` (:mod:`.routing`).
-Group-wise rewards (Kimi, e1, LC-R1) need a ``prompt_id`` column.
+Group-wise rewards (Kimi, e1, LC-R1) need a ``prompt_id`` column; with several training processes they
+gather the whole batch so every group is whole (see :mod:`.base`).
 """
 
 from __future__ import annotations

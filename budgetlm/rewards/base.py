@@ -17,9 +17,21 @@ counts them.  Outside training the callable also works with ``completion_ids=Non
 come from :attr:`~RewardFunction.tokenizer` when one is given, else from a whitespace word count, a
 tokenizer-free stand-in that is only roughly proportional to tokens.
 
-Group-wise rewards (Kimi, e1, LC-R1) group completions by a prompt-id column, never by their
-position in the batch.  TRL calls reward functions on each process's share of the batch, so with
-several processes a group may be split and a group-wise reward sees only its local part.
+Group-wise rewards (Kimi, e1, LC-R1; :attr:`RewardFunction.group_wise`) group completions by a
+prompt-id column, never by their position in the batch.
+
+**Several processes.**  TRL calls reward functions on each process's share of the generation batch:
+its ``RepeatSampler`` lays out each prompt's ``num_generations`` completions next to each other and
+every process takes the next ``per_device_train_batch_size × steps_per_generation`` of them, so a group
+is split over two processes whenever that share is not a multiple of ``num_generations`` (TRL only
+requires the whole generation batch to be one).  A group-wise reward then saw only part of a group.
+So under an initialised ``torch.distributed`` group of more than one process, a group-wise reward
+gathers every process's completion texts, token ids, prompts and columns
+(:func:`budgetlm.distributed.all_gather`, in rank order — the order of TRL's generation batch),
+scores the whole batch, and returns this process's slice.  Every process computes the same values
+as one process would on the whole batch (the e1 EMA state too, updated identically everywhere); the
+price is that each process scores the whole batch.  The gather is a collective: every process must
+call the reward together, as TRL does; with one process nothing is gathered.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from budgetlm import distributed
 from budgetlm.errors import ConfigError, invalid
 from budgetlm.thinking import ThinkingFormat, ThinkingSplit, split_thinking
 
@@ -167,6 +180,29 @@ class RewardBatch:
         self._check_len(name, len(values))
         return list(values)
 
+    def share(self) -> dict[str, Any]:
+        """What another process needs to rebuild this batch (:meth:`join`): texts, ids, prompts, columns."""
+        n = self.n or 0
+        return {"n": n, "texts": self.texts,
+                "completion_ids": None if self.completion_ids is None else [list(ids) for ids in self.completion_ids],
+                "prompts": None if self.prompts is None else list(self.prompts),
+                "columns": {k: list(v) if _is_column(v) else v for k, v in self.columns.items()}}
+
+    @classmethod
+    def join(cls, parts: Sequence[Mapping[str, Any]], fmt: ThinkingFormat) -> RewardBatch:
+        """One batch of the :meth:`share` parts, in order; a column (or texts, ids, prompts) missing in any
+        part is left out, and non-column values are taken from the first part."""
+        def cat(key: str) -> list[Any] | None:
+            vals = [p[key] for p in parts]
+            return None if any(v is None for v in vals) else [x for v in vals for x in v]
+
+        columns: dict[str, Any] = {}
+        for k, v in parts[0]["columns"].items():
+            if not all(k in p["columns"] for p in parts):
+                continue
+            columns[k] = [x for p in parts for x in p["columns"][k]] if _is_column(v) else v
+        return cls(cat("texts"), cat("completion_ids"), columns, fmt, cat("prompts"))
+
     def has(self, name: str) -> bool:
         """Whether column ``name`` was passed."""
         return name in self.columns
@@ -197,6 +233,8 @@ class RewardFunction(ABC):
     """A reward in TRL's form: ``reward(prompts=, completions=, completion_ids=, **columns) -> list[float | None]``."""
 
     default_name: ClassVar[str] = "reward"
+    group_wise: ClassVar[bool] = False
+    """Scores depend on the other completions of the same prompt: with several processes the batch is gathered."""
 
     thinking: ThinkingFormat = field(default_factory=ThinkingFormat)
     """How thinking is marked (default ``<think>``/``</think>``)."""
@@ -215,7 +253,16 @@ class RewardFunction(ABC):
     def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None,
                  completion_ids: Sequence[Sequence[int]] | None = None, **kwargs: Any) -> list[float | None]:
         batch = RewardBatch(completions, completion_ids, kwargs, self.thinking, prompts)
+        if self.group_wise and distributed.world_size() > 1:
+            return self._score_whole_groups(batch)
         return self.score(batch)
+
+    def _score_whole_groups(self, batch: RewardBatch) -> list[float | None]:
+        """Score the batch of every process (gathered in rank order) and return this process's slice."""
+        parts = distributed.all_gather(batch.share())
+        start = sum(p["n"] for p in parts[:distributed.rank()])
+        scores = self.score(RewardBatch.join(parts, self.thinking))
+        return scores[start:start + (batch.n or 0)]
 
     @abstractmethod
     def score(self, batch: RewardBatch) -> list[float | None]:

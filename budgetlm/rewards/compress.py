@@ -50,6 +50,7 @@ class LCR1Length(GradedReward):
     """LC-R1's length reward: ``1 − L_i / max_{j correct} L_j`` over the prompt's group (0 if none correct)."""
 
     default_name: ClassVar[str] = "lcr1_length"
+    group_wise: ClassVar[bool] = True
 
     prompt_id_column: str = "prompt_id"
     """Column whose value groups a prompt's completions."""

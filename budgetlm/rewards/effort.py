@@ -9,7 +9,8 @@ thinking length for the prompt:
 - ``mode="ema"``: an exponential moving average kept per prompt id in the reward instance.  A
   prompt seen for the first time starts at its group mean; afterwards
   ``T ← decay·T + (1 − decay)·group_mean`` before the reward is computed, so the current rollouts
-  count.  The state pickles with the instance; each training process keeps its own copy.
+  count.  The state pickles with the instance; each training process keeps its own copy, the same on
+  every process because each scores the gathered whole batch (see :mod:`budgetlm.rewards.base`).
 
 With ``length="completion"`` ``ℓ`` counts every generated token instead (for models that write no
 thinking tags, such as the embedded default model).
@@ -38,6 +39,7 @@ class EffortReward(GradedReward):
     """e1: 1 for a correct answer whose thinking stays within ``e·T_avg`` of its prompt, else 0."""
 
     default_name: ClassVar[str] = "effort"
+    group_wise: ClassVar[bool] = True
 
     effort_column: str = "effort"
     """Column with the effort fraction ``e ∈ (0, 1]`` stated in each prompt."""

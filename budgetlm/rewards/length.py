@@ -91,6 +91,7 @@ class KimiLength(GradedReward):
     """Kimi 1.5's group-wise length reward: ``λ_i = 0.5 − (len_i − min)/(max − min)``; wrong → ``min(0, λ_i)``."""
 
     default_name: ClassVar[str] = "kimi_length"
+    group_wise: ClassVar[bool] = True
 
     prompt_id_column: str = "prompt_id"
     """Column whose value groups a prompt's completions."""

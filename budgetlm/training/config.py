@@ -78,7 +78,7 @@ class TrainConfig(Config):
     seed: int = Field(default=0, description="Seed of data sampling, targets and training.")
     max_steps: int = Field(default=50, description="Optimizer steps.")
     num_generations: int = Field(default=4, description="Completions per prompt (GRPO's group size).")
-    per_device_train_batch_size: int = Field(default=4, description="Completions per device and step (a multiple of num_generations).")
+    per_device_train_batch_size: int = Field(default=4, description="Completions per process and micro-batch; × processes × gradient_accumulation_steps must be a multiple of num_generations.")
     gradient_accumulation_steps: int = Field(default=1, description="Micro-batches per optimizer step.")
     max_completion_length: int = Field(default=128, description="Generation limit in tokens.")
     learning_rate: float = Field(default=1e-5, description="AdamW learning rate.")
@@ -139,9 +139,8 @@ class TrainConfig(Config):
         if self.num_generations < 2:
             raise ValueError(f"`num_generations` must be >= 2 (GRPO compares completions of one prompt), "
                              f"got {self.num_generations}")
-        if self.per_device_train_batch_size % self.num_generations:
-            raise ValueError(f"`per_device_train_batch_size` must be a multiple of `num_generations` "
-                             f"({self.num_generations}), got {self.per_device_train_batch_size}")
+        # per_device_train_batch_size × processes × steps must hold whole groups: checked when training starts
+        # (budgetlm.training.grpo.check_batch), where the number of processes is known
         if self.vllm_mode == "server" and self.use_vllm is False:
             raise ValueError("`vllm_mode: server` needs `use_vllm: true` (or null), got use_vllm=false")
         return self

@@ -14,6 +14,20 @@
    logged metric to ``OUT/train_log.jsonl``; ``OUT/train.json`` records the config, the recipe,
    the GRPOConfig, library versions and seeds.
 
+**Several processes** (``accelerate launch --multi_gpu --num_processes N``, or a DeepSpeed config; see
+``docs/scale-out-training.md``).  Every process runs :func:`train`; building the ``GRPOConfig``
+initialises the process group, then the main process alone builds the rows (a recipe may run an
+evaluation for them, as ``route`` does), writes ``dataset.jsonl``, ``train.json`` and
+``train_log.jsonl``, deletes checkpoints for ``resume=False`` and saves the final model; the others
+get the rows (or the error) from it (:func:`budgetlm.distributed.share`), so no file is written twice
+and a failure on the main process fails every process instead of leaving them at a barrier.
+Checkpoints are TRL's (the model and optimizer from the main process, one RNG state per process) and
+resume with the same number of processes.  The time limit is the main process's clock, shared at
+each step, so all processes stop at the same step.  ``per_device_train_batch_size × processes ×
+steps_per_generation`` (TRL's generation batch) must be a multiple of ``num_generations``; a group
+may then span two processes, and group-wise rewards gather the batch so they see it whole
+(:mod:`budgetlm.rewards.base`).
+
 **fp16 rollouts.**  TRL's colocated vLLM engine takes its dtype from the checkpoint's config, so
 for ``fp16`` with ``vllm_mode: colocate`` the trainer reads the model through ``OUT/fp16_model``, a
 directory of links to the checkpoint whose config says float16, while the trainer itself loads fp32
@@ -24,7 +38,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import math
+import os
 import random
 import shutil
 import time
@@ -32,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from budgetlm import distributed
 from budgetlm.errors import ConfigError, MissingDependency
 from budgetlm.evals import suites as suite_registry
 from budgetlm.models import resolve_model_path
@@ -39,7 +56,9 @@ from budgetlm.training.base import RECIPES, Recipe, RecipeContext
 from budgetlm.training.config import TrainConfig
 from budgetlm.versions import library_versions
 
-__all__ = ["TrainOutcome", "build_dataset", "build_grpo_config", "model_path", "resolve_device", "train"]
+__all__ = ["TrainOutcome", "build_dataset", "build_grpo_config", "check_batch", "model_path", "resolve_device", "train"]
+
+log = logging.getLogger("budgetlm.training")
 
 
 @dataclass
@@ -108,6 +127,37 @@ def _grpo_fields() -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(GRPOConfig)}
 
 
+def launched_processes() -> int:
+    """Processes this run was launched with: ``WORLD_SIZE`` (set by ``accelerate launch``/torchrun), else 1."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def check_batch(kw: dict[str, Any], processes: int) -> int:
+    """TRL's generation batch (completions per generation round) for the GRPOConfig keywords ``kw`` and
+    ``processes``; an error naming the parameters unless it holds whole groups of ``num_generations``."""
+    groups = kw["num_generations"]
+    per_device = kw["per_device_train_batch_size"]
+    if kw.get("generation_batch_size") is not None:
+        size = kw["generation_batch_size"]
+        if size % groups:
+            raise ConfigError(f"`grpo.generation_batch_size` must be a multiple of `num_generations` ({groups}), got "
+                              f"{size}; TRL generates whole groups of num_generations completions per prompt")
+        return int(size)
+    steps = kw.get("steps_per_generation") or kw["gradient_accumulation_steps"]
+    size = per_device * processes * steps
+    if size % groups:
+        raise ConfigError(
+            f"`per_device_train_batch_size` × processes × steps_per_generation must be a multiple of "
+            f"`num_generations` ({groups}), got {per_device} × {processes} × {steps} = {size}; TRL generates whole "
+            f"groups of num_generations completions per prompt: set per_device_train_batch_size to a multiple of "
+            f"{groups // math.gcd(groups, processes * steps)}, launch another number of processes, or change "
+            f"num_generations")
+    return size
+
+
 def build_grpo_config(cfg: TrainConfig, recipe: Recipe, checkpoints: Path, device: dict[str, Any]) -> Any:
     """The :class:`trl.GRPOConfig` for ``cfg`` (``cfg.grpo`` entries override the derived values)."""
     from trl import GRPOConfig
@@ -149,6 +199,7 @@ def build_grpo_config(cfg: TrainConfig, recipe: Recipe, checkpoints: Path, devic
         elif cfg.vllm_server_base_url:
             kw["vllm_server_base_url"] = cfg.vllm_server_base_url
     kw.update(cfg.grpo)
+    check_batch(kw, launched_processes())
     try:
         return GRPOConfig(**kw)
     except (ValueError, TypeError) as exc:
@@ -156,17 +207,23 @@ def build_grpo_config(cfg: TrainConfig, recipe: Recipe, checkpoints: Path, devic
                           f"of the training config (or its `grpo:` block)") from None
 
 
-def build_dataset(cfg: TrainConfig, recipe: Recipe, ctx: RecipeContext) -> list[dict[str, Any]]:
-    """The recipe's rows for the config's suite (seeded, so a resumed run trains on the same data)."""
+def build_dataset(cfg: TrainConfig, recipe: Recipe, ctx: RecipeContext, prompts_per_step: int | None = None
+                  ) -> list[dict[str, Any]]:
+    """The recipe's rows for the config's suite (seeded, so a resumed run trains on the same data).
+
+    ``prompts_per_step``: prompts in one generation round (TRL's ``generation_batch_size /
+    num_generations``); None: one process's ``per_device_train_batch_size × gradient_accumulation_steps
+    / num_generations``.
+    """
     suite = suite_registry.get(cfg.suite)
     items = suite.items()
     if not items:
         raise ConfigError(f"`suite` {cfg.suite!r} has no items; pick a suite with at least one problem")
     rows = recipe.build_rows(items, random.Random(cfg.seed), ctx)
-    need = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
+    need = prompts_per_step or cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps // cfg.num_generations
     if len(rows) < need:
         raise ConfigError(
-            f"`suite` must give at least {need} training prompts (per_device_train_batch_size × "
+            f"`suite` must give at least {need} training prompts (per_device_train_batch_size × processes × "
             f"gradient_accumulation_steps / num_generations), got {len(rows)} from {cfg.suite!r}; raise the suite's "
             f"size (a reasoning_gym calibration split drops problems shared with its test split: lower test_size "
             f"or widen the difficulty) or lower per_device_train_batch_size")
@@ -224,7 +281,7 @@ class _State:
 def _callback(log_path: Path) -> Any:
     from transformers import TrainerCallback
 
-    if log_path.exists() and log_path.stat().st_size:
+    if distributed.is_main() and log_path.exists() and log_path.stat().st_size:
         with log_path.open("rb+") as fh:  # a crash may have torn the last line: end it, so new entries parse
             fh.seek(-1, 2)
             if fh.read(1) != b"\n":
@@ -254,7 +311,8 @@ def _time_limit(minutes: float) -> Any:
             self.hit = False
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if time.monotonic() - self.start >= 60 * minutes:
+            # the main process's clock decides for all, so every process stops at the same step
+            if distributed.share(lambda: time.monotonic() - self.start >= 60 * minutes):
                 self.hit = True
                 control.should_save = True
                 control.should_training_stop = True
@@ -277,22 +335,38 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def _save_final(trainer: Any, cfg: TrainConfig, out: Path) -> Path:
+    """``OUT/model``, written by the main process (every process calls this; DeepSpeed gathers the weights)."""
     final = out / "model"
     tmp = out / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model = trainer.model
-    if cfg.lora is not None:
-        model = model.merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
-    trainer.processing_class.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.replace(final)
+    state_dict = None
+    if getattr(trainer, "is_deepspeed_enabled", False) and cfg.lora is None:
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # a collective under ZeRO-3
+    if distributed.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = trainer.model
+        if cfg.lora is not None:
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        trainer.processing_class.save_pretrained(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.replace(final)
+    distributed.barrier()
     return final
+
+
+def _write_rows(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    with path.open("w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, default=str) + "\n")
+    return rows
 
 
 def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool = True,
           progress: bool = True) -> TrainOutcome:
-    """Train ``cfg``'s recipe into ``output_dir`` (resuming when it holds a checkpoint of the same config)."""
+    """Train ``cfg``'s recipe into ``output_dir`` (resuming when it holds a checkpoint of the same config).
+
+    Under ``accelerate launch`` every process calls this; only the main process writes to ``output_dir``.
+    """
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig.from_yaml(cfg, what="training config")
     out = Path(output_dir)
@@ -301,9 +375,7 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
     device = resolve_device(cfg)
     state = _State(out, cfg)
     src = model_path(cfg.model)
-    if (not resume) and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
-        (out / "train_log.jsonl").unlink(missing_ok=True)
+    if not resume:
         state.data.pop("status", None)
     if resume and state.data.get("status") == "done" and (out / "model" / "config.json").exists() and (
             state.data.get("steps", 0) >= cfg.max_steps
@@ -311,23 +383,30 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
         return TrainOutcome(out, out / "model", int(state.data["steps"]), None, read_log(out / "train_log.jsonl"),
                             skipped=True)
 
+    checkpoints = out / "checkpoints"
+    args = build_grpo_config(cfg, recipe, checkpoints, device)  # under accelerate launch: joins the process group
+    args.disable_tqdm = not progress
+    main = distributed.is_main()
+    if distributed.world_size() > 1:
+        log.info("process %d of %d (%s): %s", distributed.rank(), distributed.world_size(), args.device,
+                 "writes the run folder" if main else "the main process writes the run folder")
+    if not resume and main and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+
     ctx = RecipeContext(model=cfg.model, output_dir=out, seed=cfg.seed, max_completion_length=cfg.max_completion_length,
                         extra={"suite": cfg.suite})
-    rows = build_dataset(cfg, recipe, ctx)
-    with (out / "dataset.jsonl").open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, default=str) + "\n")
+    per_step = args.generation_batch_size // args.num_generations
+    # the main process builds the rows (and deletes old checkpoints first); the others wait and get them
+    rows = distributed.share(lambda: _write_rows(build_dataset(cfg, recipe, ctx, per_step), out / "dataset.jsonl"))
     rewards = recipe.rewards(rows, ctx)  # lengths come from TRL's completion_ids
-    checkpoints = out / "checkpoints"
-    args = build_grpo_config(cfg, recipe, checkpoints, device)
-    args.disable_tqdm = not progress
 
     import datasets
     from trl import GRPOTrainer
 
     model_id = str(src)
     if device["fp16"] and device["use_vllm"] and cfg.vllm_mode == "colocate":
-        model_id = str(_fp16_view(src, out / "fp16_model"))
+        model_id = str(distributed.share(lambda: _fp16_view(src, out / "fp16_model")))
     peft_config = None
     if cfg.lora is not None:
         try:
@@ -338,9 +417,11 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
     ds = datasets.Dataset.from_list(rows)
     last = _last_checkpoint(checkpoints) if resume else None
-    state.write(name=cfg.name, status="running", config=cfg.model_dump(), recipe=recipe.describe(), device=device,
-                model_path=str(src), rows=len(rows), seed=cfg.seed, versions=library_versions(),
-                grpo_config=args.to_dict(), started=state.data.get("started", time.time()), resumed_from=last)
+    if main:
+        state.write(name=cfg.name, status="running", config=cfg.model_dump(), recipe=recipe.describe(), device=device,
+                    model_path=str(src), rows=len(rows), seed=cfg.seed, versions=library_versions(),
+                    grpo_config=args.to_dict(), started=state.data.get("started", time.time()), resumed_from=last,
+                    processes=distributed.world_size())
     callbacks = [_callback(out / "train_log.jsonl")]
     if cfg.max_minutes is not None:
         callbacks.append(_time_limit(cfg.max_minutes))
@@ -350,8 +431,10 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
     final = _save_final(trainer, cfg, out)
     steps = int(trainer.state.global_step)
     timed_out = cfg.max_minutes is not None and callbacks[-1].hit
-    state.write(status="done", steps=steps, finished=time.time(), max_minutes=cfg.max_minutes,
-                stop_reason=f"time limit ({cfg.max_minutes} min)" if timed_out else "max_steps")
+    if main:
+        state.write(status="done", steps=steps, finished=time.time(), max_minutes=cfg.max_minutes,
+                    stop_reason=f"time limit ({cfg.max_minutes} min)" if timed_out else "max_steps")
+    distributed.barrier()  # train.json says done before any process moves on
     return TrainOutcome(out, final, steps, last, read_log(out / "train_log.jsonl"), stopped_by_time=timed_out)
 
 

@@ -4,20 +4,29 @@
 checkpoint), then :func:`~budgetlm.training.evaluate.evaluate` (the evaluation runner resumes its own
 records), then :func:`~budgetlm.training.evaluate.write_train_report`.  Re-running a finished run
 only rewrites the report.
+
+Under ``accelerate launch`` every process trains; afterwards only the main process evaluates and
+writes the report (the evaluation loads both models on one device with the evaluation runner).  The
+other processes log that they skip it and return at once with ``comparison=None``: nothing after
+training is a collective, so the main process never waits for them.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from budgetlm import distributed
 from budgetlm.training.base import RECIPES
 from budgetlm.training.config import TrainConfig
 from budgetlm.training.evaluate import evaluate, write_train_report
 from budgetlm.training.grpo import TrainOutcome, read_log, train
 
 __all__ = ["RunResult", "run"]
+
+log = logging.getLogger("budgetlm.training")
 
 
 @dataclass
@@ -29,7 +38,9 @@ class RunResult:
     comparison: dict[str, Any] | None
     """Trained vs base rows and per-model totals (None when the evaluation is disabled)."""
     report: Path
-    """``train_report.html``."""
+    """``train_report.html`` (written by the main process only)."""
+    main_process: bool = True
+    """False on the other processes of a multi-process run: they neither evaluate nor write the report."""
 
 
 def run(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool = True, progress: bool = True) -> RunResult:
@@ -38,6 +49,10 @@ def run(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool =
         cfg = TrainConfig.from_yaml(cfg, what="training config")
     out = Path(output_dir)
     outcome = train(cfg, out, resume=resume, progress=progress)
+    if not distributed.is_main():
+        log.warning("process %d of %d: training done; the main process evaluates and writes the report, this one "
+                    "skips them", distributed.rank(), distributed.world_size())
+        return RunResult(outcome, None, out / "report" / "train_report.html", main_process=False)
     comparison = None
     eval_report = None
     if cfg.eval.enabled:

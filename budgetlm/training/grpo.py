@@ -15,7 +15,7 @@
    the GRPOConfig, library versions and seeds.
 
 **Several processes** (``accelerate launch --multi_gpu --num_processes N``, or a DeepSpeed config; see
-``docs/scale-out-training.md``).  Every process runs :func:`train`; building the ``GRPOConfig``
+``docs/scale-out.md``).  Every process runs :func:`train`; building the ``GRPOConfig``
 initialises the process group, then the main process alone builds the rows (a recipe may run an
 evaluation for them, as ``route`` does), writes ``dataset.jsonl``, ``train.json`` and
 ``train_log.jsonl``, deletes checkpoints for ``resume=False`` and saves the final model; the others

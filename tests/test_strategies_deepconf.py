@@ -12,8 +12,15 @@ from budgetlm.backends.base import SamplingParams
 from budgetlm.backends.scripted import ScriptedBackend
 from budgetlm.errors import ConfigError
 from budgetlm.strategies import get
-from budgetlm.strategies.confidence import (RunningConfidence, group_confidences, log_score, mode,
-                                            token_confidence, token_confidences, trace_confidence)
+from budgetlm.strategies.confidence import (
+    RunningConfidence,
+    group_confidences,
+    log_score,
+    mode,
+    token_confidence,
+    token_confidences,
+    trace_confidence,
+)
 from budgetlm.strategies.deepconf import consensus, keep_top, threshold
 from budgetlm.strategies.voting import Sampled
 

@@ -92,8 +92,15 @@ from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.strategies.confidence import DEFAULT_K, DEFAULT_WINDOW, Measure, TopK, Window, check_measure
-from budgetlm.strategies.voting import (Sampled, empty_result, make_sampled, room_of, sample_entry, score_confidence,
-                                        voted_result)
+from budgetlm.strategies.voting import (
+    Sampled,
+    empty_result,
+    make_sampled,
+    room_of,
+    sample_entry,
+    score_confidence,
+    voted_result,
+)
 from budgetlm.usage import Usage
 
 DEFAULT_MAX_SAMPLES = 16

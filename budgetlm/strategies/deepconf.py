@@ -54,8 +54,16 @@ from budgetlm.backends.streaming import Delta
 from budgetlm.errors import BudgetExceeded
 from budgetlm.strategies.aggregate import vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
-from budgetlm.strategies.confidence import (DEFAULT_K, DEFAULT_WINDOW, RunningConfidence, TopK, Window,
-                                            check_measure, completion_confidence, log_score)
+from budgetlm.strategies.confidence import (
+    DEFAULT_K,
+    DEFAULT_WINDOW,
+    RunningConfidence,
+    TopK,
+    Window,
+    check_measure,
+    completion_confidence,
+    log_score,
+)
 from budgetlm.strategies.voting import Sampled, empty_result, make_sampled, plan, room_of, sample_entry, voted_result
 from budgetlm.usage import Usage
 

@@ -51,8 +51,16 @@ from budgetlm.errors import BudgetExceeded
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import Vote, action_key, vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
-from budgetlm.strategies.confidence import (DEFAULT_K, DEFAULT_WINDOW, Measure, TopK, Window, check_measure,
-                                            completion_confidence, log_score)
+from budgetlm.strategies.confidence import (
+    DEFAULT_K,
+    DEFAULT_WINDOW,
+    Measure,
+    TopK,
+    Window,
+    check_measure,
+    completion_confidence,
+    log_score,
+)
 from budgetlm.usage import Usage
 
 SCORERS = ("logprob", "verifier", "self_eval", "confidence")

@@ -8,7 +8,7 @@ at consensus, and the tokens those stops saved), and writes ``benchmarks/results
 
 Usage::
 
-    .venv/bin/python benchmarks/deepconf.py [--out runs/deepconf] [--limit 60]
+    .venv/bin/python benchmarks/deepconf.py [--out runs/deepconf] [--limit 20]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(HERE / "deepconf.yaml"))
     ap.add_argument("--out", default="runs/deepconf")
-    ap.add_argument("--limit", type=int, default=60, help="items per suite")
+    ap.add_argument("--limit", type=int, default=20, help="items per suite")
     ap.add_argument("--results", default=str(HERE / "results"))
     args = ap.parse_args()
 

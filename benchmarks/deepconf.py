@@ -89,7 +89,7 @@ def main() -> None:
     res = Path(args.results)
     res.mkdir(parents=True, exist_ok=True)
     (res / "deepconf_summary.json").write_text(json.dumps(out, indent=2, default=str) + "\n")
-    (res / "deepconf_summary.md").write_text((report / "report.md").read_text())
+    (res / "deepconf_summary.md").write_text((report / "summary.md").read_text())
     print(f"wrote {res / 'deepconf_summary.json'}; report: {report}")
 
 

@@ -49,7 +49,8 @@ class ScriptedBackend(Backend):
 
     def __init__(self, script: Script | None = None, *, name: str = "scripted", n_params: int = 1_000_000,
                  delay: float = 0.0, token_time: float = 0.0, clock: Callable[[], float] | None = None,
-                 fail: Callable[[str], bool] | None = None, **kw: Any):
+                 fail: Callable[[str], bool] | None = None,
+                 logprob: Callable[[str, str], float] | None = None, **kw: Any):
         super().__init__(name=name, measure_energy=False, **kw)
         if script is None:
             script = ["Answer: 42"]
@@ -76,6 +77,9 @@ class ScriptedBackend(Backend):
         """Seconds between generated tokens on the per-request path (virtual with a :class:`VirtualClock`)."""
         self.fail = fail
         """A predicate on the prompt text: matching requests raise :class:`BackendError` (fault tests)."""
+        self.logprob = logprob
+        """``(sample text so far, token text) -> logprob`` of each generated token (confidence tests); ``None``:
+        a deterministic hash of the context in [-3.05, -0.05]."""
         if clock is not None:
             self.clock = clock
 
@@ -120,7 +124,9 @@ class ScriptedBackend(Backend):
         if len(ids) > sampling.max_tokens:
             ids, finish, matched = ids[: sampling.max_tokens], "length", None
         lps = None
-        if sampling.logprobs is not None:
+        if sampling.logprobs is not None and self.logprob is not None:
+            lps = [float(self.logprob(self.decode(ids[:j]), self._inv[t])) for j, t in enumerate(ids)]
+        elif sampling.logprobs is not None:
             lps = [self._logprob(prompt + self.decode(ids[:j]), t) for j, t in enumerate(ids)]
         return RawCompletion(ids, self.decode(ids), finish, lps, stop_string=matched)
 

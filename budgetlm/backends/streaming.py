@@ -39,6 +39,10 @@ class Delta:
     """New token ids."""
     finish_reason: str | None = None
     """Set on the sample's last delta: ``stop``, ``length``, ``abort`` or ``deadline``."""
+    logprobs: list[float] | None = None
+    """Log-probability of each new token, when the request asked for logprobs (online confidence monitors)."""
+    top_logprobs: list[dict[int, float]] | None = None
+    """Top-k alternatives of each new token (token id → logprob), when the request asked for ``logprobs > 0``."""
 
 
 DeltaCallback = Callable[[Delta], None]
@@ -107,7 +111,9 @@ class Sink:
                 s.finish_reason = finish_reason
                 s.stop_string = stop_string
         if self._on_delta is not None and (token_ids or text or finish_reason):
-            self._emit(Delta(index, text, list(token_ids), finish_reason))
+            self._emit(Delta(index, text, list(token_ids), finish_reason,
+                             None if logprobs is None else list(logprobs),
+                             None if top_logprobs is None else list(top_logprobs)))
 
     def _emit(self, delta: Delta) -> None:
         cb = self._on_delta

@@ -8,6 +8,8 @@ charge every call to per-problem :class:`~budgetlm.meter.Meter` s (see
 * ``cot`` — chain of thought with budget forcing (:mod:`budgetlm.strategies.cot`);
 * ``best_of_n``, ``majority``, ``weighted_majority`` — voting (:mod:`budgetlm.strategies.voting`);
 * ``adaptive`` — adaptive majority with budget reallocation (:mod:`budgetlm.strategies.adaptive`);
+* ``deepconf`` — confidence-filtered voting, online early stop of low-confidence traces
+  (:mod:`budgetlm.strategies.deepconf`, confidences in :mod:`budgetlm.strategies.confidence`);
 * ``pdr``, ``sr`` — Parallel-Distill-Refine and Sequential Refinement (:mod:`budgetlm.strategies.pdr`);
 * ``bavt`` — budget-aware value tree search (:mod:`budgetlm.strategies.bavt`);
 * ``beam``, ``rebase`` — PRM-scored step beam search and reward-balanced search
@@ -34,6 +36,7 @@ from budgetlm.strategies.beam import BeamSearch
 from budgetlm.strategies.cascade import Cascade, Stage
 from budgetlm.strategies.controlled import Controlled
 from budgetlm.strategies.cot import BudgetForcing
+from budgetlm.strategies.deepconf import DeepConf
 from budgetlm.strategies.pdr import ParallelDistillRefine, SequentialRefinement
 from budgetlm.strategies.rebase import Rebase
 from budgetlm.strategies.route import Route
@@ -49,6 +52,7 @@ __all__ = [
     "BeamSearch",
     "Cascade",
     "Controlled",
+    "DeepConf",
     "BestOfN",
     "BudgetForcing",
     "Majority",

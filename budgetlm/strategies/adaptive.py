@@ -6,6 +6,12 @@ posterior probability that its current leader (the majority-vote winner, same ti
 ``majority``) stays the leader reaches ``1 - delta``; it then cancels the samples still running
 (the engine aborts them; their partial output is charged, and ``Result.details`` records
 ``cancelled_samples`` and ``tokens_saved_by_cancel``, the reserved tokens never generated).
+
+Scores: each sample's score is its mean token logprob (``scorer="logprob"``) or, with ``scorer="confidence"``,
+the log of its DeepConf trace confidence (:mod:`budgetlm.strategies.confidence`; ``confidence_measure`` over
+windows of ``confidence_window`` tokens, ``confidence_k`` logprobs per token).  Scores break ties of the vote;
+with ``weighted=True`` the answer is the one with the highest summed weight ``exp(score)`` (confidence-weighted
+majority) while the stop rule still counts votes.
 Otherwise it keeps sampling until ``max_samples`` or its budget share is spent (or a sample
 generates nothing).  The answer is the plain majority vote over the finished samples.
 Deviation from the lockstep original: the check runs after each sample, not after each round of
@@ -85,7 +91,16 @@ from budgetlm.errors import BudgetExceeded
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
-from budgetlm.strategies.voting import Sampled, empty_result, make_sampled, room_of, sample_entry, voted_result
+from budgetlm.strategies.confidence import DEFAULT_K, DEFAULT_WINDOW, Measure, TopK, Window, check_measure
+from budgetlm.strategies.voting import (
+    Sampled,
+    empty_result,
+    make_sampled,
+    room_of,
+    sample_entry,
+    score_confidence,
+    voted_result,
+)
 from budgetlm.usage import Usage
 
 DEFAULT_MAX_SAMPLES = 16
@@ -149,6 +164,8 @@ def stay_probability(answers: Sequence[str | None], horizon: int, weights: Seque
 
 RULES = ("predictive", "posterior")
 """Valid values of ``rule``."""
+SCORERS = ("logprob", "confidence")
+"""Valid values of ``scorer``."""
 
 
 class AdaptiveParams(StrategyParams):
@@ -168,6 +185,24 @@ class AdaptiveParams(StrategyParams):
     prior: float = Field(default=1.0, gt=0, description="Dirichlet concentration of the posterior.")
     draws: int = Field(default=2000, ge=1, description="Monte Carlo draws per check.")
     rule: str = Field(default="posterior", description="Stop rule: posterior or predictive.")
+    scorer: str = Field(default="logprob", description="Sample scores: logprob (mean token logprob) or confidence "
+                                                       "(DeepConf trace confidence).")
+    weighted: bool = Field(default=False, description="Answer by summed weight exp(score) instead of by count.")
+    confidence_measure: Measure = "lowest"
+    confidence_window: Window = DEFAULT_WINDOW
+    confidence_k: TopK = DEFAULT_K
+
+    @field_validator("confidence_measure")
+    @classmethod
+    def _measure(cls, v: str) -> str:
+        return check_measure(v)
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer(cls, v: str) -> str:
+        if v not in SCORERS:
+            raise ValueError(f"`scorer` must be one of {', '.join(SCORERS)}, got {v!r}")
+        return v
 
     @field_validator("rule")
     @classmethod
@@ -201,11 +236,16 @@ class AdaptiveMajority(Strategy):
     prior: float
     draws: int
     rule: str
+    scorer: str
+    weighted: bool
+    confidence_measure: str
+    confidence_window: int
+    confidence_k: int
 
     def _sampling(self, n: int, max_tokens: int, index: int) -> SamplingParams:
         seed = None if self.seed is None else self.seed + index
         return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
-                              seed=seed, logprobs=0)
+                              seed=seed, logprobs=self.confidence_k if self.scorer == "confidence" else 0)
 
     def _horizon(self, taken: int, meter: Meter) -> int:
         """Samples the problem would draw without stopping: ``max_samples`` or what its room affords."""
@@ -274,6 +314,8 @@ class AdaptiveMajority(Strategy):
                         started -= 1 if idx == started - 1 else 0
                         continue
                     new = make_sampled(g.first, idx, prefix=problem.assistant_prefix)
+                    if self.scorer == "confidence":
+                        score_confidence([new], self.confidence_measure, self.confidence_window, self.confidence_k)
                     samples.append(new)
                     entry: dict[str, Any] = {"call": idx, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
                                              "output_tokens": g.usage.output_tokens,
@@ -314,7 +356,7 @@ class AdaptiveMajority(Strategy):
             r = empty_result(problem, Usage.zero(), reason, trace)
             r.details.update(stopped)
             return r
-        v = vote([s.key for s in samples], [s.weight for s in samples])
+        v = vote([s.key for s in samples], [s.weight for s in samples], weighted=self.weighted)
         r = voted_result(problem, samples, v, v.index, Usage.zero(), stop_reason=reason,
                          sequential_tokens=sum(waves.values()), trace=trace)
         r.details.update(stopped)

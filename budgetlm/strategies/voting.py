@@ -16,7 +16,11 @@ Scores (``scorer``), all log-probabilities, and computed per sample:
   problem under a separate ``verifier`` backend (a reward model; a spec string is loaded with
   :func:`budgetlm.backends.load`);
 * ``"self_eval"`` — the log-probability that the *same* backend answers ``"Yes"`` to "Is this
-  answer correct? Answer Yes or No." after the problem and the sample.
+  answer correct? Answer Yes or No." after the problem and the sample;
+* ``"confidence"`` — DeepConf's local trace confidence (:mod:`budgetlm.strategies.confidence`):
+  ``confidence_measure`` (lowest / bottom-10 % group, tail or mean) of the token confidences
+  ``-mean(top-k logprobs)`` over windows of ``confidence_window`` tokens (free: generation asks for
+  ``confidence_k`` logprobs per token); the score is its log, so the vote weight is the confidence.
 
 Verifier and self-eval scoring calls are charged to the problem's meter (as prompt tokens); when
 the budget cannot afford them, the sample falls back to its mean token logprob (noted in the
@@ -47,9 +51,19 @@ from budgetlm.errors import BudgetExceeded
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import Vote, action_key, vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
+from budgetlm.strategies.confidence import (
+    DEFAULT_K,
+    DEFAULT_WINDOW,
+    Measure,
+    TopK,
+    Window,
+    check_measure,
+    completion_confidence,
+    log_score,
+)
 from budgetlm.usage import Usage
 
-SCORERS = ("logprob", "verifier", "self_eval")
+SCORERS = ("logprob", "verifier", "self_eval", "confidence")
 """Valid values of ``scorer``."""
 DEFAULT_N = 8
 """Samples per problem when ``n=None`` and no output-token limit applies."""
@@ -135,6 +149,18 @@ def sample_entry(s: Sampled, index: int) -> dict[str, Any]:
     return e
 
 
+def score_confidence(samples: list[Sampled], measure: str, window: int, k: int) -> dict[str, Any]:
+    """Set each sample's score to the log of its trace confidence ``measure`` (free: from its logprobs); samples
+    without logprobs keep their score.  Returns the trace entry (which token-confidence mode was used)."""
+    modes: dict[str, int] = {}
+    for s in samples:
+        value, m = completion_confidence(s.completion, measure, window, k)
+        if value is not None:
+            s.score = log_score(value, m)
+            modes[m] = modes.get(m, 0) + 1
+    return {"score": "confidence", "measure": measure, "window": window, "k": k, "modes": modes}
+
+
 def empty_result(p: Problem, usage: Usage, reason: str, trace: list[dict[str, Any]]) -> Result:
     return Result(p.id, "", None, usage, stop_reason=reason, trace=trace)
 
@@ -161,9 +187,18 @@ class VotingParams(StrategyParams):
     temperature: float = Field(default=0.7, ge=0, description="Softmax temperature.")
     top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
     seed: int | None = Field(default=None, description="Sampling seed (None: unseeded).")
-    scorer: str = Field(default="logprob", description="How samples are scored: logprob, verifier or self_eval.")
+    scorer: str = Field(default="logprob", description="How samples are scored: logprob, verifier, self_eval or "
+                                                       "confidence (DeepConf trace confidence).")
     verifier: Any = Field(default=None, description="The verifier backend (a Backend or a spec string) for "
                                                     "scorer='verifier'.")
+    confidence_measure: Measure = "lowest"
+    confidence_window: Window = DEFAULT_WINDOW
+    confidence_k: TopK = DEFAULT_K
+
+    @field_validator("confidence_measure")
+    @classmethod
+    def _measure(cls, v: str) -> str:
+        return check_measure(v)
 
     @field_validator("scorer")
     @classmethod
@@ -192,6 +227,9 @@ class _Voting(Strategy):
     seed: int | None
     scorer: str
     verifier: Backend | str | None
+    confidence_measure: str
+    confidence_window: int
+    confidence_k: int
 
     def setup(self) -> None:
         self._verifier: Backend | None = None
@@ -208,6 +246,8 @@ class _Voting(Strategy):
         """Set each sample's score with ``self.scorer`` (charged to the problem's meter); returns trace entries."""
         if self.scorer == "logprob":
             return []
+        if self.scorer == "confidence":
+            return [score_confidence(samples, self.confidence_measure, self.confidence_window, self.confidence_k)]
         todo = [s for s in samples if s.text.strip()]
         if not todo:
             return []
@@ -237,7 +277,7 @@ class _Voting(Strategy):
     def sampling(self, n: int, max_tokens: int, round: int = 0) -> SamplingParams:
         seed = None if self.seed is None else self.seed + round
         return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
-                              seed=seed, logprobs=0)
+                              seed=seed, logprobs=self.confidence_k if self.scorer == "confidence" else 0)
 
     async def solve_one(self, problem: Problem, ctx: Context) -> Result:
         room = room_of(ctx.meter)

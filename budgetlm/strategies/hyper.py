@@ -22,7 +22,9 @@ its *agreement*, the share of the other paths with an answer that give the same 
 
 **Controller** (runs after every finished step; ρ is the problem meter's share of budget left,
 :meth:`Meter.rho <budgetlm.meter.Meter.rho>`; when the meter limits nothing, ρ is
-``1 - spent output tokens / (max_pool * max_tokens)``, **ours**).  The pool is every path not dropped
+``1 - spent output tokens / (max_pool * max_tokens)``, **ours**; ρ counts the reservations of steps in flight
+as spent, so the controller uses its running minimum and the target never grows back when a step settles below
+its reservation, **ours**).  The pool is every path not dropped
 (running or finished).  Its target size is (**ours**, the schedule of ALGORITHMS.md §13)::
 
     k(ρ) = max_pool                                  if ρ >= expand_rho   (explore)
@@ -32,9 +34,11 @@ its *agreement*, the share of the other paths with an answer that give the same 
   (one branch per event, at most ``expand_width`` per event, **ours**).  A running path is branched at its
   current end (the branch then samples a different continuation); a finished path at its first
   low-confidence token (logprob below ``refine_threshold``; the path's last token when it has none), so a
-  branch never re-generates a prefix.  *Uncertain* (**ours**): the pool's answers (final, or partial ones
-  extracted from running paths) disagree, or a finished path has no answer, and the pool is not *settled*
-  (at least ``settle`` finished paths, all giving the same answer).  An agreeing pool is exploited, not
+  branch never re-generates a prefix.  *Uncertain* (**ours**): the finished paths' answers disagree, or a
+  finished path has no answer, and the pool is not *settled* (at least ``settle`` finished paths, all giving
+  the same answer).  Partial answers of running paths enter the score (agreement) but not this gate: on the
+  benchmark, numbers in unfinished reasoning "disagreed" on almost every problem and grew every pool to
+  ``max_pool`` at once.  An agreeing pool is exploited, not
   explored further: easy problems cost about ``k`` paths, hard ones grow towards ``max_pool``.
 * **Reduce** while ``|pool| > k(ρ)``: drop the lowest-scoring *running* path (ties: the newest).  Its step
   in flight is cancelled, which aborts it in the engine at once (the tokens it generated are charged, the
@@ -232,13 +236,11 @@ class Hyper(Strategy):
         return len(done) >= self.settle and None not in done and len(set(done)) == 1
 
     def uncertain(self, paths: list[Path]) -> bool:
-        """The pool is worth exploring: not settled, and its answers (final or partial) disagree or a finished
-        path has none."""
-        live = [p for p in paths if p.dropped is None]
-        if self.settled(live):
+        """The pool is worth exploring: not settled, and its finished paths disagree or one has no answer."""
+        done = [p for p in paths if p.dropped is None and p.finished]
+        if self.settled(done):
             return False
-        answers = {p.answer for p in live if p.answer is not None}
-        return len(answers) >= 2 or any(p.finished and p.answer is None for p in live)
+        return len({p.answer for p in done if p.answer is not None}) >= 2 or any(p.answer is None for p in done)
 
     def _agreement(self, paths: list[Path]) -> None:
         live = [p for p in paths if p.dropped is None]
@@ -271,6 +273,7 @@ class Hyper(Strategy):
         seq: dict[int, int] = {}  # path id -> output tokens on its own chain (branches inherit the parent's)
         stop: str | None = None
         events = 0
+        rho_min = 1.0  # ρ as a running minimum: settling a step below its reservation never regrows the target
 
         async def abort(path: Path) -> None:
             for t, (q, mt) in list(inflight.items()):
@@ -333,7 +336,7 @@ class Hyper(Strategy):
                         decisions.append({"refine": path.id, "kept": cut, "from": n_before,
                                           "step_conf": path.step_conf})
                 self._agreement(paths)
-                rho = self.rho(meter, limited)
+                rho = rho_min = min(rho_min, self.rho(meter, limited))
                 target = target_size(rho, self.max_pool, self.expand_rho)
                 pool = [p for p in paths if p.dropped is None]
                 # reduce: drop the lowest-scoring running paths (aborting their steps in flight)

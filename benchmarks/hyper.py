@@ -10,7 +10,7 @@ accuracy with at most 75% of its mean output tokens (``met`` needs hyper's accur
 
 Usage::
 
-    .venv/bin/python benchmarks/hyper.py [--out runs/hyper] [--limit 60]
+    .venv/bin/python benchmarks/hyper.py [--out runs/hyper] [--limit 30]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(HERE / "hyper.yaml"))
     ap.add_argument("--out", default="runs/hyper")
-    ap.add_argument("--limit", type=int, default=60, help="items per suite (default 60)")
+    ap.add_argument("--limit", type=int, default=30, help="items per suite (default 30: about 30 minutes on a loaded 2-core CPU)")
     ap.add_argument("--json", default=str(HERE / "results" / "hyper_summary.json"))
     args = ap.parse_args()
 

@@ -249,8 +249,7 @@ class Hyper(Strategy):
             p.agreement = (sum(1 for a in others if a == p.answer) / len(others)) if others and p.answer else 0.0
 
     # -------------------------------------------------------------- requests
-    def _request(self, problem: Problem, root_ids: list[int] | None, path: Path, max_tokens: int,
-                 backend_decode: Any) -> GenerationRequest:
+    def _request(self, problem: Problem, root_ids: list[int] | None, path: Path, max_tokens: int) -> GenerationRequest:
         seed = None if self.seed is None else self.seed + 1000 * path.id + path.steps
         sp = SamplingParams(n=1, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens,
                             seed=seed, logprobs=0)
@@ -309,7 +308,7 @@ class Hyper(Strategy):
             launched = False
             for p in todo:
                 mt = max(1, min(cap, self.max_tokens - p.tokens))
-                req = self._request(problem, root_ids, p, mt, backend.decode)
+                req = self._request(problem, root_ids, p, mt)
                 inflight[asyncio.ensure_future(_generate(ctx, req, share))] = (p, mt)
                 launched = True
             return launched
@@ -321,7 +320,7 @@ class Hyper(Strategy):
                 decisions: list[dict[str, Any]] = []
                 refused = None
                 for t in sorted(done, key=lambda t: inflight[t][0].id):
-                    path, _mt = inflight.pop(t)
+                    path, _ = inflight.pop(t)
                     g = t.result()
                     if isinstance(g, BudgetExceeded):
                         refused = meter.stop_reason or str(g)

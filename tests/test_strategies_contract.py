@@ -138,6 +138,8 @@ CASES: dict[str, Case] = {
                      vllm={"max_samples": 4, "batch_size": 2, "max_tokens": 16, "seed": 0}),
     "deepconf": Case({"n": 5, "warmup": 2, "window": 2, "tau": 1.0, "max_tokens": 48},
                      vllm={"n": 4, "warmup": 2, "window": 4, "max_tokens": 16, "seed": 0}),
+    "hyper": Case({"k": 2, "max_pool": 3, "step_tokens": 8, "max_tokens": 48, "seed": 0},
+                  vllm={"k": 2, "max_pool": 3, "step_tokens": 8, "max_tokens": 16, "seed": 0}),
     "cot": Case({"thinking_tokens": 24, "answer_tokens": 8}, vllm={"thinking_tokens": 16, "answer_tokens": 8}),
     "controlled": Case({"mode": "exact", "target_tokens": 20, "max_tokens": 64},
                        vllm={"mode": "exact", "target_tokens": 16, "max_tokens": 24}),

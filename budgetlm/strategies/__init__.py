@@ -24,6 +24,7 @@ charge every call to per-problem :class:`~budgetlm.meter.Meter` s (see
   (:mod:`budgetlm.strategies.route`, routers in :mod:`budgetlm.routing`);
 * ``controlled`` — one sample with a token target or effort fraction written into the prompt, as
   the ``effort`` training recipe trains it (:mod:`budgetlm.strategies.controlled`);
+* ``hyper`` — HyPER: a step-wise path pool expanded/reduced online with ρ (:mod:`budgetlm.strategies.hyper`);
 * ``agent`` — a tool-using agent loop under a :class:`~budgetlm.agents.BudgetController`, routing
   each step (:mod:`budgetlm.strategies.agent`).
 """
@@ -37,6 +38,7 @@ from budgetlm.strategies.cascade import Cascade, Stage
 from budgetlm.strategies.controlled import Controlled
 from budgetlm.strategies.cot import BudgetForcing
 from budgetlm.strategies.deepconf import DeepConf
+from budgetlm.strategies.hyper import Hyper
 from budgetlm.strategies.pdr import ParallelDistillRefine, SequentialRefinement
 from budgetlm.strategies.rebase import Rebase
 from budgetlm.strategies.route import Route
@@ -55,6 +57,7 @@ __all__ = [
     "DeepConf",
     "BestOfN",
     "BudgetForcing",
+    "Hyper",
     "Majority",
     "ParallelDistillRefine",
     "Problem",

@@ -1,6 +1,6 @@
 # budgetlm: the two set-up commands of the README.
 #   make demo   install everything into .venv and run the main job on the embedded default model
-#   make test   install everything into .venv and run the whole test suite (what CI runs)
+#   make test   install everything into .venv, lint (ruff, mypy) and run the whole test suite (what CI runs)
 #
 # On machines whose pip does not already see the CPU build of torch, add the PyTorch CPU index:
 #   make test PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu"
@@ -44,14 +44,18 @@ browser:
 		     "install it (e.g. sudo apt-get install chromium), or tests/test_evals_report_browser.py fails" >&2; \
 	fi
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) browser
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
+# Style and types (run by `make test`, hence by CI): ruff on everything, mypy on budgetlm/ at the
+# strictness in pyproject.toml's [tool.mypy] (default checks plus untyped bodies; vllm, torch,
+# transformers and trl are not followed).  Zero errors is the bar.
 lint: $(STAMP)
 	$(BIN)/ruff check budgetlm tests benchmarks
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/backend_overhead.py

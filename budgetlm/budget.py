@@ -84,7 +84,7 @@ class Budget(Config):
             return int(value)
         return float(value)
 
-    def limits(self) -> dict[Unit, float]:
+    def limits(self) -> dict[str, float]:
         """The units that have a limit, with their limits."""
         return {u: getattr(self, u) for u in UNITS if getattr(self, u) is not None}
 
@@ -99,14 +99,14 @@ class Budget(Config):
         out: dict[str, float] = {}
         for u, v in self.limits().items():
             out[u] = int(v * fraction) if u in INTEGER_UNITS else v * fraction
-        return Budget(**out)
+        return Budget.of(out)
 
     def merged(self, other: Budget) -> Budget:
         """The tighter of two budgets in every unit."""
-        out: dict[str, float] = dict(self.limits())
+        out: dict[str, float] = {str(u): v for u, v in self.limits().items()}
         for u, v in other.limits().items():
             out[u] = min(out[u], v) if u in out else v
-        return Budget(**out)
+        return Budget.of(out)
 
     @classmethod
     def parse(cls, spec: str | dict[str, Any] | Budget | None) -> Budget:
@@ -133,7 +133,7 @@ class Budget(Config):
                     data[key.strip()] = float(val)
                 except ValueError:
                     raise ConfigError(f"budget `{key.strip()}` must be a number, got {val.strip()!r}") from None
-            return cls(**data)
+            return cls.of(data)
         raise ConfigError(f"`budget` must be a Budget, dict, string or None, got {type(spec).__name__}")
 
     def __str__(self) -> str:
@@ -147,7 +147,7 @@ def check_limits(limits: dict[str, float], name: str) -> dict[str, float]:
     For config validators: raises ``ValueError`` naming ``name.unit``, or :class:`ConfigError` for an
     unknown unit (from :class:`Budget`).
     """
-    Budget(**limits)  # unit names and types
+    Budget.of(limits)  # unit names and types
     for unit, lim in limits.items():
         if lim is None or lim <= 0:
             raise ValueError(f"`{name}.{unit}` must be > 0, got {lim!r}; remove the entry or use a positive limit")

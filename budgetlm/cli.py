@@ -185,7 +185,7 @@ def demo(
             grid = [int(b) for b in budgets.split(",") if b.strip()]
         except ValueError:
             raise BudgetLMError(f"`--budgets` must be comma-separated integers, got {budgets!r}") from None
-        cfg = EvalConfig(
+        cfg = EvalConfig.of(dict(
             name="demo",
             suites=[f"reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1&size={problems}&seed={seed}"],
             models=[backend],
@@ -194,7 +194,7 @@ def demo(
                   "temperature": 0.7}, "budgets": [{"output_tokens": 48 * vote}]}] if vote > 0 else []),
             budgets=[{"output_tokens": b} for b in grid],
             seed=seed,
-        )
+        ))
         configure_logging(_verbosity, show_progress=not as_json and not console.is_terminal)
         with log_to_file(Path(out_dir) / "eval.log", _verbosity), stdout_to_stderr():
             res = run_eval(cfg, out_dir, progress=not as_json)

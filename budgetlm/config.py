@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -59,6 +60,11 @@ class Config(BaseModel):
             super().__init__(**data)
         except ValidationError as exc:
             raise ConfigError(validation_message(exc, type(self).__name__, self._unknown_field)) from None
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any]) -> Self:
+        """``cls(**data)`` for a mapping built at run time (the model validates what is inside)."""
+        return cls(**dict(data))
 
     @classmethod
     def from_yaml(cls, path: str | Path, what: str = "config") -> Self:

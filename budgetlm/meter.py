@@ -403,7 +403,7 @@ class Meter:
                         continue
                     share = max(0.0, r) * wi / total
                     lim[unit] = math.floor(share) if unit in INTEGER_UNITS else share
-                parts.append(self.child(Budget(**lim), name=f"{self.name}/{name}{i}"))
+                parts.append(self.child(Budget.of(lim), name=f"{self.name}/{name}{i}"))
             return parts
 
     # ------------------------------------------------------------------ internals

@@ -8,11 +8,12 @@ reasoning-parser registry and reasoning-gym's ``factory`` do.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from budgetlm.errors import ConfigError, UnknownNameError
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 class Registry(Generic[T]):
@@ -22,12 +23,18 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
 
-    def register(self, name: str, obj: T | None = None, *, overwrite: bool = False) -> Callable[[T], T] | T:
+    @overload
+    def register(self, name: str, obj: None = None, *, overwrite: bool = False) -> Callable[[U], U]: ...
+
+    @overload
+    def register(self, name: str, obj: T, *, overwrite: bool = False) -> T: ...
+
+    def register(self, name: str, obj: Any = None, *, overwrite: bool = False) -> Any:
         """Register ``obj`` under ``name``; usable as a decorator when ``obj`` is omitted."""
         if not name or not isinstance(name, str):
             raise ConfigError(f"`name` must be a non-empty string, got {name!r}")
 
-        def deco(o: T) -> T:
+        def deco(o: Any) -> Any:
             if name in self._items and not overwrite:
                 raise ConfigError(f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it")
             self._items[name] = o

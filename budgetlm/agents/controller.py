@@ -33,7 +33,7 @@ import inspect
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, Message, SamplingParams
 from budgetlm.budget import Budget
@@ -162,7 +162,8 @@ class BudgetController:
         self.step_tokens = step_tokens
         self.answer_tokens = answer_tokens
         self.min_step_tokens = min_step_tokens
-        self.meter = meter.child(budget, name=name) if meter is not None else Meter(budget, name=name)
+        limits = budget if budget is None or isinstance(budget, (Budget, str)) else dict(budget)
+        self.meter = meter.child(limits, name=name) if meter is not None else Meter(limits, name=name)
         """The task's meter (every call of every step is charged here)."""
         self.steps: list[StepRecord] = []
         """Every model and tool step so far."""
@@ -269,7 +270,8 @@ class BudgetController:
 
     def call_tool(self, text_or_call: Any, tools: Mapping[str, Tool] | Sequence[Tool | Callable[..., Any]]) -> ToolOutcome:
         """Parse and run a tool call, charging one tool call first; failures become observations."""
-        table = tools if isinstance(tools, Mapping) and all(isinstance(v, Tool) for v in tools.values()) else as_tools(tools)
+        table = tools if isinstance(tools, Mapping) and all(isinstance(v, Tool) for v in tools.values()) \
+            else as_tools(cast(Any, tools))
         out = call_tool(text_or_call, table, self.meter)
         name = out.call.name if out.call else "?"
         self.steps.append(StepRecord(self.model_steps, "tool", name, "tool", tool_calls=int(_charged(out)),
@@ -300,7 +302,7 @@ class BudgetController:
     def tool(self, fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
         """Decorator: each call of the tool is charged first (raises BudgetExceeded when none are left)."""
         def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
-            label = name or getattr(f, "__name__", "tool")
+            label: str = name or str(getattr(f, "__name__", "tool"))
             if inspect.iscoroutinefunction(f):
                 @functools.wraps(f)
                 async def awrapped(*a: Any, **k: Any) -> Any:

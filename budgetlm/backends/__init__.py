@@ -96,7 +96,7 @@ def load(spec: str | Backend, **kwargs: Any) -> Backend:
         urls, hsh, model = target.partition("#")
         if not hsh or not model or not urls:
             raise ConfigError(f"`spec` for an OpenAI-compatible server must be openai:URL#MODEL, got {spec!r}")
-        return backend_class(kind)(base_urls=urls.split(","), model=model, **opts)
+        return backend_class(kind)(base_urls=urls.split(","), model=model, **opts)  # type: ignore[call-arg]
     if kind == "scripted":
         return backend_class(kind)(**opts)
     if not target:
@@ -106,4 +106,4 @@ def load(spec: str | Backend, **kwargs: Any) -> Backend:
             f"model path {target!r} in spec {spec!r} does not exist; pass a local checkpoint directory "
             f"or '{kind}:default' for the embedded SmolLM2-135M-Instruct"
         )
-    return backend_class(kind)(model=target, **opts)
+    return backend_class(kind)(model=target, **opts)  # type: ignore[call-arg]

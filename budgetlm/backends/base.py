@@ -26,7 +26,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -862,9 +862,9 @@ class Backend(ABC):
                     raise ConfigError(f"`prompt` of pair {i} must be non-empty, got ''")
                 pid = self._encode_prompt(p)
             elif p and isinstance(p[0], dict):
-                pid = self._encode_prompt(self.apply_chat_template(p, add_generation_prompt=True))  # type: ignore[arg-type]
+                pid = self._encode_prompt(self.apply_chat_template(p, add_generation_prompt=True))
             else:
-                pid = [int(t) for t in p]  # type: ignore[union-attr]
+                pid = [int(t) for t in cast(list[int], p)]
             cid = self.encode(c) if isinstance(c, str) else [int(t) for t in c]
             if not pid or not cid:
                 raise ConfigError(f"`prompt` and `continuation` of pair {i} must both be non-empty")

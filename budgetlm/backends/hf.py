@@ -435,8 +435,8 @@ class HFBackend(Backend):
         spec = SpeculativeDecoding(drafter=drafter, gamma=gamma, adaptive=adaptive, rule=rule, alpha=alpha,
                                    layers=layers, ngram=ngram)
         dec, _ = self._decoder(spec)
-        prev = getattr(self, "_spec", None)
-        self._spec = spec
+        prev: SpeculativeDecoding | None = getattr(self, "_spec", None)
+        self._spec: SpeculativeDecoding | None = spec
         try:
             yield dec
         finally:

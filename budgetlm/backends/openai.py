@@ -873,7 +873,7 @@ class OpenAIBackend(Backend):
         out = []
         for j, tok in enumerate(cid):
             pos = plp[len(pid) + j] or {}
-            entry = pos.get(str(tok), pos.get(tok))  # type: ignore[call-overload]
+            entry = pos.get(str(tok), pos.get(tok))
             if entry is None:
                 raise BackendError(f"server's prompt_logprobs miss token {tok} at position {len(pid) + j}")
             out.append(float(entry["logprob"] if isinstance(entry, dict) else entry.logprob))

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, cast
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -46,7 +46,7 @@ class SplitConfig(Config):
     suite: str | dict[str, Any] = Field(description="Suite spec whose first items form the calibration split.")
     calibration_items: int = Field(default=100, description="Items of the calibration split (the first N).")
     model: str = Field(default="default", description="Backend spec of parts without their own backend.")
-    budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 1024},
+    budget: dict[str, float] = Field(default_factory=lambda: cast(dict[str, float], {"output_tokens": 1024}),
                                      description="Per-problem budget while calibrating.")
     seed: int = Field(default=0, description="Seed for the engine and sampling parts.")
 
@@ -60,7 +60,7 @@ class SplitConfig(Config):
     @field_validator("budget")
     @classmethod
     def _budget(cls, v: dict[str, float]) -> dict[str, float]:
-        Budget(**v)
+        Budget.of(v)
         return v
 
     @classmethod

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -70,7 +70,7 @@ class EvalConfig(Config):
     strategies: list[StrategySpec] = Field(
         default_factory=lambda: [StrategySpec(name="sample")], description="Strategies with parameters."
     )
-    budgets: list[dict[str, float]] = Field(default_factory=lambda: [{"output_tokens": 256}],
+    budgets: list[dict[str, float]] = Field(default_factory=lambda: cast(list[dict[str, float]], [{"output_tokens": 256}]),
                                             description="Per-item budgets; every limit must be positive.")
     seed: int = Field(default=0, description="Seed for engines and strategies that sample.")
     batch_size: int = Field(default=64, description="Problems in flight at once per configuration (each record is written as its problem finishes).")

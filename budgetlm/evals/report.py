@@ -372,7 +372,7 @@ def _spaced_locator() -> Any:
 
     class SpacedLocator(Locator):
         def __call__(self) -> Any:
-            vmin, vmax = self.axis.get_view_interval()
+            vmin, vmax = self.axis.get_view_interval()  # type: ignore[union-attr]
             return self.tick_values(vmin, vmax)
 
         def tick_values(self, vmin: float, vmax: float) -> list[float]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from pydantic import Field
 
@@ -46,7 +46,7 @@ class RouteConfig(SplitConfig):
 
     router: str | dict[str, Any] = Field(default="logprob", description="Router name or {name, params} block.")
     arms: list[dict[str, Any]] | None = Field(default=None, description="Arms, cheapest first (default: sample → majority@8).")
-    budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 2048},
+    budget: dict[str, float] = Field(default_factory=lambda: cast(dict[str, float], {"output_tokens": 2048}),
                                      description="Per-problem budget while calibrating (majority@8 needs room).")
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -75,8 +75,8 @@ def _cost(param: str, values: ArrayLike | float | None, default: float, n: int) 
     if values is None:
         return np.full(n, default)
     if np.ndim(values) == 0:
-        return np.full(n, float(_vector(param, [values])[0]))  # type: ignore[list-item]
-    return _vector(param, values, n)
+        return np.full(n, float(np.asarray(values, dtype=float)))
+    return _vector(param, cast(ArrayLike, values), n)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -364,7 +364,7 @@ class Runner:
         A problem that fails fails alone: its record carries the error and what it spent before failing.
         """
         gate = asyncio.Semaphore(self.config.batch_size)
-        b = Budget(**budget)
+        b = Budget.of(budget)
         root = Meter(None, name=cid)
         common = dict(suite=sname, config_id=cid, model=model, strategy=spec.label or spec.name,
                       params=strategy.params(), budget=dict(budget), seed=self.config.seed)

@@ -27,7 +27,7 @@ def tree_of(trace: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]
 def pick_tree(lines: Iterable[dict[str, Any]], strategy: str, *, max_nodes: int = 40) -> dict[str, Any] | None:
     """A representative trace line of ``strategy``: the one whose tree size is the median among trees of
     at most ``max_nodes`` nodes (ties: first)."""
-    cands = []
+    cands: list[tuple[int, int, dict[str, Any]]] = []
     for line in lines:
         if line.get("strategy") != strategy:
             continue

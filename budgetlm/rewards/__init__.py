@@ -59,7 +59,7 @@ def get(name: str | RewardFunction | Mapping[str, Any], **params: Any) -> Reward
             raise ConfigError(f"a reward block needs a `name` ({', '.join(REWARDS.names())}), got {block!r}")
         params = {**dict(block.get("params") or {}), **params}
         name = block["name"]
-    cls = REWARDS.get(name)
+    cls = REWARDS.get(str(name))
     sig = inspect.signature(cls)
     valid = [k for k, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     unknown = [k for k in params if k not in valid]

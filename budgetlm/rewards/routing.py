@@ -213,4 +213,4 @@ class RouteChoiceReward(RewardFunction):
         ok_l = [flag(self.large_success_column, v, i) for i, v in enumerate(batch.column(self.large_success_column))]
         cs = number_column(batch, self.small_cost_column)
         cl = number_column(batch, self.large_cost_column)
-        return [self.value(parse_choice(t), *row) for t, *row in zip(texts, ok_s, ok_l, cs, cl)]
+        return [self.value(parse_choice(t), s, large, c_s, c_l) for t, s, large, c_s, c_l in zip(texts, ok_s, ok_l, cs, cl)]

@@ -62,7 +62,7 @@ class LinUCB(Router):
         """``A_a`` per arm, ``[n_arms, d, d]``."""
         self.b = np.zeros((n_arms, d))
         """``b_a`` per arm, ``[n_arms, d]``."""
-        self.pulls = np.zeros(n_arms, dtype=int)
+        self.pulls: np.ndarray = np.zeros(n_arms, dtype=int)
         """Updates per arm."""
 
     @property
@@ -90,7 +90,7 @@ class LinUCB(Router):
         out = np.empty(self.n_arms)
         for a in range(self.n_arms):
             a_inv_x = np.linalg.solve(self.A[a], x)
-            out[a] = float(np.linalg.solve(self.A[a], self.b[a]) @ x) + self.alpha * float(np.sqrt(max(x @ a_inv_x, 0.0)))
+            out[a] = float(np.linalg.solve(self.A[a], self.b[a]) @ x) + self.alpha * float(np.sqrt(max(float(x @ a_inv_x), 0.0)))
         return out
 
     def score(self, queries: Sequence[RouteQuery], backend: Backend | None = None,

@@ -125,7 +125,7 @@ def get(name: str | Router | Mapping[str, Any], **params: Any) -> Router:
             raise ConfigError(f"a router block needs a `name` ({', '.join(ROUTERS.names())}), got {block!r}")
         params = {**dict(block.get("params") or {}), **params}
         name = block["name"]
-    cls = ROUTERS.get(name)
+    cls = ROUTERS.get(str(name))
     valid = [k for k, p in inspect.signature(cls.__init__).parameters.items()
              if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     unknown = [k for k in params if k not in valid]

@@ -74,7 +74,7 @@ def _need(backend: Backend | None, router: str) -> Backend:
 
 
 def _meters(meters: Sequence[Meter | None] | None, n: int) -> list[Meter | None]:
-    out = list(meters) if meters is not None else [None] * n
+    out: list[Meter | None] = list(meters) if meters is not None else [None] * n
     if len(out) != n:
         raise invalid("meters", f"one meter (or None) per query ({n})", f"{len(out)} meters")
     return out
@@ -221,8 +221,8 @@ class SelfRatedRouter(Router):
                 if mass > 0.05:
                     rating = sum(d * p for d, p in probs.items()) / mass
             if rating is None:
-                m = _DIGIT.search(c.answer or c.text)
-                rating = min(9.0, float(m.group(1))) if m else None
+                found = _DIGIT.search(c.answer or c.text)
+                rating = min(9.0, float(found.group(1))) if found else None
             out.append(0.5 if rating is None else (rating - 1.0) / 8.0)
         return out
 

@@ -42,7 +42,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 try:  # this module is imported only by create_app, so `import budgetlm.server` stays light
     from fastapi import FastAPI, Request
@@ -182,8 +182,8 @@ class ServerState:
 
     def upstreams(self) -> dict[str, list[ServerStats]]:
         """Per-server state of every backend over OpenAI-compatible servers (its :class:`ServerPool`)."""
-        return {name: be.pool.snapshot() for name, be in self.backends.items()
-                if isinstance(getattr(be, "pool", None), ServerPool)}
+        return {name: pool.snapshot() for name, be in self.backends.items()
+                if isinstance(pool := getattr(be, "pool", None), ServerPool)}
 
     # ------------------------------------------------------------------ request parsing
     def allowed(self) -> list[str]:
@@ -234,12 +234,12 @@ class ServerState:
                 raise ApiError(400, f"`reasoning_effort` must be one of {', '.join(self.cfg.effort_budgets)}, got "
                                     f"{req.reasoning_effort!r}", "reasoning_effort")
             caps.append(("reasoning_effort", self.cfg.effort_budgets[req.reasoning_effort]))
-        for param, cap in caps:
-            if cap is None:
+        for param, limit in caps:
+            if limit is None:
                 continue
-            if isinstance(cap, bool) or cap < 1:
-                raise ApiError(400, f"`{param}` must be >= 1, got {cap!r}", param)
-            b["output_tokens"] = min(b.get("output_tokens", cap), cap)
+            if isinstance(limit, bool) or limit < 1:
+                raise ApiError(400, f"`{param}` must be >= 1, got {limit!r}", param)
+            b["output_tokens"] = min(b.get("output_tokens", limit), limit)
         for unit, lim in (self.cfg.max_budget or {}).items():
             if unit in b and b[unit] > lim:
                 raise ApiError(400, f"`budget.{unit}` must be at most {lim:g} on this server, got {b[unit]:g}; ask for "
@@ -555,10 +555,10 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                 if ticket is not None:
                     state.sessions.release(ticket)
                 raise ApiError(429, str(exc), None, "allowance_exceeded", "rate_limit_error") from None
-            meter = Meter(Budget(**clamped), name=res.id)
+            meter = Meter(Budget.of(clamped), name=res.id)
             warnings = _cap_warnings(state, req, strategy_name, strategy, budget, clamped)
             final = _final_reason(ticket, tools)
-            ctx = {"state": state, "res": res, "meter": meter, "model": req.model, "strategy": strategy_name,
+            ctx: dict[str, Any] = {"state": state, "res": res, "meter": meter, "model": req.model, "strategy": strategy_name,
                    "params": params, "budget": clamped, "backend": cfg.backends[backend_name], "key": key,
                    "warnings": warnings, "session": ticket, "final": final, "route": None, "tools": None,
                    "stream": None, "backend_name": backend_name}
@@ -605,7 +605,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             tokens = bool(req.stream) and bool(getattr(strategy, "streams", False)) and not (turn and turn.prefix)
             ctx["tools"] = turn
             ctx["stream"] = ("tokens" if tokens else "buffered") if req.stream else None
-            headers = {SESSION_HEADER: ticket.session, FORCED_FINAL_HEADER: str(final is not None).lower()} \
+            headers: dict[str, str] = {SESSION_HEADER: ticket.session, FORCED_FINAL_HEADER: str(final is not None).lower()} \
                 if ticket is not None else {}
             queue: asyncio.Queue[Delta | None] = asyncio.Queue()
             problem = Problem(id=res.id, messages=messages, assistant_prefix=turn.prefix if turn else None,
@@ -656,9 +656,9 @@ async def _until_done_or_gone(request: Request, job: RequestJob) -> Outcome | No
         while (await request.receive())["type"] != "http.disconnect":
             pass
 
-    watcher = asyncio.ensure_future(gone())
+    watcher: asyncio.Future[None] = asyncio.ensure_future(gone())
     try:
-        await asyncio.wait({job.settled, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({cast("asyncio.Future[Any]", job.settled), watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         job.abandon()
         raise
@@ -675,7 +675,7 @@ def _settle(ctx: dict[str, Any], out: Outcome) -> dict[str, Any] | None:
     update the metrics.  Returns the response's ``budgetlm`` block (``None`` without an answer)."""
     state: ServerState = ctx["state"]
     meter: Meter = ctx["meter"]
-    spend = {u: meter.spent(u) for u in UNITS if u not in ("wall_seconds", "joules")}
+    spend: dict[str, float] = {u: meter.spent(u) for u in UNITS if u not in ("wall_seconds", "joules")}
     total = meter.total()
     result = out.result
     if out.cancelled:

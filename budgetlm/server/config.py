@@ -19,7 +19,7 @@ A YAML with every section::
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -77,7 +77,7 @@ class ServerConfig(Config):
     allowance: dict[str, float] | None = Field(default=None, description="Spend allowed per key and UTC day, in budget units; None: unlimited.")
     key_allowances: dict[str, dict[str, float]] = Field(default_factory=dict, description="Per-key allowances replacing `allowance`.")
     db_path: str = Field(default="budgetlm_server.sqlite", description="SQLite file holding spend per key and day and every request's ledger.")
-    default_budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 1024}, description="Per-request budget when the request sets none.")
+    default_budget: dict[str, float] = Field(default_factory=lambda: cast(dict[str, float], {"output_tokens": 1024}), description="Per-request budget when the request sets none.")
     max_budget: dict[str, float] | None = Field(default=None, description="Largest per-request budget accepted (400 above it); None: no cap.")
     effort_budgets: dict[str, int] = Field(default_factory=lambda: dict(EFFORT_BUDGETS), description="Output tokens for each `reasoning_effort` value.")
     strategies: list[str] | None = Field(default=None, description="Strategies clients may use; None: every registered one.")

@@ -138,10 +138,10 @@ def parse_session_budget(spec: Any, param: str = "session_budget") -> SessionBud
         if unit in UNITS and lim <= 0:
             raise ConfigError(f"`{param}.{unit}` must be > 0, got {lim!r}; remove the entry for no limit")
     try:
-        b = Budget(**limits)
+        b = Budget.of(limits)
     except ConfigError as exc:
         raise ConfigError(f"`{param}` is malformed: {exc} (or `steps`)") from None
-    return SessionBudget(dict(b.limits()), steps)
+    return SessionBudget({str(u): v for u, v in b.limits().items()}, steps)
 
 
 def check_session_id(sid: Any, param: str = "session") -> str:

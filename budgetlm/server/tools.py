@@ -239,7 +239,7 @@ def render_messages(messages: list[Message], cfg: ToolConfig | None) -> list[Mes
             if out and out[-1]["role"] == "user" and out[-1].get("tool_responses"):
                 out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + resp}
             else:
-                out.append({"role": "user", "content": resp, "tool_responses": True})
+                out.append({"role": "user", "content": resp, "tool_responses": True})  # type: ignore[dict-item]
         else:
             out.append(dict(m))
     out = [{"role": m["role"], "content": m["content"]} for m in out]

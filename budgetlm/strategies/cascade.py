@@ -353,7 +353,7 @@ def calibrate(cascade: Cascade, problems: Sequence[Problem], grade: Any, backend
                 break
         tokens += spent
     last_correct, last_tokens, _ = per_stage[-1]
-    summary = {"accuracy": hits / len(problems), "mean_output_tokens": tokens / len(problems),
+    summary: dict[str, Any] = {"accuracy": hits / len(problems), "mean_output_tokens": tokens / len(problems),
                "last_stage_accuracy": sum(last_correct) / len(problems),
                "last_stage_mean_output_tokens": sum(last_tokens) / len(problems),
                "answered_per_stage": [n / len(problems) for n in stops]}

@@ -68,7 +68,7 @@ def with_control(messages: Sequence[Message], mode: str, value: float) -> list[M
     for m in reversed(out):
         if m.get("role") == "user":
             m["content"] = f"{m.get('content') or ''}\n\n{control_instruction(mode, value)}"
-            return out  # type: ignore[return-value]
+            return out
     raise invalid("messages", "chat messages with a user message", [m.get("role") for m in out])
 
 

@@ -205,11 +205,11 @@ class DeepConf(Strategy):
         seq = max((s.tokens for s in samples), default=0)
         if self.mode == "offline":
             kept = keep_top(samples, self.eta)
-            details = {"mode": "offline", "traces": len(samples), "voted": len(kept)}
-            return self._result(problem, kept, trace, "done", seq, details)
+            offline: dict[str, Any] = {"mode": "offline", "traces": len(samples), "voted": len(kept)}
+            return self._result(problem, kept, trace, "done", seq, offline)
         s_thr = threshold([lo for _, lo in first if lo is not None], self.eta)
-        details: dict[str, Any] = {"mode": "online", "threshold": s_thr, "warmup": len(samples)}
-        return await self._online(problem, ctx, samples, trace, s_thr, seq, details)
+        online: dict[str, Any] = {"mode": "online", "threshold": s_thr, "warmup": len(samples)}
+        return await self._online(problem, ctx, samples, trace, s_thr, seq, online)
 
     async def _online(self, problem: Problem, ctx: Context, samples: list[Sampled], trace: list[dict[str, Any]],
                       s_thr: float | None, seq: int, details: dict[str, Any]) -> Result:

@@ -352,7 +352,7 @@ class Hyper(Strategy):
                 # expand: branch the highest-scoring paths while below target and not settled
                 added, used = 0, set()  # one branch per source path per event, never of a fresh branch
                 while len(pool) < target and added < self.expand_width and self.uncertain(paths) \
-                        and refused is None and (room_of(meter) is None or room_of(meter) >= 1):
+                        and refused is None and ((room := room_of(meter)) is None or room >= 1):
                     srcs = [p for p in pool if p.id not in used]
                     if not srcs:
                         break

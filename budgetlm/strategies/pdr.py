@@ -52,7 +52,7 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -159,7 +159,7 @@ class ParallelDistillRefine(Strategy):
     """PDR: rounds of ``drafts`` parallel drafts distilled into a bounded workspace (see module doc)."""
 
     name = "pdr"
-    Params = ParallelDistillRefineParams
+    Params: ClassVar[type[SequentialRefinementParams]] = ParallelDistillRefineParams
     p: SequentialRefinementParams
     rounds: int
     drafts: int
@@ -304,8 +304,8 @@ class ParallelDistillRefine(Strategy):
 
     def _result(self, st: _State) -> Result:
         d = self._pick(st.answered or st.drafts)
-        base = dict(problem_id=st.problem.id, usage=Usage.zero(), stop_reason=st.stop_reason,
-                    sequential_tokens=st.sequential, trace=st.trace)  # usage: the base sets the meter's total
+        base: dict[str, Any] = dict(problem_id=st.problem.id, usage=Usage.zero(), stop_reason=st.stop_reason,
+                                    sequential_tokens=st.sequential, trace=st.trace)  # usage: the base sets the meter's total
         if d is None:
             return Result(text="", answer=None, **base)
         return Result(text=d.text, answer=extract_answer(d.text).text if d.text else None,

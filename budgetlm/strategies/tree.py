@@ -179,7 +179,7 @@ class Tree:
         """Root-to-``node`` nodes."""
         out = [node]
         while out[-1].parent is not None:
-            out.append(self.nodes[out[-1].parent])  # type: ignore[index]
+            out.append(self.nodes[out[-1].parent])
         return out[::-1]
 
     def text(self, node: Node) -> str:

@@ -39,7 +39,7 @@ import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydantic import Field, field_validator
 
@@ -69,7 +69,7 @@ class RouteParams(RecipeParams):
 
     agent_model: str = Field(default="default", description="Backend spec of the agent's models (the policy trained is the run's model).")
     agent: dict[str, Any] = Field(default_factory=dict, description="Extra params of the `agent` strategy (max_steps, step_tokens, models, ...); not router or threshold.")
-    budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 1024}, description="Per-task budget of the boundary runs and of the final evaluation.")
+    budget: dict[str, float] = Field(default_factory=lambda: cast(dict[str, float], {"output_tokens": 1024}), description="Per-task budget of the boundary runs and of the final evaluation.")
     max_rows_per_task: int = Field(default=4, description="Most rows (steps 0, 1, ...) per task; also capped by the always-large run's model steps.")
     invalid_reward: float = Field(default=0.0, allow_inf_nan=False, description="Reward of a completion that names neither small nor large.")
     success_floor: float = Field(default=0.5, description="Least reward of a successful choice (0: the plain boundary-relative reward).")

@@ -31,7 +31,6 @@ import math
 import operator
 import random
 import re
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,11 +194,11 @@ class KnowledgeBase:
     def _closest(self, query: str) -> list[str]:
         """Up to 3 entities whose name tokens best overlap the query's (rare tokens weigh more; typos allowed)."""
         index = self._token_index()
-        score: Counter[str] = Counter()
+        score: dict[str, float] = {}
         for token in set(re.findall(r"\w+", query)):
             for near in difflib.get_close_matches(token, list(index), n=3, cutoff=0.75):
                 for e in index[near]:
-                    score[e] += 1.0 / len(index[near])
+                    score[e] = score.get(e, 0.0) + 1.0 / len(index[near])
         order = {e: i for i, e in enumerate(self.kinds)}
         ranked = sorted(score, key=lambda e: (-score[e], order[e]))
         if not ranked:
@@ -224,7 +223,7 @@ _ALLOWED = "numbers, + - * / // % **, parentheses and unary minus"
 def _eval(node: ast.AST) -> int | float:
     if isinstance(node, ast.Expression):
         return _eval(node.body)
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         return node.value
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
         return _UNARY[type(node.op)](_eval(node.operand))
@@ -543,7 +542,7 @@ def scripted_solve(item: EvalItem) -> str:
     and the ``calculation``) and takes every value from ``search`` and ``calculator`` observations.
     """
     tools = as_tools(item.tools)
-    results: dict[int, str] = {}
+    results: dict[Any, str] = {}
     branch, entity = None, ""
     for step in item.metadata["chain"]:
         if step["branch"] != branch:  # a chain starts at the entity the question names

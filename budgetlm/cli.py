@@ -247,7 +247,7 @@ def eval_cmd(
         _fail(exc)
         return
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished records are kept in {out}/records.jsonl; "
+        console.print(f"[yellow]interrupted[/]: finished records are kept in {_rundir(out).records}; "
                       "re-run the same command to resume")
         raise typer.Exit(code=130) from None
     console.print((f"shard {res.shard.label} ({res.total} cells of the grid): " if res.shard else "")

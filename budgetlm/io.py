@@ -60,9 +60,12 @@ class TornLine:
     """Byte offset where it starts (the file's length once it is cut off)."""
     text: str
     """What was left of it (at most 80 characters)."""
+    cut: bool = False
+    """Whether it was cut off the file (:func:`repair_tail`), or only left out of what was read."""
 
     def __str__(self) -> str:
-        return f"{self.path} line {self.line}: torn last line {self.text!r} (a crash mid-write) cut off"
+        return (f"{self.path} line {self.line}: torn last line {self.text!r} (a crash mid-write) "
+                + ("cut off" if self.cut else "left out"))
 
 
 def _report(torn: TornLine, on_torn: Callable[[TornLine], None] | None) -> None:
@@ -134,7 +137,7 @@ def repair_tail(path: str | Path, *, on_torn: Callable[[TornLine], None] | None 
         try:
             json.loads(tail)
         except ValueError:
-            torn = TornLine(p, data.count(b"\n") + 1, cut, tail[:80].decode("utf-8", "replace"))
+            torn = TornLine(p, data.count(b"\n") + 1, cut, tail[:80].decode("utf-8", "replace"), cut=True)
             fh.truncate(cut)
             _fsync(fh)
             _report(torn, on_torn)

@@ -69,7 +69,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from budgetlm.errors import ConfigError, MissingDependency, invalid
-from budgetlm.io import read_json, write_json_atomic
 from budgetlm.evals.metrics import (
     ConfigSummary,
     CostKind,
@@ -86,6 +85,7 @@ from budgetlm.evals.metrics import (
 from budgetlm.evals.records import EvalRecord
 from budgetlm.evals.rundir import PLOTS, RunDir
 from budgetlm.evals.shards import is_shard_folder, merge_in_memory, shard_info
+from budgetlm.io import read_json, write_json_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -67,11 +67,11 @@ from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.shards import Shard, ShardInfo, shard_info
 from budgetlm.evals.suites import get as get_suite
 from budgetlm.evals.suites.base import EvalItem, Suite
+from budgetlm.io import JsonlWriter
 from budgetlm.meter import Meter
 from budgetlm.strategies import Problem, Result
 from budgetlm.strategies import get as get_strategy
 from budgetlm.strategies.base import run_sync
-from budgetlm.io import JsonlWriter
 from budgetlm.versions import library_versions
 
 TRACES_FILE = RunDir.TRACES

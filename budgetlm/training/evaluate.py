@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import importlib.util
-import json
 import os
 from collections import defaultdict
 from pathlib import Path

@@ -196,7 +196,7 @@ def demo(
             seed=seed,
         ))
         configure_logging(_verbosity, show_progress=not as_json and not console.is_terminal)
-        with log_to_file(Path(out_dir) / "eval.log", _verbosity), stdout_to_stderr():
+        with log_to_file(_rundir(out_dir).eval_log, _verbosity), stdout_to_stderr():
             res = run_eval(cfg, out_dir, progress=not as_json)
     except BudgetLMError as exc:
         _fail(exc)
@@ -204,7 +204,7 @@ def demo(
     assert res.report is not None
     _print_errors(res)
     if as_json:
-        out.print_json((Path(res.report) / "summary.json").read_text())
+        out.print_json(_rundir(res.report).summary_json.read_text())
         return
     _print_summary(res.report)
     out_console_path(res.report)
@@ -241,13 +241,13 @@ def eval_cmd(
             raise BudgetLMError("`--json` prints the report's summary.json; drop `--no-report`")
         cfg = EvalConfig.load(config)
         configure_logging(_verbosity, show_progress=progress and not console.is_terminal)
-        with log_to_file(Path(out) / "eval.log", _verbosity), stdout_to_stderr():
+        with log_to_file(_rundir(out).eval_log, _verbosity), stdout_to_stderr():
             res = run_eval(cfg, out, progress=progress, report=report, log_interval=log_interval, shard=part)
     except BudgetLMError as exc:
         _fail(exc)
         return
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished records are kept in {out}/records.jsonl; "
+        console.print(f"[yellow]interrupted[/]: finished records are kept in {_rundir(out).records}; "
                       "re-run the same command to resume")
         raise typer.Exit(code=130) from None
     console.print((f"shard {res.shard.label} ({res.total} cells of the grid): " if res.shard else "")
@@ -260,7 +260,7 @@ def eval_cmd(
                       "merge them with `budgetlm merge SHARD_DIR... --out MERGED`", soft_wrap=True)
     if res.report is not None:
         if as_json:
-            out_json((Path(res.report) / "summary.json").read_text())
+            out_json(_rundir(res.report).summary_json.read_text())
             return
         _print_summary(res.report)
         out_console_path(res.report)
@@ -470,10 +470,17 @@ def _write_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
+def _rundir(path: Any) -> Any:
+    """The :class:`~budgetlm.evals.rundir.RunDir` of a run (or report) folder (imported lazily)."""
+    from budgetlm.evals.rundir import RunDir
+
+    return RunDir(path)
+
+
 def _print_summary(report_dir: Any) -> None:
     """A report's configurations table on stdout: on a terminal a compact rich table (the full table is in
     summary.md); otherwise (a pipe, a log file) the full Markdown table, one unwrapped line per row."""
-    path = Path(report_dir) / "summary.json"
+    path = _rundir(report_dir).summary_json
     if not path.exists():
         return
     summary = json.loads(path.read_text())
@@ -571,7 +578,7 @@ def merge_cmd(
     console.print(f"merged {res.shards} shards: {res.records} records into {res.out_dir}", soft_wrap=True)
     if res.report is not None:
         if as_json:
-            out_json((Path(res.report) / "summary.json").read_text())
+            out_json(_rundir(res.report).summary_json.read_text())
             return
         _print_summary(res.report)
         out_console_path(res.report)

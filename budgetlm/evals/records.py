@@ -1,7 +1,9 @@
 """The typed schema of evaluation records (one JSON line per finished (item, configuration)).
 
 ``runs/NAME/records.jsonl`` holds one :class:`EvalRecord` per line; :func:`read_records` reads it
-back, tolerating a torn last line left by a crash (it is ignored and later rewritten).
+back, by the torn-line rule of :mod:`budgetlm.io` (a torn last line left by a crash is cut off and
+reported; a bad line anywhere else is an error naming the file and line).  The run folder's layout
+is :class:`budgetlm.evals.rundir.RunDir`'s.
 
 A cell (suite, item, configuration) may have several records: a record with ``error`` set is
 retried when the run is resumed, and the retry is appended.  The **last** record of a cell wins:
@@ -26,7 +28,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from budgetlm.errors import ConfigError
+from budgetlm.io import read_jsonl
 
 
 class EvalRecord(BaseModel):
@@ -94,26 +96,15 @@ def latest_records(records: Iterable[EvalRecord]) -> list[EvalRecord]:
 
 
 def read_records(path: str | Path, *, latest: bool = True) -> list[EvalRecord]:
-    """The complete records of a ``records.jsonl`` file (a torn last line is ignored).
+    """The complete records of a ``records.jsonl`` file, by the torn-line rule of :mod:`budgetlm.io`:
+    a torn last line is left out (and reported; the runner cuts it off before appending), a bad
+    line anywhere else raises :class:`~budgetlm.io.DamagedFileError` naming the file and line.
 
     With ``latest=True`` (the default) only the last record of each (suite, item, configuration)
     is returned, so a successful retry supersedes the error it retried; ``latest=False`` returns
     every line.
     """
-    p = Path(path)
-    if not p.exists():
-        return []
-    out = []
-    lines = p.read_text(encoding="utf-8").split("\n")
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(EvalRecord(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError, ValueError) as exc:
-            if i == len(lines):  # torn final line from a crash mid-write: not a complete record
-                break
-            raise ConfigError(f"{p}:{i}: malformed record ({exc}); fix or delete that line to resume") from None
+    out = read_jsonl(path, lambda row: EvalRecord(**row), what="a valid record")
     return latest_records(out) if latest else out
 
 
@@ -141,14 +132,6 @@ def decode_trace_line(line: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_traces(path: str | Path) -> list[dict[str, Any]]:
-    """The lines of a ``traces.jsonl`` with their traces decoded (a torn or unreadable line is skipped)."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    out = []
-    for raw in p.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(decode_trace_line(json.loads(raw)))
-        except (ValueError, OSError, EOFError):  # torn last line (JSON, base64 or gzip cut short)
-            continue
-    return out
+    """The lines of a ``traces.jsonl`` with their traces decoded, by the torn-line rule of
+    :mod:`budgetlm.io` (a torn last line is left out and reported, a bad line elsewhere is an error)."""
+    return read_jsonl(path, decode_trace_line, what="a valid trace line")

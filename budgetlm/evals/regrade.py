@@ -26,7 +26,6 @@ Output, next to the run's files (the originals are never touched): ``records.reg
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,17 +33,19 @@ from typing import Any
 
 from budgetlm.errors import BudgetLMError, ConfigError
 from budgetlm.evals import graders as _graders
-from budgetlm.evals.records import EvalRecord, read_records, read_traces
+from budgetlm.evals.records import EvalRecord
+from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.suites.base import EvalItem, Grade, Suite
+from budgetlm.io import write_json_atomic, write_jsonl_atomic
 from budgetlm.strategies.aggregate import action_key, vote
 
 __all__ = ["REGRADED_FILE", "SUITE_GRADER", "SUMMARY_FILE", "RegradeOutcome", "grader_names", "regrade"]
 
 log = logging.getLogger("budgetlm.evals")
 
-REGRADED_FILE = "records.regraded.jsonl"
+REGRADED_FILE = RunDir.REGRADED
 """The re-graded records, next to ``records.jsonl``."""
-SUMMARY_FILE = "regrade.json"
+SUMMARY_FILE = RunDir.REGRADE_JSON
 """The summary of a re-grade."""
 SUITE_GRADER = "suite"
 """The ``--grader`` name that grades with each suite's own grader."""
@@ -91,11 +92,11 @@ class RegradeOutcome:
                 + (f", {self.vote_mismatch} votes do not match their stored samples" if self.vote_mismatch else ""))
 
 
-def _run_dir(run_dir: str | Path) -> Path:
-    d = Path(run_dir)
-    if not (d / "records.jsonl").is_file():
-        raise ConfigError(f"`RUN_DIR` must be a run folder holding records.jsonl, got {str(d)!r}"
-                          + ("" if d.is_dir() else " (no such folder)")
+def _run_dir(run_dir: str | Path) -> RunDir:
+    d = RunDir(run_dir)
+    if not d.has_records():
+        raise ConfigError(f"`RUN_DIR` must be a run folder holding {RunDir.RECORDS}, got {str(d.path)!r}"
+                          + ("" if d.path.is_dir() else " (no such folder)")
                           + "; pass the --out folder of a `budgetlm eval` run")
     return d
 
@@ -110,9 +111,8 @@ def _grader(name: str) -> _graders.Grader | None:
     return _graders.get_grader(name)
 
 
-def _config(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "run.json"
-    return (json.loads(path.read_text()).get("config") or {}) if path.is_file() else {}
+def _config(run_dir: RunDir) -> dict[str, Any]:
+    return (run_dir.read_meta() or {}).get("config") or {}
 
 
 def _strategy_names(config: dict[str, Any]) -> dict[str, str]:
@@ -161,9 +161,9 @@ def regrade(run_dir: str | Path, grader: str) -> RegradeOutcome:
     config = _config(d)
     suites = _suites(config)
     names = _strategy_names(config)
-    records = read_records(d / "records.jsonl")
+    records = d.read_records()
     traces = {(t.get("suite"), t.get("item_id"), t.get("config_id")): t.get("trace")
-              for t in read_traces(d / "traces.jsonl")}
+              for t in d.read_traces()}
     outcome = RegradeOutcome(grader=grader)
     tally: dict[str, list[int]] = {}  # label -> [n, correct before, correct after]
 
@@ -178,46 +178,44 @@ def regrade(run_dir: str | Path, grader: str) -> RegradeOutcome:
             return g.grade(text, rec.gold, {})
         return suite.grade(item, text) if g is None else g.grade(text, item.gold, item.metadata)  # type: ignore[union-attr]
 
-    out_path = d / REGRADED_FILE
-    tmp = out_path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            if rec.error is not None:
-                outcome.errors_skipped += 1
-                fh.write(rec.model_dump_json() + "\n")
-                continue
-            outcome.records += 1
-            if rec.suite not in suites:
-                outcome.gold_from_records += 1
-            text = None if rec.thinking_truncated else rec.text
-            info: dict[str, Any] = {"grader": grader, "was_correct": rec.correct, "was_score": rec.score,
-                                    "was_answer": rec.answer}
-            samples = _samples(traces.get(rec.key))
-            strategy = names.get(rec.strategy, rec.strategy)
-            if strategy in VOTING or samples:
-                if samples:
-                    info["samples"] = len(samples)
-                    info["samples_correct"] = sum(
-                        grade(rec, None if s.get("thinking_truncated") else s["text"]).correct for s in samples)
-                    if strategy in VOTING and text is not None and _voted_text(strategy, samples) != text:
-                        outcome.vote_mismatch += 1
-                        info["vote_mismatch"] = True
-                elif strategy in VOTING:
-                    outcome.without_samples += 1
-            new = grade(rec, text)
-            if new.correct != rec.correct:
-                outcome.changed += 1
-                outcome.now_correct += new.correct
-                outcome.now_wrong += not new.correct
-            t = tally.setdefault(rec.strategy, [0, 0, 0])
-            t[0] += 1
-            t[1] += rec.correct
-            t[2] += new.correct
-            upd = rec.model_copy(update={"correct": new.correct, "score": new.score, "answer": new.answer,
-                                         "details": {**rec.details, "regrade": info}})
-            fh.write(upd.model_dump_json() + "\n")
-    tmp.replace(out_path)
+    lines: list[str] = []
+    for rec in records:
+        if rec.error is not None:
+            outcome.errors_skipped += 1
+            lines.append(rec.model_dump_json())
+            continue
+        outcome.records += 1
+        if rec.suite not in suites:
+            outcome.gold_from_records += 1
+        text = None if rec.thinking_truncated else rec.text
+        info: dict[str, Any] = {"grader": grader, "was_correct": rec.correct, "was_score": rec.score,
+                                "was_answer": rec.answer}
+        samples = _samples(traces.get(rec.key))
+        strategy = names.get(rec.strategy, rec.strategy)
+        if strategy in VOTING or samples:
+            if samples:
+                info["samples"] = len(samples)
+                info["samples_correct"] = sum(
+                    grade(rec, None if s.get("thinking_truncated") else s["text"]).correct for s in samples)
+                if strategy in VOTING and text is not None and _voted_text(strategy, samples) != text:
+                    outcome.vote_mismatch += 1
+                    info["vote_mismatch"] = True
+            elif strategy in VOTING:
+                outcome.without_samples += 1
+        new = grade(rec, text)
+        if new.correct != rec.correct:
+            outcome.changed += 1
+            outcome.now_correct += new.correct
+            outcome.now_wrong += not new.correct
+        t = tally.setdefault(rec.strategy, [0, 0, 0])
+        t[0] += 1
+        t[1] += rec.correct
+        t[2] += new.correct
+        upd = rec.model_copy(update={"correct": new.correct, "score": new.score, "answer": new.answer,
+                                     "details": {**rec.details, "regrade": info}})
+        lines.append(upd.model_dump_json())
+    write_jsonl_atomic(d.regraded, lines)
     outcome.accuracy = {k: {"n": n, "before": b / n, "after": a / n} for k, (n, b, a) in tally.items()}
-    outcome.out = str(out_path)
-    (d / SUMMARY_FILE).write_text(json.dumps(asdict(outcome), indent=2))
+    outcome.out = str(d.regraded)
+    write_json_atomic(d.regrade_json, asdict(outcome), default=None)
     return outcome

@@ -82,13 +82,14 @@ from budgetlm.evals.metrics import (
     summarize,
     token_complexity,
 )
-from budgetlm.evals.records import EvalRecord, read_records
+from budgetlm.evals.records import EvalRecord
+from budgetlm.evals.rundir import PLOTS, RunDir
 from budgetlm.evals.shards import is_shard_folder, merge_in_memory, shard_info
+from budgetlm.io import read_json, write_json_atomic
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-PLOTS = ("accuracy_vs_tokens.png", "accuracy_vs_cost.png", "per_suite.png")
 _DPI = 110
 _ERRORED_LABEL = "has errored records (not ranked)"
 _FRONT_NOTE = "★ = on the Pareto frontier of (mean cost ↓, accuracy ↑) in mean output tokens"
@@ -108,20 +109,14 @@ def _require_matplotlib() -> None:
 
 
 def _load_run(run_dir: Path) -> tuple[dict[str, Any], list[EvalRecord]]:
-    path = run_dir / "records.jsonl"
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist; run `budgetlm eval` first to create the run's records")
-    records = read_records(path)
+    rd = RunDir(run_dir)
+    if not rd.has_records():
+        raise ConfigError(f"{rd.records} does not exist; run `budgetlm eval` first to create the run's records")
+    records = rd.read_records()
     if not records:
-        raise ConfigError(f"{path} holds no complete records; run `budgetlm eval` first to fill it")
-    meta: dict[str, Any] = {}
-    meta_path = run_dir / "run.json"
-    if meta_path.is_file():
-        try:
-            loaded = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{meta_path} is not valid JSON ({exc}); fix or delete it") from None
-        meta = loaded if isinstance(loaded, dict) else {"value": loaded}
+        raise ConfigError(f"{rd.records} holds no complete records; run `budgetlm eval` first to fill it")
+    loaded = read_json(rd.run_json, missing={})
+    meta = loaded if isinstance(loaded, dict) else {"value": loaded}
     return meta, records
 
 
@@ -703,26 +698,27 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = No
         m.get("merged_in_memory") for _, _, m, _ in runs) else dirs
     out = Path(out_dir) if out_dir is not None else dirs[0]
     out.mkdir(parents=True, exist_ok=True)
+    rd = RunDir.report_dir(out)
 
     doc, summaries = build_summary(runs)
-    (out / "summary.json").write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    write_json_atomic(rd.summary_json, doc, default=None, allow_nan=False)
 
     cost: CostKind = doc["cost_unit"]
     header, rows = _table_rows(doc)
     s_header, s_rows = _suite_rows(doc)
 
-    _plot_accuracy_vs(summaries, "output_tokens", out / PLOTS[0], log_x=None)
-    _plot_accuracy_vs(summaries, cost, out / PLOTS[1], log_x=True)
-    _plot_per_suite(summaries, out / PLOTS[2])
+    _plot_accuracy_vs(summaries, "output_tokens", rd.plot(PLOTS[0]), log_x=None)
+    _plot_accuracy_vs(summaries, cost, rd.plot(PLOTS[1]), log_x=True)
+    _plot_per_suite(summaries, rd.plot(PLOTS[2]))
     trees = _tree_figures(trace_dirs, summaries, out)
     plots = [*PLOTS, *trees]
 
     notes = _notes(doc)
     md = ["# budgetlm evaluation report", "", "Runs: " + ", ".join(f"`{n}`" for n in names), "",
           markdown_summary(doc), "", *[f"![{p}]({p})" for p in plots], ""]
-    (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
+    rd.summary_md.write_text("\n".join(md), encoding="utf-8")
 
-    html_path = out / "report.html"
+    html_path = rd.report_html
     html_path.write_text(_html(names, runs, header, rows, s_header, s_rows, notes, _front_note(doc), out, plots),
                          encoding="utf-8")
     return html_path
@@ -730,10 +726,9 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = No
 
 def _tree_figures(dirs: Sequence[Path], summaries: Sequence[ConfigSummary], out: Path) -> list[str]:
     """One ``tree_<strategy>.png`` per strategy whose traces hold search trees (a representative problem)."""
-    from budgetlm.evals.runner import TRACES_FILE
-    from budgetlm.evals.treeplot import draw_tree, pick_tree, read_traces, tree_of
+    from budgetlm.evals.treeplot import draw_tree, pick_tree, tree_of
 
-    lines = [line for d in dirs for line in read_traces(d / TRACES_FILE)]
+    lines = [line for d in dirs for line in RunDir(d).read_traces()]
     if not lines:
         return []
     names: list[str] = []

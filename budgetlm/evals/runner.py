@@ -49,7 +49,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -63,18 +62,20 @@ from budgetlm.budget import Budget
 from budgetlm.errors import BudgetLMError, ConfigError
 from budgetlm.evals.config import EvalConfig, StrategySpec, config_id
 from budgetlm.evals.metrics import finite_json
-from budgetlm.evals.records import EvalRecord, read_records, trace_line
+from budgetlm.evals.records import EvalRecord, trace_line
+from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.shards import Shard, ShardInfo, shard_info
 from budgetlm.evals.suites import get as get_suite
 from budgetlm.evals.suites.base import EvalItem, Suite
+from budgetlm.io import JsonlWriter
 from budgetlm.meter import Meter
 from budgetlm.strategies import Problem, Result
 from budgetlm.strategies import get as get_strategy
 from budgetlm.strategies.base import run_sync
 from budgetlm.versions import library_versions
 
-TRACES_FILE = "traces.jsonl"
-"""Per-record traces, next to ``records.jsonl``."""
+TRACES_FILE = RunDir.TRACES
+"""Per-record traces, next to ``records.jsonl`` (:class:`~budgetlm.evals.rundir.RunDir` owns the layout)."""
 
 LOG_INTERVAL = 5.0
 """Default seconds between two progress lines in the log."""
@@ -86,30 +87,13 @@ def _suite_name(spec: str | dict[str, Any]) -> str:
     return spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
 
 
-class RecordWriter:
-    """Appends records durably: one line each, flushed and fsynced."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._repair_tail()
-        self._fh = open(path, "a", encoding="utf-8")
-
-    def _repair_tail(self) -> None:
-        if not self.path.exists() or self.path.stat().st_size == 0:
-            return
-        with open(self.path, "rb+") as fh:
-            data = fh.read()
-            if not data.endswith(b"\n"):
-                fh.truncate(data.rfind(b"\n") + 1)  # drop a torn last line
+class RecordWriter(JsonlWriter):
+    """Appends records durably: one line each, flushed and fsynced; a torn last line left by a
+    crash is cut off (and reported) first (:class:`budgetlm.io.JsonlWriter`)."""
 
     def write(self, record: EvalRecord | dict[str, Any]) -> None:
-        line = record.model_dump_json() if isinstance(record, EvalRecord) else json.dumps(finite_json(record), default=str)
-        self._fh.write(line + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
+        super().write(record.model_dump_json() if isinstance(record, EvalRecord)
+                      else json.dumps(finite_json(record), default=str))
 
 
 @dataclass
@@ -163,6 +147,8 @@ class Runner:
     ) -> None:
         self.config = config
         self.out_dir = Path(out_dir)
+        self.dir = RunDir(self.out_dir)
+        """The run folder's files."""
         self._given = dict(backends or {})
         self.progress = progress
         """Draw a progress bar (only when stderr is a terminal; log lines are written either way)."""
@@ -191,14 +177,13 @@ class Runner:
         of unchanged cells stay valid because cells are keyed by a hash of model, strategy,
         parameters, budget and seed.  A config that would orphan existing records is refused.
         """
-        path = self.out_dir / "run.json"
         meta: dict[str, Any] = {}
-        if path.exists():
-            meta = json.loads(path.read_text())
+        if self.dir.run_json.exists():
+            meta = self.dir.read_meta() or {}
             self._check_shard(shard_info(meta))
             if meta.get("config_digest") != self.config.digest():
                 grid = self._grid()
-                recorded = {(r.suite, r.config_id) for r in read_records(self.out_dir / "records.jsonl")}
+                recorded = {(r.suite, r.config_id) for r in self.dir.read_records()}
                 orphans = sorted(recorded - grid)
                 if orphans or meta.get("seed", self.config.seed) != self.config.seed:
                     raise ConfigError(
@@ -218,7 +203,7 @@ class Runner:
                                                                cells=None).model_dump(),
         })
         meta.setdefault("sessions", []).append({"started": time.time()})
-        self._write_json(path, meta)
+        self.dir.write_meta(meta)
         return meta
 
     def _check_shard(self, recorded: ShardInfo | None) -> None:
@@ -240,12 +225,6 @@ class Runner:
         """``" (shard 2/3)"`` for log lines of a shard run, else empty."""
         return f" (shard {self.shard.label})" if self.shard else ""
 
-    @staticmethod
-    def _write_json(path: Path, data: dict[str, Any]) -> None:
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        os.replace(tmp, path)
-
     def _backend(self, spec: str) -> Backend:
         if spec in self._given:
             return self._given[spec]
@@ -265,10 +244,9 @@ class Runner:
         """Run (or resume) the grid; returns counts and the report path."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         meta = self._check_run_json()
-        records_path = self.out_dir / "records.jsonl"
-        writer = RecordWriter(records_path)
-        trace_writer = RecordWriter(self.out_dir / TRACES_FILE)
-        on_disk = read_records(records_path)  # the last record of each cell
+        writer = RecordWriter(self.dir.records)
+        trace_writer = RecordWriter(self.dir.traces)
+        on_disk = self.dir.read_records()  # the last record of each cell
         done = {r.key for r in on_disk if r.error is None}
         errored = {r.key for r in on_disk if r.error is not None}
         suites: list[tuple[str, Suite, list[EvalItem]]] = []
@@ -296,7 +274,7 @@ class Runner:
         total = sum(len(mine) for *_, mine in owned)
         if self.shard is not None:
             meta["shard"].update(cells=total, grid_cells=grid_total)
-            self._write_json(self.out_dir / "run.json", meta)
+            self.dir.write_meta(meta)
         outcome = RunOutcome(self.out_dir, total=total, shard=self.shard)
         pending_total = 0
         plan: list[tuple[str, StrategySpec, dict[str, float], str, Suite, list[EvalItem]]] = []
@@ -337,7 +315,7 @@ class Runner:
             writer.close()
             trace_writer.close()
             meta["sessions"][-1].update({"ended": time.time(), "written": outcome.written})
-            self._write_json(self.out_dir / "run.json", meta)
+            self.dir.write_meta(meta)
         if self.report:
             from budgetlm.evals.report import write_report
 

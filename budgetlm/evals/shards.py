@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Sequence
@@ -49,7 +48,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from budgetlm.errors import ConfigError, invalid
-from budgetlm.evals.records import EvalRecord, read_records
+from budgetlm.evals.records import EvalRecord
+from budgetlm.evals.rundir import RunDir
+from budgetlm.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from budgetlm.versions import library_versions
 
 CellKey = tuple[str, str, str]
@@ -143,15 +144,8 @@ class RunFolder:
 
 
 def read_meta(path: Path) -> dict[str, Any] | None:
-    """A folder's ``run.json`` as a dict, None when there is none."""
-    meta_path = path / "run.json"
-    if not meta_path.is_file():
-        return None
-    try:
-        loaded = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{meta_path} is not valid JSON ({exc}); fix or delete it") from None
-    return loaded if isinstance(loaded, dict) else None
+    """A folder's ``run.json`` as a dict, None when there is none (:meth:`RunDir.read_meta`)."""
+    return RunDir(path).read_meta()
 
 
 def shard_info(meta: dict[str, Any] | None) -> ShardInfo | None:
@@ -167,12 +161,12 @@ def is_shard_folder(path: str | Path) -> bool:
 
 def read_folder(path: str | Path) -> RunFolder:
     """A run folder with its ``run.json`` (required) and the last record of each cell."""
-    p = Path(path)
-    meta = read_meta(p)
+    rd = RunDir(path)
+    meta = rd.read_meta()
     if meta is None:
         raise invalid("shard folder", "a folder written by `budgetlm eval CONFIG --out DIR --shard I/N`",
-                      str(p), f"{p / 'run.json'} does not exist; pass the --out folders of the shard runs")
-    return RunFolder(p, meta, shard_info(meta), read_records(p / "records.jsonl"))
+                      str(rd.path), f"{rd.run_json} does not exist; pass the --out folders of the shard runs")
+    return RunFolder(rd.path, meta, shard_info(meta), rd.read_records())
 
 
 @dataclass
@@ -341,18 +335,13 @@ class MergeOutcome:
 
 
 def _trace_lines(path: Path, keys: set[CellKey]) -> dict[CellKey, str]:
-    """The last ``traces.jsonl`` line of each key in ``keys``, as written (a torn or unreadable line is skipped)."""
+    """The last ``traces.jsonl`` line of each key in ``keys``, re-encoded as written (the torn-line
+    rule of :mod:`budgetlm.io`: a torn last line is left out, a bad line elsewhere is an error)."""
     out: dict[CellKey, str] = {}
-    if not path.is_file():
-        return out
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        try:
-            line = json.loads(raw)
-            key = (line["suite"], line["item_id"], line["config_id"])
-        except (ValueError, KeyError, TypeError):
-            continue
+    for key, line in read_jsonl(path, lambda row: ((row["suite"], row["item_id"], row["config_id"]), row),
+                                what="a valid trace line"):
         if key in keys:
-            out[key] = raw
+            out[key] = json.dumps(line)
     return out
 
 
@@ -376,17 +365,14 @@ def merge_shards(paths: Sequence[str | Path], out_dir: str | Path, *, report: bo
     out.mkdir(parents=True, exist_ok=True)
     ordered = _sorted(folders)
     records = [r for f in ordered for r in f.records]
-    _write_lines(out / "records.jsonl", [r.model_dump_json() for r in records])
-    from budgetlm.evals.runner import TRACES_FILE
-
+    merged = RunDir(out)
+    write_jsonl_atomic(merged.records, [r.model_dump_json() for r in records])
     traces: list[str] = []
     for f in ordered:
-        lines = _trace_lines(f.path / TRACES_FILE, {r.key for r in f.records})
+        lines = _trace_lines(RunDir(f.path).traces, {r.key for r in f.records})
         traces += [lines[r.key] for r in f.records if r.key in lines]
-    _write_lines(out / TRACES_FILE, traces)
-    meta_tmp = out / "run.json.tmp"
-    meta_tmp.write_text(json.dumps(_merged_meta(folders, check), indent=2, default=str), encoding="utf-8")
-    os.replace(meta_tmp, out / "run.json")
+    write_jsonl_atomic(merged.traces, traces)
+    write_json_atomic(merged.run_json, _merged_meta(folders, check))
     outcome = MergeOutcome(out, records=len(records), shards=len(folders))
     if report:
         from budgetlm.evals.report import write_report
@@ -394,8 +380,3 @@ def merge_shards(paths: Sequence[str | Path], out_dir: str | Path, *, report: bo
         outcome.report = write_report([out]).parent
     return outcome
 
-
-def _write_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, path)

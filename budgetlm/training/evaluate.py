@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import html
 import importlib.util
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -26,11 +25,16 @@ from typing import Any
 
 from budgetlm.errors import ConfigError, MissingDependency
 from budgetlm.evals.config import EvalConfig
-from budgetlm.evals.records import EvalRecord, read_records
+from budgetlm.evals.records import EvalRecord
+from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.suites import parse_spec
+from budgetlm.io import write_json_atomic
 from budgetlm.training.base import Recipe
 from budgetlm.training.config import TrainConfig
 from budgetlm.training.grpo import finite, model_path
+
+EVAL_DIR = "eval"
+"""The evaluation's run folder under the training output (:class:`~budgetlm.evals.rundir.RunDir` layout)."""
 
 __all__ = ["compare", "eval_config", "eval_suite", "evaluate", "plot_curves", "write_train_report"]
 
@@ -133,13 +137,14 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, trained: Path, out: Path, *, prog
     from budgetlm.evals.runner import Runner
 
     ecfg, roles = eval_config(cfg, recipe, trained)
-    outcome = Runner(ecfg, out / "eval", progress=progress).run()
-    records = read_records(out / "eval" / "records.jsonl")
+    run = RunDir(out / EVAL_DIR)
+    outcome = Runner(ecfg, run.path, progress=progress).run()
+    records = run.read_records()
     rows = compare(records, roles)
     doc = {"rows": rows, "overall": overall(rows), "roles": roles, "errors": outcome.errors,
            "suite": ecfg.suites[0], "budget": ecfg.budgets[0],
-           "eval_report": str(outcome.report / "report.html") if outcome.report else None}
-    (out / "comparison.json").write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+           "eval_report": str(RunDir.report_dir(outcome.report).report_html) if outcome.report else None}
+    write_json_atomic(out / "comparison.json", doc)
     return doc
 
 

@@ -51,6 +51,7 @@ from typing import Any
 from budgetlm import distributed
 from budgetlm.errors import ConfigError, MissingDependency
 from budgetlm.evals import suites as suite_registry
+from budgetlm.io import append_jsonl, read_jsonl, repair_tail, write_json_atomic, write_jsonl_atomic
 from budgetlm.models import resolve_model_path
 from budgetlm.training.base import RECIPES, Recipe, RecipeContext
 from budgetlm.training.config import TrainConfig
@@ -273,29 +274,25 @@ class _State:
     def write(self, **kw: Any) -> None:
         self.data.update(kw)
         self.data["digest"] = self.cfg.digest()
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str))
-        tmp.replace(self.path)
+        write_json_atomic(self.path, self.data)
+
+
+TRAIN_LOG = "train_log.jsonl"
+"""Every logged metric of a training run, one JSONL line each (the torn-line rule of :mod:`budgetlm.io`)."""
 
 
 def _callback(log_path: Path) -> Any:
     from transformers import TrainerCallback
 
-    if distributed.is_main() and log_path.exists() and log_path.stat().st_size:
-        with log_path.open("rb+") as fh:  # a crash may have torn the last line: end it, so new entries parse
-            fh.seek(-1, 2)
-            if fh.read(1) != b"\n":
-                fh.seek(0, 2)
-                fh.write(b"\n")
+    if distributed.is_main():
+        repair_tail(log_path)  # a crash may have torn the last line: cut it off, so new entries start clean
 
     class MetricsLog(TrainerCallback):
         """Appends every log entry (with its step) to ``train_log.jsonl`` as training goes."""
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             if logs and state.is_world_process_zero:
-                entry = {"step": state.global_step, "epoch": state.epoch, **logs}
-                with log_path.open("a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(entry, default=float) + "\n")
+                append_jsonl(log_path, {"step": state.global_step, "epoch": state.epoch, **logs}, default=float)
 
     return MetricsLog()
 
@@ -321,15 +318,13 @@ def _time_limit(minutes: float) -> Any:
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
-    """The entries of ``train_log.jsonl``, the newest entry per (step, kind) kept after resumes."""
-    if not path.exists():
-        return []
+    """The entries of ``train_log.jsonl``, the newest entry per (step, kind) kept after resumes.
+
+    The torn-line rule of :mod:`budgetlm.io`: a torn last line (a crash mid-write) is left out, a
+    bad line elsewhere raises :class:`~budgetlm.io.DamagedFileError` naming the file and line.
+    """
     seen: dict[tuple[int, bool], dict[str, Any]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue  # a torn last line after a crash
+    for e in read_jsonl(path, dict, what="a log entry"):
         seen[(int(e.get("step", 0)), "train_runtime" in e)] = e
     return [seen[k] for k in sorted(seen)]
 
@@ -355,9 +350,7 @@ def _save_final(trainer: Any, cfg: TrainConfig, out: Path) -> Path:
 
 
 def _write_rows(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
-    with path.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r, default=str) + "\n")
+    write_jsonl_atomic(path, rows)
     return rows
 
 
@@ -380,7 +373,7 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
     if resume and state.data.get("status") == "done" and (out / "model" / "config.json").exists() and (
             state.data.get("steps", 0) >= cfg.max_steps
             or (state.data.get("stop_reason", "").startswith("time") and state.data.get("max_minutes") == cfg.max_minutes)):
-        return TrainOutcome(out, out / "model", int(state.data["steps"]), None, read_log(out / "train_log.jsonl"),
+        return TrainOutcome(out, out / "model", int(state.data["steps"]), None, read_log(out / TRAIN_LOG),
                             skipped=True)
 
     checkpoints = out / "checkpoints"
@@ -392,7 +385,7 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
                  "writes the run folder" if main else "the main process writes the run folder")
     if not resume and main and checkpoints.exists():
         shutil.rmtree(checkpoints)
-        (out / "train_log.jsonl").unlink(missing_ok=True)
+        (out / TRAIN_LOG).unlink(missing_ok=True)
 
     ctx = RecipeContext(model=cfg.model, output_dir=out, seed=cfg.seed, max_completion_length=cfg.max_completion_length,
                         extra={"suite": cfg.suite})
@@ -422,7 +415,7 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
                     model_path=str(src), rows=len(rows), seed=cfg.seed, versions=library_versions(),
                     grpo_config=args.to_dict(), started=state.data.get("started", time.time()), resumed_from=last,
                     processes=distributed.world_size())
-    callbacks = [_callback(out / "train_log.jsonl")]
+    callbacks = [_callback(out / TRAIN_LOG)]
     if cfg.max_minutes is not None:
         callbacks.append(_time_limit(cfg.max_minutes))
     trainer = GRPOTrainer(model=model_id, reward_funcs=rewards, args=args, train_dataset=ds, peft_config=peft_config,
@@ -435,7 +428,7 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
         state.write(status="done", steps=steps, finished=time.time(), max_minutes=cfg.max_minutes,
                     stop_reason=f"time limit ({cfg.max_minutes} min)" if timed_out else "max_steps")
     distributed.barrier()  # train.json says done before any process moves on
-    return TrainOutcome(out, final, steps, last, read_log(out / "train_log.jsonl"), stopped_by_time=timed_out)
+    return TrainOutcome(out, final, steps, last, read_log(out / TRAIN_LOG), stopped_by_time=timed_out)
 
 
 def finite(x: Any) -> float | None:

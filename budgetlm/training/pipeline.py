@@ -22,7 +22,7 @@ from budgetlm import distributed
 from budgetlm.training.base import RECIPES
 from budgetlm.training.config import TrainConfig
 from budgetlm.training.evaluate import evaluate, write_train_report
-from budgetlm.training.grpo import TrainOutcome, read_log, train
+from budgetlm.training.grpo import TRAIN_LOG, TrainOutcome, read_log, train
 
 __all__ = ["RunResult", "run"]
 
@@ -59,5 +59,5 @@ def run(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool =
         recipe = RECIPES.get(cfg.recipe)(cfg.recipe_params)
         comparison = evaluate(cfg, recipe, outcome.model_dir, out, progress=progress)
         eval_report = Path(comparison["eval_report"]) if comparison.get("eval_report") else None
-    report = write_train_report(out, cfg, read_log(out / "train_log.jsonl"), comparison, eval_report)
+    report = write_train_report(out, cfg, read_log(out / TRAIN_LOG), comparison, eval_report)
     return RunResult(outcome, comparison, report)

@@ -46,7 +46,8 @@ from pydantic import Field, field_validator
 from budgetlm.budget import check_limits
 from budgetlm.errors import ConfigError
 from budgetlm.evals.config import EvalConfig, StrategySpec, config_id
-from budgetlm.evals.records import EvalRecord, read_records
+from budgetlm.evals.records import EvalRecord
+from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.runner import run_eval
 from budgetlm.evals.suites import get as get_suite
 from budgetlm.evals.suites.base import EvalItem
@@ -186,7 +187,7 @@ class RouteRecipe(Recipe):
         limit = 1 + max(pos[k] for k in wanted)  # the runner takes a prefix of the suite: stop at the last item
         cfg = self.boundary_config(suite, ctx.seed, limit if limit < len(pos) else None)
         outcome = run_eval(cfg, Path(ctx.output_dir) / BOUNDARY_DIR, report=False)
-        records = read_records(outcome.out_dir / "records.jsonl")
+        records = RunDir(outcome.out_dir).read_records()
         by_arm: dict[str, dict[str, EvalRecord]] = {}
         for arm, spec in zip(ARMS, cfg.strategies, strict=True):
             cid = config_id(self.params.agent_model, spec, dict(self.params.budget), ctx.seed)

@@ -32,7 +32,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from budgetlm.backends.streaming import Delta, DeltaCallback, Sink
 from budgetlm.config import Config
-from budgetlm.costs import CostModel, EnergyMeter, ModelInfo, PriceTable
+from budgetlm.costs import CostModel, EnergyMeter, ModelInfo, PriceTable, estimate_tokens
 from budgetlm.errors import BudgetExceeded, ConfigError, ContextLengthExceeded
 from budgetlm.meter import Meter, Reservation
 from budgetlm.thinking import NO_THINKING, ThinkingFormat, count_thinking_tokens, split_thinking
@@ -532,7 +532,7 @@ class Backend(ABC):
                 "serve the model with vllm:PATH or leave json_schema unset"
             )
         text, ids = self.render(req)
-        n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
+        n_prompt = len(ids) if ids is not None else estimate_tokens(text or "")
         ctx = self._max_context()
         if ctx and n_prompt >= ctx:
             raise ContextLengthExceeded(n_prompt, ctx)
@@ -567,7 +567,7 @@ class Backend(ABC):
         fmt = self._thinking_for(p.request)
         comps = [self._finish(c, fmt) for c in raw.completions]
         n_prompt = raw.prompt_tokens if raw.prompt_tokens is not None else (
-            len(p.prompt_token_ids) if p.prompt_token_ids is not None else self._approx_tokens(p.prompt_text or "")
+            len(p.prompt_token_ids) if p.prompt_token_ids is not None else estimate_tokens(p.prompt_text or "")
         )
         lengths = [len(c.token_ids) for c in comps]
         usage = Usage(
@@ -596,7 +596,7 @@ class Backend(ABC):
             if m is None:
                 continue
             text, ids = self.render(req)
-            n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
+            n_prompt = len(ids) if ids is not None else estimate_tokens(text or "")
             _, k, samples, prompts = groups.get(id(m), (m, 0, 0, 0))
             groups[id(m)] = (m, k + 1, samples + req.sampling.n, prompts + n_prompt)
         shares: dict[int, int] = {}
@@ -821,10 +821,6 @@ class Backend(ABC):
             thinking_truncated=sp.truncated,
             stop_string=c.stop_string,
         )
-
-    def _approx_tokens(self, text: str) -> int:
-        """Token estimate when no local tokenizer exists (about 3 characters per token, rounded up)."""
-        return max(1, -(-len(text) // 3))
 
     def score(
         self,

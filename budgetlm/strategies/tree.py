@@ -54,6 +54,7 @@ from typing import Any
 
 from budgetlm.aio import gather_settled
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, GenerationResult, SamplingParams
+from budgetlm.costs import estimate_tokens
 from budgetlm.errors import BudgetExceeded, ConfigError
 from budgetlm.meter import Meter, Reservation
 from budgetlm.strategies.aggregate import answer_key, vote
@@ -211,7 +212,7 @@ class Tree:
             return len(req.prompt_token_ids)
         assert self.backend is not None
         text, ids = self.backend.render(req)
-        return len(ids) if ids is not None else _approx(text or "")
+        return len(ids) if ids is not None else estimate_tokens(text or "")
 
     def terminals(self) -> list[Node]:
         """Terminal nodes that were not pruned (all terminal nodes when every one was pruned)."""
@@ -245,11 +246,6 @@ class Tree:
                 "extra_tokens": dict(self.extra_tokens), "output_tokens": self.output_tokens(),
                 "forced": self.forced, "stop_reason": self.done, "unscored": self.unscored,
                 "tool_refused": self.tool_refused}
-
-
-def _approx(text: str) -> int:
-    """Token estimate without a local tokenizer (about 3 characters per token, as backends estimate)."""
-    return max(1, -(-len(text) // 3))
 
 
 def _rstrip_ids(backend: Backend, ids: list[int]) -> list[int]:
@@ -441,7 +437,7 @@ def forced_prompt_tokens(tree: Tree, cfg: StepConfig) -> int:
     assert tree.backend is not None
     b = tree.backend
     if tree.root_ids is None:  # no local tokenizer: about 3 characters per token (as the backend estimates)
-        return _approx(tree.root_text or "") + cfg.max_depth * cfg.step_tokens + _approx(FORCE_ANSWER)
+        return estimate_tokens(tree.root_text or "") + cfg.max_depth * cfg.step_tokens + estimate_tokens(FORCE_ANSWER)
     per_step = cfg.step_tokens + len(b.encode(cfg.delimiter))
     return len(tree.root_ids) + cfg.max_depth * per_step + len(b.encode(FORCE_ANSWER))
 

@@ -36,7 +36,7 @@ from budgetlm.costs import CostModel, EnergyMeter, ModelInfo, PriceTable, estima
 from budgetlm.errors import BudgetExceeded, ConfigError, ContextLengthExceeded
 from budgetlm.meter import Meter, Reservation
 from budgetlm.thinking import NO_THINKING, ThinkingFormat, count_thinking_tokens, split_thinking
-from budgetlm.usage import Usage
+from budgetlm.usage import FinishReason, Usage
 
 Message = dict[str, str]
 
@@ -199,8 +199,8 @@ class Completion:
     """The generated text (assistant prefix not included)."""
     token_ids: list[int]
     """Generated token ids; ``len(token_ids)`` is what the sample cost in output tokens."""
-    finish_reason: str
-    """``stop`` (end of sequence or stop string), ``length`` (max_tokens), ``abort``."""
+    finish_reason: FinishReason
+    """``stop`` (end of sequence or stop string), ``length`` (max_tokens), ``abort``, ``deadline``, ``error``."""
     logprobs: list[float] | None = None
     """Raw log-probability of each generated token, when asked."""
     top_logprobs: list[dict[int, float]] | None = None
@@ -261,7 +261,7 @@ class RawCompletion:
 
     token_ids: list[int]
     text: str
-    finish_reason: str
+    finish_reason: FinishReason
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     stop_string: str | None = None

@@ -99,11 +99,12 @@ from budgetlm.backends.streaming import Sink
 from budgetlm.costs import CostModel, ModelInfo, estimate_tokens
 from budgetlm.errors import BackendError, BackendUnavailable, MissingDependency, invalid
 from budgetlm.thinking import ThinkingFormat
+from budgetlm.usage import FinishReason
 
 T = TypeVar("T")
 log = logging.getLogger("budgetlm.backends.openai")
 _RETRY_STATUS = frozenset({408, 429})
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 _CONTROLLED = frozenset({
     "model", "messages", "prompt", "n", "temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "logprobs",
     "top_logprobs", "stream", "stream_options", "return_token_ids", "return_tokens_as_token_ids",

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from budgetlm.errors import ConfigError, invalid
+from budgetlm.errors import ConfigError, invalid, missing
 from budgetlm.evals.graders import GRADERS, Grader, get_grader
 from budgetlm.rewards.base import RewardBatch, RewardFunction
 
@@ -141,7 +141,8 @@ class GradedReward(RewardFunction):
     @property
     def judge(self) -> Correctness:
         """The :class:`Correctness` in use."""
-        assert self.correctness is not None
+        if self.correctness is None:
+            raise missing('self.correctness')
         return self.correctness
 
     def correct(self, batch: RewardBatch) -> list[bool]:

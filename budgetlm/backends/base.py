@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from budgetlm.backends.streaming import Delta, DeltaCallback, Sink
 from budgetlm.config import Config
@@ -46,62 +46,20 @@ class SamplingParams(Config):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    n: int = Field(default=1, description="Samples to draw for the prompt.")
-    temperature: float = Field(default=1.0, description="Softmax temperature; 0 means greedy.")
-    top_p: float = Field(default=1.0, description="Nucleus sampling mass in (0, 1].")
-    top_k: int = Field(default=0, description="Keep the k most likely tokens; 0 disables.")
-    max_tokens: int = Field(default=256, description="Most tokens per sample (the meter may clamp it).")
+    n: int = Field(default=1, ge=1, description="Samples to draw for the prompt (at least one).")
+    temperature: float = Field(default=1.0, ge=0, description="Softmax temperature; 0 means greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass in (0, 1].")
+    top_k: int = Field(default=0, ge=0, description="Keep the k most likely tokens; 0 disables.")
+    max_tokens: int = Field(default=256, ge=1, description="Most tokens per sample (the meter may clamp it).")
     stop: list[str] = Field(default_factory=list, description="Strings that end a sample (not included).")
     logprobs: int | None = Field(
-        default=None, description="None: no logprobs; 0: the sampled token's; k > 0: also the top-k alternatives."
+        default=None, ge=0, description="None: no logprobs; 0: the sampled token's; k > 0: also the top-k alternatives."
     )
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
     json_schema: dict[str, Any] | None = Field(
         default=None,
         description="Constrain each sample's output to this JSON schema (needs a backend with constrained decoding).",
     )
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"`n` must be >= 1, got {v}; ask for at least one sample")
-        return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _t(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"`temperature` must be >= 0, got {v}; use 0 for greedy decoding")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _p(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _k(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"`top_k` must be >= 0 (0 disables it), got {v}")
-        return v
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _m(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"`max_tokens` must be >= 1, got {v}")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _lp(cls, v: int | None) -> int | None:
-        if v is not None and v < 0:
-            raise ValueError(f"`logprobs` must be None or >= 0, got {v}")
-        return v
 
     @property
     def greedy(self) -> bool:

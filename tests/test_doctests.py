@@ -13,8 +13,8 @@ import budgetlm.rewards
 REWARD_MODULES = sorted(f"budgetlm.rewards.{m.name}" for m in pkgutil.iter_modules(budgetlm.rewards.__path__))
 MODULES = [
     *REWARD_MODULES,
-    # "budgetlm.evals.metrics",
-    # "budgetlm.evals.routing_metrics",
+    "budgetlm.evals.metrics",
+    "budgetlm.evals.routing_metrics",
     "budgetlm.costs",
     "budgetlm.strategies.confidence",
     "budgetlm.strategies.deepconf",

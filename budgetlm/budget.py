@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal, get_args
 from pydantic import ConfigDict, Field, field_validator
 
 from budgetlm.config import Config
-from budgetlm.errors import ConfigError
+from budgetlm.errors import ConfigError, invalid
 
 Unit = Literal[
     "output_tokens",
@@ -144,11 +144,11 @@ class Budget(Config):
 def check_limits(limits: dict[str, float], name: str) -> dict[str, float]:
     """``limits`` (unit → limit) must form a valid :class:`Budget` with every limit > 0.
 
-    For config validators: raises ``ValueError`` naming ``name.unit``, or :class:`ConfigError` for an
-    unknown unit (from :class:`Budget`).
+    Raises :class:`~budgetlm.errors.ConfigError` (a ``ValueError``, so pydantic validators report it as theirs)
+    naming ``name.unit``, or for an unknown unit (from :class:`Budget`).
     """
     Budget.of(limits)  # unit names and types
     for unit, lim in limits.items():
         if lim is None or lim <= 0:
-            raise ValueError(f"`{name}.{unit}` must be > 0, got {lim!r}; remove the entry or use a positive limit")
+            raise invalid(f"{name}.{unit}", "> 0", lim, "remove the entry or use a positive limit")
     return limits

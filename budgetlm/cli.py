@@ -14,7 +14,13 @@
   anything (:mod:`budgetlm.evals.regrade`): prints how many verdicts changed.
 * ``budgetlm train CONFIG.yaml --out DIR`` — GRPO training with a recipe, then trained-vs-base evaluation.
 * ``budgetlm serve --backend SPEC`` — the OpenAI-compatible server (:mod:`budgetlm.server`).
+* ``budgetlm cascade calibrate CONFIG --epsilon E --out cal.json`` — calibrate a confidence cascade's
+  thresholds on a suite (:mod:`budgetlm.evals.calibration`).
+* ``budgetlm route calibrate CONFIG --share S --out route.json`` — calibrate a router's threshold for a
+  target share of expensive calls (:mod:`budgetlm.evals.route_calibration`).
+* ``budgetlm strategies [NAME]`` — the registered strategies, or one strategy's typed parameters.
 * ``budgetlm model`` — prepare the embedded default model and print its path.
+* ``budgetlm version`` — the library versions recorded with every result.
 * ``budgetlm report RUN_DIR... [--format md|json|html]`` — write the report and print its table (default),
   or print the Markdown tables and notes (``md``) or ``summary.json`` (``json``), or write it and print
   ``report.html``'s path (``html``).  Several shard folders are merged in memory first (checked as by
@@ -41,7 +47,7 @@ from rich.console import Console
 from rich.table import Table
 
 from budgetlm.budget import Budget
-from budgetlm.errors import BudgetLMError
+from budgetlm.errors import BudgetLMError, missing
 from budgetlm.logs import configure_logging, engine_env, log_to_file, stdout_to_stderr
 from budgetlm.versions import library_versions
 
@@ -201,7 +207,8 @@ def demo(
     except BudgetLMError as exc:
         _fail(exc)
         return
-    assert res.report is not None
+    if res.report is None:
+        raise missing('res.report')
     _print_errors(res)
     if as_json:
         out.print_json(_rundir(res.report).summary_json.read_text())

@@ -22,11 +22,12 @@ _TYPES = {
 }
 
 
-def validation_message(exc: ValidationError, owner: str, unknown: str = "unknown field `{field}` in {owner}") -> str:
-    """One readable line per field error: "`field` must be …, got …"."""
+def validation_message(exc: ValidationError, owner: str, unknown: str = "unknown field `{field}` in {owner}",
+                       prefix: str = "") -> str:
+    """One readable line per field error: "`field` must be …, got …" (``prefix`` goes before each field's name)."""
     msgs = []
     for err in exc.errors():
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or owner
+        loc = (prefix + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])).lstrip(".") or owner
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msgs.append(unknown.format(field=loc, owner=owner))
@@ -54,12 +55,14 @@ class Config(BaseModel):
     """A pydantic model whose validation errors are :class:`~budgetlm.errors.ConfigError`."""
 
     _unknown_field: ClassVar[str] = "unknown field `{field}` in {owner}"
+    _prefix: ClassVar[str] = ""
+    """Section a standalone model's field names are shown under in errors ("lora" gives "`lora.r` must be ...")."""
 
     def __init__(self, **data: Any) -> None:
         try:
             super().__init__(**data)
         except ValidationError as exc:
-            raise ConfigError(validation_message(exc, type(self).__name__, self._unknown_field)) from None
+            raise ConfigError(validation_message(exc, type(self).__name__, self._unknown_field, self._prefix)) from None
 
     @classmethod
     def of(cls, data: Mapping[str, Any]) -> Self:

@@ -14,6 +14,16 @@ class BudgetLMError(Exception):
     """Base class of every error raised by budgetlm."""
 
 
+class InternalError(BudgetLMError, RuntimeError):
+    """An invariant of budgetlm's own code does not hold (a bug: please report it with the traceback)."""
+
+
+def missing(what: str) -> InternalError:
+    """The error for an internal value that must be set at this point but is not."""
+    return InternalError(f"internal error: {what} is unset here; this is a bug in budgetlm, please report it "
+                         "with the traceback")
+
+
 class ConfigError(BudgetLMError, ValueError):
     """A parameter, config value or input has an invalid value."""
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from budgetlm.budget import INTEGER_UNITS, UNITS, Budget, Unit
-from budgetlm.errors import BudgetExceeded, ConfigError
+from budgetlm.errors import BudgetExceeded, ConfigError, missing
 from budgetlm.usage import Usage
 
 CostEstimate = Callable[[int, int, int], tuple[float, float]]
@@ -180,7 +180,8 @@ class Meter:
             while m is not None:
                 for unit, limit in m.budget.limits().items():
                     r = m._own_remaining(unit)
-                    assert r is not None
+                    if r is None:
+                        raise missing('r')
                     frac = 0.0 if limit <= 0 else r / limit
                     rho = min(rho, frac)
                 m = m.parent

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length", "abort", "deadline", "error", "tool"]
-"""Why generation ended: a stop condition, the token limit, an abort (cancelled), the wall-clock deadline,
-an error, or a tool call."""
+FinishReason = Literal["stop", "length", "abort", "deadline", "error", "tool", "forced"]
+"""Why generation ended: ``stop`` (end of sequence or a stop string), ``length`` (the token limit), ``abort``
+(cancelled), ``deadline`` (the wall-clock budget), ``error``, ``tool`` (a tool call's own usage record), or
+``forced`` (a tree search's answer forced from its best path).  Every engine's reason is mapped onto these."""
 
 
 def _add(a: float | None, b: float | None) -> float | None:
@@ -49,7 +50,7 @@ class Usage:
     """Model calls summed into this record."""
     model: str = ""
     """Model name."""
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     """Finish reason of the call (of the last sample when there are several)."""
     extra: dict[str, float] = field(default_factory=dict)
     """Extra counters (e.g. draft tokens of speculative decoding), summed key by key."""

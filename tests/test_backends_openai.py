@@ -20,6 +20,7 @@ from budgetlm.backends import load
 from budgetlm.backends.base import GenerationRequest, SamplingParams
 from budgetlm.backends.openai import OpenAIBackend
 from budgetlm.budget import Budget
+from budgetlm.costs import estimate_tokens
 from budgetlm.errors import BackendError, BackendUnavailable, ConfigError
 from budgetlm.meter import Meter
 from budgetlm.usage import Usage
@@ -250,7 +251,7 @@ def test_stream_broken_after_tokens_continues_from_what_arrived(streaming_server
     assert cont["messages"][-1] == {"role": "assistant", "content": " w0 w1 w2"}
     # charged once: every generated token once, and the prompt once: its local estimate (the broken call's
     # usage never came; the continuation's prompt, which holds the 3 tokens, is not the request's)
-    estimate = b._approx_tokens(b.render(GenerationRequest(messages=[{"role": "user", "content": "hi"}]))[0])
+    estimate = estimate_tokens(b.render(GenerationRequest(messages=[{"role": "user", "content": "hi"}]))[0])
     assert meter.spent("output_tokens") == 50 and meter.spent("input_tokens") == estimate
     assert meter.reserved("output_tokens") == 0 and res.usage.extra["failovers"] == 1
     assert res.usage.extra["server_completion_tokens"] == 50

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from budgetlm import ConfigError, CostModel, EnergyMeter, ModelInfo, Price, PriceTable
-from budgetlm.costs import plain_flops
+from budgetlm.costs import MESSAGE_OVERHEAD_TOKENS, estimate_tokens, plain_flops
 
 INFO = ModelInfo(name="m", n_params=1_000_000, n_layers=4, hidden_size=64, n_heads=4, n_kv_heads=2, head_dim=16,
                  vocab_size=1000, n_embedding_params=64_000)
@@ -81,3 +81,51 @@ def test_energy_meter_absent_without_gpu() -> None:
         assert e.read_mj() is None
         assert e.joules_since(0.0) is None
         assert e.reason
+
+
+# ---------------------------------------------------------------------------------------------- estimate_tokens
+@pytest.mark.parametrize(("text", "expected"), [
+    ("", 1), ("a", 1), ("abc", 1), ("abcd", 2), ("12345", 5), ("What is 12 + 30?", 10), ("  ", 1), ("a,b", 2),
+])
+def test_estimate_tokens_of_text(text: str, expected: int) -> None:
+    assert estimate_tokens(text) == expected
+
+
+def test_estimate_tokens_of_messages_counts_parts_tool_calls_and_overhead() -> None:
+    assert estimate_tokens([{"role": "user", "content": "abc"}]) == 1 + MESSAGE_OVERHEAD_TOKENS
+    parts = [{"role": "user", "content": [{"type": "text", "text": "abc"}, {"type": "text", "text": "def"}]}]
+    assert estimate_tokens(parts) == 2 + MESSAGE_OVERHEAD_TOKENS
+    call = [{"role": "assistant", "content": None,
+             "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]}]
+    assert estimate_tokens(call) == estimate_tokens('f{"x": 1}') + MESSAGE_OVERHEAD_TOKENS
+
+
+def test_estimate_tokens_is_monotone() -> None:
+    import random
+
+    rng = random.Random(0)
+    alphabet = "abc XYZ 0123,.;:!?\n\t(){}é"
+    for _ in range(300):
+        a = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        b = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert estimate_tokens(a + b) >= estimate_tokens(a)
+        assert estimate_tokens(a + b) >= estimate_tokens(b)
+
+
+def test_estimate_tokens_is_conservative_against_the_real_tokenizer(default_model_path) -> None:
+    """On the suites' prompts and chat-rendered prompts it never counts fewer tokens than SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from budgetlm.evals.suites import get
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_path))
+    texts: list[str] = []
+    for spec in ("reasoning_gym:chain_sum?size=40&seed=1", "reasoning_gym:basic_arithmetic?size=40&seed=2",
+                 "humaneval", "kb_agent?size=10"):
+        for it in get(spec).items()[:40]:
+            texts += [m["content"] for m in it.messages if isinstance(m.get("content"), str)]
+    texts += [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in texts[:40]]
+    assert len(texts) > 150
+    counts = [(len(tok.encode(t, add_special_tokens=False)), estimate_tokens(t)) for t in texts]
+    assert all(est >= real for real, est in counts), [c for c in counts if c[1] < c[0]][:5]
+    assert sum(e for _, e in counts) / sum(r for r, _ in counts) < 2.5  # conservative, not absurd

@@ -86,3 +86,14 @@ def test_vote(answers: list, scores: list | None, weighted: bool, winner: str | 
 def test_answer_key_groups_equivalent_forms() -> None:
     assert answer_key("Answer: 7") == answer_key("\\boxed{7.0}") == answer_key("so 7")
     assert answer_key(None) is None
+
+
+def test_from_text_id_is_stable_across_processes() -> None:
+    import subprocess
+    import sys
+
+    code = "from budgetlm.strategies import Problem; print(Problem.from_text('What is 2 + 2?').id)"
+    ids = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**__import__("os").environ, "PYTHONHASHSEED": str(seed)}).stdout.strip()
+           for seed in (1, 2)}
+    assert len(ids) == 1 and ids == {Problem.from_text("What is 2 + 2?").id}

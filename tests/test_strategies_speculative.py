@@ -215,3 +215,18 @@ def test_speculative_cascade_output_follows_pi_on_a_tiny_pair(rule: str) -> None
         out, _ = dec.generate(prompt, 2, temperature=1.0, seed=s)
         first[out[0]] += 1
     assert _chi2_p(first, pi0[0]) > 1e-3
+
+
+def test_accepted_counts_only_drafts_that_were_emitted() -> None:
+    """Drafts verified past an end-of-sequence token are dropped from the output and not counted as accepted."""
+    target = _tiny(0, layers=2)
+    prompt = [1, 2, 3]
+    free, _ = SpeculativeDecoder(target, ModelDrafter(_tiny(0, layers=2)), gamma=4).generate(
+        prompt, 6, temperature=0.0)
+    eos = {free[1]}  # the target's 2nd greedy token ends generation
+    dec = SpeculativeDecoder(target, ModelDrafter(_tiny(0, layers=2)), gamma=4)  # drafter == target: all accepted
+    out, st = dec.generate(prompt, 6, temperature=0.0, eos=eos)
+    assert out == free[:2] and st.rounds == 1 and st.drafted == 4
+    assert (st.accepted, st.emitted) == (2, 2)  # was 4 accepted (+1 round = 5 "tokens") for 2 emitted
+    assert st.tokens_per_round == len(out) / st.rounds == 2.0
+    assert st.to_dict()["emitted"] == len(out)

@@ -24,6 +24,7 @@ import inspect
 import time
 from typing import TYPE_CHECKING, Any
 
+from budgetlm.costs import estimate_tokens
 from budgetlm.errors import BudgetExceeded
 from budgetlm.usage import Usage
 
@@ -44,7 +45,7 @@ def _estimate_prompt(ctl: BudgetController, msgs: list[dict[str, Any]]) -> int:
             return len(ids) if ids is not None else backend.count_tokens(text or "")
         except Exception:  # noqa: BLE001 -- fall back to the estimate for messages the template rejects
             pass
-    return sum(-(-len(str(m.get("content", ""))) // 3) + 8 for m in msgs)
+    return estimate_tokens(msgs)
 
 
 class BudgetedClient:

@@ -20,6 +20,7 @@ Backend classes are imported lazily, so ``import budgetlm`` never imports vLLM.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from typing import Any
 from urllib.parse import parse_qsl

@@ -28,15 +28,15 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from budgetlm.backends.streaming import Delta, DeltaCallback, Sink
 from budgetlm.config import Config
-from budgetlm.costs import CostModel, EnergyMeter, ModelInfo, PriceTable
+from budgetlm.costs import CostModel, EnergyMeter, ModelInfo, PriceTable, estimate_tokens
 from budgetlm.errors import BudgetExceeded, ConfigError, ContextLengthExceeded
 from budgetlm.meter import Meter, Reservation
 from budgetlm.thinking import NO_THINKING, ThinkingFormat, count_thinking_tokens, split_thinking
-from budgetlm.usage import Usage
+from budgetlm.usage import FinishReason, Usage
 
 Message = dict[str, str]
 
@@ -46,62 +46,20 @@ class SamplingParams(Config):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    n: int = Field(default=1, description="Samples to draw for the prompt.")
-    temperature: float = Field(default=1.0, description="Softmax temperature; 0 means greedy.")
-    top_p: float = Field(default=1.0, description="Nucleus sampling mass in (0, 1].")
-    top_k: int = Field(default=0, description="Keep the k most likely tokens; 0 disables.")
-    max_tokens: int = Field(default=256, description="Most tokens per sample (the meter may clamp it).")
+    n: int = Field(default=1, ge=1, description="Samples to draw for the prompt (at least one).")
+    temperature: float = Field(default=1.0, ge=0, description="Softmax temperature; 0 means greedy.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass in (0, 1].")
+    top_k: int = Field(default=0, ge=0, description="Keep the k most likely tokens; 0 disables.")
+    max_tokens: int = Field(default=256, ge=1, description="Most tokens per sample (the meter may clamp it).")
     stop: list[str] = Field(default_factory=list, description="Strings that end a sample (not included).")
     logprobs: int | None = Field(
-        default=None, description="None: no logprobs; 0: the sampled token's; k > 0: also the top-k alternatives."
+        default=None, ge=0, description="None: no logprobs; 0: the sampled token's; k > 0: also the top-k alternatives."
     )
     seed: int | None = Field(default=None, description="Seed for reproducible sampling.")
     json_schema: dict[str, Any] | None = Field(
         default=None,
         description="Constrain each sample's output to this JSON schema (needs a backend with constrained decoding).",
     )
-
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"`n` must be >= 1, got {v}; ask for at least one sample")
-        return v
-
-    @field_validator("temperature")
-    @classmethod
-    def _t(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"`temperature` must be >= 0, got {v}; use 0 for greedy decoding")
-        return v
-
-    @field_validator("top_p")
-    @classmethod
-    def _p(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {v}")
-        return v
-
-    @field_validator("top_k")
-    @classmethod
-    def _k(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"`top_k` must be >= 0 (0 disables it), got {v}")
-        return v
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _m(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"`max_tokens` must be >= 1, got {v}")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _lp(cls, v: int | None) -> int | None:
-        if v is not None and v < 0:
-            raise ValueError(f"`logprobs` must be None or >= 0, got {v}")
-        return v
 
     @property
     def greedy(self) -> bool:
@@ -199,8 +157,8 @@ class Completion:
     """The generated text (assistant prefix not included)."""
     token_ids: list[int]
     """Generated token ids; ``len(token_ids)`` is what the sample cost in output tokens."""
-    finish_reason: str
-    """``stop`` (end of sequence or stop string), ``length`` (max_tokens), ``abort``."""
+    finish_reason: FinishReason
+    """``stop`` (end of sequence or stop string), ``length`` (max_tokens), ``abort``, ``deadline``, ``error``."""
     logprobs: list[float] | None = None
     """Raw log-probability of each generated token, when asked."""
     top_logprobs: list[dict[int, float]] | None = None
@@ -261,7 +219,7 @@ class RawCompletion:
 
     token_ids: list[int]
     text: str
-    finish_reason: str
+    finish_reason: FinishReason
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     stop_string: str | None = None
@@ -532,7 +490,7 @@ class Backend(ABC):
                 "serve the model with vllm:PATH or leave json_schema unset"
             )
         text, ids = self.render(req)
-        n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
+        n_prompt = len(ids) if ids is not None else estimate_tokens(text or "")
         ctx = self._max_context()
         if ctx and n_prompt >= ctx:
             raise ContextLengthExceeded(n_prompt, ctx)
@@ -567,7 +525,7 @@ class Backend(ABC):
         fmt = self._thinking_for(p.request)
         comps = [self._finish(c, fmt) for c in raw.completions]
         n_prompt = raw.prompt_tokens if raw.prompt_tokens is not None else (
-            len(p.prompt_token_ids) if p.prompt_token_ids is not None else self._approx_tokens(p.prompt_text or "")
+            len(p.prompt_token_ids) if p.prompt_token_ids is not None else estimate_tokens(p.prompt_text or "")
         )
         lengths = [len(c.token_ids) for c in comps]
         usage = Usage(
@@ -596,7 +554,7 @@ class Backend(ABC):
             if m is None:
                 continue
             text, ids = self.render(req)
-            n_prompt = len(ids) if ids is not None else self._approx_tokens(text or "")
+            n_prompt = len(ids) if ids is not None else estimate_tokens(text or "")
             _, k, samples, prompts = groups.get(id(m), (m, 0, 0, 0))
             groups[id(m)] = (m, k + 1, samples + req.sampling.n, prompts + n_prompt)
         shares: dict[int, int] = {}
@@ -821,10 +779,6 @@ class Backend(ABC):
             thinking_truncated=sp.truncated,
             stop_string=c.stop_string,
         )
-
-    def _approx_tokens(self, text: str) -> int:
-        """Token estimate when no local tokenizer exists (about 3 characters per token, rounded up)."""
-        return max(1, -(-len(text) // 3))
 
     def score(
         self,

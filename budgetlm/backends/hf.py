@@ -96,7 +96,7 @@ from budgetlm.backends.base import (
 )
 from budgetlm.backends.streaming import Sink
 from budgetlm.costs import ModelInfo
-from budgetlm.errors import ConfigError, invalid
+from budgetlm.errors import ConfigError, invalid, missing
 from budgetlm.models import DEFAULT_MODEL_NAME, resolve_model_path
 from budgetlm.thinking import ThinkingFormat
 
@@ -480,7 +480,8 @@ class HFBackend(Backend):
         out = []
         for p, prompt in zip(batch, prompts, strict=True):
             spec = self._spec_of(p)
-            assert spec is not None
+            if spec is None:
+                raise missing('spec')
             dec, (n_target, n_draft) = self._decoder(spec)
             sp = p.sampling
             if sp.stop or sp.logprobs is not None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from budgetlm.errors import ConfigError
+from budgetlm.errors import ConfigError, missing
 from budgetlm.specdec import cascade_target, processed_probs, verify
 
 
@@ -43,7 +43,10 @@ class SpecStats:
     drafted: int = 0
     """Draft tokens proposed."""
     accepted: int = 0
-    """Draft tokens accepted."""
+    """Draft tokens accepted *and emitted* (drafts verified past an end-of-sequence token or the token limit are
+    dropped from the output, so they are not counted)."""
+    emitted: int = 0
+    """Tokens emitted (accepted drafts plus each round's corrected or bonus token, when it was kept)."""
     target_forwards: int = 0
     """Forward passes of the target (prefill included)."""
     target_tokens: int = 0
@@ -64,10 +67,10 @@ class SpecStats:
 
     @property
     def tokens_per_round(self) -> float:
-        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+        return self.emitted / self.rounds if self.rounds else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
+        return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "emitted": self.emitted,
                 "target_forwards": self.target_forwards, "target_tokens": self.target_tokens,
                 "drafter_forwards": self.drafter_forwards, "drafter_tokens": self.drafter_tokens,
                 "acceptance_rate": self.acceptance_rate, "tokens_per_round": self.tokens_per_round,
@@ -140,7 +143,8 @@ class ModelDrafter(Drafter):
         self._lm = _Cached(self.model)
 
     def propose(self, ids: list[int], gamma: int, sample: Any, stats: SpecStats, tail: bool = False) -> Proposal:
-        assert self._lm is not None
+        if self._lm is None:
+            raise missing('self._lm')
         seq = list(ids)
         draft, rows, raws = [], [], []
         for j in range(gamma + (1 if tail and gamma else 0)):
@@ -294,7 +298,6 @@ class SpeculativeDecoder:
             res = verify(draft, q if q is not None else torch.zeros(0, vocab), t, greedy=sample.greedy, generator=gen)
             stats.rounds += 1
             stats.drafted += len(draft)
-            stats.accepted += res.accepted
             stats.gammas.append(len(draft))
             new = res.tokens[: max_tokens - len(out)]
             length_before = len(ids)
@@ -303,6 +306,9 @@ class SpeculativeDecoder:
                 ids.append(tok)
                 if tok in eos:
                     break
+            kept = len(ids) - length_before
+            stats.emitted += kept
+            stats.accepted += min(res.accepted, kept)  # drafts verified past an EOS (or the limit) were dropped
             keep = length_before + res.accepted  # cache may hold the accepted drafts; the final token is fed next round
             target.crop(min(keep, len(ids) - 1))
             self.drafter.sync(min(keep, len(ids) - 1))

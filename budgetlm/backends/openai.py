@@ -96,14 +96,15 @@ from budgetlm.backends.base import (
 )
 from budgetlm.backends.pool import ServerPool
 from budgetlm.backends.streaming import Sink
-from budgetlm.costs import CostModel, ModelInfo
+from budgetlm.costs import CostModel, ModelInfo, estimate_tokens
 from budgetlm.errors import BackendError, BackendUnavailable, MissingDependency, invalid
 from budgetlm.thinking import ThinkingFormat
+from budgetlm.usage import FinishReason
 
 T = TypeVar("T")
 log = logging.getLogger("budgetlm.backends.openai")
 _RETRY_STATUS = frozenset({408, 429})
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
 _CONTROLLED = frozenset({
     "model", "messages", "prompt", "n", "temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "logprobs",
     "top_logprobs", "stream", "stream_options", "return_token_ids", "return_tokens_as_token_ids",
@@ -605,7 +606,7 @@ class OpenAIBackend(Backend):
         if not unknown:
             return
         known = sum(len(comps[i].token_ids) for i in range(len(comps)) if i not in unknown)
-        est = [self._approx_tokens(comps[i].text) for i in unknown]
+        est = [estimate_tokens(comps[i].text) for i in unknown]
         total = completion_tokens - known if completion_tokens > known else sum(est)
         shares = [total * e // max(1, sum(est)) for e in est]
         shares[-1] += total - sum(shares)
@@ -845,7 +846,7 @@ class OpenAIBackend(Backend):
                     ids = []
                     if text:  # no ids from the server: count the delta locally (re-counted at the end)
                         inexact.add(i)
-                        ids = self.encode(text) if self.tokenizer is not None else [-1] * self._approx_tokens(text)
+                        ids = self.encode(text) if self.tokenizer is not None else [-1] * estimate_tokens(text)
                 finish = _FINISH.get(ch.finish_reason, "stop") if ch.finish_reason else None
                 matched = _extra(ch, "stop_reason") if finish else None
                 if not (ids or text or finish or vals):

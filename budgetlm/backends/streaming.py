@@ -23,6 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from budgetlm.errors import missing
+from budgetlm.usage import FinishReason
+
 if TYPE_CHECKING:
     from budgetlm.backends.base import RawResult
 
@@ -37,7 +40,7 @@ class Delta:
     """New text (may be empty when a token completes no character yet)."""
     token_ids: list[int] = field(default_factory=list)
     """New token ids."""
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     """Set on the sample's last delta: ``stop``, ``length``, ``abort`` or ``deadline``."""
     logprobs: list[float] | None = None
     """Log-probability of each new token, when the request asked for logprobs (online confidence monitors)."""
@@ -117,7 +120,8 @@ class Sink:
 
     def _emit(self, delta: Delta) -> None:
         cb = self._on_delta
-        assert cb is not None
+        if cb is None:
+            raise missing('cb')
         loop = self._loop
         if loop is None or threading.get_ident() == self._thread:
             cb(delta)

@@ -99,7 +99,14 @@ from budgetlm.backends.base import Backend, GenerationRequest, Message, Prepared
 from budgetlm.backends.streaming import Sink
 from budgetlm.backends.vllm_engine import EngineLoop, EngineRequest
 from budgetlm.costs import ModelInfo
-from budgetlm.errors import BackendError, BackendUnavailable, ConfigError, ContextLengthExceeded, MissingDependency
+from budgetlm.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    ContextLengthExceeded,
+    MissingDependency,
+    missing,
+)
 from budgetlm.models import DEFAULT_MODEL_NAME, resolve_model_path
 from budgetlm.thinking import ThinkingFormat
 
@@ -460,7 +467,8 @@ class VLLMBackend(Backend):
                 try:
                     out.append(r.future.result(timeout=max(0.0, p.deadline - self.clock())))
                 except FutureTimeout:  # the wall-clock budget ran out: stop it where it is
-                    assert r.sink is not None
+                    if r.sink is None:
+                        raise missing('r.sink') from None
                     r.sink.end_reason = "deadline"
                     self.engine.abort(r.id)
                     out.append(r.future.result())

@@ -47,13 +47,15 @@ from typing import Any
 
 from budgetlm.backends.streaming import Sink
 from budgetlm.errors import BackendError, ConfigError
+from budgetlm.usage import FinishReason
 
 log = logging.getLogger("budgetlm.backends.vllm")
 
 SERIAL_GROUPS_WARNING = 32
 """Seeded groups queued behind others before the engine loop warns (once) that seeds serialise them."""
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error", "repetition": "stop"}
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "error": "error",
+                                    "repetition": "stop"}
 _ids = itertools.count()
 
 

@@ -38,24 +38,15 @@ class SplitConfig(Config):
     """Fields shared by the calibration configs: the split, the model, the budget and the seed."""
 
     model_config = ConfigDict(extra="forbid")
-    min_items: ClassVar[int] = 1
-    """The smallest calibration split a subclass accepts."""
     what: ClassVar[str] = "calibration config"
     """How errors name the file."""
 
     suite: str | dict[str, Any] = Field(description="Suite spec whose first items form the calibration split.")
-    calibration_items: int = Field(default=100, description="Items of the calibration split (the first N).")
+    calibration_items: int = Field(default=100, ge=1, description="Items of the calibration split (the first N).")
     model: str = Field(default="default", description="Backend spec of parts without their own backend.")
     budget: dict[str, float] = Field(default_factory=lambda: cast(dict[str, float], {"output_tokens": 1024}),
                                      description="Per-problem budget while calibrating.")
     seed: int = Field(default=0, description="Seed for the engine and sampling parts.")
-
-    @field_validator("calibration_items")
-    @classmethod
-    def _n(cls, v: int) -> int:
-        if v < cls.min_items:
-            raise ValueError(f"`calibration_items` must be >= {cls.min_items}, got {v}")
-        return v
 
     @field_validator("budget")
     @classmethod

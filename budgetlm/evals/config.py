@@ -45,18 +45,14 @@ class StrategySpec(Config):
     name: str = Field(description="Registered strategy name (see `budgetlm.strategies.names()`).")
     params: dict[str, Any] = Field(default_factory=dict, description="Constructor parameters of the strategy.")
     budgets: list[dict[str, float]] | None = Field(
-        default=None, description="Budgets for this strategy only (default: the config's `budgets`)."
+        default=None, min_length=1, description="Budgets for this strategy only (default: the config's `budgets`)."
     )
     label: str | None = Field(default=None, description="Display name in reports (default: the strategy name).")
 
     @field_validator("budgets")
     @classmethod
     def _budgets(cls, v: list[dict[str, float]] | None) -> list[dict[str, float]] | None:
-        if v is not None:
-            if not v:
-                raise ValueError("`budgets` must list at least one budget or be omitted, got []")
-            check_budgets(v)
-        return v
+        return v if v is None else check_budgets(v)
 
 
 class EvalConfig(Config):
@@ -73,8 +69,8 @@ class EvalConfig(Config):
     budgets: list[dict[str, float]] = Field(default_factory=lambda: cast(list[dict[str, float]], [{"output_tokens": 256}]),
                                             description="Per-item budgets; every limit must be positive.")
     seed: int = Field(default=0, description="Seed for engines and strategies that sample.")
-    batch_size: int = Field(default=64, description="Problems in flight at once per configuration (each record is written as its problem finishes).")
-    limit: int | None = Field(default=None, description="Use only the first `limit` items of each suite.")
+    batch_size: int = Field(default=64, ge=1, description="Problems in flight at once per configuration (each record is written as its problem finishes).")
+    limit: int | None = Field(default=None, ge=1, description="Use only the first `limit` items of each suite.")
 
     @field_validator("strategies", mode="before")
     @classmethod
@@ -94,20 +90,6 @@ class EvalConfig(Config):
     @classmethod
     def _budgets(cls, v: list[dict[str, float]]) -> list[dict[str, float]]:
         return check_budgets(v)
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"`batch_size` must be >= 1, got {v}")
-        return v
-
-    @field_validator("limit")
-    @classmethod
-    def _limit(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"`limit` must be >= 1 or null, got {v}")
-        return v
 
     @classmethod
     def load(cls, path: str | Path) -> EvalConfig:

@@ -94,7 +94,15 @@ _SUMMARY_COST_ATTR = {
 
 
 def question_key(record: EvalRecord) -> QuestionKey:
-    """The question a record answers: ``(suite, item_id)``."""
+    """The question a record answers: ``(suite, item_id)``.
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(item, ok, tokens, **kw):
+    ...     return EvalRecord(item_id=item, suite="s", config_id="c", model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens, **kw)
+    >>> question_key(rec("q1", True, 100))
+    ('s', 'q1')
+    """
     return (record.suite, record.item_id)
 
 
@@ -105,7 +113,15 @@ def run_of(record: EvalRecord) -> str:
 
 
 def config_key(record: EvalRecord) -> ConfigKey:
-    """The configuration a record belongs to: ``(run, config_id)``."""
+    """The configuration a record belongs to: ``(run, config_id)``.
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(item, ok, tokens, **kw):
+    ...     return EvalRecord(item_id=item, suite="s", config_id="c", model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens, **kw)
+    >>> config_key(rec("q1", True, 100))  # no run name
+    ('', 'c')
+    """
     return (run_of(record), record.config_id)
 
 
@@ -116,7 +132,15 @@ def _check_cost(cost: str) -> str:
 
 
 def record_cost(record: EvalRecord, cost: CostKind = "output_tokens") -> float:
-    """One record's cost in the unit ``cost``."""
+    """One record's cost in the unit ``cost``.
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(item, ok, tokens, **kw):
+    ...     return EvalRecord(item_id=item, suite="s", config_id="c", model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens, **kw)
+    >>> record_cost(rec("q1", True, 100)), record_cost(rec("q1", True, 100, usd=0.02), "usd")
+    (100.0, 0.02)
+    """
     _check_cost(cost)
     if cost == "total_tokens":
         return float(record.total_tokens)
@@ -154,6 +178,9 @@ def bootstrap_ci(
     Draws ``n_resamples`` resamples with replacement using ``numpy.random.default_rng(seed)``, so
     the interval is deterministic for a seed.  Empty input gives ``(nan, nan)``; a single value or
     constant values give ``(v, v)``.
+
+    >>> bootstrap_ci([1, 0, 1, 1], seed=0)
+    (0.25, 1.0)
     """
     if not isinstance(n_resamples, int) or isinstance(n_resamples, bool) or n_resamples < 1:
         raise invalid("n_resamples", "a positive integer", n_resamples, "pass e.g. n_resamples=1000")
@@ -179,7 +206,15 @@ def _cop(costs: Sequence[float], correct: Sequence[float]) -> float:
 
 
 def cost_of_pass(records: Iterable[EvalRecord], cost: CostKind = "output_tokens") -> float:
-    """Cost-of-pass ``v = E[cost] / E[accuracy]`` over ``records``; ``inf`` when none is correct."""
+    """Cost-of-pass ``v = E[cost] / E[accuracy]`` over ``records``; ``inf`` when none is correct.
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(item, ok, tokens, **kw):
+    ...     return EvalRecord(item_id=item, suite="s", config_id="c", model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens, **kw)
+    >>> cost_of_pass([rec("q1", True, 100), rec("q2", False, 300)])  # 200 tokens / accuracy 0.5
+    400.0
+    """
     _check_cost(cost)
     recs = _nonempty(records)
     return _cop([record_cost(r, cost) for r in recs], [float(r.correct) for r in recs])
@@ -206,6 +241,14 @@ def frontier_cost_of_pass(records: Iterable[EvalRecord], cost: CostKind = "outpu
 
     Configurations are keyed by :func:`config_key`.  See the module docstring for how unsolved
     problems are reported.
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(item, ok, tokens, **kw):
+    ...     return EvalRecord(item_id=item, suite="s", config_id="c", model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens, **kw)
+    >>> f = frontier_cost_of_pass([rec("q1", True, 100), rec("q2", False, 300)])
+    >>> f.mean, f.n_unsolved
+    (100.0, 1)
     """
     _check_cost(cost)
     recs = _nonempty(records)
@@ -238,6 +281,9 @@ def token_threshold(tokens: Sequence[float], correct: Sequence[bool]) -> float:
 
     Candidates are the observed token counts and ``inf``; most correctly classified responses
     wins, ties go to the smallest τ.  Empty input gives ``nan``.
+
+    >>> token_threshold([50, 100, 200], [False, True, True])
+    100.0
     """
     t = np.asarray(tokens, dtype=float)
     c = np.asarray(correct, dtype=bool)
@@ -258,6 +304,13 @@ def token_complexity(records: Iterable[EvalRecord]) -> dict[QuestionKey, float]:
 
     Pass the records of one model (token complexity is a property of a question *for a model*);
     they may span several configurations / compression levels.
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(item, ok, tokens, **kw):
+    ...     return EvalRecord(item_id=item, suite="s", config_id="c", model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens, **kw)
+    >>> token_complexity([rec("q1", False, 50), rec("q1", True, 100), rec("q2", True, 30)])
+    {('s', 'q1'): 100.0, ('s', 'q2'): 30.0}
     """
     by_q: dict[QuestionKey, list[EvalRecord]] = defaultdict(list)
     for r in records:
@@ -273,6 +326,9 @@ def oracle_accuracy(taus: Mapping[Any, float] | Iterable[float], budget_b: float
 
     Questions are added in ascending τ while the mean τ of the chosen set stays ≤ ``budget_b``;
     infinite τ is never chosen.  ``taus`` is a mapping (its values are used) or a list of τ.
+
+    >>> round(oracle_accuracy([40, 120, 500], 200), 3)  # two of three questions fit in 200 tokens
+    0.667
     """
     vals = list(taus.values()) if isinstance(taus, Mapping) else list(taus)
     if not vals:
@@ -288,7 +344,11 @@ def oracle_accuracy(taus: Mapping[Any, float] | Iterable[float], budget_b: float
 
 
 def oracle_curve(taus: Mapping[Any, float] | Iterable[float], budgets: Iterable[float]) -> list[tuple[float, float]]:
-    """``(b, oracle_accuracy(taus, b))`` for each budget, sorted by budget."""
+    """``(b, oracle_accuracy(taus, b))`` for each budget, sorted by budget.
+
+    >>> [(b, round(a, 3)) for b, a in oracle_curve([40, 120, 500], [100, 1000])]
+    [(100.0, 0.667), (1000.0, 1.0)]
+    """
     vals = list(taus.values()) if isinstance(taus, Mapping) else list(taus)
     return [(float(b), oracle_accuracy(vals, b)) for b in sorted(budgets)]
 
@@ -307,7 +367,15 @@ def _gold_end(text: str, gold: str) -> int | None:
 
 
 def first_correct_fraction(record: EvalRecord) -> float:
-    """``T̂ / T`` of one correct response (see the module docstring for the estimate)."""
+    """``T̂ / T`` of one correct response (see the module docstring for the estimate).
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(item, ok, tokens, **kw):
+    ...     return EvalRecord(item_id=item, suite="s", config_id="c", model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens, **kw)
+    >>> first_correct_fraction(rec("q1", True, 100, gold="4", text="The answer is 4. Let me double-check that again."))
+    0.3125
+    """
     total = float(record.output_tokens)
     if total <= 0:
         return 1.0
@@ -324,7 +392,16 @@ def first_correct_fraction(record: EvalRecord) -> float:
 
 
 def overthinking_efficiency(records: Iterable[EvalRecord]) -> float:
-    """Outcome efficiency ξ_O = mean over responses of ``σ_i · T̂_i / T_i`` (1 = no overthinking)."""
+    """Outcome efficiency ξ_O = mean over responses of ``σ_i · T̂_i / T_i`` (1 = no overthinking).
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(item, ok, tokens, **kw):
+    ...     return EvalRecord(item_id=item, suite="s", config_id="c", model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens, **kw)
+    >>> r = rec("q1", True, 100, gold="4", text="The answer is 4. Let me double-check that again.")
+    >>> overthinking_efficiency([r, rec("q2", False, 100)])  # (0.3125 + 0) / 2
+    0.15625
+    """
     recs = _nonempty(records)
     return _mean([first_correct_fraction(r) if r.correct else 0.0 for r in recs])
 
@@ -334,7 +411,15 @@ def overthinking_efficiency(records: Iterable[EvalRecord]) -> float:
 
 
 def intelligence_per_joule(records: Iterable[EvalRecord]) -> float | None:
-    """Accuracy / mean joules per query; ``None`` when no record measured energy."""
+    """Accuracy / mean joules per query; ``None`` when no record measured energy.
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(item, ok, tokens, **kw):
+    ...     return EvalRecord(item_id=item, suite="s", config_id="c", model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens, **kw)
+    >>> intelligence_per_joule([rec("q1", True, 10, joules=50.0), rec("q2", False, 10, joules=150.0)])  # 0.5 / 100 J
+    0.005
+    """
     recs = _nonempty(records)
     joules = [float(r.joules) for r in recs if r.joules is not None]
     if not joules or _mean(joules) <= 0:
@@ -454,7 +539,11 @@ class ConfigSummary:
 
 
 def finite_json(obj: Any) -> Any:
-    """Replace non-finite floats by ``None`` and tuple keys by ``"a/b"`` so ``json.dumps`` is strict."""
+    """Replace non-finite floats by ``None`` and tuple keys by ``"a/b"`` so ``json.dumps`` is strict.
+
+    >>> finite_json({"a": float("nan"), "b": [1.0, float("inf")]})
+    {'a': None, 'b': [1.0, None]}
+    """
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, Mapping):
@@ -516,6 +605,14 @@ def summarize(
     With ``exclude_errors`` errored records are left out of every figure (``n`` counts the graded
     records, ``n_errors`` the errored ones); a configuration with no graded record gets NaN figures.
     Without it they count as wrong answers with their recorded cost.
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(item, ok, tokens, **kw):
+    ...     return EvalRecord(item_id=item, suite="s", config_id="c", model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens, **kw)
+    >>> s = summarize([rec("q1", True, 100), rec("q2", False, 300)])[0]
+    >>> s.n, s.accuracy, s.mean_output_tokens
+    (2, 0.5, 200.0)
     """
     groups: dict[ConfigKey, list[EvalRecord]] = defaultdict(list)
     for r in records:
@@ -582,6 +679,9 @@ def pareto_frontier(points: Iterable[tuple[K, float, float]]) -> list[K]:
 
     Identical points are all kept; the result is sorted by (cost ↑, accuracy ↓, ``str(id)``).
     Points with a NaN coordinate are ignored.
+
+    >>> pareto_frontier([("a", 100, 0.5), ("b", 200, 0.4), ("c", 300, 0.7)])  # b costs more than a, scores less
+    ['a', 'c']
     """
     pts = [(k, float(c), float(a)) for k, c, a in points if not (math.isnan(float(c)) or math.isnan(float(a)))]
     keep = []
@@ -639,7 +739,11 @@ class Curve:
 
 
 def short_model(model: str) -> str:
-    """``"hf:/a/b/model"`` → ``"hf:model"``: a model spec shortened for labels."""
+    """``"hf:/a/b/model"`` → ``"hf:model"``: a model spec shortened for labels.
+
+    >>> short_model("vllm:Qwen/Qwen3-8B")
+    'vllm:Qwen3-8B'
+    """
     prefix, sep, rest = model.rpartition(":") if "://" not in model else ("", "", model)
     if "/" in rest:
         rest = rest.rstrip("/").rsplit("/", 1)[-1]
@@ -657,6 +761,9 @@ def format_value(value: Any, *, nested: bool = False) -> str:
     (``greedy``, ``café``), and strings that are empty or hold whitespace, control characters, quotes or
     separators repr-style with escapes (``'\\n\\n'``, ``'a b'``), so ``delimiter='\\n\\n'`` never renders as
     blank.  Lists and dicts recurse, their strings always quoted (``['a', 'b']``, ``{'k': 1}``).
+
+    >>> format_value(0.5), format_value({"n": 8})
+    ('0.5', "{'n': 8}")
     """
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
@@ -673,7 +780,11 @@ def format_value(value: Any, *, nested: bool = False) -> str:
 
 
 def curve_label(run: str, model: str, strategy: str, params: Mapping[str, Any]) -> str:
-    """Human label of a (run, model, strategy, params) group."""
+    """Human label of a (run, model, strategy, params) group.
+
+    >>> curve_label("run1", "vllm:Qwen/Qwen3-8B", "majority", {"n": 8})
+    'run1 · vllm:Qwen3-8B · majority n=8'
+    """
     parts = [p for p in (run, short_model(model), strategy) if p]
     label = " · ".join(parts)
     if params:

@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from budgetlm.errors import ConfigError, MissingDependency, invalid
+from budgetlm.errors import ConfigError, MissingDependency, invalid, missing
 from budgetlm.evals.metrics import (
     ConfigSummary,
     CostKind,
@@ -737,7 +737,8 @@ def _tree_figures(dirs: Sequence[Path], summaries: Sequence[ConfigSummary], out:
         if line is None:
             continue
         found = tree_of(line["trace"])
-        assert found is not None
+        if found is None:
+            raise missing('found')
         tree, final = found
         slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in strategy)
         name = f"tree_{slug}.png"
@@ -762,8 +763,8 @@ def _notes(doc: dict[str, Any]) -> list[str]:
                          f"its grid ({info.get('cells')} of {info.get('grid_cells')} cells); merge every shard "
                          "folder (`budgetlm merge SHARD... --out MERGED`) for the full results")
         if isinstance(partial, dict):
-            missing = ", ".join(str(i) for i in partial.get("missing_shards", [])) or "none"
-            notes.append(f"⚠ Partial merge: {run['name']} lacks shard(s) {missing}; incomplete shards (cells "
+            absent = ", ".join(str(i) for i in partial.get("missing_shards", [])) or "none"
+            notes.append(f"⚠ Partial merge: {run['name']} lacks shard(s) {absent}; incomplete shards (cells "
                          f"missing): {partial.get('missing_cells') or 'none'}")
     n_over = doc["n_over_budget_records"]
     notes.append(f"Budget adherence: {n_over} record(s) over budget" + (" — BUDGET VIOLATED" if n_over else " (ok)"))

@@ -41,9 +41,10 @@ from budgetlm.versions import library_versions
 class RouteConfig(SplitConfig):
     """What ``budgetlm route calibrate`` reads."""
 
-    min_items: ClassVar[int] = 2  # a quantile needs several scores
     what: ClassVar[str] = "route config"
 
+    calibration_items: int = Field(default=100, ge=2, description="Items of the calibration split (the first N; a "
+                                                                  "quantile needs several scores).")
     router: str | dict[str, Any] = Field(default="logprob", description="Router name or {name, params} block.")
     arms: list[dict[str, Any]] | None = Field(default=None, description="Arms, cheapest first (default: sample → majority@8).")
     budget: dict[str, float] = Field(default_factory=lambda: cast(dict[str, float], {"output_tokens": 2048}),

@@ -111,6 +111,10 @@ def routing_curve(
     Costs are per item (or a scalar for all); they default to 0 for the weak and 1 for the strong
     model, so ``cost`` is then the strong-call share.  With ``cheap_always_runs`` (a cascade whose
     routing signal needs the weak model's answer) routed items pay the weak cost too.
+
+    >>> c = routing_curve([0.9, 0.1, 0.5, 0.3], weak_success=[1, 0, 1, 0], strong_success=[1, 1, 1, 1])
+    >>> c.shares.tolist(), c.quality.tolist()
+    ([0.0, 0.25, 0.5, 0.75, 1.0], [0.5, 0.5, 0.5, 0.75, 1.0])
     """
     w = _vector("scores", scores)
     n = w.size
@@ -155,7 +159,11 @@ def _ends(curve: RoutingCurve, weak_quality: float | None, strong_quality: float
 
 
 def pgr(quality: float, weak_quality: float, strong_quality: float) -> float:
-    """Performance gap recovered ``(q - q_weak) / (q_strong - q_weak)``; ``nan`` for a zero gap."""
+    """Performance gap recovered ``(q - q_weak) / (q_strong - q_weak)``; ``nan`` for a zero gap.
+
+    >>> round(pgr(0.7, weak_quality=0.5, strong_quality=0.9), 3)  # half the gap recovered
+    0.5
+    """
     gap = float(strong_quality) - float(weak_quality)
     if math.isnan(gap) or abs(gap) <= _GAP_TOL:
         return math.nan
@@ -167,13 +175,20 @@ def apgr(curve: RoutingCurve, weak_quality: float | None = None, strong_quality:
 
     ``q_weak`` / ``q_strong`` default to the curve's all-weak and all-strong points (the mean weak
     and strong success).  ``nan`` when the gap is zero.
+
+    >>> apgr(routing_curve([0.9, 0.1, 0.5, 0.3], [1, 0, 1, 0], [1, 1, 1, 1]))
+    0.25
     """
     wq, sq = _ends(curve, weak_quality, strong_quality)
     return pgr(_auc(curve), wq, sq)
 
 
 def apgr_from(scores: ArrayLike, weak_success: ArrayLike, strong_success: ArrayLike) -> float:
-    """:func:`apgr` of :func:`routing_curve` of the per-item arrays."""
+    """:func:`apgr` of :func:`routing_curve` of the per-item arrays.
+
+    >>> apgr_from([0.9, 0.1, 0.5, 0.3], weak_success=[1, 0, 1, 0], strong_success=[1, 1, 1, 1])
+    0.25
+    """
     return apgr(routing_curve(scores, weak_success, strong_success))
 
 
@@ -187,6 +202,9 @@ def cpt(
 
     ``nan`` when the gap is ``<= 0`` or no point reaches the level (with the default end
     qualities the all-strong point always reaches 100 %).
+
+    >>> cpt(routing_curve([0.9, 0.1, 0.5, 0.3], [1, 0, 1, 0], [1, 1, 1, 1]), pct=50)  # share of strong calls
+    0.75
     """
     p = float(pct)
     if not (math.isfinite(p) and p >= 0.0):
@@ -209,6 +227,9 @@ def cost_success_frontier(points: Iterable[tuple[str, float, float]]) -> list[tu
 
     Same rules as :func:`budgetlm.evals.metrics.pareto_frontier`: identical points are all kept,
     NaN points dropped; ties in cost sort by success descending, then label.
+
+    >>> cost_success_frontier([("a", 1.0, 0.5), ("b", 2.0, 0.4), ("c", 3.0, 0.8)])
+    [('a', 1.0, 0.5), ('c', 3.0, 0.8)]
     """
     pts = [(str(label), float(c), float(s)) for label, c, s in points]
     keep = pareto_frontier((i, c, s) for i, (_, c, s) in enumerate(pts))
@@ -216,7 +237,11 @@ def cost_success_frontier(points: Iterable[tuple[str, float, float]]) -> list[tu
 
 
 def budget_violations(records: Iterable[EvalRecord | Mapping[str, Any]]) -> int:
-    """How many records (``EvalRecord`` or dicts) have ``over_budget`` true."""
+    """How many records (``EvalRecord`` or dicts) have ``over_budget`` true.
+
+    >>> budget_violations([{"over_budget": True}, {"over_budget": False}])
+    1
+    """
     count = 0
     for r in records:
         flag = r.get("over_budget", False) if isinstance(r, Mapping) else getattr(r, "over_budget", False)

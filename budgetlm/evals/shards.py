@@ -47,7 +47,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from budgetlm.errors import ConfigError, invalid
+from budgetlm.errors import ConfigError, invalid, missing
 from budgetlm.evals.records import EvalRecord
 from budgetlm.evals.rundir import RunDir
 from budgetlm.io import read_jsonl, write_json_atomic, write_jsonl_atomic
@@ -222,17 +222,20 @@ def check_shards(folders: Sequence[RunFolder], *, allow_partial: bool = False,
                           f"digest {first.digest} in {first.what} and digest {f.digest} in {f.what}",
                           "run every shard with the same config file (only --shard and --out differ), "
                           "or merge each config's shards separately")
-    assert first.shard is not None
+    if first.shard is None:
+        raise missing('first.shard')
     count = first.shard.count
     for f in folders[1:]:
-        assert f.shard is not None
+        if f.shard is None:
+            raise missing('f.shard')
         if f.shard.count != count:
             raise _refuse("shard folders", "shards of one split (the same N in --shard I/N)",
                           f"{first.what} and {f.what}", "merge shards of one split only; re-run the others "
                           f"with --shard I/{count}")
     by_index: dict[int, RunFolder] = {}
     for f in folders:
-        assert f.shard is not None
+        if f.shard is None:
+            raise missing('f.shard')
         if f.shard.index in by_index:
             raise _refuse("shard folders", "one folder per shard index",
                           f"shard {f.shard.label} twice: {str(by_index[f.shard.index].path)!r} and "
@@ -250,7 +253,8 @@ def check_shards(folders: Sequence[RunFolder], *, allow_partial: bool = False,
         for r in f.records:
             owner[r.key] = f
     for f in folders:
-        assert f.shard is not None
+        if f.shard is None:
+            raise missing('f.shard')
         for r in f.records:
             if shard_of(r.key, count) != f.shard.index:
                 raise _refuse(f"shard folder {str(f.path)!r}", f"only cells of shard {f.shard.label}",
@@ -266,14 +270,15 @@ def check_shards(folders: Sequence[RunFolder], *, allow_partial: bool = False,
                       f"run the missing shard(s) (`budgetlm eval CONFIG --out DIR --shard "
                       f"{check.missing_shards[0]}/{count}`) and pass their folders too{partial_hint}")
     for index, f in sorted(by_index.items()):
-        assert f.shard is not None
+        if f.shard is None:
+            raise missing('f.shard')
         done = sum(r.error is None for r in f.records)
         cells = f.shard.cells
-        missing = (cells - done) if cells is not None else None
-        if missing is None or missing > 0:
-            check.missing_cells[index] = missing
+        left = (cells - done) if cells is not None else None
+        if left is None or left > 0:
+            check.missing_cells[index] = left
             if not allow_partial:
-                got = (f"{missing} of its {cells} cell(s) with no successful record" if missing is not None
+                got = (f"{left} of its {cells} cell(s) with no successful record" if left is not None
                        else "a run that has not started (no cell count in run.json)")
                 raise _refuse(f"shard {f.shard.label}", "complete", f"{got} in {str(f.path)!r}",
                               "resume it with the same command (`budgetlm eval CONFIG --out "

@@ -94,7 +94,12 @@ def completion_text(completion: Any, fmt: ThinkingFormat = ThinkingFormat()) -> 
 
 def count_tokens(text: str, tokenizer: Any = None) -> int:
     """Tokens in ``text``: with ``tokenizer`` (``encode`` without special tokens, or a callable giving ids);
-    without one, whitespace-separated words (an approximation)."""
+    without one, whitespace-separated words.
+
+    Words, not :func:`budgetlm.costs.estimate_tokens`: this is a *length measure* that reward values are
+    defined on (and reproducible with), not a reservation, so it need not over-count; the recipes always pass
+    the policy's tokenizer or TRL's completion ids.
+    """
     if tokenizer is None:
         return len(text.split())
     encode = getattr(tokenizer, "encode", None)

@@ -47,7 +47,14 @@ def answer_end(thinking: str, answers: list[str]) -> int | None:
 
 @dataclass(eq=False)
 class LCR1Length(GradedReward):
-    """LC-R1's length reward: ``1 − L_i / max_{j correct} L_j`` over the prompt's group (0 if none correct)."""
+    """LC-R1's length reward: ``1 − L_i / max_{j correct} L_j`` over the prompt's group (0 if none correct).
+
+    >>> from budgetlm.rewards import Correctness
+    >>> r = LCR1Length(correctness=Correctness("exact"))
+    >>> r(completions=["<think>a</think>4", "<think>b</think>4", "<think>c</think>5"],
+    ...   completion_ids=[[0] * 10, [0] * 40, [0] * 5], answer=["4"] * 3, prompt_id=["p"] * 3)  # 1 − L/40
+    [0.75, 0.0, 0.875]
+    """
 
     default_name: ClassVar[str] = "lcr1_length"
     group_wise: ClassVar[bool] = True
@@ -71,7 +78,14 @@ class LCR1Length(GradedReward):
 
 @dataclass(eq=False)
 class LCR1Compress(GradedReward):
-    """LC-R1's compress reward: the share of thinking after the correct answer first appears (−1 if never)."""
+    """LC-R1's compress reward: the share of thinking after the correct answer first appears (−1 if never).
+
+    >>> from budgetlm.rewards import Correctness
+    >>> r = LCR1Compress(correctness=Correctness("exact"))
+    >>> r(completions=["<think>2+2 is 4, check: yes</think>4", "<think>2+2 is 4</think>4", "<think>hm</think>5"],
+    ...   answer=["4"] * 3)
+    [0.6, 0.0, 0.0]
+    """
 
     default_name: ClassVar[str] = "lcr1_compress"
 

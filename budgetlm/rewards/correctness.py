@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from budgetlm.errors import ConfigError, invalid
+from budgetlm.errors import ConfigError, invalid, missing
 from budgetlm.evals.graders import GRADERS, Grader, get_grader
 from budgetlm.rewards.base import RewardBatch, RewardFunction
 
@@ -32,7 +32,11 @@ GRADER_NAMES = ("math", "reasoning_gym", "exact", "normalized", "numeric")
 
 @dataclass(eq=False)
 class Correctness(RewardFunction):
-    """1.0 when the answer after thinking matches the gold column, else 0.0."""
+    """1.0 when the answer after thinking matches the gold column, else 0.0.
+
+    >>> Correctness("exact")(completions=["<think>2+2</think>4", "<think>hm</think>5"], answer=["4", "4"])
+    [1.0, 0.0]
+    """
 
     default_name: ClassVar[str] = "correctness"
 
@@ -96,6 +100,9 @@ class ThinkFormat(RewardFunction):
 
     Well-formed: the text starts with the start tag (or, when the template opens thinking, has no
     start tag or one at the very beginning), both tags occur exactly once, in order.
+
+    >>> ThinkFormat()(completions=["<think>2+2</think>4", "no thinking", "<think>2+2</think>"])
+    [1.0, 0.0, 0.0]
     """
 
     default_name: ClassVar[str] = "think_format"
@@ -141,7 +148,8 @@ class GradedReward(RewardFunction):
     @property
     def judge(self) -> Correctness:
         """The :class:`Correctness` in use."""
-        assert self.correctness is not None
+        if self.correctness is None:
+            raise missing('self.correctness')
         return self.correctness
 
     def correct(self, batch: RewardBatch) -> list[bool]:

@@ -36,7 +36,14 @@ LENGTHS = ("thinking", "completion")
 
 @dataclass(eq=False)
 class EffortReward(GradedReward):
-    """e1: 1 for a correct answer whose thinking stays within ``e·T_avg`` of its prompt, else 0."""
+    """e1: 1 for a correct answer whose thinking stays within ``e·T_avg`` of its prompt, else 0.
+
+    >>> from budgetlm.rewards import Correctness
+    >>> r = EffortReward(correctness=Correctness("exact"))
+    >>> r(completions=["<think>one two</think>4", "<think>one two three four five six</think>4"],
+    ...   answer=["4"] * 2, effort=[0.5, 0.5], prompt_id=["p"] * 2)  # T_avg = 4 words: 2 <= 0.5·4 < 6
+    [1.0, 0.0]
+    """
 
     default_name: ClassVar[str] = "effort"
     group_wise: ClassVar[bool] = True

@@ -42,7 +42,14 @@ def _targets(batch: RewardBatch, column: str) -> list[float]:
 
 @dataclass(eq=False)
 class LCPOExact(GradedReward):
-    """L1's LCPO-Exact: ``1[correct] − α·|n_target − n_used|`` (highest at the target length)."""
+    """L1's LCPO-Exact: ``1[correct] − α·|n_target − n_used|`` (highest at the target length).
+
+    >>> from budgetlm.rewards import Correctness
+    >>> r = LCPOExact(alpha=0.01, correctness=Correctness("exact"))
+    >>> r(completions=["<think>a</think>4", "<think>b</think>5"], completion_ids=[[0] * 30, [0] * 10],
+    ...   answer=["4", "4"], target_tokens=[20, 20])  # 1 - 0.01·10 (right, 10 over), 0 - 0.01·10 (wrong)
+    [0.9, -0.1]
+    """
 
     default_name: ClassVar[str] = "lcpo_exact"
 
@@ -63,7 +70,14 @@ class LCPOExact(GradedReward):
 
 @dataclass(eq=False)
 class LCPOMax(GradedReward):
-    """L1's LCPO-Max: ``1[correct]·clip(α·(n_target − n_used) + δ, 0, 1)`` (a soft maximum length)."""
+    """L1's LCPO-Max: ``1[correct]·clip(α·(n_target − n_used) + δ, 0, 1)`` (a soft maximum length).
+
+    >>> from budgetlm.rewards import Correctness
+    >>> r = LCPOMax(alpha=0.01, correctness=Correctness("exact"))
+    >>> r(completions=["<think>a</think>4", "<think>b</think>4"], completion_ids=[[0] * 30, [0] * 10],
+    ...   answer=["4", "4"], target_tokens=[20, 20])  # 0.01·(20 − 30) + 0.5, 0.01·(20 − 10) + 0.5
+    [0.4, 0.6]
+    """
 
     default_name: ClassVar[str] = "lcpo_max"
 
@@ -88,7 +102,14 @@ class LCPOMax(GradedReward):
 
 @dataclass(eq=False)
 class KimiLength(GradedReward):
-    """Kimi 1.5's group-wise length reward: ``λ_i = 0.5 − (len_i − min)/(max − min)``; wrong → ``min(0, λ_i)``."""
+    """Kimi 1.5's group-wise length reward: ``λ_i = 0.5 − (len_i − min)/(max − min)``; wrong → ``min(0, λ_i)``.
+
+    >>> from budgetlm.rewards import Correctness
+    >>> r = KimiLength(correctness=Correctness("exact"))
+    >>> r(completions=["<think>a</think>4", "<think>b</think>4", "<think>c</think>5"],
+    ...   completion_ids=[[0] * 10, [0] * 20, [0] * 30], answer=["4"] * 3, prompt_id=["p"] * 3)
+    [0.5, 0.0, -0.5]
+    """
 
     default_name: ClassVar[str] = "kimi_length"
     group_wise: ClassVar[bool] = True
@@ -113,7 +134,12 @@ class KimiLength(GradedReward):
 
 @dataclass(eq=False)
 class DAPOOverlong(RewardFunction):
-    """DAPO's soft overlong punishment: 0 up to ``Lmax − Lc``, linear to −1 at ``Lmax``, −1 beyond (length only)."""
+    """DAPO's soft overlong punishment: 0 up to ``Lmax − Lc``, linear to −1 at ``Lmax``, −1 beyond (length only).
+
+    >>> DAPOOverlong(max_length=100, cache_length=20)(completions=["a", "b", "c"],
+    ...                                               completion_ids=[[0] * 50, [0] * 90, [0] * 120])
+    [0.0, -0.5, -1.0]
+    """
 
     default_name: ClassVar[str] = "dapo_overlong"
 
@@ -147,6 +173,12 @@ class ThinkPrune(GradedReward):
     """ThinkPrune: correctness if the completion finished within ``limit`` tokens, else 0.
 
     Finished: thinking closed (not cut off) and a non-empty answer after it.
+
+    >>> from budgetlm.rewards import Correctness
+    >>> r = ThinkPrune(limit=20, correctness=Correctness("exact"))
+    >>> r(completions=["<think>a</think>4", "<think>b</think>4", "<think>c"],  # in time, too long, unfinished
+    ...   completion_ids=[[0] * 10, [0] * 30, [0] * 10], answer=["4"] * 3)
+    [1.0, 0.0, 0.0]
     """
 
     default_name: ClassVar[str] = "think_prune"
@@ -176,6 +208,12 @@ class CosineLength(GradedReward):
     ``r = r_L + ½(r_0 − r_L)(1 + cos(πL/L_max))`` runs from ``r_0`` at ``L = 0`` to ``r_L`` at
     ``L_max``; defaults are the paper's: correct 2.0 → 1.0, wrong −10.0 → 0.0, and ``exceed_reward``
     −10.0 when ``L ≥ L_max``.
+
+    >>> from budgetlm.rewards import Correctness
+    >>> r = CosineLength(max_length=100, correctness=Correctness("exact"))
+    >>> r(completions=["<think>a</think>4", "<think>b</think>5", "<think>c</think>4"],  # right, wrong, capped
+    ...   completion_ids=[[0] * 50, [0] * 50, [0] * 100], answer=["4"] * 3)
+    [1.5, -5.0, -10.0]
     """
 
     default_name: ClassVar[str] = "cosine_length"

@@ -54,7 +54,12 @@ def boundary_class(small_success: bool, large_success: bool) -> BoundaryClass:
 
 @dataclass(eq=False)
 class BoundaryRoutingReward(RewardFunction):
-    """``1[success]·clip(1 − (C − C_small)/(C_large − C_small), 0, 1)``; 0 on failure."""
+    """``1[success]·clip(1 − (C − C_small)/(C_large − C_small), 0, 1)``; 0 on failure.
+
+    >>> BoundaryRoutingReward()(completions=["a", "b", "c"], cost=[10, 25, 40], cost_small=[10] * 3,
+    ...                         cost_large=[40] * 3, success=[True, True, False])
+    [1.0, 0.5, 0.0]
+    """
 
     default_name: ClassVar[str] = "boundary_routing"
 
@@ -92,6 +97,10 @@ class DualEfficiency(RewardFunction):
     Steps and tokens come from a ``step_tokens`` column (a list of generated tokens per step) when
     present, else from ``steps`` and ``tokens`` (total generated tokens) columns, tokens per step
     being ``tokens / steps`` (0 for zero steps).
+
+    >>> DualEfficiency(max_steps=10, max_step_tokens=100)(completions=["a", "b"], success=[True, False],
+    ...                                                   steps=[2, 2], tokens=[100, 100])
+    [0.65, 0.0]
     """
 
     default_name: ClassVar[str] = "dual_efficiency"
@@ -168,6 +177,10 @@ class RouteChoiceReward(RewardFunction):
     ``value(success_large, C_large, C_small, C_large)`` (see :meth:`BoundaryRoutingReward.value`),
     each lifted to ``success_floor + (1 − success_floor)·value`` on success; no ``small``/``large``
     word → :attr:`invalid_reward`.
+
+    >>> RouteChoiceReward()(completions=["small", "large", "either"], success_small=[True] * 3,
+    ...                     success_large=[True] * 3, cost_small=[1] * 3, cost_large=[5] * 3)
+    [1.0, 0.0, 0.0]
     """
 
     default_name: ClassVar[str] = "route_choice"

@@ -27,7 +27,7 @@ from typing import Literal
 
 from budgetlm.answers import extract_answer
 from budgetlm.backends.base import Backend, GenerationRequest, SamplingParams
-from budgetlm.errors import ConfigError, invalid
+from budgetlm.errors import ConfigError, invalid, missing
 from budgetlm.meter import Meter
 from budgetlm.routing.base import ROUTERS, CheapAnswer, RouteQuery, Router
 
@@ -136,7 +136,8 @@ class LogprobRouter(_CheapAnswerRouter):
         return c.mean_logprob is not None
 
     def _w(self, c: CheapAnswer) -> float:
-        assert c.mean_logprob is not None
+        if c.mean_logprob is None:
+            raise missing('c.mean_logprob')
         w = 1.0 - math.exp(c.mean_logprob)
         return w + (1.0 if c.answer is None else 0.0)  # no extractable answer: surely needs help (w > 1)
 

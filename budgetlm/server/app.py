@@ -60,6 +60,7 @@ from budgetlm.backends.base import Backend, GenerationRequest
 from budgetlm.backends.pool import ServerPool, ServerStats
 from budgetlm.backends.streaming import Delta
 from budgetlm.budget import UNITS, Budget, check_limits
+from budgetlm.costs import estimate_tokens
 from budgetlm.errors import BackendUnavailable, ConfigError
 from budgetlm.meter import Meter
 from budgetlm.server.checks import (
@@ -343,7 +344,7 @@ def _with_final_instruction(messages: list[dict[str, Any]], backend: Backend, me
     rooms = [r for r in (meter.remaining("input_tokens"), meter.remaining("total_tokens")) if r is not None]
     if rooms:
         text, ids = backend.render(GenerationRequest(messages=extended))
-        need = len(ids) if ids is not None else backend._approx_tokens(text or "")
+        need = len(ids) if ids is not None else estimate_tokens(text or "")
         if need >= min(rooms):
             warnings.append("forced final answer: the instruction to answer now did not fit the tokens left; the "
                             "tools were withheld only")

@@ -15,6 +15,7 @@ import re
 from typing import Any, Union, get_args, get_origin
 
 from budgetlm.backends.base import Backend, GenerationRequest
+from budgetlm.costs import estimate_tokens
 from budgetlm.errors import ConfigError, ContextLengthExceeded
 from budgetlm.server.sessions import SESSION_HEADER, check_session_id
 from budgetlm.server.tools import ToolsError, format_calls, history_calls
@@ -181,7 +182,7 @@ def check_context(backend: Backend, messages: list[dict[str, Any]]) -> None:
         text, ids = backend.render(GenerationRequest(messages=messages))
     except Exception:  # noqa: BLE001 -- e.g. a chat template that refuses a role: the strategy reports it
         return
-    n = len(ids) if ids is not None else backend._approx_tokens(text or "")
+    n = len(ids) if ids is not None else estimate_tokens(text or "")
     if n >= limit:
         err = ContextLengthExceeded(n, limit)
         raise ApiError(400, str(err), "messages", "context_length_exceeded")

@@ -19,7 +19,7 @@ A YAML with every section::
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from typing import Annotated, Any, cast
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -79,11 +79,11 @@ class ServerConfig(Config):
     db_path: str = Field(default="budgetlm_server.sqlite", description="SQLite file holding spend per key and day and every request's ledger.")
     default_budget: dict[str, float] = Field(default_factory=lambda: cast(dict[str, float], {"output_tokens": 1024}), description="Per-request budget when the request sets none.")
     max_budget: dict[str, float] | None = Field(default=None, description="Largest per-request budget accepted (400 above it); None: no cap.")
-    effort_budgets: dict[str, int] = Field(default_factory=lambda: dict(EFFORT_BUDGETS), description="Output tokens for each `reasoning_effort` value.")
+    effort_budgets: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: dict(EFFORT_BUDGETS), description="Output tokens (>= 1) for each `reasoning_effort` value.")
     strategies: list[str] | None = Field(default=None, description="Strategies clients may use; None: every registered one.")
-    max_request_bytes: int = Field(default=1_000_000, description="Largest request body accepted (413 above it).")
-    batch_window_ms: float = Field(default=5.0, description="Ignored (kept so older configs load): requests no longer wait in a batching window; each runs on the engine's continuous batch at once.")
-    max_batch: int = Field(default=32, description="Ignored (kept so older configs load): there is no strategy batch any more; the engine batches every request in flight.")
+    max_request_bytes: int = Field(default=1_000_000, ge=1, description="Largest request body accepted (413 above it).")
+    batch_window_ms: float = Field(default=5.0, ge=0, description="Ignored (kept so older configs load): requests no longer wait in a batching window; each runs on the engine's continuous batch at once.")
+    max_batch: int = Field(default=32, ge=1, description="Ignored (kept so older configs load): there is no strategy batch any more; the engine batches every request in flight.")
     seed: int = Field(default=0, description="Seed given to strategies that sample, unless the request sets `seed`.")
     session_budget: dict[str, float] | None = Field(
         default=None, description="Budget of a new agent session whose first call sets no `session_budget` (units of "
@@ -146,28 +146,6 @@ class ServerConfig(Config):
         for key, allowance in v.items():
             _check_budget(allowance, f"key_allowances.{key}")
             _check_allowance_units(allowance, f"key_allowances.{key}")
-        return v
-
-    @field_validator("effort_budgets")
-    @classmethod
-    def _efforts(cls, v: dict[str, int]) -> dict[str, int]:
-        for k, n in v.items():
-            if n < 1:
-                raise ValueError(f"`effort_budgets.{k}` must be >= 1 token, got {n}")
-        return v
-
-    @field_validator("max_request_bytes", "max_batch")
-    @classmethod
-    def _pos(cls, v: int, info: Any) -> int:
-        if v < 1:
-            raise ValueError(f"`{info.field_name}` must be >= 1, got {v}")
-        return v
-
-    @field_validator("batch_window_ms")
-    @classmethod
-    def _window(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"`batch_window_ms` must be >= 0, got {v}")
         return v
 
     @field_validator("session_budget")

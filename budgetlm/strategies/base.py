@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -34,7 +35,7 @@ from budgetlm.errors import ConfigError
 from budgetlm.meter import Meter
 from budgetlm.registry import Registry
 from budgetlm.tools import Tool
-from budgetlm.usage import Usage
+from budgetlm.usage import FinishReason, Usage
 
 
 @dataclass
@@ -67,10 +68,10 @@ class Problem:
 
     @classmethod
     def from_text(cls, text: str, id: str | None = None) -> Problem:
-        """A problem with one user message."""
+        """A problem with one user message; without `id`, a stable id from the text (sha256: the same in every process)."""
         if not text or not text.strip():
             raise ConfigError("`problem` must be a non-empty question, got ''")
-        return cls(id=id or str(abs(hash(text))), messages=[{"role": "user", "content": text}])
+        return cls(id=id or hashlib.sha256(text.encode()).hexdigest()[:16], messages=[{"role": "user", "content": text}])
 
 
 LIMIT_STOPS = ("max rounds", "max depth", "max_steps reached")
@@ -92,8 +93,8 @@ class Result:
     stop_reason: str = "done"
     """``"done"``; ``"deadline"`` (the wall-clock budget ended the answer's generation); ``"budget exhausted:
     <unit>"``; or one of :data:`LIMIT_STOPS` (the strategy reached its own search limit within budget)."""
-    finish_reason: str | None = None
-    """Finish reason of the sample the answer came from."""
+    finish_reason: FinishReason | None = None
+    """Finish reason of the sample the answer came from (``forced`` for a tree search's forced answer)."""
     truncated: bool = False
     """The answer's sample was cut by its token limit."""
     thinking_truncated: bool = False

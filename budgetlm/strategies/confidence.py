@@ -37,6 +37,8 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from budgetlm.errors import missing
+
 MEASURES = ("mean", "lowest", "bottom10", "tail")
 """Valid trace confidence measures."""
 DEFAULT_WINDOW = 8
@@ -98,7 +100,8 @@ def token_confidences(logprobs: Sequence[float] | None, top_logprobs: Sequence[d
     [-0.1, -2.0]
     """
     if mode(logprobs, top_logprobs, k) == "topk":
-        assert top_logprobs is not None
+        if top_logprobs is None:
+            raise missing('top_logprobs')
         return [token_confidence(None, t, k)[0] for t in top_logprobs]
     return [float(x) for x in (logprobs or ())]
 

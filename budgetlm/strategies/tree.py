@@ -54,7 +54,8 @@ from typing import Any
 
 from budgetlm.aio import gather_settled
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, GenerationResult, SamplingParams
-from budgetlm.errors import BudgetExceeded, ConfigError
+from budgetlm.costs import estimate_tokens
+from budgetlm.errors import BudgetExceeded, ConfigError, missing
 from budgetlm.meter import Meter, Reservation
 from budgetlm.strategies.aggregate import answer_key, vote
 from budgetlm.strategies.base import Context, Problem, Result
@@ -195,7 +196,8 @@ class Tree:
         """The request continuing ``node``'s path (then ``suffix``, with the path's trailing whitespace
         removed): from token ids when the backend tokenises locally, else from re-rendered text."""
         if self.root_ids is not None:
-            assert self.backend is not None
+            if self.backend is None:
+                raise missing('self.backend')
             ids = self.path_ids(node)
             if suffix is not None:
                 ids = _rstrip_ids(self.backend, ids) + self.backend.encode(suffix)
@@ -209,9 +211,10 @@ class Tree:
         """Tokens of ``req``'s prompt (the backend's count; an estimate without a local tokenizer)."""
         if req.prompt_token_ids is not None:
             return len(req.prompt_token_ids)
-        assert self.backend is not None
+        if self.backend is None:
+            raise missing('self.backend')
         text, ids = self.backend.render(req)
-        return len(ids) if ids is not None else _approx(text or "")
+        return len(ids) if ids is not None else estimate_tokens(text or "")
 
     def terminals(self) -> list[Node]:
         """Terminal nodes that were not pruned (all terminal nodes when every one was pruned)."""
@@ -220,9 +223,6 @@ class Tree:
 
     def has_terminal(self) -> bool:
         return any(n.terminal for n in self.nodes)
-
-    def live_children(self, node: Node) -> list[Node]:
-        return [self.nodes[c] for c in node.children if self.nodes[c].pruned is None]
 
     def best(self) -> Node:
         """The best node to force an answer from: highest value, then deepest, then first (not pruned if possible)."""
@@ -245,11 +245,6 @@ class Tree:
                 "extra_tokens": dict(self.extra_tokens), "output_tokens": self.output_tokens(),
                 "forced": self.forced, "stop_reason": self.done, "unscored": self.unscored,
                 "tool_refused": self.tool_refused}
-
-
-def _approx(text: str) -> int:
-    """Token estimate without a local tokenizer (about 3 characters per token, as backends estimate)."""
-    return max(1, -(-len(text) // 3))
 
 
 def _rstrip_ids(backend: Backend, ids: list[int]) -> list[int]:
@@ -392,7 +387,8 @@ def _stop_text(tree: Tree, c: Completion) -> tuple[str, bool]:
     stop = c.stop_string or ""
     if not stop or not tree.from_ids or c.finish_reason != "stop":
         return stop, False
-    assert tree.backend is not None
+    if tree.backend is None:
+        raise missing('tree.backend')
     decoded = tree.backend.decode(c.token_ids)
     if decoded.startswith(c.text + stop):
         return decoded[len(c.text):], True
@@ -403,7 +399,8 @@ def _step_ids(tree: Tree, c: Completion, step: str, covered: int) -> list[int]:
     """The token ids a step adds to the path: the generated ids, then the tokens of what the step adds
     after the generated text and its first ``covered`` characters (a stop string the ids already hold):
     a stop string the engine left out, a tool observation."""
-    assert tree.backend is not None
+    if tree.backend is None:
+        raise missing('tree.backend')
     ids = list(c.token_ids)
     if any(t < 0 for t in ids):  # placeholder ids (no tokenizer): continue this tree from text
         tree.root_ids = None
@@ -438,10 +435,11 @@ def hold(meter: Meter, prompt_tokens: int, answer_tokens: int, backend: Backend 
 def forced_prompt_tokens(tree: Tree, cfg: StepConfig) -> int:
     """Worst-case prompt of a forced answer: the rendered problem plus ``max_depth`` full steps (each
     with its delimiter) and ``FORCE_ANSWER``."""
-    assert tree.backend is not None
+    if tree.backend is None:
+        raise missing('tree.backend')
     b = tree.backend
     if tree.root_ids is None:  # no local tokenizer: about 3 characters per token (as the backend estimates)
-        return _approx(tree.root_text or "") + cfg.max_depth * cfg.step_tokens + _approx(FORCE_ANSWER)
+        return estimate_tokens(tree.root_text or "") + cfg.max_depth * cfg.step_tokens + estimate_tokens(FORCE_ANSWER)
     per_step = cfg.step_tokens + len(b.encode(cfg.delimiter))
     return len(tree.root_ids) + cfg.max_depth * per_step + len(b.encode(FORCE_ANSWER))
 

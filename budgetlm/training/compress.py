@@ -20,7 +20,7 @@ import random
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from budgetlm.evals.config import StrategySpec
 from budgetlm.evals.suites.base import EvalItem
@@ -34,24 +34,10 @@ class CompressParams(RecipeParams):
     """Parameters of the ``compress`` recipe."""
 
     method: Literal["lcr1", "thinkprune", "kimi"] = Field(default="lcr1", description="Which compression reward to train with.")
-    limit: int | None = Field(default=None, description="ThinkPrune's length limit L in tokens; None: max_completion_length // 2.")
-    length_weight: float = Field(default=1.0, description="Weight of the length (LC-R1, Kimi) reward next to correctness.")
-    compress_weight: float = Field(default=1.0, description="Weight of LC-R1's compress reward.")
+    limit: int | None = Field(default=None, ge=1, description="ThinkPrune's length limit L in tokens; None: max_completion_length // 2.")
+    length_weight: float = Field(default=1.0, ge=0, description="Weight of the length (LC-R1, Kimi) reward next to correctness.")
+    compress_weight: float = Field(default=1.0, ge=0, description="Weight of LC-R1's compress reward.")
     grader: str = Field(default="auto", description="Correctness grader; auto: reasoning_gym for reasoning-gym rows, else math.")
-
-    @field_validator("limit")
-    @classmethod
-    def _limit(cls, v: int | None) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"`limit` must be a positive token count or null, got {v}; target lengths must be > 0")
-        return v
-
-    @field_validator("length_weight", "compress_weight")
-    @classmethod
-    def _weight(cls, v: float, info: Any) -> float:
-        if v < 0:
-            raise ValueError(f"`{info.field_name}` must be >= 0, got {v}")
-        return v
 
 
 class CompressRecipe(Recipe):

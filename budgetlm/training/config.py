@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from budgetlm.config import Config
 
@@ -31,18 +31,12 @@ class LoraSpec(Config):
     """LoRA adapters (peft) instead of full fine-tuning; merged into the saved model at the end."""
 
     model_config = ConfigDict(extra="forbid")
+    _prefix: ClassVar[str] = "lora"
 
-    r: int = Field(default=16, description="Adapter rank.")
-    alpha: int = Field(default=32, description="LoRA scaling numerator (lora_alpha).")
+    r: int = Field(default=16, ge=1, description="Adapter rank.")
+    alpha: int = Field(default=32, ge=1, description="LoRA scaling numerator (lora_alpha).")
     dropout: float = Field(default=0.0, description="Dropout on the adapter input.")
     target_modules: str | list[str] = Field(default="all-linear", description="Modules to adapt (peft's names or 'all-linear').")
-
-    @field_validator("r", "alpha")
-    @classmethod
-    def _pos(cls, v: int, info: Any) -> int:
-        if v < 1:
-            raise ValueError(f"`lora.{info.field_name}` must be >= 1, got {v}")
-        return v
 
 
 class TrainEvalSpec(Config):
@@ -50,19 +44,14 @@ class TrainEvalSpec(Config):
 
     model_config = ConfigDict(extra="forbid")
 
+    _prefix: ClassVar[str] = "eval"
+
     enabled: bool = Field(default=True, description="Run the evaluation after training.")
     suite: str | dict[str, Any] | None = Field(default=None, description="Suite to evaluate on; None: the training suite with split=test.")
-    limit: int | None = Field(default=100, description="Evaluate on the first `limit` items (None: all).")
-    max_tokens: int | None = Field(default=None, description="Output-token budget per item; None: 2 × max_completion_length.")
+    limit: int | None = Field(default=100, ge=1, description="Evaluate on the first `limit` items (None: all).")
+    max_tokens: int | None = Field(default=None, ge=1, description="Output-token budget per item; None: 2 × max_completion_length.")
     backend: Literal["auto", "vllm", "hf"] = Field(default="auto", description="Backend that loads both checkpoints (auto: vLLM when installed).")
     batch_size: int = Field(default=64, description="Items per evaluation batch.")
-
-    @field_validator("limit", "max_tokens")
-    @classmethod
-    def _pos(cls, v: int | None, info: Any) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"`eval.{info.field_name}` must be >= 1 or null, got {v}")
-        return v
 
 
 class TrainConfig(Config):
@@ -76,63 +65,27 @@ class TrainConfig(Config):
     model: str = Field(default="default", description="Model to train: 'default', a checkpoint directory, or hf:/vllm:PATH.")
     suite: str | dict[str, Any] = Field(description="Suite whose items become training prompts (use a split disjoint from the evaluation).")
     seed: int = Field(default=0, description="Seed of data sampling, targets and training.")
-    max_steps: int = Field(default=50, description="Optimizer steps.")
-    num_generations: int = Field(default=4, description="Completions per prompt (GRPO's group size).")
-    per_device_train_batch_size: int = Field(default=4, description="Completions per process and micro-batch; × processes × gradient_accumulation_steps must be a multiple of num_generations.")
-    gradient_accumulation_steps: int = Field(default=1, description="Micro-batches per optimizer step.")
-    max_completion_length: int = Field(default=128, description="Generation limit in tokens.")
-    learning_rate: float = Field(default=1e-5, description="AdamW learning rate.")
-    temperature: float = Field(default=1.0, description="Rollout sampling temperature.")
-    beta: float = Field(default=0.0, description="KL coefficient (0: no reference model, TRL's default).")
-    max_minutes: float | None = Field(default=None, description="Stop (and checkpoint) after this much training time; resuming continues.")
-    save_steps: int = Field(default=25, description="Checkpoint every this many steps.")
+    max_steps: int = Field(default=50, ge=1, description="Optimizer steps.")
+    num_generations: int = Field(default=4, ge=1, description="Completions per prompt (GRPO's group size).")
+    per_device_train_batch_size: int = Field(default=4, ge=1, description="Completions per process and micro-batch; × processes × gradient_accumulation_steps must be a multiple of num_generations.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro-batches per optimizer step.")
+    max_completion_length: int = Field(default=128, ge=1, description="Generation limit in tokens.")
+    learning_rate: float = Field(default=1e-5, gt=0, description="AdamW learning rate.")
+    temperature: float = Field(default=1.0, gt=0, description="Rollout sampling temperature.")
+    beta: float = Field(default=0.0, ge=0, description="KL coefficient (0: no reference model, TRL's default).")
+    max_minutes: float | None = Field(default=None, gt=0, description="Stop (and checkpoint) after this much training time; resuming continues.")
+    save_steps: int = Field(default=25, ge=1, description="Checkpoint every this many steps.")
     save_total_limit: int | None = Field(default=2, description="Keep at most this many checkpoints (None: all).")
-    logging_steps: int = Field(default=1, description="Log metrics every this many steps.")
+    logging_steps: int = Field(default=1, ge=1, description="Log metrics every this many steps.")
     device: Literal["auto", "cpu", "gpu"] = Field(default="auto", description="cpu: fp32 + transformers generation; gpu: CUDA.")
     use_vllm: bool | None = Field(default=None, description="Generate with vLLM (None: on GPU when vLLM is installed).")
     vllm_mode: Literal["colocate", "server"] = Field(default="colocate", description="vLLM in the trainer's process or a `trl vllm-serve` server.")
     vllm_server_base_url: str | None = Field(default=None, description="URL of the `trl vllm-serve` server (server mode).")
-    vllm_gpu_memory_utilization: float = Field(default=0.3, description="GPU memory share of the colocated vLLM engine.")
+    vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0, le=1, description="GPU memory share of the colocated vLLM engine.")
     fp16: bool | None = Field(default=None, description="fp16 training and fp16 rollouts (None: on GPU).")
     lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters instead of all weights.")
     grpo: dict[str, Any] = Field(default_factory=dict, description="Further trl.GRPOConfig fields (override the above).")
     eval: TrainEvalSpec = Field(default_factory=TrainEvalSpec, description="The evaluation after training.")
-
-    @field_validator("max_steps", "num_generations", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "max_completion_length", "save_steps", "logging_steps")
-    @classmethod
-    def _pos(cls, v: int, info: Any) -> int:
-        if v < 1:
-            raise ValueError(f"`{info.field_name}` must be >= 1, got {v}")
-        return v
-
-    @field_validator("learning_rate", "temperature")
-    @classmethod
-    def _posf(cls, v: float, info: Any) -> float:
-        if not v > 0:
-            raise ValueError(f"`{info.field_name}` must be > 0, got {v}")
-        return v
-
-    @field_validator("max_minutes")
-    @classmethod
-    def _minutes(cls, v: float | None) -> float | None:
-        if v is not None and not v > 0:
-            raise ValueError(f"`max_minutes` must be > 0 or null (no time limit), got {v}")
-        return v
-
-    @field_validator("beta")
-    @classmethod
-    def _beta(cls, v: float) -> float:
-        if v < 0:
-            raise ValueError(f"`beta` must be >= 0, got {v}")
-        return v
-
-    @field_validator("vllm_gpu_memory_utilization")
-    @classmethod
-    def _mem(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError(f"`vllm_gpu_memory_utilization` must be in (0, 1], got {v}")
-        return v
 
     @model_validator(mode="after")
     def _groups(self) -> TrainConfig:

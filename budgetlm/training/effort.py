@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -41,14 +41,14 @@ class EffortParams(RecipeParams):
 
     mode: Literal["exact", "max", "effort"] = Field(default="exact", description="LCPO-Exact, LCPO-Max or e1 effort.")
     target_range: tuple[int, int] = Field(default=(16, 128), description="Token targets are drawn uniformly from this closed range.")
-    targets: list[int] | None = Field(default=None, description="Draw token targets from this list instead of target_range.")
-    efforts: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], description="Effort fractions drawn per example (mode=effort).")
-    alpha: float | None = Field(default=None, description="LCPO's length weight α; None: 1.2 / the largest target.")
+    targets: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, min_length=1, description="Draw token targets from this list instead of target_range.")
+    efforts: list[Annotated[float, Field(gt=0, le=1)]] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1, description="Effort fractions drawn per example (mode=effort).")
+    alpha: float | None = Field(default=None, gt=0, description="LCPO's length weight α; None: 1.2 / the largest target.")
     delta: float = Field(default=0.5, description="LCPO-Max's offset δ.")
     average: Literal["group", "ema"] = Field(default="group", description="e1's T_avg: group mean or per-prompt EMA.")
     count: Literal["completion", "thinking"] = Field(default="completion", description="Length counted: all generated tokens or thinking tokens.")
     grader: str = Field(default="auto", description="Correctness grader; auto: reasoning_gym for reasoning-gym rows, else math.")
-    eval_targets: list[int] | None = Field(default=None, description="Targets (or, for mode=effort, efforts ×100) compared in the final evaluation; None: 3 spread over the range.")
+    eval_targets: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, min_length=1, description="Targets (or, for mode=effort, efforts ×100) compared in the final evaluation; None: 3 spread over the range.")
 
     @field_validator("target_range")
     @classmethod
@@ -57,27 +57,6 @@ class EffortParams(RecipeParams):
         if lo < 1 or hi < lo:
             raise ValueError(f"`target_range` must be (low, high) with 1 <= low <= high tokens, got {list(v)}; "
                              f"target lengths must be positive")
-        return v
-
-    @field_validator("targets", "eval_targets")
-    @classmethod
-    def _targets(cls, v: list[int] | None, info: Any) -> list[int] | None:
-        if v is not None and (not v or any(t < 1 for t in v)):
-            raise ValueError(f"`{info.field_name}` must list positive token targets, got {v}; target lengths must be > 0")
-        return v
-
-    @field_validator("efforts")
-    @classmethod
-    def _efforts(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0 < e <= 1 for e in v):
-            raise ValueError(f"`efforts` must list fractions in (0, 1], got {v}")
-        return v
-
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: float | None) -> float | None:
-        if v is not None and v <= 0:
-            raise ValueError(f"`alpha` must be > 0 or null (automatic), got {v}")
         return v
 
     @model_validator(mode="after")

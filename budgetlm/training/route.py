@@ -199,7 +199,8 @@ class RouteRecipe(Recipe):
                 continue
             row: dict[str, Any] = {}
             for arm, r in recs.items():
-                assert r is not None
+                if r is None:
+                    raise missing('r')
                 row[f"success_{arm}"] = bool(r.correct)
                 row[f"cost_{arm}"] = int(r.output_tokens)
                 row[f"model_steps_{arm}"] = _model_steps(r)

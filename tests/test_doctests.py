@@ -1,0 +1,33 @@
+"""The ``>>>`` examples in docstrings (every reward, every metric) run and print what they show."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import pkgutil
+
+import pytest
+
+import budgetlm.rewards
+
+REWARD_MODULES = sorted(f"budgetlm.rewards.{m.name}" for m in pkgutil.iter_modules(budgetlm.rewards.__path__))
+MODULES = [
+    *REWARD_MODULES,
+    "budgetlm.evals.metrics",
+    "budgetlm.evals.routing_metrics",
+    "budgetlm.costs",
+    "budgetlm.strategies.confidence",
+    "budgetlm.strategies.deepconf",
+    "budgetlm.tools",
+]
+NO_EXAMPLES = {"budgetlm.rewards.__init__", "budgetlm.rewards.base"}
+"""Modules without a reward or metric of their own (registry and helpers): examples optional."""
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str) -> None:
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {name} failed (output above)"
+    if name not in NO_EXAMPLES:
+        assert result.attempted > 0, f"{name} has no >>> examples"

@@ -157,8 +157,9 @@ class Completion:
     """The generated text (assistant prefix not included)."""
     token_ids: list[int]
     """Generated token ids; ``len(token_ids)`` is what the sample cost in output tokens."""
-    finish_reason: FinishReason
-    """``stop`` (end of sequence or stop string), ``length`` (max_tokens), ``abort``, ``deadline``, ``error``."""
+    finish_reason: str
+    """One of :data:`~budgetlm.usage.FinishReason`: ``stop`` (end of sequence or stop string), ``length``
+    (max_tokens), ``abort``, ``deadline``, ``error``."""
     logprobs: list[float] | None = None
     """Raw log-probability of each generated token, when asked."""
     top_logprobs: list[dict[int, float]] | None = None
@@ -219,7 +220,7 @@ class RawCompletion:
 
     token_ids: list[int]
     text: str
-    finish_reason: FinishReason
+    finish_reason: str  # one of FinishReason
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     stop_string: str | None = None
@@ -538,7 +539,7 @@ class Backend(ABC):
             usd=self.prices.cost(self.name, n_prompt, raw.cached_prompt_tokens, sum(lengths)),
             joules=joules,
             model=self.name,
-            finish_reason=comps[-1].finish_reason if comps else None,
+            finish_reason=cast("FinishReason | None", comps[-1].finish_reason if comps else None),
             extra={k: v for k, v in raw.extra.items() if k != "flops_extra"},
         )
         if raw.usage_check:

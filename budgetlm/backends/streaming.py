@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from budgetlm.errors import missing
-from budgetlm.usage import FinishReason
 
 if TYPE_CHECKING:
     from budgetlm.backends.base import RawResult
@@ -40,8 +39,8 @@ class Delta:
     """New text (may be empty when a token completes no character yet)."""
     token_ids: list[int] = field(default_factory=list)
     """New token ids."""
-    finish_reason: FinishReason | None = None
-    """Set on the sample's last delta: ``stop``, ``length``, ``abort`` or ``deadline``."""
+    finish_reason: str | None = None
+    """One of :data:`~budgetlm.usage.FinishReason`, set on the sample's last delta: ``stop``, ``length``, ``abort`` or ``deadline``."""
     logprobs: list[float] | None = None
     """Log-probability of each new token, when the request asked for logprobs (online confidence monitors)."""
     top_logprobs: list[dict[int, float]] | None = None

@@ -35,7 +35,7 @@ from budgetlm.errors import ConfigError
 from budgetlm.meter import Meter
 from budgetlm.registry import Registry
 from budgetlm.tools import Tool
-from budgetlm.usage import FinishReason, Usage
+from budgetlm.usage import Usage
 
 
 @dataclass
@@ -93,8 +93,9 @@ class Result:
     stop_reason: str = "done"
     """``"done"``; ``"deadline"`` (the wall-clock budget ended the answer's generation); ``"budget exhausted:
     <unit>"``; or one of :data:`LIMIT_STOPS` (the strategy reached its own search limit within budget)."""
-    finish_reason: FinishReason | None = None
-    """Finish reason of the sample the answer came from (``forced`` for a tree search's forced answer)."""
+    finish_reason: str | None = None
+    """Finish reason of the sample the answer came from, one of :data:`~budgetlm.usage.FinishReason` (``forced``
+    for a tree search's forced answer)."""
     truncated: bool = False
     """The answer's sample was cut by its token limit."""
     thinking_truncated: bool = False

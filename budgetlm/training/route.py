@@ -44,7 +44,7 @@ from typing import Any, cast
 from pydantic import Field, field_validator
 
 from budgetlm.budget import check_limits
-from budgetlm.errors import ConfigError
+from budgetlm.errors import ConfigError, missing
 from budgetlm.evals.config import EvalConfig, StrategySpec, config_id
 from budgetlm.evals.records import EvalRecord
 from budgetlm.evals.rundir import RunDir
@@ -180,9 +180,9 @@ class RouteRecipe(Recipe):
         if not wanted:
             raise ConfigError("recipe 'route' got no items; pass the suite items to train on")
         pos = {k: i for i, k in enumerate(it.id for it in get_suite(suite).items())}
-        missing = sorted(wanted - set(pos))
-        if missing:
-            raise ConfigError(f"items {missing[:5]} are not in suite {suite!r} (`ctx.extra['suite']`); pass the suite "
+        absent = sorted(wanted - set(pos))
+        if absent:
+            raise ConfigError(f"items {absent[:5]} are not in suite {suite!r} (`ctx.extra['suite']`); pass the suite "
                               "the items came from")
         limit = 1 + max(pos[k] for k in wanted)  # the runner takes a prefix of the suite: stop at the last item
         cfg = self.boundary_config(suite, ctx.seed, limit if limit < len(pos) else None)

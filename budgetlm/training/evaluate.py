@@ -106,7 +106,7 @@ def compare(records: list[EvalRecord], roles: dict[str, str]) -> list[dict[str, 
             "truncated": sum(r.truncated for r in recs) / n,
         }
         pairs = [(r.details.get("length_error"), r.details.get("target_tokens")) for r in recs]
-        errs = [(float(e), float(t)) for e, t in pairs if e is not None and t]
+        errs = [(float(e), t) for e, t in pairs if e is not None and t]
         if errs:
             row["target_tokens"] = errs[0][1] if len({t for _, t in errs}) == 1 else None
             row["length_error"] = sum(e for e, _ in errs) / len(errs)

@@ -130,6 +130,36 @@ def over_budget(result: Result, budget: Budget) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One configuration on one suite: what the runner plans and runs as a unit."""
+
+    model: str
+    """Backend spec."""
+    strategy: StrategySpec
+    """Strategy name, parameters and label."""
+    budget: dict[str, float]
+    """Per-item budget limits."""
+    config_id: str
+    """Hash of model, strategy, parameters, budget and seed (records are keyed by it)."""
+    suite_name: str
+    """The suite's spec as named in records."""
+    suite: Suite
+    """The suite (grading)."""
+    items: list[EvalItem]
+    """The items this run owns (its shard), or those still to run."""
+
+
+@dataclass
+class _Sinks:
+    """Where a cell's results go: the records and traces files, the outcome counts, the progress display."""
+
+    records: RecordWriter
+    traces: RecordWriter
+    outcome: RunOutcome
+    progress: _Progress
+
+
 class Runner:
     """Runs an :class:`EvalConfig` into a folder; see the module docstring."""
 
@@ -265,26 +295,25 @@ class Runner:
             for budget in (strat.budgets or self.config.budgets)
         ]
         grid_total = sum(len(items) for _, _, items in suites) * len(cells)
-        owned: list[tuple[str, StrategySpec, dict[str, float], str, Suite, list[EvalItem]]] = []
+        owned: list[Cell] = []
         for model, strat, budget in cells:
             cid = config_id(model, strat, budget, self.config.seed)
             for sname, suite, items in suites:
                 mine = [it for it in items if self.shard is None or self.shard.owns((sname, it.id, cid))]
-                owned.append((model, strat, budget, sname, suite, mine))
-        total = sum(len(mine) for *_, mine in owned)
+                owned.append(Cell(model, strat, budget, cid, sname, suite, mine))
+        total = sum(len(c.items) for c in owned)
         if self.shard is not None:
             meta["shard"].update(cells=total, grid_cells=grid_total)
             self.dir.write_meta(meta)
         outcome = RunOutcome(self.out_dir, total=total, shard=self.shard)
         pending_total = 0
-        plan: list[tuple[str, StrategySpec, dict[str, float], str, Suite, list[EvalItem]]] = []
-        for model, strat, budget, sname, suite, items in owned:
-            cid = config_id(model, strat, budget, self.config.seed)
-            todo = [it for it in items if (sname, it.id, cid) not in done]
-            outcome.skipped += len(items) - len(todo)
-            outcome.retried += sum((sname, it.id, cid) in errored for it in todo)
+        plan: list[Cell] = []
+        for cell in owned:
+            todo = [it for it in cell.items if (cell.suite_name, it.id, cell.config_id) not in done]
+            outcome.skipped += len(cell.items) - len(todo)
+            outcome.retried += sum((cell.suite_name, it.id, cell.config_id) in errored for it in todo)
             if todo:
-                plan.append((model, strat, budget, sname, suite, todo))
+                plan.append(dataclasses.replace(cell, items=todo))
                 pending_total += len(todo)
         of_grid = f" (shard {self.shard.label}: {total} of the grid's {grid_total})" if self.shard else ""
         log.info("eval %s: %d of %d (item, configuration) pairs to run%s, %d already done, retrying %d errored "
@@ -293,17 +322,15 @@ class Runner:
         progress = _Progress(pending_total, enabled=self.progress, interval=self.log_interval, suffix=self._tag)
         try:
             with progress:
-                by_model: dict[str, list[Any]] = {}
-                for step in plan:
-                    by_model.setdefault(step[0], []).append(step)
-                for model, steps in by_model.items():
+                by_model: dict[str, list[Cell]] = {}
+                for cell in plan:
+                    by_model.setdefault(cell.model, []).append(cell)
+                sinks = _Sinks(writer, trace_writer, outcome, progress)
+                for model, model_cells in by_model.items():
                     backend = self._backend(model)
                     try:
-                        for _, strat_spec, budget, sname, suite, todo in steps:
-                            strategy = self._strategy(strat_spec)
-                            cid = config_id(model, strat_spec, budget, self.config.seed)
-                            self._cell(backend, model, strategy, strat_spec, budget, cid, sname, suite, todo,
-                                       writer, trace_writer, outcome, progress)
+                        for cell in model_cells:
+                            self._cell(backend, cell, sinks)
                     finally:
                         pool = getattr(backend, "pool", None)
                         if isinstance(pool, ServerPool):  # per-server metrics of this session
@@ -322,25 +349,24 @@ class Runner:
             outcome.report = write_report([self.out_dir]).parent
         return outcome
 
-    def _cell(self, backend: Backend, model: str, strategy: Any, strat_spec: StrategySpec, budget: dict[str, float],
-              cid: str, sname: str, suite: Suite, todo: list[EvalItem], writer: RecordWriter,
-              trace_writer: RecordWriter, outcome: RunOutcome, progress: _Progress) -> None:
+    def _cell(self, backend: Backend, cell: Cell, sinks: _Sinks) -> None:
         """Run one configuration's pending items, ``batch_size`` problems in flight; close what the strategy loaded."""
+        strategy = self._strategy(cell.strategy)
         try:
-            run_sync(self._acell(backend, model, strategy, strat_spec, budget, cid, sname, suite, todo, writer,
-                                 trace_writer, outcome, progress))
+            run_sync(self._acell(backend, cell, strategy, sinks))
         finally:
             close = getattr(strategy, "close", None)
             if callable(close):
                 close()
 
-    async def _acell(self, backend: Backend, model: str, strategy: Any, spec: StrategySpec, budget: dict[str, float],
-                     cid: str, sname: str, suite: Suite, todo: list[EvalItem], writer: RecordWriter,
-                     trace_writer: RecordWriter, outcome: RunOutcome, progress: _Progress) -> None:
+    async def _acell(self, backend: Backend, cell: Cell, strategy: Any, sinks: _Sinks) -> None:
         """Every pending item as its own task on the engine; each record is written (and fsynced) as it finishes.
 
         A problem that fails fails alone: its record carries the error and what it spent before failing.
         """
+        model, spec, budget, cid, sname, suite, todo = (cell.model, cell.strategy, cell.budget, cell.config_id,
+                                                        cell.suite_name, cell.suite, cell.items)
+        writer, trace_writer, outcome, progress = sinks.records, sinks.traces, sinks.outcome, sinks.progress
         gate = asyncio.Semaphore(self.config.batch_size)
         b = Budget.of(budget)
         root = Meter(None, name=cid)

@@ -168,3 +168,26 @@ def test_single_request_meters_are_not_shared() -> None:
     m1, m2 = Meter(Budget(output_tokens=100)), Meter(Budget(output_tokens=100))
     reqs = [GenerationRequest(prompt="a", sampling=SamplingParams(max_tokens=500), meter=m) for m in (m1, m2)]
     assert [r.max_tokens for r in b.generate(reqs)] == [100, 100]
+
+
+@pytest.mark.parametrize(("spec", "kind", "target", "options"), [
+    ("vllm:default?max_model_len=2048", "vllm", "default", {"max_model_len": 2048}),
+    ("hf:/models/x", "hf", "/models/x", {}),
+    ("openai:http://a:1/v1,http://b:2/v1#m?concurrency=4", "openai", "http://a:1/v1,http://b:2/v1#m", {"concurrency": 4}),
+    ("scripted", "scripted", "", {}),
+])
+def test_backend_spec_is_parsed_once(spec: str, kind: str, target: str, options: dict) -> None:
+    from budgetlm.backends import BackendSpec
+
+    parsed = BackendSpec.parse(spec)
+    assert (parsed.kind, parsed.target, parsed.options) == (kind, target, options)
+    assert parsed.seeded == (kind == "vllm")
+
+
+@pytest.mark.parametrize(("spec", "match"), [("", "must be a backend spec"), ("nope:x", "unknown backend kind"),
+                                             ("vllm", "must look like one of")])
+def test_bad_backend_spec(spec: str, match: str) -> None:
+    from budgetlm.backends import BackendSpec
+
+    with pytest.raises(ConfigError, match=match):
+        BackendSpec.parse(spec)

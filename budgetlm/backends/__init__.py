@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -41,6 +42,7 @@ from budgetlm.registry import Registry, coerce_option
 
 __all__ = [
     "Backend",
+    "BackendSpec",
     "Completion",
     "GenerationRequest",
     "GenerationResult",
@@ -76,35 +78,60 @@ def _vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def load(spec: str | Backend, **kwargs: Any) -> Backend:
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend spec string parsed once: ``kind:target?options`` (see the module docstring)."""
+
+    spec: str
+    """The string as given (stripped)."""
+    kind: str
+    """``vllm``, ``hf``, ``openai``, ``scripted`` (``default`` resolves to ``vllm`` or ``hf``)."""
+    target: str
+    """The model path (``default`` for the embedded model), or ``URLS#MODEL`` for ``openai``."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Options after ``?``, coerced (numbers, booleans)."""
+
+    @classmethod
+    def parse(cls, spec: str) -> BackendSpec:
+        """Parse ``spec``; errors name the valid forms."""
+        if not isinstance(spec, str) or not spec.strip():
+            raise ConfigError(f"`spec` must be a backend spec string, got {spec!r}; valid forms: {SPEC_FORMS}")
+        spec = spec.strip()
+        base, _, query = spec.partition("?")
+        opts: dict[str, Any] = {k: coerce_option(v) for k, v in parse_qsl(query, keep_blank_values=True)}
+        if base == "default":
+            base = "vllm:default" if _vllm_available() else "hf:default"
+        kind, sep, target = base.partition(":")
+        if not sep and kind != "scripted":
+            raise ConfigError(f"`spec` must look like one of: {SPEC_FORMS}; got {spec!r}")
+        if kind not in BACKENDS:
+            raise ConfigError(f"unknown backend kind {kind!r} in spec {spec!r}; valid forms: {SPEC_FORMS}")
+        return cls(spec, kind, target, opts)
+
+    @property
+    def seeded(self) -> bool:
+        """Whether the backend runs its own engine, which takes a ``seed`` (vLLM in process)."""
+        return self.kind == "vllm"
+
+
+def load(spec: str | BackendSpec | Backend, **kwargs: Any) -> Backend:
     """Build a backend from ``spec`` (see the module docstring); ``kwargs`` override options."""
     if isinstance(spec, Backend):
         return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise ConfigError(f"`spec` must be a backend spec string, got {spec!r}; valid forms: {SPEC_FORMS}")
-    spec = spec.strip()
-    base, _, query = spec.partition("?")
-    opts: dict[str, Any] = {k: coerce_option(v) for k, v in parse_qsl(query, keep_blank_values=True)}
-    opts.update(kwargs)
-    if base == "default":
-        base = "vllm:default" if _vllm_available() else "hf:default"
-    kind, sep, target = base.partition(":")
-    if not sep and kind != "scripted":
-        raise ConfigError(f"`spec` must look like one of: {SPEC_FORMS}; got {spec!r}")
-    if kind not in BACKENDS:
-        raise ConfigError(f"unknown backend kind {kind!r} in spec {spec!r}; valid forms: {SPEC_FORMS}")
+    parsed = spec if isinstance(spec, BackendSpec) else BackendSpec.parse(spec)
+    kind, target, opts = parsed.kind, parsed.target, {**parsed.options, **kwargs}
     if kind == "openai":
         urls, hsh, model = target.partition("#")
         if not hsh or not model or not urls:
-            raise ConfigError(f"`spec` for an OpenAI-compatible server must be openai:URL#MODEL, got {spec!r}")
+            raise ConfigError(f"`spec` for an OpenAI-compatible server must be openai:URL#MODEL, got {parsed.spec!r}")
         return backend_class(kind)(base_urls=urls.split(","), model=model, **opts)  # type: ignore[call-arg]
     if kind == "scripted":
         return backend_class(kind)(**opts)
     if not target:
-        raise ConfigError(f"`spec` {spec!r} names no model; use {kind}:PATH or {kind}:default")
+        raise ConfigError(f"`spec` {parsed.spec!r} names no model; use {kind}:PATH or {kind}:default")
     if target != "default" and not os.path.exists(os.path.expanduser(target)):
         raise ConfigError(
-            f"model path {target!r} in spec {spec!r} does not exist; pass a local checkpoint directory "
+            f"model path {target!r} in spec {parsed.spec!r} does not exist; pass a local checkpoint directory "
             f"or '{kind}:default' for the embedded SmolLM2-135M-Instruct"
         )
     return backend_class(kind)(model=target, **opts)  # type: ignore[call-arg]

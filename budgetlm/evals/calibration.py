@@ -79,7 +79,7 @@ class CascadeConfig(SplitConfig):
 
 def calibrate_config(cfg: CascadeConfig, epsilon: float, out: str | Path) -> dict[str, Any]:
     """Calibrate the config's cascade for tolerance ``epsilon``; write and return the calibration document."""
-    from budgetlm.backends import load
+    from budgetlm.backends import BackendSpec, load
     from budgetlm.evals.suites import get as get_suite
 
     suite = get_suite(cfg.suite)
@@ -88,7 +88,8 @@ def calibrate_config(cfg: CascadeConfig, epsilon: float, out: str | Path) -> dic
         raise ConfigError(f"suite {cfg.suite!r} has no items; check its size")
     cascade = Cascade(stages=cfg.stages, seed=cfg.seed)
     problems = [Problem(id=it.id, messages=it.messages, metadata=it.metadata) for it in items]
-    backend = load(cfg.model, **({"seed": cfg.seed} if cfg.model.split(":", 1)[0] in ("default", "vllm") else {}))
+    parsed = BackendSpec.parse(cfg.model)
+    backend = load(parsed, **({"seed": cfg.seed} if parsed.seeded else {}))
     try:
         doc = calibrate(cascade, problems, lambda i, r: suite.grade(items[i], r.text).correct, backend, epsilon,
                         budget=cfg.budget)

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from budgetlm.backends import Backend, load
+from budgetlm.backends import Backend, BackendSpec, load
 from budgetlm.backends.pool import ServerPool, ServerUse, track_servers
 from budgetlm.budget import Budget
 from budgetlm.errors import BudgetLMError, ConfigError
@@ -258,9 +258,8 @@ class Runner:
     def _backend(self, spec: str) -> Backend:
         if spec in self._given:
             return self._given[spec]
-        kind = spec.split(":", 1)[0].split("?", 1)[0]
-        kw = {"seed": self.config.seed} if kind in ("default", "vllm") else {}
-        return load(spec, **kw)
+        parsed = BackendSpec.parse(spec)
+        return load(parsed, **({"seed": self.config.seed} if parsed.seeded else {}))
 
     def _strategy(self, spec: StrategySpec) -> Any:
         params = dict(spec.params)

@@ -43,6 +43,7 @@ from typing import Any, cast
 
 from pydantic import Field, field_validator
 
+from budgetlm.backends import BackendSpec
 from budgetlm.budget import check_limits
 from budgetlm.errors import ConfigError, missing
 from budgetlm.evals.config import EvalConfig, StrategySpec, config_id
@@ -117,10 +118,10 @@ class RouteParams(RecipeParams):
 
 def _hf(spec: str) -> str:
     """``spec`` as a transformers backend spec (``vllm:P`` → ``hf:P``; ``default`` → ``hf:default``)."""
-    kind, sep, target = spec.partition(":")
-    if sep and kind in ("vllm", "hf"):
-        return f"hf:{target}"
-    return "hf:default" if spec == "default" else spec
+    if spec == "default":
+        return "hf:default"
+    parsed = BackendSpec.parse(spec)
+    return f"hf:{parsed.spec.partition(':')[2]}" if parsed.kind in ("vllm", "hf") else spec
 
 
 class RouteRecipe(Recipe):

@@ -46,7 +46,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from budgetlm import distributed
 from budgetlm.errors import ConfigError, MissingDependency
@@ -57,7 +57,8 @@ from budgetlm.training.base import RECIPES, Recipe, RecipeContext
 from budgetlm.training.config import TrainConfig
 from budgetlm.versions import library_versions
 
-__all__ = ["TrainOutcome", "build_dataset", "build_grpo_config", "check_batch", "model_path", "resolve_device", "train"]
+__all__ = ["TrainDevice", "TrainOutcome", "build_dataset", "build_grpo_config", "check_batch", "model_path", "resolve_device",
+           "train"]
 
 log = logging.getLogger("budgetlm.training")
 
@@ -102,8 +103,18 @@ def _vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def resolve_device(cfg: TrainConfig) -> dict[str, Any]:
-    """``{"device", "use_vllm", "fp16"}`` after applying the ``auto``/None defaults; errors for impossible mixes."""
+class TrainDevice(TypedDict):
+    """Where and how training runs, after the ``auto``/None defaults of :class:`TrainConfig` are applied."""
+
+    device: Literal["cpu", "gpu"]
+    use_vllm: bool
+    """TRL generates with vLLM (GPU only)."""
+    fp16: bool
+    """Mixed precision (GPU only)."""
+
+
+def resolve_device(cfg: TrainConfig) -> TrainDevice:
+    """The :class:`TrainDevice` of ``cfg`` after applying the ``auto``/None defaults; errors for impossible mixes."""
     gpu = cfg.device == "gpu" or (cfg.device == "auto" and _cuda())
     if cfg.device == "gpu" and not _cuda():
         raise ConfigError("`device` must be 'cpu' or 'auto' on a machine without CUDA, got 'gpu'; "
@@ -115,7 +126,7 @@ def resolve_device(cfg: TrainConfig) -> dict[str, Any]:
                           "leave it null (transformers generation on CPU)")
     if not gpu and fp16:
         raise ConfigError("`fp16` must be false on the CPU, got true: train in fp32 there (ALGORITHMS.md §9)")
-    return {"device": "gpu" if gpu else "cpu", "use_vllm": bool(use_vllm), "fp16": bool(fp16)}
+    return TrainDevice(device="gpu" if gpu else "cpu", use_vllm=bool(use_vllm), fp16=bool(fp16))
 
 
 def _grpo_fields() -> dict[str, Any]:
@@ -159,7 +170,7 @@ def check_batch(kw: dict[str, Any], processes: int) -> int:
     return size
 
 
-def build_grpo_config(cfg: TrainConfig, recipe: Recipe, checkpoints: Path, device: dict[str, Any]) -> Any:
+def build_grpo_config(cfg: TrainConfig, recipe: Recipe, checkpoints: Path, device: TrainDevice) -> Any:
     """The :class:`trl.GRPOConfig` for ``cfg`` (``cfg.grpo`` entries override the derived values)."""
     from trl import GRPOConfig
 

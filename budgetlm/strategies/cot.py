@@ -92,6 +92,40 @@ needs a model with thinking tags and a backend that supports it (a vLLM engine s
 reasoning parser, e.g. ``VLLMBackend(..., engine_kwargs={"reasoning_parser": "deepseek_r1"})``);
 otherwise solving raises :class:`~budgetlm.errors.ConfigError` before any call, naming the fix
 (chosen over a silent fallback: asking for the pass-through and not getting it is a setup error).
+
+Certainty-probe early exit (``early_exit=True``; Dynasor-CoT, Fu et al., "Efficiently Serving LLM Reasoning
+Programs with Certaindex", arXiv 2412.20993).  The thinking runs in chunks: each thinking call stops after at
+most ``probe_every`` more thinking tokens (``max_tokens`` = the distance to the next probe point, never more
+than the cap's room), and at each probe point the strategy sends one *probe*: a forked continuation of the
+same prompt with the thinking so far plus a probe text as its ``assistant_prefix`` (the same prefix as the
+thinking, so an engine with prefix caching reuses it), decoded greedily for at most ``probe_tokens`` tokens
+(stopping at a blank line, and at the end tag for tag models).  The probe text is ``probe_text``, else for
+tag models Dynasor's ``"... Oh, I suddenly got the answer to the whole problem, **Final Answer**: \\boxed{"``
+inside the thinking, and for models without tags ``answer_lead`` (``"\\nAnswer:"``): the probe is then a
+short forced answer at that point, extracted the same way as the final one.  A probe's answer is extracted
+from the probe text plus its output only (never from the reasoning); it counts as no answer when the output
+hesitates ("wait", "hmm", as in Dynasor) or, with ``min_confidence``, when its mean token probability (from
+the sampled tokens' logprobs; always recorded as ``confidence``) is below it.  When the last ``window``
+probes give the same non-empty (normalised) answer the thinking stops and the result is that answer:
+``Result.text`` is ``answer_lead`` (stripped) plus the last probe's answer, with no forced-answer call
+(when streaming, that text is sent as one delta).  Otherwise the thinking goes on, and ends as without
+early exit (by itself, by the cap, or by "Wait" extensions ending) with the forced answer.
+Probing pauses the reasoning (the chunks and probes of one problem are sequential; other problems keep the
+engine busy); we chose this over probing a running stream because it is exact about the cap and
+deterministic, at the price of one more prompt per chunk (prefix-cache hits on vLLM) and the probe's
+latency on the critical path.  Probes are real output tokens: charged to the problem's meter like every
+call (so the budget includes them, and they reduce the room left for thinking), listed in the trace
+(``phase="probe"`` with ``at`` = thinking tokens so far, ``probe_answer``, ``confidence``, ``hesitant``,
+``agreed``) and reported separately in ``Result.details`` (``probes``, ``probe_tokens``, ``exited_at``,
+``thinking_tokens_used``, ``thinking_saved`` = thinking tokens the cap still allowed at the exit), which
+the eval runner copies into the record's ``probe_tokens``.  For tag models the probe's output is inside
+the thinking, so the backend also counts it in ``Usage.thinking_tokens``.  A probe is only sent while the
+budget has room for it and still for the answer (``probe_tokens + answer_tokens`` output tokens), so early
+exit never costs the answer; the thinking cap is never exceeded (probes are not thinking-cap tokens: no probe
+is sent at the cap itself, where the forced answer follows).  ``probe_every`` must be smaller than an
+explicit ``thinking_tokens`` cap (a :class:`~budgetlm.errors.ConfigError` otherwise); a cap derived from
+the budget that is too small for a probe simply makes no probe (``probes: 0``).  Works with budget forcing's
+cap, its "Wait" extensions and the engine pass-through (the engine budget is the cap's room, not the chunk).
 """
 
 from __future__ import annotations

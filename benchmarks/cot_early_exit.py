@@ -8,7 +8,7 @@ plain cot's interval).  Writes ``benchmarks/results/cot_early_exit_summary.json`
 
 Usage::
 
-    .venv/bin/python benchmarks/cot_early_exit.py [--out runs/cot_early_exit] [--limit 40]
+    .venv/bin/python benchmarks/cot_early_exit.py [--out runs/cot_early_exit] [--limit 15]
 """
 
 from __future__ import annotations
@@ -42,8 +42,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(HERE / "cot_early_exit.yaml"))
     ap.add_argument("--out", default="runs/cot_early_exit")
-    ap.add_argument("--limit", type=int, default=40, help="items per suite")
+    ap.add_argument("--limit", type=int, default=15, help="items per suite")
     ap.add_argument("--results", default=str(HERE / "results" / "cot_early_exit_summary"))
+    ap.add_argument("--summarize-only", action="store_true", help="summarise the records in --out without running")
+    ap.add_argument("--labels", default="", help="run only these strategy labels (comma-separated)")
+    ap.add_argument("--include", action="append", default=[], help="also summarise the records of this run folder")
     args = ap.parse_args()
 
     from budgetlm.evals.config import EvalConfig
@@ -52,10 +55,18 @@ def main() -> None:
     from budgetlm.versions import library_versions
 
     cfg = EvalConfig.load(args.config).model_copy(update={"limit": args.limit})
+    if args.labels:
+        keep = set(args.labels.split(","))
+        cfg = cfg.model_copy(update={"strategies": [s for s in cfg.strategies if s.label in keep]})
     t0 = time.perf_counter()
-    run_eval(cfg, args.out, report=False)
+    if not args.summarize_only:
+        run_eval(cfg, args.out, report=False)
     wall = time.perf_counter() - t0
-    recs = [r for r in read_records(Path(args.out) / "records.jsonl") if r.error is None]
+    recs = [r for d in (args.out, *args.include) for r in read_records(Path(d) / "records.jsonl") if r.error is None]
+    limits = {args.out: args.limit}
+    for d in args.include:
+        with open(Path(d) / "run.json") as fh:
+            limits[d] = json.load(fh)["config"].get("limit")
     by: dict[tuple[str, int], dict[tuple[str, str], object]] = {}
     for r in recs:
         by.setdefault((r.strategy, int(r.budget.get("output_tokens", 0))), {})[(r.suite, r.item_id)] = r
@@ -95,6 +106,7 @@ def main() -> None:
             "equal_accuracy": lo <= acc_b <= hi, "target_met": lo <= acc_b <= hi and saved >= 0.30,
         })
     summary = {"benchmark": "cot_early_exit", "config": cfg.model_dump(mode="json"), "limit": args.limit,
+               "run_folders": limits,
                "seed": cfg.seed, "bootstrap": {"resamples": BOOT, "seed": BOOT_SEED}, "wall_seconds": wall,
                "versions": library_versions(), "rows": rows, "checks": checks}
     res = Path(args.results)

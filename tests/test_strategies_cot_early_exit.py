@@ -202,3 +202,26 @@ def test_real_model_eval_within_budget(tmp_path) -> None:  # noqa: ANN001
         assert rec.output_tokens <= 128
         assert rec.probe_tokens == rec.details["probe_tokens"] <= rec.output_tokens
         assert rec.details["probes"] >= 0
+
+
+@pytest.mark.parametrize("tags", [False, True])
+def test_with_wait_extensions_a_natural_end_at_a_probe_point_probes(tags: bool) -> None:
+    # the model ends its thinking by itself after exactly 8 tokens each time (a probe point); budget forcing
+    # extends it with "Wait" and the probes run at those ends (a regression: the next chunk was 0 tokens)
+    seen: list[str] = []
+
+    def scr(prompt: str, i: int, sp: SamplingParams) -> str:
+        seen.append(prompt)
+        reply = prompt.split("<|assistant|> ", 1)[1]
+        if sp.logprobs is None and reply.rstrip().endswith("Answer:"):
+            return " 7\n\nmore"
+        if sp.logprobs is not None:
+            return "7}\n\n" if tags else " 7\n\n"
+        n = len(re.findall(r"\bs\d+\b", reply))
+        return "".join(f"s{j} " for j in range(n, n + 8)) + ("</think>\nAnswer: 7" if tags else "Answer: 7")
+
+    b = ScriptedBackend(scr, thinking=ThinkingFormat() if tags else None)
+    [r] = BudgetForcing(early_exit=True, probe_every=8, probe_tokens=4, window=2, min_thinking_tokens=100,
+                        max_waits=20).solve(["q"], backend=b, budget={"output_tokens": 400})
+    assert [p["at"] for p in probes(r)] == [8, 16] and r.details["exited_at"] == 16 and r.answer == "7"
+    assert all(not p.rstrip().endswith("Wait\nAnswer:") for p in seen)  # probed before the wait was appended

@@ -443,7 +443,7 @@ class BudgetForcing(Strategy):
                 break
             if st.probing and not self._probe_fits(meter):
                 st.probing = False  # no room for a probe and the answer: plain budget forcing from here on
-            chunk = min(room, next_probe - st.used) if st.probing else room  # pause at the next probe
+            chunk = min(room, max(1, next_probe - st.used)) if st.probing else room  # pause at the next probe
             req = GenerationRequest(messages=problem.messages, assistant_prefix=st.prefix or None, id=problem.id,
                                     sampling=think_sp.model_copy(update={"max_tokens": chunk}))
             limits: tuple[int, int] | None = None  # (engine budget, generated thinking allowed)
@@ -490,17 +490,21 @@ class BudgetForcing(Strategy):
                 text = text[: text.find(boundary)]
             st.prefix += text
             st.used += len(c.token_ids)
-            if (chunk < room and c.finish_reason == "length" and g.clamped_by is None and not forced
-                    and st.used >= next_probe):  # paused at a probe point, not cut by the cap or the budget
+            paused = chunk < room and c.finish_reason == "length" and g.clamped_by is None and not forced
+            ended = not paused and (c.finish_reason in ("length", "deadline") or forced)
+            extend = (not paused and not ended and st.used < self.min_thinking_tokens
+                      and st.waits < self.max_waits)
+            if (paused or extend) and st.probing and st.used >= next_probe:  # the thinking goes on: probe first
                 while next_probe <= st.used:
                     next_probe += self.probe_every
                 if await self._probe(problem, st, ctx, boundary):
                     st.thinking = False
                     break
+            if paused:
                 continue
-            if c.finish_reason in ("length", "deadline") or forced:
+            if ended:
                 st.thinking, st.cut = False, True
-            elif st.used < self.min_thinking_tokens and st.waits < self.max_waits and self._room(st, meter) >= 1:
+            elif extend and self._room(st, meter) >= 1:
                 sep = "" if not st.prefix or st.prefix[-1].isspace() else " "
                 st.prefix += sep + self.wait_text
                 st.waits += 1

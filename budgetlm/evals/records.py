@@ -53,6 +53,8 @@ class EvalRecord(BaseModel):
     cached_tokens: int = Field(default=0, description="Of the input tokens, prefix-cache hits.")
     output_tokens: int = Field(default=0, description="Output tokens over all calls.")
     thinking_tokens: int = Field(default=0, description="Of the output tokens, thinking tokens.")
+    probe_tokens: int = Field(default=0, description=(
+        "Of the output tokens, those spent on certainty probes (cot with early_exit); 0 for other strategies."))
     sequential_tokens: int = Field(default=0, description="Output tokens on the critical path.")
     model_calls: int = Field(default=0, description="Model calls made.")
     wall_seconds: float = Field(default=0.0, description="Wall time of the batch the item ran in, shared.")

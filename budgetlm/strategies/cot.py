@@ -92,19 +92,55 @@ needs a model with thinking tags and a backend that supports it (a vLLM engine s
 reasoning parser, e.g. ``VLLMBackend(..., engine_kwargs={"reasoning_parser": "deepseek_r1"})``);
 otherwise solving raises :class:`~budgetlm.errors.ConfigError` before any call, naming the fix
 (chosen over a silent fallback: asking for the pass-through and not getting it is a setup error).
+
+Certainty-probe early exit (``early_exit=True``; Dynasor-CoT, Fu et al., "Efficiently Serving LLM Reasoning
+Programs with Certaindex", arXiv 2412.20993).  The thinking runs in chunks: each thinking call stops after at
+most ``probe_every`` more thinking tokens (``max_tokens`` = the distance to the next probe point, never more
+than the cap's room), and at each probe point the strategy sends one *probe*: a forked continuation of the
+same prompt with the thinking so far plus a probe text as its ``assistant_prefix`` (the same prefix as the
+thinking, so an engine with prefix caching reuses it), decoded greedily for at most ``probe_tokens`` tokens
+(stopping at a blank line, and at the end tag for tag models).  The probe text is ``probe_text``, else for
+tag models Dynasor's ``"... Oh, I suddenly got the answer to the whole problem, **Final Answer**: \\boxed{"``
+inside the thinking, and for models without tags ``answer_lead`` (``"\\nAnswer:"``): the probe is then a
+short forced answer at that point, extracted the same way as the final one.  A probe's answer is extracted
+from the probe text plus its output only (never from the reasoning); it counts as no answer when the output
+hesitates ("wait", "hmm", as in Dynasor) or, with ``min_confidence``, when its mean token probability (from
+the sampled tokens' logprobs; always recorded as ``confidence``) is below it.  When the last ``window``
+probes give the same non-empty (normalised) answer the thinking stops and the result is that answer:
+``Result.text`` is ``answer_lead`` (stripped) plus the last probe's answer, with no forced-answer call
+(when streaming, that text is sent as one delta).  Otherwise the thinking goes on, and ends as without
+early exit (by itself, by the cap, or by "Wait" extensions ending) with the forced answer.
+Probing pauses the reasoning (the chunks and probes of one problem are sequential; other problems keep the
+engine busy); we chose this over probing a running stream because it is exact about the cap and
+deterministic, at the price of one more prompt per chunk (prefix-cache hits on vLLM) and the probe's
+latency on the critical path.  Probes are real output tokens: charged to the problem's meter like every
+call (so the budget includes them, and they reduce the room left for thinking), listed in the trace
+(``phase="probe"`` with ``at`` = thinking tokens so far, ``probe_answer``, ``confidence``, ``hesitant``,
+``agreed``) and reported separately in ``Result.details`` (``probes``, ``probe_tokens``, ``exited_at``,
+``thinking_tokens_used``, ``thinking_saved`` = thinking tokens the cap still allowed at the exit), which
+the eval runner copies into the record's ``probe_tokens``.  For tag models the probe's output is inside
+the thinking, so the backend also counts it in ``Usage.thinking_tokens``.  A probe is only sent while the
+budget has room for it and still for the answer (``probe_tokens + answer_tokens`` output tokens), so early
+exit never costs the answer; the thinking cap is never exceeded (probes are not thinking-cap tokens: no probe
+is sent at the cap itself, where the forced answer follows).  ``probe_every`` must be smaller than an
+explicit ``thinking_tokens`` cap (a :class:`~budgetlm.errors.ConfigError` otherwise); a cap derived from
+the budget that is too small for a probe simply makes no probe (``probes: 0``).  Works with budget forcing's
+cap, its "Wait" extensions and the engine pass-through (the engine budget is the cap's room, not the chunk).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from budgetlm.answers import extract_answer
+from budgetlm.answers import extract_answer, normalize_answer
 from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams, ThinkingBudgetBackend
 from budgetlm.backends.streaming import Delta, DeltaCallback
 from budgetlm.errors import BudgetExceeded, ConfigError
@@ -118,8 +154,13 @@ _UNBOUNDED_THINKING = 1024
 """Thinking cap when neither ``thinking_tokens`` nor an output-token budget limits it."""
 _ANSWER_STOP = ["\n\n"]
 """The forced answer ends at a blank line."""
+DYNASOR_PROBE = "... Oh, I suddenly got the answer to the whole problem, **Final Answer**: \\boxed{"
+"""Dynasor-CoT's certainty probe, appended inside the thinking of models with thinking tags."""
+_HESITATION = re.compile(r"\b(?:wait|hmm+)\b", re.IGNORECASE)
+"""A probe whose output hesitates ("wait", "hmm") gives no answer (Dynasor discards such probes)."""
 _INTS = {"thinking_tokens": (0, True), "answer_tokens": (1, False), "min_thinking_tokens": (0, False),
-         "max_waits": (0, False), "seed": (0, True)}
+         "max_waits": (0, False), "seed": (0, True), "probe_every": (1, False), "probe_tokens": (1, False),
+         "window": (1, False)}
 """Integer parameters: (lowest value, None allowed)."""
 
 
@@ -139,6 +180,19 @@ class BudgetForcingParams(StrategyParams):
     thinking_budget_passthrough: bool = Field(default=False, description=(
         "Also pass each thinking call's cap to the engine (vLLM's thinking_token_budget, which needs a reasoning "
         "parser) and verify it was applied."))
+    early_exit: bool = Field(default=False, description=(
+        "Certainty-probe early exit (Dynasor-CoT): probe the answer every probe_every thinking tokens and stop "
+        "thinking once the last `window` probes agree."))
+    probe_every: int = Field(default=64, ge=1, description="Thinking tokens between two probes (early_exit).")
+    probe_tokens: int = Field(default=16, ge=1, description="Most tokens one probe may generate (early_exit).")
+    window: int = Field(default=3, ge=1, description=(
+        "Exit when this many consecutive probes give the same non-empty answer (early_exit)."))
+    min_confidence: float | None = Field(default=None, gt=0, le=1, description=(
+        "Also require each agreeing probe's mean token probability to be at least this (early_exit); None: off."))
+    probe_text: str | None = Field(default=None, description=(
+        "Text appended to the thinking so far to probe the answer; None: Dynasor's '... Oh, I suddenly got the "
+        "answer to the whole problem, **Final Answer**: \\boxed{' inside the thinking for models with tags, "
+        "answer_lead for models without."))
 
     @field_validator(*_INTS, mode="before")
     @classmethod
@@ -172,12 +226,36 @@ class BudgetForcingParams(StrategyParams):
             raise ValueError(f"`temperature` must be a number >= 0 (0 = greedy), got {v!r}")
         return v
 
-    @field_validator("thinking_budget_passthrough", mode="before")
+    @field_validator("thinking_budget_passthrough", "early_exit", mode="before")
     @classmethod
-    def _passthrough(cls, v: Any) -> Any:
+    def _bool(cls, v: Any, info: ValidationInfo) -> Any:
         if not isinstance(v, bool):
-            raise ValueError(f"`thinking_budget_passthrough` must be True or False, got {v!r}")
+            raise ValueError(f"`{info.field_name}` must be True or False, got {v!r}")
         return v
+
+    @field_validator("min_confidence", mode="before")
+    @classmethod
+    def _min_confidence(cls, v: Any) -> Any:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+            raise ValueError(f"`min_confidence` must be a probability in (0, 1] (mean token probability of a probe) "
+                             f"or None, got {v!r}")
+        return v
+
+    @field_validator("probe_text", mode="before")
+    @classmethod
+    def _probe_text(cls, v: Any) -> Any:
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            raise ValueError(f"`probe_text` must be a non-empty string like '\\nSo the final answer is' or None "
+                             f"(the default probe), got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _probe_fits(self) -> BudgetForcingParams:
+        if self.early_exit and self.thinking_tokens is not None and self.probe_every >= self.thinking_tokens:
+            raise ValueError(
+                f"`probe_every` must be smaller than the thinking cap (thinking_tokens={self.thinking_tokens}), "
+                f"got {self.probe_every}; lower it or raise the cap (a probe never happens otherwise)")
+        return self
 
 
 FORCED_CALL_TOKENS = 256
@@ -207,6 +285,16 @@ class _State:
     """Thinking calls pass the cap to the engine (until a call shows it was not applied)."""
     tool_call: bool = False
     """The reasoning ended in a tool call (returned as the reply)."""
+    probing: bool = False
+    """Early exit: probes are still made (until the budget has no room for one)."""
+    probe_answers: list[str | None] = field(default_factory=list)
+    """Early exit: each probe's normalised answer (None: none, hesitant or not confident enough)."""
+    probe_tokens: int = 0
+    """Early exit: output tokens spent on probes."""
+    exit_answer: str | None = None
+    """Early exit: the agreed probe answer that ended the thinking."""
+    exited_left: int = 0
+    """Early exit: thinking tokens the cap still allowed when the probes agreed."""
 
 
 class BudgetForcing(Strategy):
@@ -225,6 +313,12 @@ class BudgetForcing(Strategy):
     temperature: float
     seed: int | None
     thinking_budget_passthrough: bool
+    early_exit: bool
+    probe_every: int
+    probe_tokens: int
+    window: int
+    min_confidence: float | None
+    probe_text: str | None
 
     def setup(self) -> None:
         self._answer_sp = SamplingParams(temperature=self.temperature, seed=self.seed, stop=list(_ANSWER_STOP),
@@ -335,7 +429,9 @@ class BudgetForcing(Strategy):
             cap = int(r_th) if cap is None else min(cap, int(r_th))
         if cap is None:
             cap = _UNBOUNDED_THINKING if meter.remaining("output_tokens") is None else 1 << 62
-        st = _State(prefix=opening, cap=max(0, cap), passthrough=self.thinking_budget_passthrough)
+        st = _State(prefix=opening, cap=max(0, cap), passthrough=self.thinking_budget_passthrough,
+                    probing=self.early_exit)
+        next_probe = self.probe_every  # thinking tokens at which the next probe is due
 
         stops = [boundary, TOOL_CALL_CLOSE] if problem.calls_tools else [boundary]
         think_sp = SamplingParams(temperature=self.temperature, seed=self.seed, stop=stops, max_tokens=1)
@@ -345,8 +441,11 @@ class BudgetForcing(Strategy):
             if room < 1:
                 st.thinking, st.cut = False, True
                 break
+            if st.probing and not self._probe_fits(meter):
+                st.probing = False  # no room for a probe and the answer: plain budget forcing from here on
+            chunk = min(room, max(1, next_probe - st.used)) if st.probing else room  # pause at the next probe
             req = GenerationRequest(messages=problem.messages, assistant_prefix=st.prefix or None, id=problem.id,
-                                    sampling=think_sp.model_copy(update={"max_tokens": room}))
+                                    sampling=think_sp.model_copy(update={"max_tokens": chunk}))
             limits: tuple[int, int] | None = None  # (engine budget, generated thinking allowed)
             held: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
             if st.passthrough:
@@ -391,15 +490,29 @@ class BudgetForcing(Strategy):
                 text = text[: text.find(boundary)]
             st.prefix += text
             st.used += len(c.token_ids)
-            if c.finish_reason in ("length", "deadline") or forced:
+            paused = chunk < room and c.finish_reason == "length" and g.clamped_by is None and not forced
+            ended = not paused and (c.finish_reason in ("length", "deadline") or forced)
+            extend = (not paused and not ended and st.used < self.min_thinking_tokens
+                      and st.waits < self.max_waits)
+            if (paused or extend) and st.probing and st.used >= next_probe:  # the thinking goes on: probe first
+                while next_probe <= st.used:
+                    next_probe += self.probe_every
+                if await self._probe(problem, st, ctx, boundary):
+                    st.thinking = False
+                    break
+            if paused:
+                continue
+            if ended:
                 st.thinking, st.cut = False, True
-            elif st.used < self.min_thinking_tokens and st.waits < self.max_waits and self._room(st, meter) >= 1:
+            elif extend and self._room(st, meter) >= 1:
                 sep = "" if not st.prefix or st.prefix[-1].isspace() else " "
                 st.prefix += sep + self.wait_text
                 st.waits += 1
             else:
                 st.thinking = False
 
+        if st.exit_answer is not None:
+            return self._exit_result(problem, st, ctx)
         if st.tool_call:
             return Result(problem.id, st.prefix[len(opening):].strip(), None, Usage.zero(), stop_reason="done",
                           finish_reason="stop", truncated=False, thinking_truncated=False,
@@ -418,7 +531,80 @@ class BudgetForcing(Strategy):
                 st.answer = g
             else:
                 st.skipped = "no completion"
-        return self._result(problem, meter, st, fmt.enabled)
+        res = self._result(problem, meter, st, fmt.enabled)
+        if self.early_exit:
+            res.details.update(self._probe_details(st))
+        return res
+
+    # ------------------------------------------------------------------ early exit (certainty probes)
+    def _probe_fits(self, meter: Meter) -> bool:
+        """Whether the budget has room for one more probe and still for the answer."""
+        r_out = room_of(meter)
+        return r_out is None or r_out >= self.probe_tokens + self.answer_tokens
+
+    def _probe_text(self, fmt_enabled: bool) -> str:
+        """The probe text: ``probe_text``, else Dynasor's probe (tag models) or ``answer_lead`` (no tags)."""
+        return self.probe_text or (DYNASOR_PROBE if fmt_enabled else self.answer_lead)
+
+    def _probe_prefix(self, st: _State, text: str, fmt_enabled: bool) -> str:
+        """The thinking so far plus the probe text (inside the thinking for tag models)."""
+        if fmt_enabled:
+            return st.prefix + ("" if not st.prefix or st.prefix[-1].isspace() or text[0].isspace() else " ") + text
+        reasoning = st.prefix.rstrip()
+        return reasoning + text if reasoning else text.lstrip()
+
+    async def _probe(self, problem: Problem, st: _State, ctx: Context, boundary: str) -> bool:
+        """One certainty probe at the current thinking prefix; True when the last ``window`` probes agree."""
+        fmt = ctx.backend.thinking
+        probe = self._probe_text(fmt.enabled)
+        prefix = self._probe_prefix(st, probe, fmt.enabled)
+        stops = [*_ANSWER_STOP, boundary] if fmt.enabled else list(_ANSWER_STOP)
+        req = GenerationRequest(messages=problem.messages, assistant_prefix=prefix, id=problem.id,
+                                sampling=SamplingParams(temperature=0.0, stop=stops, max_tokens=self.probe_tokens,
+                                                        logprobs=0))
+        try:
+            g = await ctx.generate(req)
+        except BudgetExceeded as exc:
+            self._call(st, self._refused(req, exc), "probe")
+            st.probing = False
+            return False
+        self._call(st, g, "probe")
+        st.probe_tokens += g.usage.output_tokens
+        c = g.first if g.completions else None
+        out = c.text if c else ""
+        raw = extract_answer(probe + out).text  # from the probe only, never from the reasoning before it
+        hesitant = bool(_HESITATION.search(out))
+        conf = None
+        if c is not None and c.logprobs:
+            conf = sum(math.exp(lp) for lp in c.logprobs) / len(c.logprobs)
+        confident = self.min_confidence is None or (conf is not None and conf >= self.min_confidence)
+        norm = normalize_answer(raw) if raw and not hesitant and confident else None
+        st.probe_answers.append(norm)
+        last = st.probe_answers[-self.window:]
+        agreed = len(last) == self.window and last[0] is not None and all(a == last[0] for a in last)
+        st.trace[-1].update(at=st.used, probe_answer=raw, confidence=None if conf is None else round(conf, 4),
+                            hesitant=hesitant, agreed=agreed)
+        if agreed:
+            st.exit_answer = raw
+            st.exited_left = self._room(st, ctx.meter)
+            st.trace[-1]["answer_from"] = "probe"
+        return agreed
+
+    def _probe_details(self, st: _State) -> dict[str, Any]:
+        return {"probes": sum(1 for t in st.trace if t["phase"] == "probe"), "probe_tokens": st.probe_tokens,
+                "exited_at": st.used if st.exit_answer is not None else None,
+                "thinking_tokens_used": st.used, "thinking_saved": st.exited_left}
+
+    def _exit_result(self, problem: Problem, st: _State, ctx: Context) -> Result:
+        """The result of an early exit: the agreed probe answer after ``answer_lead`` (no forced answer call)."""
+        text = f"{self.answer_lead.strip()} {st.exit_answer}"
+        if ctx.on_delta is not None:
+            ctx.on_delta(Delta(0, text))
+        last = st.trace[-1]
+        return Result(problem.id, text, extract_answer(text).text, Usage.zero(), stop_reason="done",
+                      finish_reason=last["finish_reason"], truncated=False, thinking_truncated=False,
+                      sequential_tokens=sum(t["output_tokens"] for t in st.trace), trace=st.trace,
+                      details=self._probe_details(st))
 
     async def _forced_call(self, problem: Problem, ctx: Context) -> Result:
         """A forced tool call: one call continuing the problem's prefix under its JSON schema."""

@@ -87,13 +87,13 @@ def _family(name: str) -> str | None:
     return None
 
 
-class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
+class _StderrHandler(logging.StreamHandler):
     """A stream handler on whatever ``sys.stderr`` is when a line is written (test runners swap it)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
-    @property  # type: ignore[override,unused-ignore]
+    @property
     def stream(self):  # noqa: ANN201
         return sys.stderr
 
@@ -159,7 +159,7 @@ def _engine_handlers_to_stderr(vllm_level: int) -> None:
         if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
             stream = h.stream
             if stream is sys.stdout or stream is sys.__stdout__ or getattr(stream, "name", None) == "<stdout>":
-                h.setStream(_CurrentStderr())  # type: ignore[arg-type,unused-ignore]
+                h.setStream(_CurrentStderr())
             h.setLevel(vllm_level)
 
 

@@ -194,3 +194,22 @@ def test_recipe_search_eval_and_dpo_config(tmp_path: Path) -> None:
     bad = DpoRecipe({"dpo": {"betta": 1}})
     with pytest.raises(ConfigError, match=r"`dpo` must hold trl.DPOConfig fields, got unknown 'betta' \(did you mean beta"):
         build_dpo_config(cfg, bad.params, tmp_path / "ckpt", {"device": "cpu", "fp16": False})
+
+
+def test_only_steps_that_end_the_reply_get_the_end_token() -> None:
+    import datasets
+
+    from budgetlm.training.dpo import _step_trainer
+    from budgetlm.training.preferences import load_tokenizer
+
+    tok = load_tokenizer("default")
+    head = render_prompt(tok, MESSAGES, "3 + 4 is")
+    ds = datasets.Dataset.from_list([
+        {"prompt": head, "chosen": " 7.", "rejected": " 8.", "chosen_terminal": True, "rejected_terminal": False}])
+    args = type("Args", (), {"max_length": None, "truncation_mode": "keep_start"})()
+    [row] = _step_trainer()._prepare_dataset(None, ds, tok, args, "train")
+    assert row["prompt_ids"] == tok(text=head)["input_ids"]
+    assert row["chosen_ids"] == tok(text=" 7.")["input_ids"] + [tok.eos_token_id]
+    assert row["rejected_ids"] == tok(text=" 8.")["input_ids"]
+    short = type("Args", (), {"max_length": 4, "truncation_mode": "keep_start"})()  # the prompt alone fills it
+    assert len(_step_trainer()._prepare_dataset(None, ds, tok, short, "train")) == 0

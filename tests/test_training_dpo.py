@@ -17,7 +17,7 @@ from budgetlm.cli import app
 runner = CliRunner()
 
 SUITE = "reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1&size=8&seed=1&split=calibration&test_size=8"
-BAVT = {"name": "bavt", "params": {"width": 2, "step_tokens": 24, "temperature": 0.8, "max_rounds": 3}}
+BAVT = {"name": "bavt", "params": {"width": 2, "step_tokens": 24, "temperature": 0.8, "max_rounds": 3, "scorer": "logprob"}}
 
 
 def _flat(text: str) -> str:
@@ -91,7 +91,7 @@ def test_two_iterations_search_with_the_updated_policy(tmp_path: Path, tiny_mode
 
     cfg = TrainConfig(recipe="dpo", model=str(tiny_model_path), suite=SUITE, max_steps=1, save_steps=1,
                       per_device_train_batch_size=2, device="cpu", eval={"enabled": False},
-                      recipe_params={"strategy": {"name": "bavt", "params": {"width": 2, "step_tokens": 8, "max_rounds": 2}},
+                      recipe_params={"strategy": {"name": "bavt", "params": {"width": 2, "step_tokens": 8, "max_rounds": 2, "scorer": "logprob"}},
                                      "budget": {"output_tokens": 48}, "search_limit": 2, "search_backend": "hf",
                                      "value": "search", "min_margin": 0.0, "max_pairs_per_node": None,
                                      "iterations": 2, "max_length": 256})

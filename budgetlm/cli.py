@@ -300,6 +300,32 @@ def regrade_cmd(
     console.print(f"wrote {res.out} and {Path(run_dir) / 'regrade.json'}", soft_wrap=True)
 
 
+@app.command("pairs")
+def pairs_cmd(
+    run_dir: Annotated[str, typer.Argument(help="A finished tree-search run folder (bavt, beam, rebase, hyper; the --out of `budgetlm eval`).")],
+    out_path: Annotated[str, typer.Option("--out", "-o", help="Pairs JSONL to write (TRL DPOTrainer's standard preference format).")],
+    min_margin: Annotated[float, typer.Option(help="Least value margin of a kept pair.")] = 0.1,
+    max_pairs_per_node: Annotated[int, typer.Option(help="Most pairs per parent node, largest margin first (0: no cap).")] = 1,
+    dedup: Annotated[bool, typer.Option(help="Drop pairs with repeated texts and pairs of identical steps.")] = True,
+    value: Annotated[str, typer.Option(help="Step value: 'outcome' (graded answers under a node) or 'search' (the search's values).")] = "outcome",
+    model: Annotated[str | None, typer.Option(help="Model whose chat template renders the prompts (default: the run's model).")] = None,
+) -> None:
+    """Export step-level preference pairs (shared prefix, chosen step, rejected step, margin) from a tree
+    search's traces for DPO (see docs/training.md, recipe dpo)."""
+    from budgetlm.training.preferences import export_pairs
+
+    try:
+        with stdout_to_stderr():
+            path, stats = export_pairs(run_dir, out_path, model=model, min_margin=min_margin,
+                                       max_pairs_per_node=max_pairs_per_node or None, dedup=dedup,
+                                       value=value)  # type: ignore[arg-type]
+    except BudgetLMError as exc:
+        _fail(exc)
+        return
+    out.print(f"{stats.kept} pairs: {stats.describe()}", soft_wrap=True)
+    console.print(f"wrote {path}", soft_wrap=True)
+
+
 @app.command("train")
 def train_cmd(
     config: Annotated[str, typer.Argument(help="YAML training config (recipe, recipe_params, model, suite, steps, eval).")],
@@ -308,7 +334,7 @@ def train_cmd(
     resume: Annotated[bool, typer.Option(help="Resume from the newest checkpoint in OUT (--no-resume starts over).")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Train a GRPO recipe into OUT, then evaluate it against the base model and write the training report."""
+    """Train a recipe (GRPO or dpo) into OUT, then evaluate it against the base model and write the training report."""
     from budgetlm.training import TrainConfig
     from budgetlm.training import run as run_training
 

@@ -1,12 +1,15 @@
-"""GRPO recipes on TRL's ``GRPOTrainer``: effort control, length compression and routing policies.
+"""Training recipes: GRPO on TRL's ``GRPOTrainer`` (effort control, length compression, routing) and step-level DPO.
 
-Three recipes (:data:`RECIPES`), each turning a budgetlm suite into a TRL dataset with the rewards of
+Three GRPO recipes (:data:`RECIPES`), each turning a budgetlm suite into a TRL dataset with the rewards of
 :mod:`budgetlm.rewards`:
 
 * ``effort`` — L1/LCPO token targets or e1 effort fractions in the prompt (:mod:`.effort`);
 * ``compress`` — LC-R1, ThinkPrune or Kimi length rewards (:mod:`.compress`);
 * ``route`` — a small/large step policy with the BoPO-style boundary-relative reward on the offline
   agent benchmark (:mod:`.route`).
+
+and one DPO recipe on TRL's ``DPOTrainer``: ``dpo`` — step-level preference pairs from tree searches
+of the policy (MCTS-DPO), iterated on-policy (:mod:`.dpo`, :mod:`.preferences`).
 
 Run one from Python or with ``budgetlm train CONFIG.yaml``::
 
@@ -21,6 +24,7 @@ Run one from Python or with ``budgetlm train CONFIG.yaml``::
 from __future__ import annotations
 
 from budgetlm.training import compress as _compress  # noqa: F401  (registers the recipe)
+from budgetlm.training import dpo as _dpo  # noqa: F401
 from budgetlm.training import effort as _effort  # noqa: F401
 from budgetlm.training import route as _route  # noqa: F401
 from budgetlm.training.base import RECIPES, Recipe, RecipeContext, RecipeParams

@@ -60,7 +60,7 @@ class TrainConfig(Config):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(default="train", description="Run name (reports).")
-    recipe: str = Field(description="Recipe name: effort, compress or route (see `budgetlm.training.RECIPES`).")
+    recipe: str = Field(description="Recipe name: effort, compress, route or dpo (see `budgetlm.training.RECIPES`).")
     recipe_params: dict[str, Any] = Field(default_factory=dict, description="The recipe's parameters (validated by the recipe).")
     model: str = Field(default="default", description="Model to train: 'default', a checkpoint directory, or hf:/vllm:PATH.")
     suite: str | dict[str, Any] = Field(description="Suite whose items become training prompts (use a split disjoint from the evaluation).")

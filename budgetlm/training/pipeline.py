@@ -48,7 +48,12 @@ def run(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool =
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig.from_yaml(cfg, what="training config")
     out = Path(output_dir)
-    outcome = train(cfg, out, resume=resume, progress=progress)
+    if getattr(RECIPES.get(cfg.recipe), "trainer", "grpo") == "dpo":  # preference recipes train on TRL's DPOTrainer
+        from budgetlm.training.dpo import train as train_dpo
+
+        outcome = train_dpo(cfg, out, resume=resume, progress=progress)
+    else:
+        outcome = train(cfg, out, resume=resume, progress=progress)
     if not distributed.is_main():
         log.warning("process %d of %d: training done; the main process evaluates and writes the report, this one "
                     "skips them", distributed.rank(), distributed.world_size())

@@ -41,7 +41,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -53,6 +53,10 @@ from budgetlm.evals.suites.base import EvalItem
 from budgetlm.rewards import RewardFunction
 from budgetlm.training.base import RECIPES, Recipe, RecipeContext, RecipeParams
 from budgetlm.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from budgetlm.training.grpo import TrainDevice
+
 from budgetlm.training.preferences import TREE_STRATEGIES, load_tokenizer, pair_rows, read_pairs, run_pairs, write_pairs
 
 __all__ = ["DpoParams", "DpoRecipe", "build_dpo_config", "train"]
@@ -217,7 +221,7 @@ def _dpo_fields() -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(DPOConfig)}
 
 
-def build_dpo_config(cfg: TrainConfig, params: DpoParams, checkpoints: Path, device: dict[str, Any]) -> Any:
+def build_dpo_config(cfg: TrainConfig, params: DpoParams, checkpoints: Path, device: TrainDevice) -> Any:
     """The :class:`trl.DPOConfig` of one iteration (``recipe_params.dpo`` entries override the derived values)."""
     from trl import DPOConfig
 
@@ -249,7 +253,7 @@ def _step_trainer() -> type:
     """:class:`trl.DPOTrainer` that appends the end-of-sequence token only to steps that ended the reply."""
     from trl import DPOTrainer
 
-    class StepDPOTrainer(DPOTrainer):  # type: ignore[misc]
+    class StepDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             tok = getattr(processing_class, "tokenizer", processing_class)
             eos = tok.eos_token or ""

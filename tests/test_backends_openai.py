@@ -237,7 +237,7 @@ def test_stream_retries_before_first_token(streaming_server: tuple[str, type[_St
 def test_stream_broken_after_tokens_continues_from_what_arrived(streaming_server: tuple[str, type[_Streaming]]) -> None:
     url, handler = streaming_server
     handler.plan = ["cut3"]
-    b = _stub_backend(url, max_retries=3)
+    b = _stub_backend(url, max_retries=3, continue_streams=True)  # the stub continues like vLLM
     meter = Meter()
     deltas: list = []
     res = asyncio.run(b.agenerate_one("hi", meter, sampling=SamplingParams(max_tokens=50), on_delta=deltas.append))
@@ -263,7 +263,7 @@ def test_stream_broken_with_no_attempt_left_is_charged_what_arrived(
         streaming_server: tuple[str, type[_Streaming]]) -> None:
     url, handler = streaming_server
     handler.plan = ["cut3"]
-    b = _stub_backend(url, max_retries=0)
+    b = _stub_backend(url, max_retries=0, continue_streams=True)
     meter = Meter()
     deltas: list = []
     with pytest.raises(BackendUnavailable, match="broke after 3 token") as err:
@@ -481,3 +481,15 @@ def test_async_paths(backend: OpenAIBackend) -> None:
 
     a, s = asyncio.run(main())
     assert a[0][0].first.token_ids == s[0].first.token_ids
+
+
+def test_a_server_that_cannot_continue_fails_the_broken_stream_charged_what_arrived(
+        streaming_server: tuple[str, type[_Streaming]]) -> None:
+    """By default only vLLM servers (``owned_by: vllm``) continue a partial reply; the stub lists no models."""
+    url, handler = streaming_server
+    handler.plan = ["cut3"]
+    b = _stub_backend(url, max_retries=3)
+    meter = Meter()
+    with pytest.raises(BackendUnavailable, match="broke after 3 token.*cannot continue a partial reply"):
+        asyncio.run(b.agenerate_one("hi", meter, sampling=SamplingParams(max_tokens=50)))
+    assert len(handler.hits) == 1 and meter.spent("output_tokens") == 3

@@ -231,6 +231,7 @@ def two() -> Iterator[tuple[_Server, _Server]]:
 
 
 def _backend(urls: list[str], **kw: object) -> OpenAIBackend:
+    kw.setdefault("continue_streams", True)  # the stubs continue a partial reply as vLLM does
     return OpenAIBackend(urls, MODEL, tokenizer=None, n_params=1000, backoff=0.01, **kw)  # type: ignore[arg-type]
 
 

@@ -37,7 +37,10 @@ one (then without the pause).  Other 4xx answers raise :class:`~budgetlm.errors.
 budget sets an earlier deadline.  A stream that fails before any token arrived is retried like a call.  A
 stream that breaks after tokens arrived (the server died) *continues* on another attempt from what
 arrived: the partial output goes back as the assistant message with ``continue_final_message`` (chat), or
-is appended to the prompt (text or token ids), with ``max_tokens`` reduced by it; each unfinished sample
+is appended to the prompt (text or token ids), with ``max_tokens`` reduced by it — on servers that can do
+that: by default those that list the model as vLLM's (``owned_by: vllm``); ``continue_streams=True`` or
+``False`` decides for others (a server that ignores ``continue_final_message`` would answer anew, and the
+reply would hold the arrived part twice, so elsewhere a broken stream fails, charged what arrived); each unfinished sample
 of an ``n > 1`` stream continues on its own.  The tokens that arrived stay in the output (a streaming
 consumer saw them once), every generated token is charged once and the prompt once (the request's own,
 not the continuation's; the re-prefill is not charged), and ``Usage.extra["failovers"]`` counts the
@@ -191,6 +194,7 @@ class OpenAIBackend(Backend):
         thinking: ThinkingFormat | None = None,
         name: str | None = None,
         fail_threshold: int = 3,
+        continue_streams: bool | None = None,
         probe_interval: float = 1.0,
         max_probe_interval: float = 30.0,
         **backend_kwargs: Any,
@@ -232,6 +236,10 @@ class OpenAIBackend(Backend):
         self.send_seed = send_seed
         self.vllm_extensions = vllm_extensions
         self.extra_sampling = dict(extra_sampling or {})
+        self.continue_streams = continue_streams
+        """Continue a broken stream on another server from what arrived: True, False, or None (the default: when
+        the server lists the model as vLLM's, ``owned_by: vllm``, whose ``continue_final_message`` continues a
+        partial reply; other servers would answer it anew)."""
         self._n_params = n_params
         self._tokenizer_spec = tokenizer
         self._tok: Any = None
@@ -768,7 +776,12 @@ class OpenAIBackend(Backend):
         choices = [index] if index is not None else list(range(p.sampling.n))
         open_ = [i for i in choices if not sink.output(i)[2]]
         got = sum(len(sink.output(i)[0]) for i in choices)
-        if open_ and (attempts <= 0 or (endpoint == "chat" and not self.vllm_extensions)):
+        if open_ and not await self._can_continue(endpoint):
+            raise BackendUnavailable(
+                f"the stream from {url} broke after {got} token(s) ({type(exc).__name__}: {exc}); the servers cannot "
+                "continue a partial reply (not vLLM: no continue_final_message), so it is not retried (a retry would "
+                "generate and charge it again); the request was charged what arrived (continue_streams=True forces it)")
+        if open_ and attempts <= 0:
             raise self._broken(url, got, exc)
         log.info("the stream from %s broke after %d token(s) (%s: %s); continuing %d sample(s) from their output "
                  "on another server", url, got, type(exc).__name__, exc, len(open_))
@@ -786,6 +799,15 @@ class OpenAIBackend(Backend):
             total.completion_tokens += e.completion_tokens
             total.failovers += e.failovers
         return total
+
+    async def _can_continue(self, endpoint: str) -> bool:
+        """Whether a broken stream may continue elsewhere (see :attr:`continue_streams`)."""
+        if self.continue_streams is not None:
+            return self.continue_streams
+        if endpoint == "chat" and not self.vllm_extensions:
+            return False
+        card = await asyncio.to_thread(self._model_card)
+        return bool(card and card.get("owned_by") == "vllm")
 
     def _continuation(self, endpoint: str, params: dict[str, Any], p: PreparedRequest, sink: Sink,
                       i: int) -> dict[str, Any] | None:

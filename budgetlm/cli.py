@@ -266,11 +266,7 @@ def eval_cmd(
         console.print(f"partial results: this folder holds shard {res.shard.label}; when every shard has run, "
                       "merge them with `budgetlm merge SHARD_DIR... --out MERGED`", soft_wrap=True)
     if res.report is not None:
-        if as_json:
-            out_json(_rundir(res.report).summary_json.read_text())
-            return
-        _print_summary(res.report)
-        out_console_path(res.report)
+        _show_report(res.report, as_json)
 
 
 @app.command("regrade")
@@ -510,6 +506,15 @@ def _rundir(path: Any) -> Any:
     return RunDir(path)
 
 
+def _show_report(report: Path, as_json: bool) -> None:
+    """A finished run's report: its ``summary.json`` on stdout (``--json``), else the table and the report's path."""
+    if as_json:
+        out_json(_rundir(report).summary_json.read_text())
+        return
+    _print_summary(report)
+    out_console_path(report)
+
+
 def _print_summary(report_dir: Any) -> None:
     """A report's configurations table on stdout: on a terminal a compact rich table (the full table is in
     summary.md); otherwise (a pipe, a log file) the full Markdown table, one unwrapped line per row."""
@@ -610,11 +615,7 @@ def merge_cmd(
         return
     console.print(f"merged {res.shards} shards: {res.records} records into {res.out_dir}", soft_wrap=True)
     if res.report is not None:
-        if as_json:
-            out_json(_rundir(res.report).summary_json.read_text())
-            return
-        _print_summary(res.report)
-        out_console_path(res.report)
+        _show_report(res.report, as_json)
 
 
 @app.command()

@@ -32,7 +32,6 @@ format would append one to every completion): only a step that ended the reply k
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 import logging
@@ -211,26 +210,13 @@ RECIPES.register("dpo", DpoRecipe)
 
 
 # ----------------------------------------------------------------------------- training
-def _dpo_fields() -> dict[str, Any]:
-    import dataclasses
-
-    try:
-        from trl import DPOConfig
-    except ImportError as exc:
-        raise MissingDependency("trl", "DPO training", extra="train") from exc
-    return {f.name: f for f in dataclasses.fields(DPOConfig)}
-
-
 def build_dpo_config(cfg: TrainConfig, params: DpoParams, checkpoints: Path, device: TrainDevice) -> Any:
     """The :class:`trl.DPOConfig` of one iteration (``recipe_params.dpo`` entries override the derived values)."""
     from trl import DPOConfig
 
-    fields = _dpo_fields()
-    unknown = [k for k in params.dpo if k not in fields]
-    if unknown:
-        hints = [f"{k!r} (did you mean {', '.join(difflib.get_close_matches(k, list(fields), 3)) or 'nothing close'}?)"
-                 for k in unknown]
-        raise ConfigError(f"`dpo` must hold trl.DPOConfig fields, got unknown {'; '.join(hints)}")
+    from budgetlm.training.grpo import trl_config_overrides
+
+    trl_config_overrides("dpo", params.dpo, "DPOConfig")
     kw: dict[str, Any] = {
         "output_dir": str(checkpoints), "max_steps": cfg.max_steps,
         "per_device_train_batch_size": cfg.per_device_train_batch_size,

@@ -129,14 +129,21 @@ def resolve_device(cfg: TrainConfig) -> TrainDevice:
     return TrainDevice(device="gpu" if gpu else "cpu", use_vllm=bool(use_vllm), fp16=bool(fp16))
 
 
-def _grpo_fields() -> dict[str, Any]:
+def trl_config_overrides(section: str, given: dict[str, Any], config_cls: str) -> None:
+    """Refuse entries of ``section`` (``grpo``, ``dpo``) that are not fields of ``trl.<config_cls>``, naming the
+    closest field names."""
     import dataclasses
 
     try:
-        from trl import GRPOConfig
+        import trl
     except ImportError as exc:
-        raise MissingDependency("trl", "GRPO training", extra="train") from exc
-    return {f.name: f for f in dataclasses.fields(GRPOConfig)}
+        raise MissingDependency("trl", f"{config_cls} training", extra="train") from exc
+    fields = [f.name for f in dataclasses.fields(getattr(trl, config_cls))]
+    unknown = [k for k in given if k not in fields]
+    if unknown:
+        hints = [f"{k!r} (did you mean {', '.join(difflib.get_close_matches(k, fields, 3)) or 'nothing close'}?)"
+                 for k in unknown]
+        raise ConfigError(f"`{section}` must hold trl.{config_cls} fields, got unknown {'; '.join(hints)}")
 
 
 def launched_processes() -> int:
@@ -174,12 +181,7 @@ def build_grpo_config(cfg: TrainConfig, recipe: Recipe, checkpoints: Path, devic
     """The :class:`trl.GRPOConfig` for ``cfg`` (``cfg.grpo`` entries override the derived values)."""
     from trl import GRPOConfig
 
-    fields = _grpo_fields()
-    unknown = [k for k in cfg.grpo if k not in fields]
-    if unknown:
-        hints = [f"{k!r} (did you mean {', '.join(difflib.get_close_matches(k, list(fields), 3)) or 'nothing close'}?)"
-                 for k in unknown]
-        raise ConfigError(f"`grpo` must hold trl.GRPOConfig fields, got unknown {'; '.join(hints)}")
+    trl_config_overrides("grpo", cfg.grpo, "GRPOConfig")
     kw: dict[str, Any] = {
         "output_dir": str(checkpoints),
         "max_steps": cfg.max_steps,

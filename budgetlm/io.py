@@ -25,19 +25,30 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeAlias, TypeVar
 
 from budgetlm.errors import ConfigError
 
-__all__ = ["DamagedFileError", "JsonlWriter", "TornLine", "append_jsonl", "read_json", "read_jsonl",
+__all__ = ["DamagedFileError", "JsonObject", "JsonScalar", "JsonValue", "JsonlWriter", "TornLine", "append_jsonl", "read_json", "read_jsonl",
            "repair_tail", "write_json_atomic", "write_jsonl_atomic"]
 
 log = logging.getLogger("budgetlm.io")
 
 T = TypeVar("T")
+
+JsonScalar: TypeAlias = str | int | float | bool | None
+"""A JSON scalar."""
+JsonValue: TypeAlias = JsonScalar | Sequence["JsonValue"] | Mapping[str, "JsonValue"]
+"""A value :func:`json.dumps` writes as it is: scalars, sequences and string-keyed mappings of them.
+
+Read-only views (``Sequence``/``Mapping``) so that ``list[int]`` or ``dict[str, float]`` are
+JsonValues; the type for documents the library *writes* (records, summaries, run.json).  What is
+*read* back from JSON is narrowed where it is used (``isinstance``) or parsed into a typed model."""
+JsonObject: TypeAlias = dict[str, JsonValue]
+"""A JSON object the library builds and writes (a record, a summary, a response body)."""
 
 
 class DamagedFileError(ConfigError):

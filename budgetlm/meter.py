@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from budgetlm.budget import INTEGER_UNITS, UNITS, Budget, Unit
 from budgetlm.errors import BudgetExceeded, ConfigError, missing
@@ -108,6 +108,27 @@ class Reservation:
 
     async def __aexit__(self, *exc: object) -> None:
         self._close()
+
+
+class UnitLedger(TypedDict):
+    """One unit's line of a :meth:`Meter.summary` (``spent`` is ``None`` for joules not measured)."""
+
+    spent: float | None
+    limit: float | None
+    remaining: float | None
+
+
+class LedgerSummary(TypedDict, total=False):
+    """What :meth:`Meter.summary` returns (a plain JSON-ready dict), and :attr:`Result.ledger
+    <budgetlm.strategies.Result.ledger>` holds: every key is there once the meter's summary is
+    taken; a result's ledger is empty (``{}``) until then."""
+
+    name: str
+    calls: int
+    units: dict[str, UnitLedger]
+    """By unit, in the order of :data:`~budgetlm.budget.UNITS`."""
+    rho: float
+    stop_reason: str | None
 
 
 class Meter:
@@ -214,21 +235,20 @@ class Meter:
                 out = out + r
             return out
 
-    def summary(self) -> dict[str, Any]:
-        """Spend, limits and remaining amounts by unit, JSON-ready."""
+    def summary(self) -> LedgerSummary:
+        """Spend, limits and remaining amounts by unit, JSON-ready (a plain dict)."""
         with self._lock:
-            out: dict[str, Any] = {"name": self.name, "calls": len(self.records), "units": {}}
+            units: dict[str, UnitLedger] = {}
             for u in UNITS:
-                out["units"][u] = {
+                units[u] = {
                     "spent": self.spent(u),
                     "limit": getattr(self.budget, u),
                     "remaining": self.remaining(u),
                 }
             if self._spent["joules"] == 0 and all(r.joules is None for r in self.records):
-                out["units"]["joules"]["spent"] = None  # not measured, not zero
-            out["rho"] = self.rho()
-            out["stop_reason"] = self.stop_reason
-            return out
+                units["joules"]["spent"] = None  # not measured, not zero
+            return {"name": self.name, "calls": len(self.records), "units": units,
+                    "rho": self.rho(), "stop_reason": self.stop_reason}
 
     # ------------------------------------------------------------------ enforcing
     def reserve(

@@ -122,7 +122,8 @@ def over_budget(result: Result, budget: Budget) -> bool:
     """Whether a result's spend exceeds its budget in any unit (must never happen)."""
     for unit, limit in budget.limits().items():
         if unit == "wall_seconds":
-            spent = result.ledger.get("units", {}).get(unit, {}).get("spent") or 0.0
+            line = result.ledger.get("units", {}).get(unit)
+            spent = (line["spent"] if line is not None else None) or 0.0
         else:
             spent = result.usage.amount(unit) or 0.0
         if spent > limit + 1e-9:

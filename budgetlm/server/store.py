@@ -169,7 +169,7 @@ class AllowanceStore:
             self._reserved.pop(res.id, None)
 
     def commit(self, res: Reservation, spend: dict[str, float], *, model: str, strategy: str, status: str,
-               usage: dict[str, Any], ledger: dict[str, Any]) -> None:
+               usage: dict[str, Any], ledger: object) -> None:
         """Charge ``spend`` (every budget unit) to the key's day and store the request row; releases the reservation."""
         import time
 

@@ -32,7 +32,7 @@ from budgetlm.backends.streaming import DeltaCallback
 from budgetlm.budget import Budget
 from budgetlm.config import Config
 from budgetlm.errors import ConfigError
-from budgetlm.meter import Meter
+from budgetlm.meter import LedgerSummary, Meter
 from budgetlm.registry import Registry
 from budgetlm.tools import Tool
 from budgetlm.usage import Usage
@@ -104,7 +104,7 @@ class Result:
     """Output tokens on the critical path (calls that had to run one after another)."""
     trace: list[dict[str, Any]] = field(default_factory=list)
     """One entry per call/round/node, JSON-ready."""
-    ledger: dict[str, Any] = field(default_factory=dict)
+    ledger: LedgerSummary = field(default_factory=LedgerSummary)
     """The problem meter's summary (spend, limit, remaining by unit)."""
     details: dict[str, Any] = field(default_factory=dict)
     """Strategy-specific figures copied into the eval record (route taken, expensive calls, agent steps)."""

@@ -25,12 +25,15 @@ import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from budgetlm.answers import extract_answer, normalize_answer
 from budgetlm.errors import ConfigError, MissingDependency, invalid
 from budgetlm.evals.suites.base import Grade
 from budgetlm.registry import Registry
+
+if TYPE_CHECKING:
+    from reasoning_gym.dataset import ProceduralDataset
 
 __all__ = [
     "GRADERS", "ExactGrader", "Grader", "MathGrader", "NormalizedGrader", "NumericGrader", "ReasoningGymGrader",
@@ -41,7 +44,7 @@ NO_ANSWER = Grade(0.0, False, None)
 """The grade of a missing answer (nothing extracted, or thinking truncated)."""
 
 
-def gold_answer(gold: Any) -> str:
+def gold_answer(gold: object) -> str:
     """The final answer inside a gold field: the last ``\\boxed{…}``, the text after ``####``, else all of it.
 
     Gold fields of math data sets often hold a whole worked solution (MATH's ``solution``,
@@ -64,7 +67,7 @@ class Grader(ABC):
 
     name: str = "grader"
 
-    def grade(self, text: str | None, gold: Any, metadata: Mapping[str, Any] | None = None) -> Grade:
+    def grade(self, text: str | None, gold: object, metadata: Mapping[str, object] | None = None) -> Grade:
         """Extract the answer from ``text`` and compare it with ``gold`` (``None`` text: no answer)."""
         if text is None:
             return NO_ANSWER
@@ -74,10 +77,10 @@ class Grader(ABC):
         return self.compare(answer, gold, metadata or {})
 
     @abstractmethod
-    def compare(self, answer: str, gold: Any, metadata: Mapping[str, Any]) -> Grade:
+    def compare(self, answer: str, gold: object, metadata: Mapping[str, object]) -> Grade:
         """Grade an extracted answer."""
 
-    def __call__(self, text: str | None, gold: Any, metadata: Mapping[str, Any] | None = None) -> Grade:
+    def __call__(self, text: str | None, gold: object, metadata: Mapping[str, object] | None = None) -> Grade:
         return self.grade(text, gold, metadata)
 
     def __repr__(self) -> str:
@@ -93,7 +96,7 @@ class ExactGrader(Grader):
 
     name = "exact"
 
-    def compare(self, answer: str, gold: Any, metadata: Mapping[str, Any]) -> Grade:
+    def compare(self, answer: str, gold: object, metadata: Mapping[str, object]) -> Grade:
         return _verdict(answer, answer.strip() == str(gold).strip())
 
 
@@ -102,7 +105,7 @@ class NormalizedGrader(Grader):
 
     name = "normalized"
 
-    def compare(self, answer: str, gold: Any, metadata: Mapping[str, Any]) -> Grade:
+    def compare(self, answer: str, gold: object, metadata: Mapping[str, object]) -> Grade:
         return _verdict(answer, normalize_answer(answer) == normalize_answer(gold_answer(gold)))
 
 
@@ -110,7 +113,7 @@ _FRAC = re.compile(r"^(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
 _NUM = re.compile(r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?$")
 
 
-def parse_number(s: Any) -> float | None:
+def parse_number(s: object) -> float | None:
     """A float from "1,234", "3/4", "-0.5", "$5", "50%", "\\frac{3}{4}", "\\$5" (``None`` if not a number)."""
     if isinstance(s, bool) or s is None:
         return None
@@ -152,7 +155,7 @@ class NumericGrader(Grader):
         self.rel_tol = rel_tol
         self.abs_tol = abs_tol
 
-    def compare(self, answer: str, gold: Any, metadata: Mapping[str, Any]) -> Grade:
+    def compare(self, answer: str, gold: object, metadata: Mapping[str, object]) -> Grade:
         a = parse_number(answer)
         g = parse_number(gold if isinstance(gold, int | float) else gold_answer(gold))
         ok = a is not None and g is not None and math.isclose(a, g, rel_tol=self.rel_tol, abs_tol=self.abs_tol)
@@ -162,7 +165,7 @@ class NumericGrader(Grader):
         return f"NumericGrader(rel_tol={self.rel_tol}, abs_tol={self.abs_tol})"
 
 
-def _import_math_verify() -> tuple[Callable[..., Any], Callable[..., Any]]:
+def _import_math_verify() -> tuple[Callable[..., list[object]], Callable[..., bool]]:
     try:
         from math_verify import parse, verify
     except ImportError as exc:
@@ -229,7 +232,7 @@ class MathGrader(Grader):
         self.max_chars = max_chars
         _import_math_verify()  # fail at construction, not at the first grade
 
-    def compare(self, answer: str, gold: Any, metadata: Mapping[str, Any]) -> Grade:
+    def compare(self, answer: str, gold: object, metadata: Mapping[str, object]) -> Grade:
         ok = math_equal(gold_answer(gold), answer, timeout_s=self.timeout_s, max_chars=self.max_chars)
         return _verdict(answer, ok)
 
@@ -244,16 +247,17 @@ class ReasoningGymGrader(Grader):
 
     name = "reasoning_gym"
 
-    def __init__(self, dataset: Any = None, threshold: float = 1.0) -> None:
+    def __init__(self, dataset: ProceduralDataset | None = None, threshold: float = 1.0) -> None:
         self.dataset = dataset
         self.threshold = threshold
         self._fns: dict[str, Callable[..., float]] = {}
 
-    def _score_fn(self, entry: Mapping[str, Any]) -> Callable[..., float]:
+    def _score_fn(self, entry: Mapping[str, object]) -> Callable[..., float]:
         if self.dataset is not None:
             return self.dataset.score_answer
-        name = (entry.get("metadata") or {}).get("source_dataset")
-        if not name:
+        meta = entry.get("metadata")
+        name = meta.get("source_dataset") if isinstance(meta, Mapping) else None
+        if not name or not isinstance(name, str):
             raise ConfigError("the reasoning_gym grader needs the entry's metadata.source_dataset, or a `dataset`")
         if name not in self._fns:
             try:
@@ -263,8 +267,9 @@ class ReasoningGymGrader(Grader):
             self._fns[name] = get_score_answer_fn(name)
         return self._fns[name]
 
-    def compare(self, answer: str, gold: Any, metadata: Mapping[str, Any]) -> Grade:
-        entry = metadata.get("entry", metadata)
+    def compare(self, answer: str, gold: object, metadata: Mapping[str, object]) -> Grade:
+        given = metadata.get("entry", metadata)
+        entry: Mapping[str, object] = given if isinstance(given, Mapping) else metadata
         if "answer" not in entry:
             entry = {**entry, "answer": gold}
         try:

@@ -74,7 +74,7 @@ from budgetlm.errors import invalid
 from budgetlm.evals.records import EvalRecord
 
 CostKind = Literal["output_tokens", "total_tokens", "usd", "flops"]
-COST_KINDS: tuple[str, ...] = get_args(CostKind)
+COST_KINDS: tuple[CostKind, ...] = get_args(CostKind)
 QuestionKey = tuple[str, str]
 """``(suite, item_id)``."""
 ConfigKey = tuple[str, str]
@@ -660,7 +660,7 @@ def summarize(
                 thinking_truncation_rate=_mean([float(r.thinking_truncated) for r in recs]),
                 over_budget_rate=_mean([float(r.over_budget) for r in recs]),
                 n_errors=n_errors,
-                cost_of_pass={c: cost_of_pass(recs, c) for c in COST_KINDS},  # type: ignore[arg-type]
+                cost_of_pass={c: cost_of_pass(recs, c) for c in COST_KINDS},
                 overthinking_efficiency=overthinking_efficiency(recs),
                 intelligence_per_joule=intelligence_per_joule(recs),
                 per_suite={s: _suite_summary(s, rs, n_resamples, seed) for s, rs in sorted(by_suite.items())},

@@ -170,13 +170,13 @@ def regrade(run_dir: str | Path, grader: str) -> RegradeOutcome:
     def grade(rec: EvalRecord, text: str | None) -> Grade:
         suite, items = suites.get(rec.suite, (None, {}))
         item = items.get(rec.item_id)
-        if item is None:
+        if suite is None or item is None:
             if g is None:
                 raise ConfigError(f"`--grader {SUITE_GRADER}` needs the run's suites, but suite {rec.suite!r} "
                                   f"could not be rebuilt (or lacks item {rec.item_id!r}); name a grader: "
                                   f"{', '.join(_graders.names())}")
             return g.grade(text, rec.gold, {})
-        return suite.grade(item, text) if g is None else g.grade(text, item.gold, item.metadata)  # type: ignore[union-attr]
+        return suite.grade(item, text) if g is None else g.grade(text, item.gold, item.metadata)
 
     lines: list[str] = []
     for rec in records:

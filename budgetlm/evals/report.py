@@ -366,8 +366,9 @@ def _spaced_locator() -> Any:
     from matplotlib.ticker import Locator, MaxNLocator
 
     class SpacedLocator(Locator):
-        def __call__(self) -> Any:
-            vmin, vmax = self.axis.get_view_interval()  # type: ignore[union-attr]
+        def __call__(self) -> Sequence[float]:
+            assert self.axis is not None, "a locator is called once set on an axis"
+            vmin, vmax = self.axis.get_view_interval()
             return self.tick_values(vmin, vmax)
 
         def tick_values(self, vmin: float, vmax: float) -> list[float]:

@@ -51,10 +51,11 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from budgetlm.backends import Backend, BackendSpec, load
 from budgetlm.backends.pool import ServerPool, ServerUse, track_servers
@@ -67,12 +68,15 @@ from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.shards import Shard, ShardInfo, shard_info
 from budgetlm.evals.suites import get as get_suite
 from budgetlm.evals.suites.base import EvalItem, Suite
-from budgetlm.io import JsonlWriter
+from budgetlm.io import JsonlWriter, JsonValue
 from budgetlm.meter import Meter
-from budgetlm.strategies import Problem, Result
+from budgetlm.strategies import Problem, Result, Strategy
 from budgetlm.strategies import get as get_strategy
 from budgetlm.strategies.base import run_sync
 from budgetlm.versions import library_versions
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 TRACES_FILE = RunDir.TRACES
 """Per-record traces, next to ``records.jsonl`` (:class:`~budgetlm.evals.rundir.RunDir` owns the layout)."""
@@ -83,7 +87,7 @@ LOG_INTERVAL = 5.0
 log = logging.getLogger("budgetlm.evals")
 
 
-def _suite_name(spec: str | dict[str, Any]) -> str:
+def _suite_name(spec: str | Mapping[str, JsonValue]) -> str:
     return spec if isinstance(spec, str) else json.dumps(spec, sort_keys=True)
 
 
@@ -91,7 +95,7 @@ class RecordWriter(JsonlWriter):
     """Appends records durably: one line each, flushed and fsynced; a torn last line left by a
     crash is cut off (and reported) first (:class:`budgetlm.io.JsonlWriter`)."""
 
-    def write(self, record: EvalRecord | dict[str, Any]) -> None:
+    def write(self, record: EvalRecord | Mapping[str, JsonValue]) -> None:
         super().write(record.model_dump_json() if isinstance(record, EvalRecord)
                       else json.dumps(finite_json(record), default=str))
 
@@ -149,6 +153,18 @@ class Cell:
     """The suite (grading)."""
     items: list[EvalItem]
     """The items this run owns (its shard), or those still to run."""
+
+
+class _Common(TypedDict):
+    """The fields every record of one cell shares."""
+
+    suite: str
+    config_id: str
+    model: str
+    strategy: str
+    params: dict[str, JsonValue]
+    budget: dict[str, float]
+    seed: int
 
 
 @dataclass
@@ -262,7 +278,7 @@ class Runner:
         parsed = BackendSpec.parse(spec)
         return load(parsed, **({"seed": self.config.seed} if parsed.seeded else {}))
 
-    def _strategy(self, spec: StrategySpec) -> Any:
+    def _strategy(self, spec: StrategySpec) -> Strategy:
         params = dict(spec.params)
         strat = get_strategy(spec.name, **params)
         if "seed" in strat.params() and strat.params()["seed"] is None and "seed" not in params:
@@ -359,7 +375,7 @@ class Runner:
             if callable(close):
                 close()
 
-    async def _acell(self, backend: Backend, cell: Cell, strategy: Any, sinks: _Sinks) -> None:
+    async def _acell(self, backend: Backend, cell: Cell, strategy: Strategy, sinks: _Sinks) -> None:
         """Every pending item as its own task on the engine; each record is written (and fsynced) as it finishes.
 
         A problem that fails fails alone: its record carries the error and what it spent before failing.
@@ -370,8 +386,8 @@ class Runner:
         gate = asyncio.Semaphore(self.config.batch_size)
         b = Budget.of(budget)
         root = Meter(None, name=cid)
-        common = dict(suite=sname, config_id=cid, model=model, strategy=spec.label or spec.name,
-                      params=strategy.params(), budget=dict(budget), seed=self.config.seed)
+        common = _Common(suite=sname, config_id=cid, model=model, strategy=spec.label or spec.name,
+                         params=strategy.params(), budget=dict(budget), seed=self.config.seed)
 
         async def one(it: EvalItem) -> None:
             async with gate:
@@ -414,7 +430,7 @@ class Runner:
 
     @staticmethod
     def _record(it: EvalItem, res: Result, b: Budget, suite: Suite, wall: float,
-                common: dict[str, Any]) -> EvalRecord:
+                common: _Common) -> EvalRecord:
         text = None if res.thinking_truncated else res.text
         grade = suite.grade(it, text)
         u = res.usage
@@ -437,7 +453,7 @@ def _error_text(exc: BaseException) -> str:
     return msg if isinstance(exc, BudgetLMError) else f"{type(exc).__name__}: {msg}"
 
 
-def _text(gold: Any) -> str | None:
+def _text(gold: object) -> str | None:
     if gold is None:
         return None
     return gold if isinstance(gold, str) else json.dumps(gold, default=str)
@@ -464,8 +480,8 @@ class _Progress:
         self.interval = interval
         self.done = 0
         self.errors = 0
-        self._p: Any = None
-        self._task: Any = None
+        self._p: Progress | None = None
+        self._task: TaskID | None = None
         self._tokens = 0
         self._t0 = time.perf_counter()
         self._last_log = self._t0
@@ -506,16 +522,17 @@ class _Progress:
         self.errors += errors
         self._tokens += tokens
         now = time.perf_counter()
-        if self._p is not None:
+        if self._p is not None and self._task is not None:
             rate = self._tokens / max(1e-9, now - self._t0)
             self._p.update(self._task, advance=n, tps=f"{rate:.0f} tok/s")
         if now - self._last_log >= self.interval and self.done < self.total:
             self._last_log = now
             log.info("%s", self.line(), extra={"progress": True})
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if self._p is not None:
-            self._p.__exit__(*exc)
+            self._p.__exit__(exc_type, exc, tb)
         if self.total > 0:
             log.info("%s", self.line(final=True), extra={"progress": True})
 

@@ -23,7 +23,7 @@ DEFAULT_PROMPT = "{question}\nGive the final answer after 'Answer:'."
 _FIELD = re.compile(r"\{(\w+)\}")
 
 
-def render_prompt(template: str, fields: Mapping[str, Any]) -> str:
+def render_prompt(template: str, fields: Mapping[str, object]) -> str:
     """Replace ``{name}`` in ``template`` by ``fields[name]``; other braces (LaTeX, JSON) stay as they are."""
     return _FIELD.sub(lambda m: str(fields[m.group(1)]) if m.group(1) in fields else m.group(0), template)
 
@@ -36,7 +36,7 @@ class EvalItem:
     """Stable id within the suite (resuming relies on it)."""
     messages: list[Message]
     """The chat messages to send (the suite's prompt template already applied)."""
-    gold: Any
+    gold: object
     """The reference answer (text, number, or what the grader needs)."""
     question: str = ""
     """The raw question, for records and reports."""

@@ -72,6 +72,7 @@ import numpy as np
 
 from budgetlm.errors import invalid
 from budgetlm.evals.records import EvalRecord
+from budgetlm.io import JsonObject, JsonValue
 
 CostKind = Literal["output_tokens", "total_tokens", "usd", "flops"]
 COST_KINDS: tuple[CostKind, ...] = get_args(CostKind)
@@ -158,7 +159,7 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.mean(np.asarray(values, dtype=float))) if len(values) else 0.0
 
 
-def _json_key(obj: Any) -> str:
+def _json_key(obj: object) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
@@ -321,7 +322,7 @@ def token_complexity(records: Iterable[EvalRecord]) -> dict[QuestionKey, float]:
     }
 
 
-def oracle_accuracy(taus: Mapping[Any, float] | Iterable[float], budget_b: float) -> float:
+def oracle_accuracy(taus: Mapping[QuestionKey, float] | Iterable[float], budget_b: float) -> float:
     """Share of questions an oracle solves at mean token budget ``budget_b``.
 
     Questions are added in ascending τ while the mean τ of the chosen set stays ≤ ``budget_b``;
@@ -343,7 +344,7 @@ def oracle_accuracy(taus: Mapping[Any, float] | Iterable[float], budget_b: float
     return chosen / len(vals)
 
 
-def oracle_curve(taus: Mapping[Any, float] | Iterable[float], budgets: Iterable[float]) -> list[tuple[float, float]]:
+def oracle_curve(taus: Mapping[QuestionKey, float] | Iterable[float], budgets: Iterable[float]) -> list[tuple[float, float]]:
     """``(b, oracle_accuracy(taus, b))`` for each budget, sorted by budget.
 
     >>> [(b, round(a, 3)) for b, a in oracle_curve([40, 120, 500], [100, 1000])]
@@ -467,7 +468,7 @@ class ConfigSummary:
     """Backend spec of the model."""
     strategy: str
     """Strategy name."""
-    params: dict[str, Any]
+    params: dict[str, JsonValue]
     """Strategy parameters."""
     budget: dict[str, float]
     """Per-item budget limits."""
@@ -533,7 +534,7 @@ class ConfigSummary:
         """Mean cost per item in the unit ``cost``."""
         return float(getattr(self, _SUMMARY_COST_ATTR[_check_cost(cost)]))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """Plain-JSON form; infinite or NaN numbers become ``None``."""
         return finite_json(asdict(self))
 
@@ -732,7 +733,7 @@ class Curve:
     """Backend spec of the model."""
     strategy: str
     """Strategy name."""
-    params: dict[str, Any]
+    params: dict[str, JsonValue]
     """Strategy parameters."""
     points: list[CurvePoint]
     """Points sorted by (cost, accuracy, config_id)."""
@@ -754,7 +755,7 @@ _PLAIN_PUNCT = frozenset("'\"\\,=[]{}:")
 """Characters that make a string ambiguous in a ``k=v, k=v`` cell, so it is shown quoted."""
 
 
-def format_value(value: Any, *, nested: bool = False) -> str:
+def format_value(value: object, *, nested: bool = False) -> str:
     """One parameter value as a table shows it: readable, unambiguous and on one line.
 
     Numbers as written (``2.0`` → ``2``), ``None``/booleans as Python spells them, plain strings bare
@@ -779,7 +780,7 @@ def format_value(value: Any, *, nested: bool = False) -> str:
     return repr(value) if isinstance(value, bool | None) else str(value)
 
 
-def curve_label(run: str, model: str, strategy: str, params: Mapping[str, Any]) -> str:
+def curve_label(run: str, model: str, strategy: str, params: Mapping[str, object]) -> str:
     """Human label of a (run, model, strategy, params) group.
 
     >>> curve_label("run1", "vllm:Qwen/Qwen3-8B", "majority", {"n": 8})
@@ -805,7 +806,7 @@ def accuracy_vs_cost_curves(summaries: Iterable[ConfigSummary], cost: CostKind =
     # tell apart curves of the same strategy.
     runs = {k[0] for k in groups}
     models = {k[1] for k in groups}
-    by_strategy: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_strategy: dict[str, list[dict[str, JsonValue]]] = defaultdict(list)
     for (_, _, strategy, _), ss in groups.items():
         by_strategy[strategy].append(dict(ss[0].params))
     curves = []

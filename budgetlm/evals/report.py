@@ -63,7 +63,7 @@ import json
 import math
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
@@ -85,10 +85,12 @@ from budgetlm.evals.metrics import (
 from budgetlm.evals.records import EvalRecord
 from budgetlm.evals.rundir import PLOTS, RunDir
 from budgetlm.evals.shards import is_shard_folder, merge_in_memory, shard_info
-from budgetlm.io import read_json, write_json_atomic
+from budgetlm.io import JsonObject, JsonValue, read_json, write_json_atomic
 
 if TYPE_CHECKING:
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from matplotlib.ticker import Locator
 
 _DPI = 110
 _ERRORED_LABEL = "has errored records (not ranked)"
@@ -128,7 +130,7 @@ def _cost_unit(summaries: Sequence[ConfigSummary]) -> CostKind:
     return "output_tokens"
 
 
-def _fmt_acc(c: dict[str, Any]) -> str:
+def _fmt_acc(c: Mapping[str, object]) -> str:
     """``"0.750 [0.500, 1.000]"`` of a summary dict (a configuration or a suite); ``"—"`` when nothing was graded."""
     if not c.get("n") or c.get("accuracy") is None:
         return "—"
@@ -145,7 +147,7 @@ def _fmt_num(x: float | None, digits: int = 3) -> str:
     return f"{x:,.{digits}f}".rstrip("0").rstrip(".") if isinstance(x, float) else f"{x:,}"
 
 
-def _fmt_dict(d: dict[str, Any]) -> str:
+def _fmt_dict(d: Mapping[str, object]) -> str:
     return ", ".join(f"{k}={format_value(v)}" for k, v in sorted(d.items())) or "—"
 
 
@@ -310,7 +312,7 @@ def short_suite_labels(specs: Sequence[str]) -> list[str]:
     return out
 
 
-def tick_label(x: float, _pos: Any = None) -> str:
+def tick_label(x: float, _pos: int | None = None) -> str:
     """A cost axis tick as a plain number: ``20``, ``0.002``, ``1,000``, ``100,000``; ``2.5e-4`` and
     ``1e9`` outside [0.001, 10⁶)."""
     if x == 0 or not math.isfinite(x):
@@ -337,7 +339,7 @@ def _legend_width(labels: Sequence[str]) -> float:
     return 0.9 + _CHAR_IN * max((len(x) for x in labels), default=0)
 
 
-def _log_ticks(ax: Any, axis: str = "x") -> None:
+def _log_ticks(ax: Axes, axis: str = "x") -> None:
     """Readable ticks on a log axis: a few plain-number major labels (:func:`tick_label`), minor ticks
     unlabelled.
 
@@ -360,7 +362,7 @@ def _log_ticks(ax: Any, axis: str = "x") -> None:
     target.set_minor_formatter(NullFormatter())
 
 
-def _spaced_locator() -> Any:
+def _spaced_locator() -> Locator:
     """A major locator for a log axis spanning under a decade: round linear steps, none closer than a
     ninth of the axis in log space."""
     from matplotlib.ticker import Locator, MaxNLocator
@@ -450,7 +452,7 @@ def _plot_per_suite(summaries: Sequence[ConfigSummary], path: Path) -> Figure:
     n_cfg = max(len(summaries), 1)
     curves = accuracy_vs_cost_curves(summaries)
     colors = label_colors(c.label for c in curves)
-    shade: dict[tuple[str, str], Any] = {}
+    shade: dict[tuple[str, str], tuple[float, ...]] = {}
     curve_of: dict[tuple[str, str], str] = {}
     for c in curves:
         base = np.array(_rgb(colors[c.label]))
@@ -532,7 +534,7 @@ def _unique_names(names: list[str]) -> list[str]:
     return out
 
 
-def _fcop_json(fc: Any) -> dict[str, Any]:
+def _fcop_json(fc: FrontierCostOfPass) -> JsonObject:
     return finite_json({
         "mean_over_solved": fc.mean,
         "n_problems": fc.n_problems,
@@ -542,7 +544,7 @@ def _fcop_json(fc: Any) -> dict[str, Any]:
     })
 
 
-def _token_complexity_json(recs: list[EvalRecord], summaries: Sequence[ConfigSummary], model: str) -> dict[str, Any]:
+def _token_complexity_json(recs: list[EvalRecord], summaries: Sequence[ConfigSummary], model: str) -> JsonObject:
     """``summary.json``'s token complexity of one model.
 
     τ = ∞ is *not* "never solved": a question solved by one configuration of seven still gets τ = ∞
@@ -571,7 +573,7 @@ def _token_complexity_json(recs: list[EvalRecord], summaries: Sequence[ConfigSum
 
 def build_summary(
     runs: list[tuple[str, Path, dict[str, Any], list[EvalRecord]]],
-) -> tuple[dict[str, Any], list[ConfigSummary]]:
+) -> tuple[JsonObject, list[ConfigSummary]]:
     """The ``summary.json`` document of ``(name, dir, run.json dict, records)`` runs, and the summaries."""
     summaries: list[ConfigSummary] = []
     tagged: list[EvalRecord] = []
@@ -585,7 +587,7 @@ def build_summary(
     by_model: dict[str, list[EvalRecord]] = defaultdict(list)
     for r in tagged:
         by_model[r.model].append(r)
-    tc: dict[str, Any] = {}
+    tc: dict[str, JsonValue] = {}
     for model, recs in sorted(by_model.items()):
         tc[model] = _token_complexity_json(recs, summaries, model)
     configs = []
@@ -594,7 +596,7 @@ def build_summary(
         d["on_frontier"] = {u: s.key in fronts[u] for u in units}
         d["errored"] = bool(s.n_errors)
         configs.append(d)
-    doc = {
+    doc: JsonObject = {
         "runs": [{"name": n, "path": str(p), "meta": finite_json(m)} for n, p, m, _ in runs],
         "cost_unit": cost,
         "n_configs": len(summaries),
@@ -648,7 +650,7 @@ def load_runs(run_dirs: Sequence[Path | str], *,
     return [(n, d, meta, recs) for n, d, (meta, recs) in zip(names, dirs, loaded)]
 
 
-def summary_doc(run_dirs: Sequence[Path | str], *, allow_partial: bool = False) -> dict[str, Any]:
+def summary_doc(run_dirs: Sequence[Path | str], *, allow_partial: bool = False) -> JsonObject:
     """The ``summary.json`` document of run directories, computed from their records (nothing written)."""
     return build_summary(load_runs(run_dirs, allow_partial=allow_partial))[0]
 
@@ -704,7 +706,7 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | str | None = No
     doc, summaries = build_summary(runs)
     write_json_atomic(rd.summary_json, doc, default=None, allow_nan=False)
 
-    cost: CostKind = doc["cost_unit"]
+    cost = _cost_unit(summaries)  # what build_summary wrote as doc["cost_unit"]
     header, rows = _table_rows(doc)
     s_header, s_rows = _suite_rows(doc)
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from budgetlm.io import read_jsonl
+from budgetlm.io import JsonObject, JsonValue, read_jsonl
 
 
 class EvalRecord(BaseModel):
@@ -114,7 +114,8 @@ TRACE_GZIP_BYTES = 64 * 1024
 """A trace whose JSON is longer than this (in bytes) is stored gzipped, base64-encoded, in ``trace_gz``."""
 
 
-def trace_line(key: dict[str, Any], trace: list[dict[str, Any]], *, gzip_over: int | None = None) -> dict[str, Any]:
+def trace_line(key: Mapping[str, JsonValue], trace: Sequence[Mapping[str, JsonValue]], *,
+               gzip_over: int | None = None) -> JsonObject:
     """One ``traces.jsonl`` line: ``key`` (suite, item id, config id, strategy) and the trace, gzipped into
     ``trace_gz`` when its JSON exceeds ``gzip_over`` bytes (default :data:`TRACE_GZIP_BYTES`)."""
     raw = json.dumps(trace, default=str)

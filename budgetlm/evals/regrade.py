@@ -36,7 +36,7 @@ from budgetlm.evals import graders as _graders
 from budgetlm.evals.records import EvalRecord
 from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.suites.base import EvalItem, Grade, Suite
-from budgetlm.io import write_json_atomic, write_jsonl_atomic
+from budgetlm.io import JsonObject, write_json_atomic, write_jsonl_atomic
 from budgetlm.strategies.aggregate import action_key, vote
 
 __all__ = ["REGRADED_FILE", "SUITE_GRADER", "SUMMARY_FILE", "RegradeOutcome", "grader_names", "regrade"]
@@ -188,7 +188,7 @@ def regrade(run_dir: str | Path, grader: str) -> RegradeOutcome:
         if rec.suite not in suites:
             outcome.gold_from_records += 1
         text = None if rec.thinking_truncated else rec.text
-        info: dict[str, Any] = {"grader": grader, "was_correct": rec.correct, "was_score": rec.score,
+        info: JsonObject = {"grader": grader, "was_correct": rec.correct, "was_score": rec.score,
                                 "was_answer": rec.answer}
         samples = _samples(traces.get(rec.key))
         strategy = names.get(rec.strategy, rec.strategy)

@@ -23,12 +23,13 @@ A training run (``budgetlm train``) evaluates into ``OUT/eval``, a run folder of
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from budgetlm.evals.records import EvalRecord, read_records, read_traces
-from budgetlm.io import read_json, write_json_atomic
+from budgetlm.io import JsonValue, read_json, write_json_atomic
 
 __all__ = ["PLOTS", "RunDir"]
 
@@ -121,7 +122,7 @@ class RunDir:
         meta = read_json(self.run_json)
         return meta if isinstance(meta, dict) else None
 
-    def write_meta(self, meta: dict[str, Any]) -> None:
+    def write_meta(self, meta: Mapping[str, JsonValue]) -> None:
         """Rewrite ``run.json`` atomically."""
         write_json_atomic(self.run_json, meta)
 

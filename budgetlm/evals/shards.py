@@ -40,7 +40,7 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ from pydantic import BaseModel, Field
 from budgetlm.errors import ConfigError, invalid, missing
 from budgetlm.evals.records import EvalRecord
 from budgetlm.evals.rundir import RunDir
-from budgetlm.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from budgetlm.io import JsonObject, read_jsonl, write_json_atomic, write_jsonl_atomic
 from budgetlm.versions import library_versions
 
 CellKey = tuple[str, str, str]
@@ -148,7 +148,7 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     return RunDir(path).read_meta()
 
 
-def shard_info(meta: dict[str, Any] | None) -> ShardInfo | None:
+def shard_info(meta: Mapping[str, object] | None) -> ShardInfo | None:
     """The ``shard`` block of a ``run.json`` dict; None for a full run (or no ``run.json``)."""
     block = (meta or {}).get("shard")
     return ShardInfo.model_validate(block) if isinstance(block, dict) else None
@@ -294,10 +294,10 @@ def check_shards(folders: Sequence[RunFolder], *, allow_partial: bool = False,
     return check
 
 
-def _merged_meta(folders: Sequence[RunFolder], check: ShardCheck) -> dict[str, Any]:
+def _merged_meta(folders: Sequence[RunFolder], check: ShardCheck) -> JsonObject:
     """``run.json`` of the merge: the config and digest of the shards, ``merged_from`` each shard's sessions."""
     first = min(folders, key=lambda f: f.shard.index if f.shard else 0)
-    meta: dict[str, Any] = {k: first.meta.get(k) for k in ("name", "config", "config_digest", "seed")}
+    meta: JsonObject = {k: first.meta.get(k) for k in ("name", "config", "config_digest", "seed")}
     meta.update({
         "shard": None,
         "versions": library_versions(),
@@ -320,7 +320,7 @@ def _sorted(folders: Sequence[RunFolder]) -> list[RunFolder]:
 
 
 def merge_in_memory(paths: Sequence[str | Path], *, allow_partial: bool = False,
-                    partial_hint: str = "") -> tuple[dict[str, Any], list[EvalRecord]]:
+                    partial_hint: str = "") -> tuple[JsonObject, list[EvalRecord]]:
     """The merged ``run.json`` dict and records of shard folders, checked by :func:`check_shards`; nothing written."""
     folders = [read_folder(p) for p in paths]
     check = check_shards(folders, allow_partial=allow_partial, partial_hint=partial_hint)

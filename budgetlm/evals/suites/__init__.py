@@ -30,6 +30,7 @@ from budgetlm.evals.suites.humaneval import HumanEvalSuite
 from budgetlm.evals.suites.kb_agent import KBAgentSuite
 from budgetlm.evals.suites.reasoning_gym import ReasoningGymSuite
 from budgetlm.evals.suites.rg_agent import ReasoningGymAgentSuite
+from budgetlm.io import JsonScalar
 from budgetlm.registry import Registry, coerce_option
 
 __all__ = [
@@ -51,14 +52,14 @@ _TARGET = {"reasoning_gym": "task", "reasoning_gym_agent": "task", "jsonl": "pat
 
 
 
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+def parse_spec(spec: str) -> tuple[str, dict[str, JsonScalar]]:
     """Split a spec string into its kind and constructor keyword arguments."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"`suite` must be a spec string like 'reasoning_gym:chain_sum?size=50', got {spec!r}")
     head, _, query = spec.strip().partition("?")
     kind, sep, target = head.partition(":")
     kind = kind.strip()
-    params: dict[str, Any] = {}
+    params: dict[str, JsonScalar] = {}
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError:
@@ -77,7 +78,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return kind, params
 
 
-def _build(kind: str, params: dict[str, Any], where: str) -> Suite:
+def _build(kind: str, params: Mapping[str, object], where: str) -> Suite:
     factory = SUITES.get(kind)
     sig = inspect.signature(factory)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
@@ -95,8 +96,9 @@ def _build(kind: str, params: dict[str, Any], where: str) -> Suite:
     return factory(**params)
 
 
-def get(spec: str | Mapping[str, Any], **overrides: Any) -> Suite:
+def get(spec: str | Mapping[str, object], **overrides: object) -> Suite:
     """The suite a spec string or dict config block describes; ``overrides`` replace its options."""
+    params: dict[str, object]
     if isinstance(spec, Mapping):
         params = dict(spec)
         kind = params.pop("kind", None)
@@ -106,7 +108,8 @@ def get(spec: str | Mapping[str, Any], **overrides: Any) -> Suite:
             )
         where = repr(dict(spec))
     elif isinstance(spec, str):
-        kind, params = parse_spec(spec)
+        kind, parsed = parse_spec(spec)
+        params = dict(parsed)
         where = repr(spec)
     else:
         raise ConfigError(f"`suite` must be a spec string or a dict config block, got {type(spec).__name__}")
@@ -114,7 +117,7 @@ def get(spec: str | Mapping[str, Any], **overrides: Any) -> Suite:
     return _build(kind, params, where)
 
 
-def from_dataset(dataset: Iterable[Mapping[str, Any]], **fields: Any) -> DatasetSuite:
+def from_dataset(dataset: Iterable[Mapping[str, object]], **fields: Any) -> DatasetSuite:
     """A suite over a Hugging Face ``datasets.Dataset`` (or any sequence of dicts); see :class:`DatasetSuite`."""
     return DatasetSuite(dataset, **fields)
 

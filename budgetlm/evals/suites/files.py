@@ -16,7 +16,6 @@ import csv
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 from budgetlm.errors import ConfigError, invalid
 from budgetlm.evals import graders as _graders  # module import: graders imports suites.base (a cycle)
@@ -30,7 +29,7 @@ class RowsSuite(Suite):
 
     def __init__(
         self,
-        rows: Iterable[tuple[str, Mapping[str, Any]]],
+        rows: Iterable[tuple[str, object]],
         *,
         source: str,
         stem: str,
@@ -69,7 +68,7 @@ class RowsSuite(Suite):
         if not self._items:
             raise ConfigError(f"suite is empty: {source} has no rows; add rows or point the suite at another file")
 
-    def _field(self, row: Mapping[str, Any], name: str, where: str) -> Any:
+    def _field(self, row: Mapping[str, object], name: str, where: str) -> object:
         if name not in row or row[name] is None:
             available = ", ".join(map(str, row)) or "(none)"
             raise ConfigError(
@@ -78,24 +77,23 @@ class RowsSuite(Suite):
             )
         return row[name]
 
-    def _messages(self, value: Any, where: str) -> list[dict[str, str]]:
+    def _messages(self, value: object, where: str) -> list[dict[str, str]]:
         if isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError:
                 value = None
-        ok = isinstance(value, list) and value and all(
+        if not (isinstance(value, list) and value and all(
             isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in value
-        )
-        if not ok:
+        )):
             raise ConfigError(
                 f"{where}: field {self.messages_field!r} must be a non-empty list of {{role, content}} messages, "
                 f"got {str(value)[:80]!r}"
             )
         return [{"role": m["role"], "content": m["content"]} for m in value]
 
-    def _item(self, index: int, where: str, row: Any, stem: str) -> EvalItem:
+    def _item(self, index: int, where: str, row: object, stem: str) -> EvalItem:
         if not isinstance(row, Mapping):
             raise ConfigError(f"{where}: each row must be an object with named fields, got {type(row).__name__}")
         gold = self._field(row, self.answer_field, where)
@@ -147,7 +145,7 @@ class JsonlSuite(RowsSuite):
             prompt=prompt, limit=limit,
         )
 
-    def _rows(self) -> Iterable[tuple[str, Any]]:
+    def _rows(self) -> Iterable[tuple[str, object]]:
         with self.path.open(encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
@@ -184,7 +182,7 @@ class CsvSuite(RowsSuite):
             prompt=prompt, limit=limit,
         )
 
-    def _rows(self) -> Iterable[tuple[str, Any]]:
+    def _rows(self) -> Iterable[tuple[str, object]]:
         with self.path.open(encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh, delimiter=self.delimiter)
             try:
@@ -201,7 +199,7 @@ class DatasetSuite(RowsSuite):
 
     def __init__(
         self,
-        dataset: Iterable[Mapping[str, Any]],
+        dataset: Iterable[Mapping[str, object]],
         question_field: str = "question",
         answer_field: str = "answer",
         id_field: str | None = None,

@@ -41,13 +41,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 
 from budgetlm.errors import invalid
 from budgetlm.evals.metrics import pareto_frontier
 from budgetlm.evals.records import EvalRecord
+from budgetlm.io import JsonObject
 from budgetlm.routing.calibrate import ArrayLike, _threshold, _vector, calibrate_threshold, strong_share
 
 _GAP_TOL = 1e-12
@@ -236,7 +237,7 @@ def cost_success_frontier(points: Iterable[tuple[str, float, float]]) -> list[tu
     return sorted((pts[i] for i in keep), key=lambda p: (p[1], -p[2], p[0]))
 
 
-def budget_violations(records: Iterable[EvalRecord | Mapping[str, Any]]) -> int:
+def budget_violations(records: Iterable[EvalRecord | Mapping[str, object]]) -> int:
     """How many records (``EvalRecord`` or dicts) have ``over_budget`` true.
 
     >>> budget_violations([{"over_budget": True}, {"over_budget": False}])
@@ -268,7 +269,7 @@ def summarize_router(
     target_share: float | None = None,
     threshold: float | None = None,
     cheap_always_runs: bool = False,
-) -> dict[str, Any]:
+) -> JsonObject:
     """A JSON-ready summary of one router: APGR, CPT(50%), CPT(80%) and one operating point.
 
     Pass ``threshold``, or ``target_share`` to calibrate one on these same scores (in-sample), to
@@ -281,7 +282,7 @@ def summarize_router(
         scores, weak_success, strong_success, weak_cost, strong_cost, cheap_always_runs=cheap_always_runs
     )
     wq, sq = float(curve.quality[0]), float(curve.quality[-1])
-    out: dict[str, Any] = {
+    out: JsonObject = {
         "name": str(name),
         "n": int(np.asarray(scores).size),
         "weak_quality": wq,

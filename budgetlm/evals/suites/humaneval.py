@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 from budgetlm.errors import MissingDependency, invalid
 from budgetlm.evals.suites.base import EvalItem, Grade, Suite, render_prompt
@@ -189,7 +189,7 @@ class ExecutionResult:
         return self.status == "passed"
 
 
-def _tail(fh: Any, limit: int = 4000) -> str:
+def _tail(fh: IO[bytes], limit: int = 4000) -> str:
     fh.seek(0, os.SEEK_END)
     size = fh.tell()
     fh.seek(max(0, size - limit))

@@ -209,11 +209,11 @@ class KnowledgeBase:
 
 # ---------------------------------------------------------------- calculator
 
-_BINOPS: dict[type, Callable[[Any, Any], Any]] = {
+_BINOPS: dict[type[ast.operator], Callable[[float, float], float | complex]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
     ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
 }
-_UNARY: dict[type, Callable[[Any], Any]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+_UNARY: dict[type[ast.unaryop], Callable[[float], float]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 MAX_EXPRESSION_CHARS = 500
 MAX_EXPONENT = 100
 MAX_MAGNITUDE = 10**100
@@ -515,7 +515,7 @@ class KBAgentSuite(Suite):
 # ---------------------------------------------------------------- scripted solver
 
 
-def _observe(tools: dict[str, Tool], name: str, arguments: dict[str, Any]) -> str:
+def _observe(tools: dict[str, Tool], name: str, arguments: dict[str, str]) -> str:
     text = TOOL_CALL_OPEN + json.dumps({"name": name, "arguments": arguments}) + TOOL_CALL_CLOSE
     outcome = call_tool(text, tools)
     if outcome.error:

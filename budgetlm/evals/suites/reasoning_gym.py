@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from budgetlm.errors import ConfigError, MissingDependency, invalid
 from budgetlm.evals import graders as _graders  # module import: graders imports suites.base (a cycle)
 from budgetlm.evals.suites.base import DEFAULT_PROMPT, EvalItem, Grade, Suite, render_prompt
+
+if TYPE_CHECKING:
+    from reasoning_gym.dataset import ProceduralDataset
 
 __all__ = ["CALIBRATION_SEED_OFFSET", "DEFAULT_PROMPT", "ReasoningGymSuite", "tasks"]
 
@@ -111,7 +114,7 @@ class ReasoningGymSuite(Suite):
         self._dataset = self._make(split_seed, n)
         self._grader = _graders.ReasoningGymGrader(dataset=self._dataset)
 
-    def _make(self, seed: int, size: int) -> Any:
+    def _make(self, seed: int, size: int) -> ProceduralDataset:
         from reasoning_gym import create_dataset
 
         try:
@@ -123,7 +126,7 @@ class ReasoningGymSuite(Suite):
                 "fix the options (see the task's config class in reasoning_gym)"
             ) from None
 
-    def _entry(self, dataset: Any, index: int) -> dict[str, Any]:
+    def _entry(self, dataset: ProceduralDataset, index: int) -> dict[str, Any]:
         try:
             return dataset[index]
         except (AssertionError, ValueError) as exc:  # some generators validate lazily

@@ -33,6 +33,7 @@ from typing import Any, TypedDict
 
 from budgetlm.budget import INTEGER_UNITS, UNITS, Budget, Unit
 from budgetlm.errors import BudgetExceeded, ConfigError, missing
+from budgetlm.io import JsonObject
 from budgetlm.usage import Usage
 
 CostEstimate = Callable[[int, int, int], tuple[float, float]]
@@ -129,6 +130,25 @@ class LedgerSummary(TypedDict, total=False):
     """By unit, in the order of :data:`~budgetlm.budget.UNITS`."""
     rho: float
     stop_reason: str | None
+
+
+def ledger_json(ledger: LedgerSummary) -> JsonObject:
+    """``ledger`` as a :data:`~budgetlm.io.JsonObject` (same keys, order and values), for JSON documents
+    that embed it: every field is a JSON value, but mypy takes a TypedDict for a ``Mapping[str, object]``
+    only, never for a ``Mapping[str, JsonValue]``."""
+    out: JsonObject = {}
+    if "name" in ledger:
+        out["name"] = ledger["name"]
+    if "calls" in ledger:
+        out["calls"] = ledger["calls"]
+    if "units" in ledger:
+        out["units"] = {u: {"spent": x["spent"], "limit": x["limit"], "remaining": x["remaining"]}
+                        for u, x in ledger["units"].items()}
+    if "rho" in ledger:
+        out["rho"] = ledger["rho"]
+    if "stop_reason" in ledger:
+        out["stop_reason"] = ledger["stop_reason"]
+    return out
 
 
 class Meter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from budgetlm import Budget, BudgetExceeded, ConfigError, Meter, Usage
+from budgetlm.meter import ledger_json
 
 
 def cost(p: int, k: int, n: int) -> tuple[float, float]:
@@ -246,6 +248,15 @@ def test_summary_reports_joules_as_unmeasured() -> None:
     assert s["units"]["output_tokens"] == {"spent": 3, "limit": 10, "remaining": 7}
     assert s["units"]["joules"]["spent"] is None
     assert meter.total().output_tokens == 3
+
+
+def test_ledger_json_is_the_summary_unchanged() -> None:
+    meter = Meter(Budget(output_tokens=10))
+    meter.charge(Usage(output_tokens=3))
+    s = meter.summary()
+    j = ledger_json(s)
+    assert j == s and list(j) == list(s) and json.dumps(j) == json.dumps(s)
+    assert ledger_json({}) == {}
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.runner import run_eval
 from budgetlm.evals.suites import get as get_suite
 from budgetlm.evals.suites.base import EvalItem
+from budgetlm.io import JsonObject
 from budgetlm.rewards import RewardFunction, RouteChoiceReward, boundary_class
 from budgetlm.routing.lm_policy import route_prompt
 from budgetlm.strategies import get as get_strategy
@@ -173,9 +174,9 @@ class RouteRecipe(Recipe):
         ``items`` are run; items whose run failed (a recorded error) are left out.
         """
         suite = ctx.extra.get("suite")
-        if suite is None:
+        if not isinstance(suite, str | dict):
             raise ConfigError("recipe 'route' needs the suite spec in `ctx.extra['suite']` (e.g. "
-                              "'kb_agent?size=100&seed=1'), got none; the boundary runs evaluate that suite with the "
+                              f"'kb_agent?size=100&seed=1'), got {suite!r}; the boundary runs evaluate that suite with the "
                               "agent, so pass the training suite there")
         wanted = {it.id for it in items}
         if not wanted:
@@ -209,7 +210,7 @@ class RouteRecipe(Recipe):
         return out
 
     # ------------------------------------------------------------------ rows and rewards
-    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[dict[str, Any]]:
+    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[JsonObject]:
         outcomes = self.boundary_outcomes(items, ctx)
         max_steps = self.max_steps()
         rows = []
@@ -234,7 +235,7 @@ class RouteRecipe(Recipe):
                               f"run; check the records under {Path(ctx.output_dir) / BOUNDARY_DIR}")
         return rows
 
-    def rewards(self, rows: Sequence[dict[str, Any]], ctx: RecipeContext) -> list[RewardFunction]:
+    def rewards(self, rows: Sequence[JsonObject], ctx: RecipeContext) -> list[RewardFunction]:
         return [RouteChoiceReward(invalid_reward=self.params.invalid_reward, success_floor=self.params.success_floor)]
 
 

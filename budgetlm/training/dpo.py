@@ -94,7 +94,7 @@ class DpoParams(RecipeParams):
     loss_type: str = Field(default="sigmoid", description="TRL DPO loss (sigmoid: the DPO paper's).")
     max_length: int | None = Field(default=1024, description="Truncate prompt + step to this many tokens (None: no limit).")
     iterations: int = Field(default=1, description="search → pairs → DPO rounds, each on the previous round's policy.")
-    dpo: dict[str, Any] = Field(default_factory=dict, description="Further trl.DPOConfig fields (override the derived ones).")
+    dpo: dict[str, object] = Field(default_factory=dict, description="Further trl.DPOConfig fields (override the derived ones).")
 
     @field_validator("strategy")
     @classmethod

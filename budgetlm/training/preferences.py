@@ -62,7 +62,7 @@ TREE_STRATEGIES = ("bavt", "beam", "rebase", "hyper")
 """Strategies whose traces hold a tree (any trace line with a ``tree`` entry is read)."""
 
 ValueSource = Literal["outcome", "search"]
-Grader = Callable[[dict[str, Any], str], bool]
+Grader = Callable[[dict[str, object], str], bool]
 """``grade(trace_line, reply_text) -> correct``: the outcome of an answer found in a tree."""
 
 
@@ -131,9 +131,12 @@ class PairStats:
                 f"{self.dropped_cap} dropped by max_pairs_per_node, {self.kept} kept")
 
 
-def tree_of(line: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def tree_of(line: Mapping[str, object]) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """``(tree, final)`` of a trace line, or None when its trace holds no tree."""
-    for entry in reversed(line.get("trace") or []):
+    trace = line.get("trace") or []
+    if not isinstance(trace, Sequence):
+        return None
+    for entry in reversed(trace):
         if isinstance(entry, dict) and isinstance(entry.get("tree"), dict):
             return entry["tree"], entry.get("final") or {}
     return None
@@ -146,7 +149,7 @@ def answer_grader(line: Mapping[str, object], text: str) -> bool:
     return gold is not None and got is not None and got == normalize_answer(str(gold))
 
 
-def _check_nodes(nodes: Any, line: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _check_nodes(nodes: object, line: Mapping[str, object]) -> list[dict[str, Any]]:
     if not isinstance(nodes, list) or not nodes or not all(
             isinstance(n, dict) and isinstance(n.get("value"), int | float) and "id" in n and "parent" in n for n in nodes):
         raise ConfigError(
@@ -156,7 +159,7 @@ def _check_nodes(nodes: Any, line: Mapping[str, Any]) -> list[dict[str, Any]]:
     return nodes
 
 
-def _tree_pairs(line: Mapping[str, Any], tree: dict[str, Any], final: dict[str, Any], value: ValueSource,
+def _tree_pairs(line: Mapping[str, object], tree: dict[str, Any], final: dict[str, Any], value: ValueSource,
                 grade: Grader, messages: tuple[dict[str, str], ...], stats: PairStats) -> list[list[Pair]]:
     nodes = {n["id"]: n for n in _check_nodes(tree.get("nodes"), line)}
     kids: dict[int, list[int]] = {i: [] for i in nodes}
@@ -222,7 +225,7 @@ def _tree_pairs(line: Mapping[str, Any], tree: dict[str, Any], final: dict[str, 
     return out
 
 
-def collect_pairs(traces: Iterable[Mapping[str, Any]], *, min_margin: float = 0.1, max_pairs_per_node: int | None = 1,
+def collect_pairs(traces: Iterable[Mapping[str, object]], *, min_margin: float = 0.1, max_pairs_per_node: int | None = 1,
                   dedup: bool = True, value: ValueSource = "outcome", grade: Grader | None = None,
                   messages: Mapping[str, Sequence[Mapping[str, str]]] | None = None) -> tuple[list[Pair], PairStats]:
     """The pairs of every tree in ``traces`` (decoded ``traces.jsonl`` lines) and the extraction's counts.
@@ -279,7 +282,7 @@ def collect_pairs(traces: Iterable[Mapping[str, Any]], *, min_margin: float = 0.
     return pairs, stats
 
 
-def extract_pairs(traces: Iterable[Mapping[str, Any]], min_margin: float = 0.1, max_pairs_per_node: int | None = 1,
+def extract_pairs(traces: Iterable[Mapping[str, object]], min_margin: float = 0.1, max_pairs_per_node: int | None = 1,
                   dedup: bool = True, *, value: ValueSource = "outcome", grade: Grader | None = None,
                   messages: Mapping[str, Sequence[Mapping[str, str]]] | None = None) -> list[Pair]:
     """The step-level pairs of ``traces`` after the filters (see :func:`collect_pairs`); an error with the
@@ -377,7 +380,7 @@ def run_pairs(run_dir: str | Path, *, min_margin: float = 0.1, max_pairs_per_nod
             lines.append({**line, "gold": rec.gold, "error": rec.error})
     suites, items = _suite_context(list(records.values()))
 
-    def grade(line: dict[str, Any], text: str) -> bool:
+    def grade(line: dict[str, object], text: str) -> bool:
         suite = suites.get(str(line.get("suite")))
         item = items.get(str(line.get("suite")), {}).get(str(line.get("item_id")))
         if suite is None or item is None:

@@ -357,7 +357,7 @@ def train_cmd(
         for c in cols:
             table.add_column(c)
         for r in res.comparison["rows"]:
-            table.add_row(*[f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
+            table.add_row(*[f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
         out.print(table)
     out.print(f"report: {res.report}")
 

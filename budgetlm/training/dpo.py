@@ -42,12 +42,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from budgetlm import distributed
 from budgetlm.budget import check_limits
 from budgetlm.errors import ConfigError, MissingDependency
 from budgetlm.evals.config import EvalConfig, StrategySpec
+from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.suites.base import EvalItem
 from budgetlm.io import JsonObject
 from budgetlm.rewards import RewardFunction
@@ -83,17 +84,17 @@ class DpoParams(RecipeParams):
     budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 384.0},
                                      description="Per-problem budget of the search.")
     search_run: str | None = Field(default=None, description="An existing tree-search run folder to take iteration 1's pairs from (no search).")
-    search_limit: int | None = Field(default=None, description="Search the first `search_limit` items of the training suite (None: all).")
+    search_limit: int | None = Field(default=None, ge=1, description="Search the first `search_limit` items of the training suite (None: all).")
     search_backend: Literal["auto", "vllm", "hf"] = Field(default="auto", description="Backend of the search (auto: vLLM when installed).")
-    batch_size: int = Field(default=16, description="Problems searched at once.")
+    batch_size: int = Field(default=16, ge=1, description="Problems searched at once.")
     value: Literal["outcome", "search"] = Field(default="outcome", description="Step value: mean graded outcome of the answers under a node, or the search's own value.")
-    min_margin: float = Field(default=0.1, description="Least value margin of a kept pair (pairs of equal value are never kept).")
-    max_pairs_per_node: int | None = Field(default=1, description="Most pairs per parent node, largest margin first (None: all).")
+    min_margin: float = Field(default=0.1, ge=0, le=1, description="Least value margin of a kept pair (pairs of equal value are never kept).")
+    max_pairs_per_node: int | None = Field(default=1, ge=1, description="Most pairs per parent node, largest margin first (None: all).")
     dedup: bool = Field(default=True, description="Drop pairs repeating an earlier pair's texts, and pairs of identical steps.")
-    beta: float = Field(default=0.1, description="DPO's β (strength of the reference-model constraint).")
+    beta: float = Field(default=0.1, gt=0, description="DPO's β (strength of the reference-model constraint); 0.1 is the usual value.")
     loss_type: str = Field(default="sigmoid", description="TRL DPO loss (sigmoid: the DPO paper's).")
-    max_length: int | None = Field(default=1024, description="Truncate prompt + step to this many tokens (None: no limit).")
-    iterations: int = Field(default=1, description="search → pairs → DPO rounds, each on the previous round's policy.")
+    max_length: int | None = Field(default=1024, ge=1, description="Truncate prompt + step to this many tokens (None: no limit).")
+    iterations: int = Field(default=1, ge=1, description="search → pairs → DPO rounds, each on the previous round's policy.")
     dpo: dict[str, object] = Field(default_factory=dict, description="Further trl.DPOConfig fields (override the derived ones).")
 
     @field_validator("strategy")
@@ -116,37 +117,9 @@ class DpoParams(RecipeParams):
             raise ValueError("`budget` must set at least one limit, e.g. {output_tokens: 384}, got {}")
         return check_limits(v, "budget")
 
-    @field_validator("search_limit", "max_pairs_per_node", "max_length")
-    @classmethod
-    def _pos_or_none(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"`{info.field_name}` must be >= 1 or null, got {v}")
-        return v
-
-    @field_validator("batch_size", "iterations")
-    @classmethod
-    def _pos(cls, v: int, info: ValidationInfo) -> int:
-        if v < 1:
-            raise ValueError(f"`{info.field_name}` must be >= 1, got {v}")
-        return v
-
-    @field_validator("min_margin")
-    @classmethod
-    def _margin(cls, v: float) -> float:
-        if not 0 <= v <= 1:
-            raise ValueError(f"`min_margin` must be in [0, 1] (values live in [0, 1]), got {v}")
-        return v
-
-    @field_validator("beta")
-    @classmethod
-    def _beta(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"`beta` must be > 0 (DPO's β), got {v}; 0.1 is the usual value")
-        return v
-
     @model_validator(mode="after")
     def _run(self) -> DpoParams:
-        if self.search_run is not None and not (Path(self.search_run) / "traces.jsonl").exists():
+        if self.search_run is not None and not RunDir(self.search_run).traces.exists():
             raise ValueError(f"`search_run` must be an evaluation run folder with traces.jsonl, got {self.search_run!r}; "
                              f"run `budgetlm eval` with a tree strategy ({', '.join(TREE_STRATEGIES)}) into it, or "
                              f"leave it null to search with the recipe's strategy")

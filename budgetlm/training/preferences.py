@@ -366,15 +366,15 @@ def _suite_context(records: Sequence[EvalRecord]) -> tuple[dict[str, Suite], dic
 def run_pairs(run_dir: str | Path, *, min_margin: float = 0.1, max_pairs_per_node: int | None = 1, dedup: bool = True,
               value: ValueSource = "outcome") -> tuple[list[Pair], PairStats]:
     """The pairs of an evaluation run folder (``records.jsonl`` + ``traces.jsonl``), graded by each suite's grader."""
-    from budgetlm.evals.records import read_records, read_traces
+    from budgetlm.evals.rundir import RunDir
 
-    run = Path(run_dir)
-    if not (run / "traces.jsonl").exists():
-        raise ConfigError(f"`run_dir` must be an evaluation run folder with traces.jsonl, got {str(run)!r} without "
+    run = RunDir(run_dir)
+    if not run.traces.exists():
+        raise ConfigError(f"`run_dir` must be an evaluation run folder with traces.jsonl, got {str(run.path)!r} without "
                           f"one; run `budgetlm eval` with a tree strategy ({', '.join(TREE_STRATEGIES)}) into it")
-    records = {r.key: r for r in read_records(run / "records.jsonl")}
+    records = {r.key: r for r in run.read_records()}
     lines = []
-    for line in read_traces(run / "traces.jsonl"):
+    for line in run.read_traces():
         rec = records.get((str(line.get("suite")), str(line.get("item_id")), str(line.get("config_id"))))
         if rec is not None:  # the trace of the latest record of each cell only (a retry supersedes an error)
             lines.append({**line, "gold": rec.gold, "error": rec.error})
@@ -416,7 +416,7 @@ def export_pairs(run_dir: str | Path, out_path: str | Path, *, model: str | None
     then name the same one).  Raises :class:`~budgetlm.errors.ConfigError` with the counts when the
     filters leave no pair.
     """
-    from budgetlm.evals.records import read_records
+    from budgetlm.evals.rundir import RunDir
 
     pairs, stats = run_pairs(run_dir, min_margin=min_margin, max_pairs_per_node=max_pairs_per_node, dedup=dedup,
                              value=value)
@@ -426,7 +426,7 @@ def export_pairs(run_dir: str | Path, out_path: str | Path, *, model: str | None
             f"{min_margin}), raise `max_pairs_per_node`, use `value: search`, or run a wider search (more children per "
             f"node, more items, higher temperature) so that sibling steps differ in value")
     if model is None:
-        models = sorted({r.model for r in read_records(Path(run_dir) / "records.jsonl")})
+        models = sorted({r.model for r in RunDir(run_dir).read_records()})
         if len(models) != 1:
             raise ConfigError(f"`model` must be given when the run holds several models, got {models}; name the policy "
                               "whose chat template renders the prompts")

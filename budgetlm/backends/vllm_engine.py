@@ -43,11 +43,19 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from budgetlm.backends.streaming import Sink
 from budgetlm.errors import BackendError, ConfigError
 from budgetlm.usage import FinishReason
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from vllm import LLMEngine, RequestOutput, SamplingParams
+    from vllm.logprobs import Logprob
+
+    from budgetlm.backends.base import RawResult
 
 log = logging.getLogger("budgetlm.backends.vllm")
 
@@ -64,7 +72,7 @@ class EngineRequest:
     """One request in the engine loop."""
 
     prompt_token_ids: list[int]
-    params: Any
+    params: SamplingParams
     """The ``vllm.SamplingParams`` (the loop sets ``output_kind``)."""
     sink: Sink | None = None
     """Where generated output goes (``None`` for final-only requests such as scoring)."""
@@ -75,7 +83,7 @@ class EngineRequest:
     id: str = field(default_factory=lambda: f"blm-{next(_ids)}")
     future: Future[Any] = field(default_factory=Future)
     """Completed with the final ``RawResult`` (or the final ``RequestOutput`` for final-only requests)."""
-    to_raw: Callable[[Sink], Any] | None = None
+    to_raw: Callable[[Sink], RawResult] | None = None
     """Builds the result from the sink when the request ends."""
     group: list[EngineRequest] | None = None
 
@@ -92,7 +100,7 @@ class EngineLoop:
     """The engine thread; see the module docstring.  Thread-safe: call :meth:`submit` and :meth:`abort`
     from any thread or event loop."""
 
-    def __init__(self, engine: Any, *, torch: Any = None, name: str = "vllm") -> None:
+    def __init__(self, engine: LLMEngine, *, torch: ModuleType | None = None, name: str = "vllm") -> None:
         self._engine = engine
         self._torch = torch
         self._cond = threading.Condition()
@@ -100,7 +108,7 @@ class EngineLoop:
         self._live: dict[str, EngineRequest] = {}
         self._exclusive: list[EngineRequest] | None = None
         self._held: deque[tuple[str, Any]] = deque()
-        self._rng_state: Any = None
+        self._rng_state: Tensor | None = None
         self._closing = False
         self._cancelled: set[str] = set()
         self._dead: BaseException | None = None
@@ -263,7 +271,7 @@ class EngineLoop:
         if r.sink is not None:
             r.sink.admit(len(r.prompt_token_ids))
 
-    def _deliver(self, out: Any) -> None:
+    def _deliver(self, out: RequestOutput) -> None:
         r = self._live.get(out.request_id)
         if r is None:
             return
@@ -320,6 +328,6 @@ class EngineLoop:
             self._restore_rng()
 
 
-def _top(d: dict[int, Any], k: int) -> dict[int, float]:
+def _top(d: dict[int, Logprob], k: int) -> dict[int, float]:
     items = sorted(d.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob))
     return {int(t): float(lp.logprob) for t, lp in items[:k]}

@@ -81,7 +81,7 @@ import threading
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +101,7 @@ from budgetlm.backends.pool import ServerPool
 from budgetlm.backends.streaming import Sink
 from budgetlm.costs import CostModel, ModelInfo, estimate_tokens
 from budgetlm.errors import BackendError, BackendUnavailable, MissingDependency, invalid
+from budgetlm.io import JsonValue
 from budgetlm.thinking import ThinkingFormat
 from budgetlm.usage import FinishReason
 
@@ -195,7 +196,7 @@ class OpenAIBackend(Backend):
         send_seed: bool = True,
         vllm_extensions: bool = True,
         n_params: int | None = None,
-        extra_sampling: dict[str, Any] | None = None,
+        extra_sampling: Mapping[str, JsonValue] | None = None,
         thinking: ThinkingFormat | None = None,
         name: str | None = None,
         fail_threshold: int = 3,
@@ -220,7 +221,7 @@ class OpenAIBackend(Backend):
         ):
             if not ok:
                 raise invalid(pname, must, val)
-        if extra_sampling is not None and not isinstance(extra_sampling, dict):
+        if extra_sampling is not None and not isinstance(extra_sampling, Mapping):
             raise invalid("extra_sampling", "a dict of request fields", extra_sampling, "pass e.g. {'ignore_eos': True}")
         if bad := sorted(set(extra_sampling or {}) & _CONTROLLED):
             raise invalid("extra_sampling", "free of fields budgetlm sets itself", bad,
@@ -250,7 +251,7 @@ class OpenAIBackend(Backend):
         self._tok: PreTrainedTokenizerBase | None = None
         self._tok_path: Path | None = None
         self._tok_done = False
-        self._models: list[dict[str, Any]] | None = None
+        self._models: list[dict[str, object]] | None = None
         self._info: ModelInfo | None = None
         self._lock = threading.RLock()
         self.pool = ServerPool(self.base_urls, api_key=self.api_key, fail_threshold=fail_threshold,
@@ -262,7 +263,7 @@ class OpenAIBackend(Backend):
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ tokenizer and model facts
-    def _server_models(self) -> list[dict[str, Any]] | None:
+    def _server_models(self) -> list[dict[str, object]] | None:
         """The server's ``/v1/models`` entries (first URL that answers), or None when none answers."""
         if self._models is None:
             openai = _openai()
@@ -276,7 +277,7 @@ class OpenAIBackend(Backend):
                     continue
         return self._models
 
-    def _model_card(self) -> dict[str, Any] | None:
+    def _model_card(self) -> dict[str, object] | None:
         return next((m for m in self._server_models() or [] if m.get("id") == self.model), None)
 
     @property
@@ -295,7 +296,8 @@ class OpenAIBackend(Backend):
                 if path is None:
                     card = self._model_card()
                     final = self._models is not None  # server unreachable: try again on next use
-                    path = _tokenizer_dir(card["root"]) if card and card.get("root") else None
+                    root = card.get("root") if card else None  # the checkpoint vLLM loaded
+                    path = _tokenizer_dir(root) if isinstance(root, str) and root else None
             elif spec is not None:
                 path = _tokenizer_dir(spec)
             if path is not None:
@@ -349,8 +351,9 @@ class OpenAIBackend(Backend):
             self._info = ModelInfo.from_hf_config(self.name, conf, n_params=self._n_params)
             return self._info
         card = self._model_card()
+        max_len = (card or {}).get("max_model_len")
         info = ModelInfo(name=self.name, n_params=self._n_params or 0,
-                         max_context=int((card or {}).get("max_model_len") or 0))
+                         max_context=int(max_len or 0) if isinstance(max_len, (int, float, str)) else 0)
         if card is not None or self._n_params is not None:
             if self._n_params is None:
                 warnings.warn(f"model facts of {self.model!r} are unknown (no local config.json): FLOPs are not "

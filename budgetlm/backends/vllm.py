@@ -89,7 +89,7 @@ import struct
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from pathlib import Path
@@ -215,7 +215,7 @@ class VLLMBackend(Backend):
         enforce_eager: bool | None = None,
         enable_prefix_caching: bool = True,
         max_logprobs: int = 20,
-        speculative_config: dict[str, Any] | None = None,
+        speculative_config: Mapping[str, object] | None = None,
         thinking: ThinkingFormat | None = None,
         name: str | None = None,
         engine_kwargs: dict[str, Any] | None = None,

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from budgetlm.backends.streaming import Sink
 from budgetlm.errors import BackendError, ConfigError
@@ -65,6 +65,7 @@ SERIAL_GROUPS_WARNING = 32
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "error": "error",
                                     "repetition": "stop"}
 _ids = itertools.count()
+T = TypeVar("T")
 
 
 @dataclass
@@ -88,12 +89,14 @@ class EngineRequest:
     group: list[EngineRequest] | None = None
 
 
-def _resolve(fut: Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
+def _resolve(fut: Future[T], value: T) -> None:
     with contextlib.suppress(InvalidStateError):
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(value)
+        fut.set_result(value)
+
+
+def _fail(fut: Future[T], exc: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):
+        fut.set_exception(exc)
 
 
 class EngineLoop:
@@ -191,7 +194,7 @@ class EngineLoop:
             self._finish(r, aborted=True)
         for kind, arg in cmds:
             for r in ([arg] if kind == "add" else arg[1] if kind == "group" else []):
-                _resolve(r.future, exc=BackendError("the vLLM backend was closed before the request ran"))
+                _fail(r.future, BackendError("the vLLM backend was closed before the request ran"))
         self._restore_rng()
 
     def _command(self, kind: str, arg: Any) -> None:
@@ -262,10 +265,10 @@ class EngineLoop:
         try:
             self._engine.add_request(r.id, {"prompt_token_ids": r.prompt_token_ids}, r.params)
         except ValueError as exc:  # vLLM validation errors (VLLMValidationError is a ValueError)
-            _resolve(r.future, exc=ConfigError(f"vLLM rejected a request: {exc}"))
+            _fail(r.future, ConfigError(f"vLLM rejected a request: {exc}"))
             return
         except Exception as exc:  # noqa: BLE001
-            _resolve(r.future, exc=BackendError(f"vLLM refused a request: {type(exc).__name__}: {exc}"))
+            _fail(r.future, BackendError(f"vLLM refused a request: {type(exc).__name__}: {exc}"))
             return
         self._live[r.id] = r
         if r.sink is not None:
@@ -304,14 +307,14 @@ class EngineLoop:
     def _finish(self, r: EngineRequest, *, aborted: bool = False) -> None:
         self._live.pop(r.id, None)
         if r.sink is None:
-            _resolve(r.future, exc=BackendError("the request was aborted"))
+            _fail(r.future, BackendError("the request was aborted"))
             return
         if aborted:
             r.sink.close_open("abort")
         try:
             _resolve(r.future, r.to_raw(r.sink) if r.to_raw else r.sink.raw())
         except Exception as exc:  # noqa: BLE001 -- e.g. logprobs missing: the caller sees it
-            _resolve(r.future, exc=exc)
+            _fail(r.future, exc)
 
     def _restore_rng(self) -> None:
         if self._rng_state is not None and self._torch is not None:
@@ -322,7 +325,7 @@ class EngineLoop:
         log.error("%s", exc)
         for r in list(self._live.values()):
             self._live.pop(r.id, None)
-            _resolve(r.future, exc=exc)
+            _fail(r.future, exc)
         if self._exclusive is not None:
             self._exclusive = None
             self._restore_rng()

@@ -32,7 +32,9 @@ def main() -> None:
 
     from budgetlm.evals.calibration import CascadeConfig, calibrate_config
     from budgetlm.evals.config import EvalConfig
+    from budgetlm.evals.rundir import RunDir
     from budgetlm.evals.runner import run_eval
+    from budgetlm.io import read_json
     from budgetlm.versions import library_versions
 
     cfg = CascadeConfig.load(args.config)
@@ -55,7 +57,7 @@ def main() -> None:
     ecfg = EvalConfig(name="cascade", suites=[test_suite], models=[cfg.model], strategies=strategies,
                       budgets=[cfg.budget], seed=cfg.seed, batch_size=args.test_size)
     run_eval(ecfg, out / "test", report=True)
-    summary = json.loads((out / "test" / "summary.json").read_text())
+    summary = read_json(RunDir(out / "test").summary_json)
     rows = {c["strategy"]: c for c in summary["configs"]}
     last = rows[f"stage {len(stages) - 1}: {stages[-1]['strategy']}"]
     print(f"{'configuration':24} {'accuracy':>8} {'95% CI':>13} {'out tok':>8}")

@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from budgetlm.evals.config import EvalConfig
-    from budgetlm.evals.records import read_records
+    from budgetlm.evals.rundir import RunDir
     from budgetlm.evals.runner import run_eval
     from budgetlm.versions import library_versions
 
@@ -62,11 +62,11 @@ def main() -> None:
     if not args.summarize_only:
         run_eval(cfg, args.out, report=False)
     wall = time.perf_counter() - t0
-    recs = [r for d in (args.out, *args.include) for r in read_records(Path(d) / "records.jsonl") if r.error is None]
+    recs = [r for d in (args.out, *args.include) for r in RunDir(Path(d)).read_records() if r.error is None]
     limits = {args.out: args.limit}
     for d in args.include:
-        with open(Path(d) / "run.json") as fh:
-            limits[d] = json.load(fh)["config"].get("limit")
+        meta = RunDir(d).read_meta() or {}
+        limits[d] = meta.get("config", {}).get("limit")
     by: dict[tuple[str, int], dict[tuple[str, str], object]] = {}
     for r in recs:
         by.setdefault((r.strategy, int(r.budget.get("output_tokens", 0))), {})[(r.suite, r.item_id)] = r

@@ -30,9 +30,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from budgetlm.evals.config import EvalConfig
-    from budgetlm.evals.records import read_records
     from budgetlm.evals.report import write_report
+    from budgetlm.evals.rundir import RunDir
     from budgetlm.evals.runner import run_eval
+    from budgetlm.io import read_json
     from budgetlm.versions import library_versions
 
     cfg = EvalConfig.load(args.config).model_copy(update={"limit": args.limit})
@@ -40,7 +41,7 @@ def main() -> None:
     run_eval(cfg, args.out, report=False)
     wall = time.time() - t0
     report = write_report([Path(args.out)], Path(args.out) / "report").parent
-    summary = json.loads((report / "summary.json").read_text())
+    summary = read_json(RunDir(report).summary_json)
     rows = {c["strategy"]: {"n": c["n"], "accuracy": c["accuracy"], "ci": [c["accuracy_ci_low"], c["accuracy_ci_high"]],
                             "mean_output_tokens": c["mean_output_tokens"],
                             "mean_sequential_tokens": c["mean_sequential_tokens"],
@@ -61,7 +62,7 @@ def main() -> None:
               f"[CI {m['ci'][0]:.3f}-{m['ci'][1]:.3f}] with {share:.0%} of its tokens (target: within CI at <= 50%): "
               f"{'met' if ok else 'NOT met'}")
     savings: dict[str, dict[str, float]] = {}
-    for r in read_records(Path(args.out) / "records.jsonl"):
+    for r in RunDir(Path(args.out)).read_records():
         d = r.details
         if d.get("mode") != "online":
             continue
@@ -80,7 +81,7 @@ def main() -> None:
               f"{a['stopped_traces']:.2f} stopped for low confidence ({a['tokens_saved_by_stop']:.1f} tokens saved), "
               f"{a['cancelled_traces']:.2f} cancelled at consensus ({a['tokens_saved_by_cancel']:.1f} saved); "
               f"consensus stop on {a['consensus']:.0%} of items")
-    over = sum(1 for r in read_records(Path(args.out) / "records.jsonl") if r.over_budget)
+    over = sum(1 for r in RunDir(Path(args.out)).read_records() if r.over_budget)
     out = {"config": str(Path(args.config).name), "limit_per_suite": args.limit, "model": cfg.models,
            "suites": cfg.suites, "seed": cfg.seed, "sampling_seed": None, "budget": {"output_tokens": 768},
            "configs": rows, "target_checks": checks, "deepconf_online_per_item": per_item,

@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(HERE / "results" / "dpo_iteration.json"))
     args = ap.parse_args()
 
-    from budgetlm.evals.records import read_records
+    from budgetlm.evals.rundir import RunDir
     from budgetlm.training import TrainConfig, run
     from budgetlm.training.grpo import read_log
     from budgetlm.versions import library_versions
@@ -77,7 +77,7 @@ def main() -> None:
     state = json.loads((out / "train.json").read_text())
     [it] = state["iterations"]
     stats = it["pair_stats"]
-    search = read_records(Path(stats["search_run"]) / "records.jsonl")
+    search = RunDir(Path(stats["search_run"])).read_records()
     search_acc = sum(r.correct for r in search) / max(1, len(search))
     log = [e for e in read_log(out / "train_log.jsonl") if "loss" in e]
     k = max(1, len(log) // 5)
@@ -89,7 +89,7 @@ def main() -> None:
     roles = comp.get("roles", {})
     by: dict[str, dict[str, bool]] = {"base": {}, "trained": {}}
     eval_questions = set()
-    for r in read_records(out / "eval" / "records.jsonl"):
+    for r in RunDir(out / "eval").read_records():
         by[roles.get(r.model, r.model)][r.item_id] = bool(r.correct)
         eval_questions.add(r.question)
     common = sorted(set(by["base"]) & set(by["trained"]))

@@ -43,7 +43,7 @@ def main() -> None:
     from budgetlm.backends.vllm import VLLMBackend
     from budgetlm.evals import runner as runner_mod
     from budgetlm.evals.config import EvalConfig
-    from budgetlm.evals.records import read_records
+    from budgetlm.evals.rundir import RunDir
     from budgetlm.evals.suites import get as get_suite
     from budgetlm.versions import library_versions
 
@@ -82,7 +82,7 @@ def main() -> None:
             t0 = time.perf_counter()
             runner_mod.Runner(cfg, Path(d) / "run", backends={"default": backend}, progress=False, report=False).run()
             wall = time.perf_counter() - t0
-            recs = read_records(Path(d) / "run" / "records.jsonl")
+            recs = RunDir(Path(d) / "run").read_records()
         return wall, sum(r.output_tokens for r in recs), len(recs), write_time[0]
 
     raw()  # warm-up (prefix cache and allocator in the same state for both)

@@ -75,7 +75,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from budgetlm.evals.config import EvalConfig
-    from budgetlm.evals.records import read_records
+    from budgetlm.evals.rundir import RunDir
     from budgetlm.evals.runner import run_eval
     from budgetlm.versions import library_versions
 
@@ -85,7 +85,7 @@ def main() -> None:
     t0 = time.perf_counter()
     run_eval(cfg, args.out, report=False)
     wall = time.perf_counter() - t0
-    recs = read_records(Path(args.out) / "records.jsonl")
+    recs = RunDir(Path(args.out)).read_records()
     groups: dict[tuple[str, float], list[Any]] = defaultdict(list)
     for r in recs:
         groups[(r.strategy, r.budget.get("output_tokens", 0.0))].append(r)

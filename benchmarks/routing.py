@@ -69,14 +69,14 @@ AGENT_PROMPT = (
 def _arm_outcomes(out: Path, cal: str, test: str, seed: int) -> dict[str, dict[str, list[Any]]]:
     """Run both arms on both splits (resumable); per split: item ids, weak/strong success and tokens."""
     from budgetlm.evals.config import EvalConfig
-    from budgetlm.evals.records import read_records
+    from budgetlm.evals.rundir import RunDir
     from budgetlm.evals.runner import run_eval
 
     strategies = [{"name": a["strategy"], "label": a["label"], "params": a["params"]} for a in (CHEAP, STRONG)]
     cfg = EvalConfig(name="routing-arms", suites=[cal, test], models=["default"], strategies=strategies,
                      budgets=[BUDGET], seed=seed, batch_size=256)
     run_eval(cfg, out / "arms", report=False)
-    recs = read_records(out / "arms" / "records.jsonl")
+    recs = RunDir(out / "arms").read_records()
     res: dict[str, dict[str, list[Any]]] = {}
     for split, spec in (("cal", cal), ("test", test)):
         by = {(r.strategy, r.item_id): r for r in recs if r.suite == spec}
@@ -191,8 +191,8 @@ def _evaluate(routers: dict[str, dict[str, Any]], arms: dict[str, Any], share: f
 
 def _end_to_end(out: Path, router: str, cal: str, test: str, cal_size: int, share: float, seed: int) -> dict[str, Any]:
     from budgetlm.evals.config import EvalConfig
-    from budgetlm.evals.records import read_records
     from budgetlm.evals.route_calibration import RouteConfig, calibrate_route_config
+    from budgetlm.evals.rundir import RunDir
     from budgetlm.evals.runner import run_eval
 
     block = E2E_ROUTERS[router] | ({"params": {"seed": seed}} if router == "random" else {})
@@ -206,7 +206,7 @@ def _end_to_end(out: Path, router: str, cal: str, test: str, cal_size: int, shar
     ecfg = EvalConfig(name="routing-e2e", suites=[test], models=["default"], seed=seed, budgets=[BUDGET], batch_size=256,
                       strategies=[{"name": "route", "label": f"route:{router}", "params": {"calibration": str(path)}}])
     run_eval(ecfg, out / "e2e", report=False)
-    recs = read_records(out / "e2e" / "records.jsonl")
+    recs = RunDir(out / "e2e").read_records()
     n = len(recs)
     return {"router": router, "thresholds": doc["thresholds"], "calibration": doc["on_split"], "n_items": n,
             "accuracy": sum(r.correct for r in recs) / n,
@@ -217,7 +217,7 @@ def _end_to_end(out: Path, router: str, cal: str, test: str, cal_size: int, shar
 
 def _agents(out: Path, size: int, seed: int) -> list[dict[str, Any]]:
     from budgetlm.evals.config import EvalConfig
-    from budgetlm.evals.records import read_records
+    from budgetlm.evals.rundir import RunDir
     from budgetlm.evals.runner import run_eval
 
     common = {"max_steps": 6, "step_tokens": 96, "answer_tokens": 24,
@@ -231,7 +231,7 @@ def _agents(out: Path, size: int, seed: int) -> list[dict[str, Any]]:
                      budgets=[{"output_tokens": 1024, "tool_calls": 6}],
                      strategies=[{"name": "agent", "label": k, "params": {**common, **v}} for k, v in policies.items()])
     run_eval(cfg, out / "agents", report=False)
-    recs = read_records(out / "agents" / "records.jsonl")
+    recs = RunDir(out / "agents").read_records()
     rows = []
     for label in policies:
         rs = [r for r in recs if r.strategy == label]

@@ -16,7 +16,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -32,7 +31,9 @@ def main() -> None:
 
     from budgetlm.evals.config import EvalConfig
     from budgetlm.evals.report import write_report
+    from budgetlm.evals.rundir import RunDir
     from budgetlm.evals.runner import run_eval
+    from budgetlm.io import read_json
 
     run_dirs = []
     for path, out in ((args.config, args.out), (args.sweep, args.out + "_delta")):
@@ -44,7 +45,7 @@ def main() -> None:
         run_eval(cfg, out, report=False)
         run_dirs.append(Path(out))
     report = write_report(run_dirs, Path(args.out) / "combined").parent
-    summary = json.loads((report / "summary.json").read_text())
+    summary = read_json(RunDir(report).summary_json)
     rows = []
     for c in summary["configs"]:
         rows.append((c["strategy"], c["budget"].get("output_tokens"), c["n"], c["accuracy"], c["accuracy_ci_low"],
@@ -69,11 +70,11 @@ def main() -> None:
 
 def _cancel_savings(run_dirs: list[Path]) -> None:
     """Per adaptive configuration: samples cancelled when their problem settled, and the tokens that saved."""
-    from budgetlm.evals.records import read_records
+    from budgetlm.evals.rundir import RunDir
 
     agg: dict[str, list[float]] = {}
     for d in run_dirs:
-        for r in read_records(d / "records.jsonl"):
+        for r in RunDir(d).read_records():
             if "cancelled_samples" not in r.details:
                 continue
             a = agg.setdefault(f"{r.strategy} {r.budget}", [0, 0, 0, 0])

@@ -89,11 +89,11 @@ def run(urls: list[str], out: Path, args: argparse.Namespace, be: Any = None, on
 
 def audit(out: Path, expected: int, max_tokens: int) -> dict[str, Any]:
     """Lost, duplicated, errored and double-charged records of a run folder, and the moved requests' latency."""
-    from budgetlm.evals.records import read_records, read_traces
+    from budgetlm.evals.rundir import RunDir
 
-    every = read_records(out / "records.jsonl", latest=False)
+    every = RunDir(out).read_records(latest=False)
     keys = [r.key for r in every]
-    traces = {(t["suite"], t["item_id"], t["config_id"]): t.get("trace") or [] for t in read_traces(out / "traces.jsonl")}
+    traces = {(t["suite"], t["item_id"], t["config_id"]): t.get("trace") or [] for t in RunDir(out).read_traces()}
     twice = 0
     for r in every:
         if r.over_budget or r.output_tokens > max_tokens * (3 if r.strategy == "majority" else 1):

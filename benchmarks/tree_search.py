@@ -64,9 +64,10 @@ def main() -> None:
         return
 
     from budgetlm.evals.config import EvalConfig
-    from budgetlm.evals.records import read_records
     from budgetlm.evals.report import write_report
+    from budgetlm.evals.rundir import RunDir
     from budgetlm.evals.runner import run_eval
+    from budgetlm.io import read_json
     from budgetlm.versions import library_versions
 
     cfg = EvalConfig.load(args.config)
@@ -74,9 +75,9 @@ def main() -> None:
         cfg = cfg.model_copy(update={"limit": args.limit})
     run_eval(cfg, args.out, report=False)
     report = write_report([args.out]).parent
-    summary = json.loads((report / "summary.json").read_text())
+    summary = read_json(RunDir(report).summary_json)
 
-    recs = read_records(Path(args.out) / "records.jsonl")
+    recs = RunDir(Path(args.out)).read_records()
     by_cfg: dict[str, list] = defaultdict(list)
     for r in recs:
         by_cfg[r.strategy].append(r)
@@ -107,11 +108,10 @@ def main() -> None:
               f"{r['mean_output_tokens']:8.1f} {r['mean_sequential_tokens']:8.1f} {r['mean_prompt_tokens']:8.1f} "
               f"{r['calls_per_item']:6.1f} {r['over_budget_rate']:5.2f} {r['tok_per_s']:7.1f} {r['wall_s']:7.1f}")
 
-    from budgetlm.evals.runner import TRACES_FILE
     from budgetlm.evals.treeplot import read_traces, tree_of
 
     shapes: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # (nodes, terminal, pruned as no progress)
-    for line in read_traces(Path(args.out) / TRACES_FILE):
+    for line in read_traces(RunDir(args.out).traces):
         found = tree_of(line.get("trace") or [])
         if found is not None:
             nodes = found[0]["nodes"]

@@ -40,7 +40,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -48,8 +48,14 @@ from rich.table import Table
 
 from budgetlm.budget import Budget
 from budgetlm.errors import BudgetLMError, missing
+from budgetlm.io import JsonObject
 from budgetlm.logs import configure_logging, engine_env, log_to_file, stdout_to_stderr
 from budgetlm.versions import library_versions
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from budgetlm.evals.rundir import RunDir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make LLM reasoning spend compute deliberately.")
 console = Console(stderr=True)
@@ -76,12 +82,12 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _parse_params(pairs: list[str]) -> dict[str, Any]:
+def _parse_params(pairs: list[str]) -> dict[str, object]:
     """``key=value`` pairs; values read as JSON objects/lists when they start with ``{``/``[``, dotted
     keys nest (``scorer_params.path=/m`` → ``{"scorer_params": {"path": "/m"}}``)."""
     from budgetlm.registry import coerce_option
 
-    params: dict[str, Any] = {}
+    params: dict[str, object] = {}
     for item in pairs:
         key, sep, val = item.partition("=")
         if not sep or not key.strip():
@@ -89,7 +95,7 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
         val = val.strip()
         if val[:1] in ("{", "["):
             try:
-                value: Any = json.loads(val)
+                value: object = json.loads(val)
             except json.JSONDecodeError as e:
                 raise BudgetLMError(f"`--param {key.strip()}` must be valid JSON when it starts with {val[0]!r}, "
                                     f"got {val!r} ({e.msg})") from None
@@ -98,9 +104,10 @@ def _parse_params(pairs: list[str]) -> dict[str, Any]:
         *parents, leaf = key.strip().split(".")
         node = params
         for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
                 raise BudgetLMError(f"`--param {key.strip()}` nests under {part!r}, which already has a value")
+            node = child
         node[leaf] = value
     return params
 
@@ -119,6 +126,7 @@ def run(
 ) -> None:
     """Answer QUESTION with a strategy under a budget; print the answer and the spend."""
     from budgetlm.backends import load
+    from budgetlm.meter import ledger_json
     from budgetlm.strategies import get as get_strategy
 
     try:
@@ -141,7 +149,7 @@ def run(
     except BudgetLMError as exc:
         _fail(exc)
         return
-    record: dict[str, Any] = {
+    record: JsonObject = {
         "question": question,
         "strategy": strategy,
         "params": strat.params(),
@@ -152,7 +160,7 @@ def run(
         "truncated": res.truncated,
         "sequential_tokens": res.sequential_tokens,
         "usage": res.usage.to_dict(),
-        "ledger": res.ledger,
+        "ledger": ledger_json(res.ledger),
         "trace": res.trace,
         "backend": backend,
         "seed": seed,
@@ -209,7 +217,7 @@ def demo(
         return
     if res.report is None:
         raise missing('res.report')
-    _print_errors(res)
+    _print_errors(res.errors)
     if as_json:
         out.print_json(_rundir(res.report).summary_json.read_text())
         return
@@ -261,7 +269,7 @@ def eval_cmd(
                   + f"{res.written} records written, {res.skipped} already done"
                   + (f", retrying {res.retried} errored records" if res.retried else "")
                   + ("" if res.errors else ", 0 errors"), soft_wrap=True)
-    _print_errors(res)
+    _print_errors(res.errors)
     if res.shard is not None:
         console.print(f"partial results: this folder holds shard {res.shard.label}; when every shard has run, "
                       "merge them with `budgetlm merge SHARD_DIR... --out MERGED`", soft_wrap=True)
@@ -357,7 +365,7 @@ def train_cmd(
         for c in cols:
             table.add_column(c)
         for r in res.comparison["rows"]:
-            table.add_row(*[f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
+            table.add_row(*[f"{r.get(c):.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols])
         out.print(table)
     out.print(f"report: {res.report}")
 
@@ -461,7 +469,7 @@ def route_calibrate(
     console.print(f"written: {out}  (use it as strategies.get('route', calibration={out!r}))")
 
 
-def out_console_path(path: Any) -> None:
+def out_console_path(path: str | Path) -> None:
     out.print(f"report: {path}/report.html", soft_wrap=True, highlight=False, markup=False)
 
 
@@ -470,19 +478,19 @@ def out_json(text: str) -> None:
     out.print_json(text)
 
 
-def _print_errors(res: Any) -> None:
+def _print_errors(errors: Sequence[str]) -> None:
     """The errored records of a run, on stderr: count and the first error's text (the run still exits 0)."""
-    if not res.errors:
+    if not errors:
         return
     from rich.markup import escape
 
-    console.print(f"[bold red]{len(res.errors)} errors[/]; first: {escape(res.errors[0])}", highlight=False,
+    console.print(f"[bold red]{len(errors)} errors[/]; first: {escape(errors[0])}", highlight=False,
                   soft_wrap=True)
     console.print("[yellow]errored records are left out of accuracy and the Pareto frontier; re-run the same "
                   "command to retry them[/]", soft_wrap=True)
 
 
-def _fmt(x: Any, spec: str) -> str:
+def _fmt(x: float | None, spec: str) -> str:
     return "—" if x is None else format(x, spec)
 
 
@@ -499,7 +507,7 @@ def _write_stdout(text: str) -> None:
     sys.stdout.flush()
 
 
-def _rundir(path: Any) -> Any:
+def _rundir(path: str | Path) -> RunDir:
     """The :class:`~budgetlm.evals.rundir.RunDir` of a run (or report) folder (imported lazily)."""
     from budgetlm.evals.rundir import RunDir
 
@@ -515,7 +523,7 @@ def _show_report(report: Path, as_json: bool) -> None:
     out_console_path(report)
 
 
-def _print_summary(report_dir: Any) -> None:
+def _print_summary(report_dir: str | Path) -> None:
     """A report's configurations table on stdout: on a terminal a compact rich table (the full table is in
     summary.md); otherwise (a pipe, a log file) the full Markdown table, one unwrapped line per row."""
     path = _rundir(report_dir).summary_json

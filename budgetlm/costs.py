@@ -31,9 +31,14 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from budgetlm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from transformers import PretrainedConfig
 
 CHARS_PER_TOKEN = 3
 """Characters of letters and spaces per token in :func:`estimate_tokens` (BPE tokenizers average about 4 on
@@ -112,7 +117,7 @@ class ModelInfo:
         return max(1, self.n_params - self.n_embedding_params)
 
     @classmethod
-    def from_hf_config(cls, name: str, config: Any, n_params: int | None = None) -> ModelInfo:
+    def from_hf_config(cls, name: str, config: PretrainedConfig, n_params: int | None = None) -> ModelInfo:
         """Derive the info from a transformers ``PretrainedConfig`` (parameters counted if absent)."""
         get = lambda *ks, default=0: next((getattr(config, k) for k in ks if getattr(config, k, None)), default)  # noqa: E731
         hidden = int(get("hidden_size", "d_model", "n_embd"))
@@ -265,8 +270,8 @@ class EnergyMeter:
     """Reads NVML's cumulative energy counter; ``None`` everywhere when NVML is unavailable."""
 
     def __init__(self, device_indices: list[int] | None = None) -> None:
-        self._handles: list[Any] = []
-        self._nvml: Any = None
+        self._handles: list[object] = []
+        self._nvml: ModuleType | None = None
         self.reason: str | None = None
         try:
             import pynvml  # lazy: optional dependency
@@ -293,9 +298,10 @@ class EnergyMeter:
 
     def read_mj(self) -> float | None:
         """Total energy in millijoules over the selected GPUs, or ``None``."""
-        if not self.available:
+        nvml = self._nvml
+        if nvml is None or not self._handles:  # not :attr:`available`
             return None
-        return float(sum(self._nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles))
+        return float(sum(nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self._handles))
 
     def joules_since(self, start_mj: float | None) -> float | None:
         """Joules spent since ``start_mj`` (from :meth:`read_mj`), or ``None``."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any, TypeVar
 
 __all__ = ["all_gather", "barrier", "is_main", "rank", "share", "world_size"]
@@ -34,7 +35,7 @@ __all__ = ["all_gather", "barrier", "is_main", "rank", "share", "world_size"]
 T = TypeVar("T")
 
 
-def _dist() -> Any | None:
+def _dist() -> ModuleType | None:
     """``torch.distributed`` when a process group of more than one process is initialised, else None."""
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():

@@ -159,12 +159,12 @@ def repair_tail(path: str | Path, *, on_torn: Callable[[TornLine], None] | None 
         return None
 
 
-def _fsync(fh: IO[Any]) -> None:
+def _fsync(fh: IO[bytes] | IO[str]) -> None:
     fh.flush()
     os.fsync(fh.fileno())
 
 
-def _line(row: Any, default: Callable[[Any], Any] | None) -> str:
+def _line(row: object, default: Callable[[Any], Any] | None) -> str:
     """One JSONL line (no newline) of ``row``: a string is taken as already encoded."""
     return row if isinstance(row, str) else json.dumps(row, default=default)
 
@@ -198,7 +198,7 @@ class JsonlWriter:
         self.close()
 
 
-def append_jsonl(path: str | Path, row: Any, *, fsync: bool = True,
+def append_jsonl(path: str | Path, row: object, *, fsync: bool = True,
                  default: Callable[[Any], Any] | None = str) -> None:
     """Append one line to ``path`` (created if missing), flushed and fsynced; the tail is not
     repaired here (call :func:`repair_tail` once before a session of appends)."""
@@ -221,7 +221,7 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def write_json_atomic(path: str | Path, data: Any, *, default: Callable[[Any], Any] | None = str,
+def write_json_atomic(path: str | Path, data: object, *, default: Callable[[Any], Any] | None = str,
                       allow_nan: bool = True, indent: int | None = 2) -> Path:
     """Write ``data`` as JSON (indented, newline-terminated) to ``path`` atomically; returns ``path``.
 
@@ -235,7 +235,7 @@ def write_json_atomic(path: str | Path, data: Any, *, default: Callable[[Any], A
     return p
 
 
-def write_jsonl_atomic(path: str | Path, rows: Iterable[Any], *, default: Callable[[Any], Any] | None = str) -> Path:
+def write_jsonl_atomic(path: str | Path, rows: Iterable[object], *, default: Callable[[Any], Any] | None = str) -> Path:
     """Write a whole JSONL file atomically (rows: dicts or already-encoded lines); returns ``path``."""
     p = Path(path)
     _write_atomic(p, "".join(_line(r, default) + "\n" for r in rows))

@@ -8,9 +8,10 @@ reasoning-parser registry and reasoning-gym's ``factory`` do.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar, overload
+from typing import Generic, TypeVar, overload
 
 from budgetlm.errors import ConfigError, UnknownNameError
+from budgetlm.io import JsonScalar
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -29,12 +30,12 @@ class Registry(Generic[T]):
     @overload
     def register(self, name: str, obj: T, *, overwrite: bool = False) -> T: ...
 
-    def register(self, name: str, obj: Any = None, *, overwrite: bool = False) -> Any:
+    def register(self, name: str, obj: T | None = None, *, overwrite: bool = False) -> T | Callable[[T], T]:
         """Register ``obj`` under ``name``; usable as a decorator when ``obj`` is omitted."""
         if not name or not isinstance(name, str):
             raise ConfigError(f"`name` must be a non-empty string, got {name!r}")
 
-        def deco(o: Any) -> Any:
+        def deco(o: T) -> T:
             if name in self._items and not overwrite:
                 raise ConfigError(f"{self.kind} {name!r} is already registered; pass overwrite=True to replace it")
             self._items[name] = o
@@ -60,7 +61,7 @@ class Registry(Generic[T]):
         return iter(self.names())
 
 
-def coerce_option(value: str) -> Any:
+def coerce_option(value: str) -> JsonScalar:
     """A spec option's string value as bool, None, int or float when it reads as one (else the string).
 
     Used for the ``?key=value`` options of backend and suite specs.

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from budgetlm.errors import BudgetExceeded, ConfigError
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 
 TOOL_CALL_OPEN = "<tool_call>"
@@ -45,7 +46,7 @@ class Tool:
 
     name: str
     """Name the model writes in its tool call."""
-    fn: Callable[..., Any]
+    fn: Callable[..., object]
     """The function; called with the call's arguments as keyword arguments."""
     description: str = ""
     """One line shown to the model in the tool list."""
@@ -94,19 +95,19 @@ class ToolOutcome:
     latency_s: float = 0.0
     """Seconds the tool ran."""
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         """A JSON-ready record for traces."""
         return {"name": self.call.name if self.call else None, "arguments": self.call.arguments if self.call else None,
                 "observation": self.observation, "error": self.error, "skipped": self.skipped,
                 "latency_s": self.latency_s}
 
 
-def as_tools(tools: Iterable[Tool | Callable[..., Any]] | Mapping[str, Callable[..., Any]] | None) -> dict[str, Tool]:
+def as_tools(tools: Iterable[Tool | Callable[..., object]] | Mapping[str, Callable[..., object]] | None) -> dict[str, Tool]:
     """Normalise tools given as :class:`Tool` s, plain functions (named by ``__name__``) or a name → function map."""
     if tools is None:
         return {}
     out: dict[str, Tool] = {}
-    items: Iterable[Any] = (Tool(k, v) for k, v in tools.items()) if isinstance(tools, Mapping) else tools
+    items: Iterable[Tool | Callable[..., object]] = (Tool(k, v) for k, v in tools.items()) if isinstance(tools, Mapping) else tools
     for t in items:
         tool = t if isinstance(t, Tool) else Tool(getattr(t, "__name__", ""), t, (getattr(t, "__doc__", "") or "").strip())
         if tool.name in out:
@@ -177,7 +178,7 @@ def _parse_body(body: str) -> ToolCall | None:
     return ToolCall(obj["name"], args)
 
 
-def _argument_problem(fn: Callable[..., Any], arguments: dict[str, Any]) -> str | None:
+def _argument_problem(fn: Callable[..., object], arguments: dict[str, Any]) -> str | None:
     """Why ``fn(**arguments)`` cannot bind (unexpected or missing keywords), or ``None``."""
     try:
         sig = inspect.signature(fn)

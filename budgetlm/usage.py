@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from budgetlm.io import JsonObject
+
 FinishReason = Literal["stop", "length", "abort", "deadline", "error", "tool", "forced"]
 """Why generation ended: ``stop`` (end of sequence or a stop string), ``length`` (the token limit), ``abort``
 (cancelled), ``deadline`` (the wall-clock budget), ``error``, ``tool`` (a tool call's own usage record), or
@@ -108,7 +110,7 @@ class Usage:
         """An empty record (no calls)."""
         return cls(calls=0)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JsonObject:
         """A JSON-ready dict (with ``total_tokens``)."""
         d = asdict(self)
         d["total_tokens"] = self.total_tokens

@@ -31,21 +31,27 @@ import asyncio
 import functools
 import inspect
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, cast, overload
 
 from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, Message, SamplingParams
 from budgetlm.budget import Budget
 from budgetlm.errors import BudgetExceeded, ConfigError, invalid
-from budgetlm.meter import Meter
+from budgetlm.io import JsonObject
+from budgetlm.meter import Meter, ledger_json
 from budgetlm.routing import RouteQuery, Router, check_thresholds
 from budgetlm.routing import get as get_router
-from budgetlm.tools import Tool, ToolOutcome, as_tools, call_tool
+from budgetlm.tools import Tool, ToolCall, ToolOutcome, as_tools, call_tool
 from budgetlm.usage import Usage
+
+if TYPE_CHECKING:
+    from budgetlm.agents.openai_client import BudgetedClient
 
 Policy = Literal["fixed", "proportional", "value"]
 Action = Literal["step", "answer", "stop"]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass
@@ -128,10 +134,10 @@ class BudgetController:
 
     def __init__(
         self,
-        budget: Budget | Mapping[str, Any] | str | None,
+        budget: Budget | Mapping[str, object] | str | None,
         models: Sequence[ModelArm | Backend] | Backend,
         *,
-        router: str | Router | Mapping[str, Any] = "always_small",
+        router: str | Router | Mapping[str, object] = "always_small",
         threshold: float | list[float] | None = None,
         max_steps: int = 8,
         policy: Policy = "proportional",
@@ -268,10 +274,11 @@ class BudgetController:
         self.record_generation(plan, res)
         return plan, res
 
-    def call_tool(self, text_or_call: Any, tools: Mapping[str, Tool] | Sequence[Tool | Callable[..., Any]]) -> ToolOutcome:
+    def call_tool(self, text_or_call: str | ToolCall,
+                  tools: Mapping[str, Tool | Callable[..., object]] | Sequence[Tool | Callable[..., object]]) -> ToolOutcome:
         """Parse and run a tool call, charging one tool call first; failures become observations."""
-        table = tools if isinstance(tools, Mapping) and all(isinstance(v, Tool) for v in tools.values()) \
-            else as_tools(cast(Any, tools))
+        table = ({k: v if isinstance(v, Tool) else Tool(k, v) for k, v in tools.items()} if isinstance(tools, Mapping)
+                 else as_tools(tools))
         out = call_tool(text_or_call, table, self.meter)
         name = out.call.name if out.call else "?"
         self.steps.append(StepRecord(self.model_steps, "tool", name, "tool", tool_calls=int(_charged(out)),
@@ -299,24 +306,33 @@ class BudgetController:
         self.steps.append(rec)
         return rec
 
-    def tool(self, fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
+    @overload
+    def tool(self, fn: Callable[P, R], *, name: str | None = None) -> Callable[P, R]: ...
+
+    @overload
+    def tool(self, fn: None = None, *, name: str | None = None) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+
+    def tool(self, fn: Callable[P, R] | None = None, *,
+             name: str | None = None) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
         """Decorator: each call of the tool is charged first (raises BudgetExceeded when none are left)."""
-        def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        def wrap(f: Callable[P, R]) -> Callable[P, R]:
             label: str = name or str(getattr(f, "__name__", "tool"))
             if inspect.iscoroutinefunction(f):
+                af = cast(Callable[P, Awaitable[object]], f)  # checked just above: calling it gives a coroutine
+
                 @functools.wraps(f)
-                async def awrapped(*a: Any, **k: Any) -> Any:
+                async def awrapped(*a: P.args, **k: P.kwargs) -> object:
                     t0 = time.perf_counter()
                     self.meter.record_tool_call(1, name=label)
                     try:
-                        return await f(*a, **k)
+                        return await af(*a, **k)
                     finally:
                         self.steps.append(StepRecord(self.model_steps, "tool", label, "tool", tool_calls=1,
                                                      latency_s=time.perf_counter() - t0))
-                return awrapped
+                return cast(Callable[P, R], awrapped)  # a coroutine function like f, awaiting to f's result
 
             @functools.wraps(f)
-            def wrapped(*a: Any, **k: Any) -> Any:
+            def wrapped(*a: P.args, **k: P.kwargs) -> R:
                 t0 = time.perf_counter()
                 self.meter.record_tool_call(1, name=label)
                 try:
@@ -346,16 +362,16 @@ class BudgetController:
         return plan, res
 
     # ------------------------------------------------------------------------------ wrapping clients
-    def wrap_openai(self, client: Any) -> Any:
+    def wrap_openai(self, client: Any) -> BudgetedClient:
         """An OpenAI(-compatible) client whose ``chat.completions.create`` runs under this budget."""
         from budgetlm.agents.openai_client import BudgetedClient
 
         return BudgetedClient(client, self)
 
     # ------------------------------------------------------------------------------ lifecycle
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JsonObject:
         """JSON-ready: spend by unit, steps, model and tool calls, expensive calls, stop reason."""
-        return {"ledger": self.meter.summary(), "steps": [asdict(s) for s in self.steps],
+        return {"ledger": ledger_json(self.meter.summary()), "steps": [asdict(s) for s in self.steps],
                 "model_steps": self.model_steps, "tool_calls": int(self.meter.spent("tool_calls")),
                 "expensive_calls": sum(1 for s in self.steps if s.kind == "model" and s.model != self.models[0].name),
                 "stop_reason": self.stop_reason or "done", "wall_seconds": time.perf_counter() - self._t0}

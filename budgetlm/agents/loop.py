@@ -31,12 +31,12 @@ import asyncio
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from budgetlm.agents.controller import BudgetController, StepPlan
 from budgetlm.aio import run_sync
 from budgetlm.answers import extract_answer, normalize_answer
 from budgetlm.backends.base import Completion, GenerationRequest, Message
+from budgetlm.io import JsonObject
 from budgetlm.routing import RouteQuery
 from budgetlm.tools import (
     OBSERVATION_TEMPLATE,
@@ -74,7 +74,7 @@ class AgentTask:
     """Finish reason of the last model sample."""
     must_answer: bool = False
     """The last step ended without an action: the next one must answer."""
-    trace: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[JsonObject] = field(default_factory=list)
     """One entry per step (plan, text, tool outcome)."""
 
     @classmethod
@@ -125,7 +125,7 @@ def _request(t: AgentTask, plan: StepPlan) -> GenerationRequest:
 
 
 def _advance(t: AgentTask, plan: StepPlan, c: Completion) -> None:
-    entry: dict[str, Any] = {"step": plan.step, "action": plan.action, "model": plan.model, "max_tokens": plan.max_tokens,
+    entry: JsonObject = {"step": plan.step, "action": plan.action, "model": plan.model, "max_tokens": plan.max_tokens,
                              "n": plan.n, "score": plan.score, "reason": plan.reason, "text": c.text,
                              "finish_reason": c.finish_reason}
     t.trace.append(entry)

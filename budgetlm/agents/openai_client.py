@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import inspect
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from budgetlm.costs import estimate_tokens
 from budgetlm.errors import BudgetExceeded
@@ -30,6 +31,9 @@ from budgetlm.usage import Usage
 
 if TYPE_CHECKING:
     from budgetlm.agents.controller import BudgetController, StepPlan
+    from budgetlm.meter import Reservation
+
+T = TypeVar("T")
 
 FINAL_ANSWER_NUDGE = "Budget nearly spent: give your final answer now, after 'Answer:'."
 """The user message appended when the controller forces a final answer."""
@@ -76,7 +80,7 @@ class _Completions:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._owner._client.chat.completions, name)
 
-    def _prepare(self, kwargs: dict[str, Any]) -> tuple[StepPlan, dict[str, Any], Any]:
+    def _prepare(self, kwargs: dict[str, Any]) -> tuple[StepPlan, dict[str, Any], Reservation]:
         ctl = self._owner._controller
         msgs = list(kwargs.get("messages") or [])
         prompt_tokens = int(kwargs.pop("budgetlm_prompt_tokens", 0) or _estimate_prompt(ctl, msgs))
@@ -96,7 +100,7 @@ class _Completions:
             out["model"] = plan.model
         return plan, out, res
 
-    def _settle(self, plan: StepPlan, response: Any, res: Any, t0: float) -> Any:
+    def _settle(self, plan: StepPlan, response: T, res: Reservation, t0: float) -> T:
         ctl = self._owner._controller
         u = getattr(response, "usage", None)
         n = len(getattr(response, "choices", []) or []) or 1
@@ -124,7 +128,7 @@ class _Completions:
             return self._finish_async(plan, response, res, t0)
         return self._settle(plan, response, res, t0)
 
-    async def _finish_async(self, plan: StepPlan, pending: Any, res: Any, t0: float) -> Any:
+    async def _finish_async(self, plan: StepPlan, pending: Awaitable[T], res: Reservation, t0: float) -> T:
         try:
             response = await pending
         except BaseException:

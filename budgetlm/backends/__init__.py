@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -38,6 +39,7 @@ from budgetlm.backends.base import (
     make_request,
 )
 from budgetlm.errors import ConfigError
+from budgetlm.io import JsonScalar
 from budgetlm.registry import Registry, coerce_option
 
 __all__ = [
@@ -88,7 +90,7 @@ class BackendSpec:
     """``vllm``, ``hf``, ``openai``, ``scripted`` (``default`` resolves to ``vllm`` or ``hf``)."""
     target: str
     """The model path (``default`` for the embedded model), or ``URLS#MODEL`` for ``openai``."""
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, JsonScalar] = field(default_factory=dict)
     """Options after ``?``, coerced (numbers, booleans)."""
 
     @classmethod
@@ -98,7 +100,7 @@ class BackendSpec:
             raise ConfigError(f"`spec` must be a backend spec string, got {spec!r}; valid forms: {SPEC_FORMS}")
         spec = spec.strip()
         base, _, query = spec.partition("?")
-        opts: dict[str, Any] = {k: coerce_option(v) for k, v in parse_qsl(query, keep_blank_values=True)}
+        opts: dict[str, JsonScalar] = {k: coerce_option(v) for k, v in parse_qsl(query, keep_blank_values=True)}
         if base == "default":
             base = "vllm:default" if _vllm_available() else "hf:default"
         kind, sep, target = base.partition(":")
@@ -120,13 +122,15 @@ def load(spec: str | BackendSpec | Backend, **kwargs: Any) -> Backend:
         return spec
     parsed = spec if isinstance(spec, BackendSpec) else BackendSpec.parse(spec)
     kind, target, opts = parsed.kind, parsed.target, {**parsed.options, **kwargs}
+    # the kind's class: its keyword parameters differ by kind (``base_urls`` for openai, ``model`` for the others)
+    make: Callable[..., Backend] = backend_class(kind)
     if kind == "openai":
         urls, hsh, model = target.partition("#")
         if not hsh or not model or not urls:
             raise ConfigError(f"`spec` for an OpenAI-compatible server must be openai:URL#MODEL, got {parsed.spec!r}")
-        return backend_class(kind)(base_urls=urls.split(","), model=model, **opts)  # type: ignore[call-arg]
+        return make(base_urls=urls.split(","), model=model, **opts)
     if kind == "scripted":
-        return backend_class(kind)(**opts)
+        return make(**opts)
     if not target:
         raise ConfigError(f"`spec` {parsed.spec!r} names no model; use {kind}:PATH or {kind}:default")
     if target != "default" and not os.path.exists(os.path.expanduser(target)):
@@ -134,4 +138,4 @@ def load(spec: str | BackendSpec | Backend, **kwargs: Any) -> Backend:
             f"model path {target!r} in spec {parsed.spec!r} does not exist; pass a local checkpoint directory "
             f"or '{kind}:default' for the embedded SmolLM2-135M-Instruct"
         )
-    return backend_class(kind)(model=target, **opts)  # type: ignore[call-arg]
+    return make(model=target, **opts)

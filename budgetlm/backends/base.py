@@ -26,7 +26,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -37,6 +37,10 @@ from budgetlm.errors import BudgetExceeded, ConfigError, ContextLengthExceeded
 from budgetlm.meter import Meter, Reservation
 from budgetlm.thinking import NO_THINKING, ThinkingFormat, count_thinking_tokens, split_thinking
 from budgetlm.usage import FinishReason, Usage
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 Message = dict[str, str]
 
@@ -235,9 +239,9 @@ class RawResult:
     """Engine-reported prompt tokens (else the local count is used)."""
     cached_prompt_tokens: int = 0
     """Engine-reported prefix-cache hits."""
-    usage_check: dict[str, Any] | None = None
+    usage_check: dict[str, int] | None = None
     """Server usage fields kept for cross-checking (OpenAI backend)."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, float] = field(default_factory=dict)
     """Engine facts kept in the usage record (e.g. speculative-decoding statistics); ``flops_extra``
     is added to the call's FLOPs (compute beyond prompt and output tokens, such as drafting)."""
 
@@ -287,7 +291,7 @@ class SpeculativeBackend(Protocol):
 
     def speculative(self, drafter: str = "layerskip", gamma: int = 4, *, adaptive: bool = False,
                     rule: str | None = None, alpha: float = 0.0, layers: int | None = None,
-                    ngram: int = 3) -> Any:
+                    ngram: int = 3) -> contextlib.AbstractContextManager[object]:
         """A context manager within which requests without their own ``speculative`` setting decode speculatively
         (per request: :attr:`GenerationRequest.speculative`)."""
 
@@ -296,7 +300,7 @@ class SpeculativeBackend(Protocol):
 class TokenLevelBackend(Protocol):
     """Backends that expose next-token distributions (for token-level algorithms)."""
 
-    def next_token_logprobs(self, token_ids: Sequence[Sequence[int]]) -> Any:
+    def next_token_logprobs(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Raw next-token log-probabilities after each sequence, shape ``[batch, vocab]``."""
         ...
 
@@ -305,7 +309,7 @@ class TokenLevelBackend(Protocol):
 class EmbeddingBackend(Protocol):
     """Backends that give a fixed-size vector per text (features for learned routers)."""
 
-    def embed(self, texts: Sequence[str]) -> Any:
+    def embed(self, texts: Sequence[str]) -> np.ndarray | torch.Tensor:
         """One vector per text, shape ``[batch, dim]`` (array or tensor)."""
         ...
 
@@ -319,7 +323,7 @@ class ThinkingBudgetBackend(Protocol):
         """True when the engine applies per-request thinking budgets (a reasoning parser is set)."""
         ...
 
-    def thinking_token_budgets(self, budgets: Sequence[tuple[GenerationRequest, int]]) -> Any:
+    def thinking_token_budgets(self, budgets: Sequence[tuple[GenerationRequest, int]]) -> contextlib.AbstractContextManager[None]:
         """A context manager inside which ``generate`` passes each request its thinking budget."""
         ...
 

@@ -69,9 +69,9 @@ import dataclasses
 import gc
 import inspect
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import (
@@ -100,6 +100,9 @@ from budgetlm.errors import ConfigError, invalid, missing
 from budgetlm.models import DEFAULT_MODEL_NAME, resolve_model_path
 from budgetlm.thinking import ThinkingFormat
 
+if TYPE_CHECKING:
+    from budgetlm.backends.hf_speculative import Drafter, SpeculativeDecoder
+
 _DTYPES: dict[str, tuple[torch.dtype, float]] = {
     "float32": (torch.float32, 4.0),
     "bfloat16": (torch.bfloat16, 2.0),
@@ -121,7 +124,7 @@ class _RowStream:
     or :meth:`finish`, and a completed stop string is never sent.
     """
 
-    def __init__(self, targets: list[tuple[Sink, int]], decode: Any, stop: list[str]) -> None:
+    def __init__(self, targets: list[tuple[Sink, int]], decode: Callable[[Sequence[int]], str], stop: list[str]) -> None:
         self.targets = targets
         self._decode = decode
         self._stop = [s for s in stop if s]
@@ -178,7 +181,7 @@ class _RowStops(StoppingCriteria):
     a row ended and ``reason`` why (``"done"`` for end of sequence, stop string or token limit).
     """
 
-    def __init__(self, *, clock: Any, deadlines: list[float | None], aborts: list[threading.Event | None],
+    def __init__(self, *, clock: Callable[[], float], deadlines: list[float | None], aborts: list[threading.Event | None],
                  eos: set[int], width: int, max_new: int, stop: StoppingCriteria | None,
                  streams: list[_RowStream] | None) -> None:
         self.clock = clock
@@ -192,7 +195,7 @@ class _RowStops(StoppingCriteria):
         self.stopped_at: dict[int, int] = {}
         self.reason: dict[int, str] = {}
 
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         length = int(input_ids.shape[1])
         last = input_ids[:, -1].tolist()
         hits = self.stop(input_ids, scores).tolist() if self.stop is not None else None
@@ -207,7 +210,7 @@ class _RowStops(StoppingCriteria):
             why = None
             if tok in self.eos or (hits is not None and hits[r]) or length - self.width >= self.max_new:
                 why = "done"
-            elif self.deadlines[r] is not None and now >= self.deadlines[r]:  # type: ignore[operator]
+            elif (deadline := self.deadlines[r]) is not None and now >= deadline:
                 why = "deadline"
             elif (ev := self.aborts[r]) is not None and ev.is_set():
                 why = "abort"
@@ -422,7 +425,7 @@ class HFBackend(Backend):
     @contextlib.contextmanager
     def speculative(self, drafter: str = "layerskip", gamma: int = 4, *, adaptive: bool = False,
                     rule: str | None = None, alpha: float = 0.0, layers: int | None = None,
-                    ngram: int = 3) -> Iterator[Any]:
+                    ngram: int = 3) -> Iterator[SpeculativeDecoder]:
         """Within the block, requests without their own :attr:`~GenerationRequest.speculative` setting draft and
         verify (:mod:`budgetlm.backends.hf_speculative`).
 
@@ -446,11 +449,11 @@ class HFBackend(Backend):
         """The request's speculative setting, else the :meth:`speculative` block's default."""
         return p.request.speculative if p.request.speculative is not None else getattr(self, "_spec", None)
 
-    def _decoder(self, spec: SpeculativeDecoding) -> tuple[Any, tuple[int, int]]:
+    def _decoder(self, spec: SpeculativeDecoding) -> tuple[SpeculativeDecoder, tuple[int, int]]:
         """The decoder for ``spec`` and the (target, drafter) parameter counts, built once per setting."""
         from budgetlm.backends.hf_speculative import SpeculativeDecoder
 
-        cache: dict[SpeculativeDecoding, tuple[Any, tuple[int, int]]] = self.__dict__.setdefault("_decoders", {})
+        cache: dict[SpeculativeDecoding, tuple[SpeculativeDecoder, tuple[int, int]]] = self.__dict__.setdefault("_decoders", {})
         if spec not in cache:
             dec = SpeculativeDecoder(self.model, self._drafter(spec.drafter, spec.layers, spec.ngram),
                                      gamma=spec.gamma, adaptive=spec.adaptive, rule=spec.rule, alpha=spec.alpha)
@@ -459,7 +462,7 @@ class HFBackend(Backend):
                                 sum(p.numel() for p in drafter_model.parameters()) if drafter_model is not None else 0)
         return cache[spec]
 
-    def _drafter(self, spec: str, layers: int | None, ngram: int) -> Any:
+    def _drafter(self, spec: str, layers: int | None, ngram: int) -> Drafter:
         from budgetlm.backends.hf_speculative import LayerSkipDrafter, ModelDrafter, NGramDrafter
 
         if spec == "layerskip":
@@ -549,21 +552,22 @@ class HFBackend(Backend):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[RawResult] = loop.create_future()
 
-        def done(value: RawResult | None, exc: BaseException | None) -> None:
+        def done(outcome: RawResult | BaseException) -> None:
             if fut.done():
                 return
-            if exc is not None:
-                fut.set_exception(exc)
+            if isinstance(outcome, BaseException):
+                fut.set_exception(outcome)
             else:
-                fut.set_result(value)  # type: ignore[arg-type]
+                fut.set_result(outcome)
 
         def work() -> None:
+            outcome: RawResult | BaseException
             try:
-                value, exc = self._generate_streamed(p, sink), None
+                outcome = self._generate_streamed(p, sink)
             except BaseException as e:  # noqa: BLE001 -- handed to the awaiting coroutine
-                value, exc = None, e
+                outcome = e
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-                loop.call_soon_threadsafe(done, value, exc)
+                loop.call_soon_threadsafe(done, outcome)
 
         threading.Thread(target=work, name="budgetlm-hf-request", daemon=True).start()
         try:

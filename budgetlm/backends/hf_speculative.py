@@ -26,12 +26,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from budgetlm.errors import ConfigError, missing
 from budgetlm.specdec import cascade_target, processed_probs, verify
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass
@@ -69,7 +72,7 @@ class SpecStats:
     def tokens_per_round(self) -> float:
         return self.emitted / self.rounds if self.rounds else 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, float]:
         return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "emitted": self.emitted,
                 "target_forwards": self.target_forwards, "target_tokens": self.target_tokens,
                 "drafter_forwards": self.drafter_forwards, "drafter_tokens": self.drafter_tokens,
@@ -80,7 +83,7 @@ class SpecStats:
 class _Cached:
     """A causal LM with a KV cache over a growing token sequence."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         from transformers import DynamicCache
 
         self.model = model
@@ -118,7 +121,7 @@ class Drafter(ABC):
         """Forget the previous sequence."""
 
     @abstractmethod
-    def propose(self, ids: list[int], gamma: int, sample: Any, stats: SpecStats, tail: bool = False) -> Proposal:
+    def propose(self, ids: list[int], gamma: int, sample: _Sampler, stats: SpecStats, tail: bool = False) -> Proposal:
         """Up to ``gamma`` draft tokens after ``ids`` with their processed and untempered ``[k, V]`` distributions.
 
         ``tail=True`` (speculative cascades) asks for one more row: the drafter's distribution at the
@@ -135,14 +138,14 @@ class ModelDrafter(Drafter):
 
     name = "model"
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         self.model = model
         self._lm: _Cached | None = None
 
     def reset(self) -> None:
         self._lm = _Cached(self.model)
 
-    def propose(self, ids: list[int], gamma: int, sample: Any, stats: SpecStats, tail: bool = False) -> Proposal:
+    def propose(self, ids: list[int], gamma: int, sample: _Sampler, stats: SpecStats, tail: bool = False) -> Proposal:
         if self._lm is None:
             raise missing('self._lm')
         seq = list(ids)
@@ -172,7 +175,7 @@ class LayerSkipDrafter(ModelDrafter):
 
     name = "layerskip"
 
-    def __init__(self, target: Any, layers: int) -> None:
+    def __init__(self, target: PreTrainedModel, layers: int) -> None:
         from transformers import AutoModelForCausalLM
 
         total = int(getattr(target.config, "num_hidden_layers", 0) or 0)
@@ -216,7 +219,7 @@ class NGramDrafter(Drafter):
     def reset(self) -> None:
         pass
 
-    def propose(self, ids: list[int], gamma: int, sample: Any, stats: SpecStats, tail: bool = False) -> Proposal:
+    def propose(self, ids: list[int], gamma: int, sample: _Sampler, stats: SpecStats, tail: bool = False) -> Proposal:
         for n in range(min(self.n, len(ids) - 1), 0, -1):
             key = ids[-n:]
             for start in range(len(ids) - n - 1, -1, -1):
@@ -247,7 +250,7 @@ class _Sampler:
 class SpeculativeDecoder:
     """Draft-and-verify generation for one sequence at a time; see the module docstring."""
 
-    def __init__(self, target: Any, drafter: Drafter, *, gamma: int = 4, adaptive: bool = False,
+    def __init__(self, target: PreTrainedModel, drafter: Drafter, *, gamma: int = 4, adaptive: bool = False,
                  rule: str | None = None, alpha: float = 0.0) -> None:
         if gamma < 1:
             raise ConfigError(f"`gamma` must be >= 1, got {gamma}")

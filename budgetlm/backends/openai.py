@@ -81,12 +81,12 @@ import threading
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, TypeVar
+from types import ModuleType, SimpleNamespace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from budgetlm.aio import gather_settled, on_loop_exit
 from budgetlm.backends.base import (
@@ -101,8 +101,14 @@ from budgetlm.backends.pool import ServerPool
 from budgetlm.backends.streaming import Sink
 from budgetlm.costs import CostModel, ModelInfo, estimate_tokens
 from budgetlm.errors import BackendError, BackendUnavailable, MissingDependency, invalid
+from budgetlm.io import JsonValue
 from budgetlm.thinking import ThinkingFormat
 from budgetlm.usage import FinishReason
+
+if TYPE_CHECKING:
+    from openai import APIStatusError, AsyncOpenAI
+    from openai.types import CompletionUsage
+    from transformers import PreTrainedTokenizerBase
 
 T = TypeVar("T")
 log = logging.getLogger("budgetlm.backends.openai")
@@ -116,7 +122,7 @@ _CONTROLLED = frozenset({
 """Request fields budgetlm sets itself (not allowed in ``extra_sampling``)."""
 
 
-def _openai() -> Any:
+def _openai() -> ModuleType:
     try:
         import openai
     except ImportError:
@@ -132,7 +138,7 @@ def _extra(obj: Any, key: str) -> Any:
     return val
 
 
-def _cached(usage: Any) -> int:
+def _cached(usage: CompletionUsage) -> int:
     """Prefix-cache hits of a usage record (``prompt_tokens_details.cached_tokens``), 0 when not reported."""
     details = getattr(usage, "prompt_tokens_details", None)
     return int(getattr(details, "cached_tokens", None) or 0)
@@ -146,9 +152,9 @@ class _StreamCut(Exception):
 class _StreamEnd:
     """What one streamed call (with its retries and continuations) reports back."""
 
-    usage: Any = None
+    usage: CompletionUsage | None = None
     """The server's usage of the call that carried the request's own prompt (None: broken or a continuation)."""
-    prompt_ids: Any = None
+    prompt_ids: Sequence[int] | None = None
     """The server's prompt token ids (vLLM), for the cross-check."""
     completion_tokens: int = 0
     """Tokens generated over every attempt: the server's count when it finished, what arrived when it broke."""
@@ -160,7 +166,7 @@ class _LoopState:
     """What the streamed path keeps per event loop: HTTP clients per base URL and the stream semaphore."""
 
     def __init__(self, concurrency: int) -> None:
-        self.clients: dict[str, Any] = {}
+        self.clients: dict[str, AsyncOpenAI] = {}
         self.sem = asyncio.Semaphore(concurrency)
 
 
@@ -190,7 +196,7 @@ class OpenAIBackend(Backend):
         send_seed: bool = True,
         vllm_extensions: bool = True,
         n_params: int | None = None,
-        extra_sampling: dict[str, Any] | None = None,
+        extra_sampling: Mapping[str, JsonValue] | None = None,
         thinking: ThinkingFormat | None = None,
         name: str | None = None,
         fail_threshold: int = 3,
@@ -215,7 +221,7 @@ class OpenAIBackend(Backend):
         ):
             if not ok:
                 raise invalid(pname, must, val)
-        if extra_sampling is not None and not isinstance(extra_sampling, dict):
+        if extra_sampling is not None and not isinstance(extra_sampling, Mapping):
             raise invalid("extra_sampling", "a dict of request fields", extra_sampling, "pass e.g. {'ignore_eos': True}")
         if bad := sorted(set(extra_sampling or {}) & _CONTROLLED):
             raise invalid("extra_sampling", "free of fields budgetlm sets itself", bad,
@@ -242,10 +248,10 @@ class OpenAIBackend(Backend):
         partial reply; other servers would answer it anew)."""
         self._n_params = n_params
         self._tokenizer_spec = tokenizer
-        self._tok: Any = None
+        self._tok: PreTrainedTokenizerBase | None = None
         self._tok_path: Path | None = None
         self._tok_done = False
-        self._models: list[dict[str, Any]] | None = None
+        self._models: list[dict[str, object]] | None = None
         self._info: ModelInfo | None = None
         self._lock = threading.RLock()
         self.pool = ServerPool(self.base_urls, api_key=self.api_key, fail_threshold=fail_threshold,
@@ -257,7 +263,7 @@ class OpenAIBackend(Backend):
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
 
     # ------------------------------------------------------------------ tokenizer and model facts
-    def _server_models(self) -> list[dict[str, Any]] | None:
+    def _server_models(self) -> list[dict[str, object]] | None:
         """The server's ``/v1/models`` entries (first URL that answers), or None when none answers."""
         if self._models is None:
             openai = _openai()
@@ -271,11 +277,11 @@ class OpenAIBackend(Backend):
                     continue
         return self._models
 
-    def _model_card(self) -> dict[str, Any] | None:
+    def _model_card(self) -> dict[str, object] | None:
         return next((m for m in self._server_models() or [] if m.get("id") == self.model), None)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
         """The local HF tokenizer, or None (see the module docstring); resolved on first use."""
         with self._lock:
             if self._tok_done:
@@ -290,7 +296,8 @@ class OpenAIBackend(Backend):
                 if path is None:
                     card = self._model_card()
                     final = self._models is not None  # server unreachable: try again on next use
-                    path = _tokenizer_dir(card["root"]) if card and card.get("root") else None
+                    root = card.get("root") if card else None  # the checkpoint vLLM loaded
+                    path = _tokenizer_dir(root) if isinstance(root, str) and root else None
             elif spec is not None:
                 path = _tokenizer_dir(spec)
             if path is not None:
@@ -300,7 +307,7 @@ class OpenAIBackend(Backend):
             self._tok_done = final or path is not None
             return self._tok
 
-    def _need_tokenizer(self, what: str) -> Any:
+    def _need_tokenizer(self, what: str) -> PreTrainedTokenizerBase:
         tok = self.tokenizer
         if tok is None:
             raise invalid("tokenizer", f"a local tokenizer for {what}", self._tokenizer_spec,
@@ -344,8 +351,9 @@ class OpenAIBackend(Backend):
             self._info = ModelInfo.from_hf_config(self.name, conf, n_params=self._n_params)
             return self._info
         card = self._model_card()
+        max_len = (card or {}).get("max_model_len")
         info = ModelInfo(name=self.name, n_params=self._n_params or 0,
-                         max_context=int((card or {}).get("max_model_len") or 0))
+                         max_context=int(max_len or 0) if isinstance(max_len, (int, float, str)) else 0)
         if card is not None or self._n_params is not None:
             if self._n_params is None:
                 warnings.warn(f"model facts of {self.model!r} are unknown (no local config.json): FLOPs are not "
@@ -361,14 +369,14 @@ class OpenAIBackend(Backend):
         return self._cost_model
 
     # ------------------------------------------------------------------ running coroutines
-    def _run(self, make: Callable[[], Awaitable[T]]) -> T:
+    def _run(self, make: Callable[[], Coroutine[object, object, T]]) -> T:
         """Run a coroutine to completion from sync code (on a private loop when this thread runs one)."""
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(make())  # type: ignore[arg-type]
+            return asyncio.run(make())
         with ThreadPoolExecutor(1, thread_name_prefix="budgetlm-openai") as ex:  # a loop runs in this thread
-            return ex.submit(lambda: asyncio.run(make())).result()  # type: ignore[arg-type]
+            return ex.submit(lambda: asyncio.run(make())).result()
 
     def _loop_state(self) -> _LoopState:
         """HTTP clients and the stream semaphore of the running event loop (they are bound to it)."""
@@ -387,7 +395,7 @@ class OpenAIBackend(Backend):
         for client in (state.clients.values() if state is not None else ()):
             await client.close()
 
-    def _client(self, clients: dict[str, Any], url: str) -> Any:
+    def _client(self, clients: dict[str, AsyncOpenAI], url: str) -> AsyncOpenAI:
         if url not in clients:
             clients[url] = _openai().AsyncOpenAI(base_url=url, api_key=self.api_key, max_retries=0,
                                                  timeout=self.timeout)
@@ -423,7 +431,7 @@ class OpenAIBackend(Backend):
             return True
         return isinstance(exc, (httpx.TransportError, _StreamCut)) and not isinstance(exc, httpx.TimeoutException)
 
-    async def _call(self, clients: dict[str, Any], endpoint: str, params: dict[str, Any],
+    async def _call(self, clients: dict[str, AsyncOpenAI], endpoint: str, params: dict[str, Any],
                     deadline: float | None) -> Any:
         """One API call with retries on other servers; ``endpoint`` is ``chat`` or ``completions``."""
         openai = _openai()
@@ -470,7 +478,7 @@ class OpenAIBackend(Backend):
         """Whether a live server this request has not tried yet can take the retry (then without a pause)."""
         return any(s.up and s.url not in tried for s in self.pool.snapshot())
 
-    def _retryable(self, exc: Any, url: str) -> BaseException:
+    def _retryable(self, exc: APIStatusError, url: str) -> BaseException:
         """An HTTP error answer: returned when it is worth retrying, else raised as :class:`BackendError`."""
         if exc.status_code < 500 and exc.status_code not in _RETRY_STATUS:
             raise BackendError(
@@ -623,8 +631,8 @@ class OpenAIBackend(Backend):
 
     @staticmethod
     def _usage_check(p: PreparedRequest, prompt_tokens: int, completion_tokens: int,
-                     server_prompt_ids: Any) -> dict[str, Any]:
-        check: dict[str, Any] = {"server_prompt_tokens": prompt_tokens, "server_completion_tokens": completion_tokens}
+                     server_prompt_ids: Sequence[int] | None) -> dict[str, int]:
+        check: dict[str, int] = {"server_prompt_tokens": prompt_tokens, "server_completion_tokens": completion_tokens}
         local = p.prompt_token_ids
         if local is not None:
             check["local_prompt_tokens"] = len(local)
@@ -633,7 +641,7 @@ class OpenAIBackend(Backend):
         return check
 
     # ------------------------------------------------------------------ batch path
-    async def _one(self, clients: dict[str, Any], sem: asyncio.Semaphore, p: PreparedRequest) -> RawResult:
+    async def _one(self, clients: dict[str, AsyncOpenAI], sem: asyncio.Semaphore, p: PreparedRequest) -> RawResult:
         split = p.sampling.greedy and p.sampling.n > 1  # vLLM: "n must be 1 when using greedy sampling"
         endpoint, params = self._params(p, 1 if split else p.sampling.n)
 
@@ -647,7 +655,7 @@ class OpenAIBackend(Backend):
     async def _agenerate_batch(self, batch: list[PreparedRequest]) -> list[RawResult]:
         """The batch hook, natively async: all requests concurrently, ``concurrency`` at a time."""
         sem = asyncio.Semaphore(self.concurrency)
-        clients: dict[str, Any] = {}
+        clients: dict[str, AsyncOpenAI] = {}
         try:
             return await gather_settled([self._one(clients, sem, p) for p in batch])
         finally:
@@ -842,10 +850,12 @@ class OpenAIBackend(Backend):
         )
 
     async def _consume(self, stream: Any, p: PreparedRequest, sink: Sink, index: int | None, chat: bool,
-                       inexact: set[int], progress: list[int], continuation: bool = False) -> tuple[Any, Any]:
+                       inexact: set[int], progress: list[int],
+                       continuation: bool = False) -> tuple[CompletionUsage | None, Sequence[int] | None]:
         """Push every chunk of ``stream`` into ``sink``; returns (the final usage, the server's prompt ids)."""
         k = p.sampling.logprobs
-        usage = prompt_ids = None
+        usage: CompletionUsage | None = None
+        prompt_ids: Sequence[int] | None = None
         open_choices = {index} if index is not None else set(range(p.sampling.n))
         async for chunk in stream:
             if chunk.usage is not None:
@@ -883,7 +893,7 @@ class OpenAIBackend(Backend):
         return usage, prompt_ids
 
     # ------------------------------------------------------------------ scoring
-    async def _score_one(self, clients: dict[str, Any], sem: asyncio.Semaphore, pid: list[int],
+    async def _score_one(self, clients: dict[str, AsyncOpenAI], sem: asyncio.Semaphore, pid: list[int],
                          cid: list[int]) -> list[float]:
         params = {"model": self.model, "prompt": pid + cid, "max_tokens": 1, "temperature": 0.0,
                   "extra_body": {"prompt_logprobs": 0}}
@@ -908,7 +918,7 @@ class OpenAIBackend(Backend):
 
         async def run() -> list[list[float]]:
             sem = asyncio.Semaphore(self.concurrency)
-            clients: dict[str, Any] = {}
+            clients: dict[str, AsyncOpenAI] = {}
             try:
                 return await gather_settled([self._score_one(clients, sem, p, c) for p, c in zip(prompts, continuations)])
             finally:

@@ -89,11 +89,11 @@ import struct
 import sys
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from budgetlm.backends.base import Backend, GenerationRequest, Message, PreparedRequest, RawResult
 from budgetlm.backends.streaming import Sink
@@ -110,6 +110,11 @@ from budgetlm.errors import (
 from budgetlm.models import DEFAULT_MODEL_NAME, resolve_model_path
 from budgetlm.thinking import ThinkingFormat
 
+if TYPE_CHECKING:
+    from vllm import LLM, SamplingParams
+
+T = TypeVar("T")
+
 _CONTROLLED = frozenset({
     "n", "temperature", "top_p", "top_k", "max_tokens", "stop", "logprobs", "seed", "prompt_logprobs",
     "skip_reading_prefix_cache",
@@ -120,7 +125,7 @@ _LIVE_ENGINES = [0]
 """In-process engines alive in this process: they share vLLM's global parallel state, which only
 the last one to close may tear down (else closing one engine breaks the others)."""
 _LIVE_LOCK = threading.Lock()
-_PARKED: list[Any] = []
+_PARKED: list[LLM] = []
 """Closed in-process engines waiting for the last live one to close (see ``VLLMBackend.close``)."""
 
 
@@ -139,7 +144,7 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-async def _confirmed(fut: asyncio.Future[Any]) -> None:
+async def _confirmed(fut: asyncio.Future[T]) -> None:
     """Wait until ``fut`` is done, whatever further cancellations arrive meanwhile (charges stay exact)."""
     while not fut.done():
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -210,7 +215,7 @@ class VLLMBackend(Backend):
         enforce_eager: bool | None = None,
         enable_prefix_caching: bool = True,
         max_logprobs: int = 20,
-        speculative_config: dict[str, Any] | None = None,
+        speculative_config: Mapping[str, object] | None = None,
         thinking: ThinkingFormat | None = None,
         name: str | None = None,
         engine_kwargs: dict[str, Any] | None = None,
@@ -284,7 +289,7 @@ class VLLMBackend(Backend):
         _shield_llvmlite_from_kernel_scan()
         try:
             with _env(env):
-                self._llm: Any = vllm.LLM(**kwargs)
+                self._llm: LLM | None = vllm.LLM(**kwargs)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"vLLM rejected the engine settings for {str(path)!r}: {exc}") from exc
         except Exception as exc:
@@ -365,7 +370,7 @@ class VLLMBackend(Backend):
                 self._thinking_budgets.pop(key, None)
 
     @property
-    def llm(self) -> Any:
+    def llm(self) -> LLM:
         """The ``vllm.LLM`` engine (raises once :meth:`close` was called)."""
         llm = getattr(self, "_llm", None)
         if llm is None:
@@ -420,7 +425,7 @@ class VLLMBackend(Backend):
             self._seed_warned = True
         return True
 
-    def _params(self, p: PreparedRequest, n_prompt: int, seeded_cpu: bool) -> Any:
+    def _params(self, p: PreparedRequest, n_prompt: int, seeded_cpu: bool) -> SamplingParams:
         sp = p.sampling
         room = self.max_model_len - n_prompt
         if room < 1:

@@ -43,11 +43,19 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from budgetlm.backends.streaming import Sink
 from budgetlm.errors import BackendError, ConfigError
 from budgetlm.usage import FinishReason
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from vllm import LLMEngine, RequestOutput, SamplingParams
+    from vllm.logprobs import Logprob
+
+    from budgetlm.backends.base import RawResult
 
 log = logging.getLogger("budgetlm.backends.vllm")
 
@@ -57,6 +65,7 @@ SERIAL_GROUPS_WARNING = 32
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort", "error": "error",
                                     "repetition": "stop"}
 _ids = itertools.count()
+T = TypeVar("T")
 
 
 @dataclass
@@ -64,7 +73,7 @@ class EngineRequest:
     """One request in the engine loop."""
 
     prompt_token_ids: list[int]
-    params: Any
+    params: SamplingParams
     """The ``vllm.SamplingParams`` (the loop sets ``output_kind``)."""
     sink: Sink | None = None
     """Where generated output goes (``None`` for final-only requests such as scoring)."""
@@ -75,24 +84,26 @@ class EngineRequest:
     id: str = field(default_factory=lambda: f"blm-{next(_ids)}")
     future: Future[Any] = field(default_factory=Future)
     """Completed with the final ``RawResult`` (or the final ``RequestOutput`` for final-only requests)."""
-    to_raw: Callable[[Sink], Any] | None = None
+    to_raw: Callable[[Sink], RawResult] | None = None
     """Builds the result from the sink when the request ends."""
     group: list[EngineRequest] | None = None
 
 
-def _resolve(fut: Future[Any], value: Any = None, exc: BaseException | None = None) -> None:
+def _resolve(fut: Future[T], value: T) -> None:
     with contextlib.suppress(InvalidStateError):
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(value)
+        fut.set_result(value)
+
+
+def _fail(fut: Future[T], exc: BaseException) -> None:
+    with contextlib.suppress(InvalidStateError):
+        fut.set_exception(exc)
 
 
 class EngineLoop:
     """The engine thread; see the module docstring.  Thread-safe: call :meth:`submit` and :meth:`abort`
     from any thread or event loop."""
 
-    def __init__(self, engine: Any, *, torch: Any = None, name: str = "vllm") -> None:
+    def __init__(self, engine: LLMEngine, *, torch: ModuleType | None = None, name: str = "vllm") -> None:
         self._engine = engine
         self._torch = torch
         self._cond = threading.Condition()
@@ -100,7 +111,7 @@ class EngineLoop:
         self._live: dict[str, EngineRequest] = {}
         self._exclusive: list[EngineRequest] | None = None
         self._held: deque[tuple[str, Any]] = deque()
-        self._rng_state: Any = None
+        self._rng_state: Tensor | None = None
         self._closing = False
         self._cancelled: set[str] = set()
         self._dead: BaseException | None = None
@@ -183,7 +194,7 @@ class EngineLoop:
             self._finish(r, aborted=True)
         for kind, arg in cmds:
             for r in ([arg] if kind == "add" else arg[1] if kind == "group" else []):
-                _resolve(r.future, exc=BackendError("the vLLM backend was closed before the request ran"))
+                _fail(r.future, BackendError("the vLLM backend was closed before the request ran"))
         self._restore_rng()
 
     def _command(self, kind: str, arg: Any) -> None:
@@ -254,16 +265,16 @@ class EngineLoop:
         try:
             self._engine.add_request(r.id, {"prompt_token_ids": r.prompt_token_ids}, r.params)
         except ValueError as exc:  # vLLM validation errors (VLLMValidationError is a ValueError)
-            _resolve(r.future, exc=ConfigError(f"vLLM rejected a request: {exc}"))
+            _fail(r.future, ConfigError(f"vLLM rejected a request: {exc}"))
             return
         except Exception as exc:  # noqa: BLE001
-            _resolve(r.future, exc=BackendError(f"vLLM refused a request: {type(exc).__name__}: {exc}"))
+            _fail(r.future, BackendError(f"vLLM refused a request: {type(exc).__name__}: {exc}"))
             return
         self._live[r.id] = r
         if r.sink is not None:
             r.sink.admit(len(r.prompt_token_ids))
 
-    def _deliver(self, out: Any) -> None:
+    def _deliver(self, out: RequestOutput) -> None:
         r = self._live.get(out.request_id)
         if r is None:
             return
@@ -296,14 +307,14 @@ class EngineLoop:
     def _finish(self, r: EngineRequest, *, aborted: bool = False) -> None:
         self._live.pop(r.id, None)
         if r.sink is None:
-            _resolve(r.future, exc=BackendError("the request was aborted"))
+            _fail(r.future, BackendError("the request was aborted"))
             return
         if aborted:
             r.sink.close_open("abort")
         try:
             _resolve(r.future, r.to_raw(r.sink) if r.to_raw else r.sink.raw())
         except Exception as exc:  # noqa: BLE001 -- e.g. logprobs missing: the caller sees it
-            _resolve(r.future, exc=exc)
+            _fail(r.future, exc)
 
     def _restore_rng(self) -> None:
         if self._rng_state is not None and self._torch is not None:
@@ -314,12 +325,12 @@ class EngineLoop:
         log.error("%s", exc)
         for r in list(self._live.values()):
             self._live.pop(r.id, None)
-            _resolve(r.future, exc=exc)
+            _fail(r.future, exc)
         if self._exclusive is not None:
             self._exclusive = None
             self._restore_rng()
 
 
-def _top(d: dict[int, Any], k: int) -> dict[int, float]:
+def _top(d: dict[int, Logprob], k: int) -> dict[int, float]:
     items = sorted(d.items(), key=lambda kv: (kv[1].rank if kv[1].rank is not None else 1 << 30, -kv[1].logprob))
     return {int(t): float(lp.logprob) for t, lp in items[:k]}

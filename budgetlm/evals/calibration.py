@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Self, cast
+from typing import Any, ClassVar, NotRequired, Self, TypedDict, cast
 
 from pydantic import ConfigDict, Field, field_validator
 
 from budgetlm.budget import Budget
 from budgetlm.config import Config
 from budgetlm.errors import ConfigError
+from budgetlm.io import JsonValue
 from budgetlm.strategies import Problem
 from budgetlm.strategies.cascade import Cascade, Stage, calibrate
 from budgetlm.versions import library_versions
@@ -77,7 +78,50 @@ class CascadeConfig(SplitConfig):
         return v
 
 
-def calibrate_config(cfg: CascadeConfig, epsilon: float, out: str | Path) -> dict[str, Any]:
+class StageCalibration(TypedDict):
+    """One stage's line of a cascade calibration (every stage ran on every item of the split)."""
+
+    stage: str
+    accuracy: float
+    mean_output_tokens: float
+    threshold: NotRequired[float]
+    """Confidence threshold (every stage but the last)."""
+    answer_rate: NotRequired[float]
+    """Share of the split at or above ``threshold`` (every stage but the last)."""
+    accuracy_answered: NotRequired[float]
+    """Accuracy on the items it answers (every stage but the last)."""
+
+
+class CascadeOnSplit(TypedDict):
+    """What the calibrated cascade did on the split, against always using the last stage."""
+
+    accuracy: float
+    mean_output_tokens: float
+    last_stage_accuracy: float
+    last_stage_mean_output_tokens: float
+    answered_per_stage: list[float]
+    tokens_saved: float
+
+
+class CascadeCalibration(TypedDict):
+    """The calibration JSON that :func:`calibrate_config` writes (in this key order) and returns, and
+    ``strategies.get("cascade", calibration=PATH)`` loads."""
+
+    epsilon: float
+    thresholds: list[float]
+    stages: list[dict[str, JsonValue]]
+    stats: list[StageCalibration]
+    cascade_on_split: CascadeOnSplit
+    n_items: int
+    suite: str | dict[str, JsonValue]
+    calibration_items: int
+    model: str
+    seed: int
+    budget: dict[str, float]
+    versions: dict[str, str]
+
+
+def calibrate_config(cfg: CascadeConfig, epsilon: float, out: str | Path) -> CascadeCalibration:
     """Calibrate the config's cascade for tolerance ``epsilon``; write and return the calibration document."""
     from budgetlm.backends import BackendSpec, load
     from budgetlm.evals.suites import get as get_suite
@@ -96,8 +140,11 @@ def calibrate_config(cfg: CascadeConfig, epsilon: float, out: str | Path) -> dic
     finally:
         cascade.close()
         backend.close()
-    doc |= {"suite": cfg.suite, "calibration_items": len(items), "model": cfg.model, "seed": cfg.seed,
-            "budget": cfg.budget, "versions": library_versions()}
+    cal: CascadeCalibration = {
+        "epsilon": doc["epsilon"], "thresholds": doc["thresholds"], "stages": doc["stages"], "stats": doc["stats"],
+        "cascade_on_split": doc["cascade_on_split"], "n_items": doc["n_items"],
+        "suite": cfg.suite, "calibration_items": len(items), "model": cfg.model, "seed": cfg.seed,
+        "budget": cfg.budget, "versions": library_versions()}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
-    return doc
+    Path(out).write_text(json.dumps(cal, indent=2, default=str) + "\n", encoding="utf-8")
+    return cal

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, TypedDict, cast
 
 from pydantic import Field
 
 from budgetlm.errors import ConfigError, invalid
 from budgetlm.evals.calibration import SplitConfig
+from budgetlm.io import JsonValue
 from budgetlm.meter import Meter
 from budgetlm.routing import RouteQuery, calibrate_threshold, decide, strong_needed_labels, strong_share
 from budgetlm.routing import get as get_router
@@ -51,6 +52,46 @@ class RouteConfig(SplitConfig):
                                      description="Per-problem budget while calibrating (majority@8 needs room).")
 
 
+class RouterBlock(TypedDict):
+    """The calibrated router's name and parameters."""
+
+    name: str
+    params: dict[str, JsonValue]
+
+
+class RouteOnSplit(TypedDict):
+    """Accuracies and output tokens on the calibration split."""
+
+    n_items: int
+    weak_accuracy: float
+    strong_accuracy: float
+    strong_needed: float
+    routed_accuracy: float
+    weak_mean_output_tokens: float
+    strong_mean_output_tokens: float
+    signal_mean_output_tokens: float
+
+
+class RouteCalibration(TypedDict):
+    """The calibration JSON that :func:`calibrate_route_config` writes (in this key order) and returns, and
+    ``strategies.get("route", calibration=PATH)`` loads."""
+
+    router: RouterBlock
+    state: dict[str, JsonValue]
+    thresholds: list[float]
+    share: float | list[float]
+    realised_share: float
+    on_split: RouteOnSplit
+    scores: list[float]
+    arms: list[dict[str, JsonValue]]
+    suite: str | dict[str, JsonValue]
+    calibration_items: int
+    model: str
+    seed: int
+    budget: dict[str, float]
+    versions: dict[str, str]
+
+
 def _shares(share: float | list[float], n_arms: int) -> list[float]:
     """Shares of queries at or above each threshold, ascending thresholds → descending shares."""
     ss = [float(share)] if isinstance(share, (int, float)) else [float(s) for s in share]
@@ -60,7 +101,7 @@ def _shares(share: float | list[float], n_arms: int) -> list[float]:
 
 
 def calibrate_route_config(cfg: RouteConfig, share: float | list[float], out: str | Path | None = None,
-                           backend: Any = None) -> dict[str, Any]:
+                           backend: Any = None) -> RouteCalibration:
     """Calibrate the config's router for strong-call ``share``; write (when ``out``) and return the document."""
     from budgetlm.backends import load
     from budgetlm.evals.suites import get as get_suite
@@ -100,7 +141,7 @@ def calibrate_route_config(cfg: RouteConfig, share: float | list[float], out: st
     picks = [decide(w, thresholds) for w in scores]
     two = [min(p, 1) for p in picks]  # accuracy on the split is known for the two boundary arms
     routed = [correct[1][i] if two[i] else correct[0][i] for i in range(len(items))]
-    doc = {
+    doc: RouteCalibration = {
         "router": {"name": router.name, "params": router.params()},
         "state": router.state(),
         "thresholds": thresholds,

@@ -16,12 +16,12 @@ threshold 0 routes to the arm with the higher bound, and a calibrated threshold 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
 from budgetlm.backends.base import Backend
 from budgetlm.errors import ConfigError, invalid
+from budgetlm.io import JsonObject, JsonValue
 from budgetlm.meter import Meter
 from budgetlm.routing.base import ROUTERS, RouteQuery, Router
 from budgetlm.routing.classifier import hashing_features
@@ -124,10 +124,10 @@ class LinUCB(Router):
         """This bandit's reward for an outcome (see :func:`bandit_reward`)."""
         return bandit_reward(success, cost_norm, self.cost_weight)
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> JsonObject:
         return {"A": self.A.tolist(), "b": self.b.tolist(), "pulls": self.pulls.tolist()}
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
+    def load_state(self, state: Mapping[str, JsonValue]) -> None:
         A, b = np.asarray(state.get("A"), dtype=float), np.asarray(state.get("b"), dtype=float)
         if A.shape != self.A.shape or b.shape != self.b.shape:
             raise ConfigError(f"router 'linucb' state has shapes {A.shape}/{b.shape}, expected {self.A.shape}/"

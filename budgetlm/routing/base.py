@@ -29,6 +29,7 @@ import numpy as np
 
 from budgetlm.backends.base import Backend, Message
 from budgetlm.errors import ConfigError, invalid
+from budgetlm.io import JsonObject, JsonValue
 from budgetlm.meter import Meter
 from budgetlm.registry import Registry
 
@@ -61,7 +62,7 @@ class RouteQuery:
     """The cheap model's answer, when a router already produced it (cascade-style signals)."""
     features: np.ndarray | None = None
     """A feature vector (embedding), when computed."""
-    context: dict[str, Any] = field(default_factory=dict)
+    context: dict[str, float] = field(default_factory=dict)
     """Extra state for step routers: ``step``, ``max_steps``, ``rho`` (budget left), ``tool_calls``."""
 
     @property
@@ -74,9 +75,9 @@ class Router(ABC):
     """Scores queries; higher means a stronger (more expensive) model is needed."""
 
     name: ClassVar[str] = "router"
-    uses_cheap_model: ClassVar[bool] = False
+    uses_cheap_model: bool = False
     """True when the score comes from the cheap model's own output (its answer is then reusable)."""
-    default_threshold: ClassVar[float] = 0.5
+    default_threshold: float = 0.5
     """The threshold used when none is given or calibrated."""
 
     @abstractmethod
@@ -93,14 +94,14 @@ class Router(ABC):
     def update(self, query: RouteQuery, arm: int, reward: float) -> None:  # noqa: B027 -- optional hook
         """Learn from the reward of routing ``query`` to ``arm`` (online routers; default: nothing)."""
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> JsonObject:
         """JSON-ready learned state (saved with a calibration; default: none)."""
         return {}
 
-    def load_state(self, state: Mapping[str, Any]) -> None:  # noqa: B027 -- optional hook
+    def load_state(self, state: Mapping[str, JsonValue]) -> None:  # noqa: B027 -- optional hook
         """Restore :meth:`state`."""
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> JsonObject:
         """The router's constructor parameters (recorded with results)."""
         sig = inspect.signature(type(self).__init__)
         return {k: getattr(self, k) for k in sig.parameters if k != "self" and hasattr(self, k)
@@ -115,16 +116,19 @@ ROUTERS: Registry[type[Router]] = Registry("router")
 """Router name → class."""
 
 
-def get(name: str | Router | Mapping[str, Any], **params: Any) -> Router:
+def get(name: str | Router | Mapping[str, object], **params: Any) -> Router:
     """The router ``name`` with ``params`` (or a ``{"name": ..., "params": {...}}`` block); errors list names."""
     if isinstance(name, Router):
         return name
     if isinstance(name, Mapping):
         block = dict(name)
-        if not isinstance(block.get("name"), str):
+        block_name, block_params = block.get("name"), block.get("params") or {}
+        if not isinstance(block_name, str):
             raise ConfigError(f"a router block needs a `name` ({', '.join(ROUTERS.names())}), got {block!r}")
-        params = {**dict(block.get("params") or {}), **params}
-        name = block["name"]
+        if not isinstance(block_params, Mapping):
+            raise ConfigError(f"a router block's `params` must be a mapping of constructor parameters, got {block!r}")
+        params = {**dict(block_params), **params}
+        name = block_name
     cls = ROUTERS.get(str(name))
     valid = [k for k, p in inspect.signature(cls.__init__).parameters.items()
              if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]

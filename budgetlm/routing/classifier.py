@@ -20,12 +20,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
 from budgetlm.backends.base import Backend, EmbeddingBackend
 from budgetlm.errors import ConfigError, invalid
+from budgetlm.io import JsonObject, JsonValue
 from budgetlm.meter import Meter
 from budgetlm.routing.base import ROUTERS, RouteQuery, Router
 
@@ -131,12 +132,12 @@ class EmbeddingClassifierRouter(Router):
         return (1.0 / (1.0 + np.exp(-(z @ self.theta)))).tolist()
 
     # ------------------------------------------------------------------------------ persistence
-    def state(self) -> dict[str, Any]:
+    def state(self) -> JsonObject:
         if self.theta is None or self.mean is None or self.std is None:
             return {}
         return {"theta": self.theta.tolist(), "mean": self.mean.tolist(), "std": self.std.tolist()}
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
+    def load_state(self, state: Mapping[str, JsonValue]) -> None:
         try:
             self.theta, self.mean, self.std = (np.asarray(state[k], dtype=float) for k in ("theta", "mean", "std"))
         except KeyError as exc:

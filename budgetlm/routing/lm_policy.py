@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from budgetlm.backends import load as load_backend
 from budgetlm.backends.base import Backend, GenerationRequest, Message, SamplingParams
@@ -64,7 +64,7 @@ def _clip_tail(text: str, limit: int) -> str:
     return text if len(text) <= limit else "[…] " + text[len(text) - limit:].lstrip()
 
 
-def _content(m: Mapping[str, Any]) -> str:
+def _content(m: Mapping[str, object]) -> str:
     c = m.get("content")
     if c is None:
         return ""
@@ -75,7 +75,7 @@ def _content(m: Mapping[str, Any]) -> str:
     return str(c)
 
 
-def route_prompt(messages: Sequence[Message], context: Mapping[str, Any] | None = None) -> list[Message]:
+def route_prompt(messages: Sequence[Message], context: Mapping[str, float] | None = None) -> list[Message]:
     """The policy's chat prompt for the agent's next step.
 
     ``messages`` are the agent's messages (the task as the first user message; the transcript as a
@@ -114,7 +114,9 @@ def route_prompt(messages: Sequence[Message], context: Mapping[str, Any] | None 
 def parse_choice(text: str | None) -> Literal["small", "large"] | None:
     """The first whole word ``small`` or ``large`` in ``text`` (case-insensitive), lower-cased; None if neither."""
     m = _CHOICE.search(text or "")
-    return None if m is None else m.group(1).lower()  # type: ignore[return-value]
+    if m is None:
+        return None
+    return "small" if m.group(1).lower() == "small" else "large"
 
 
 class LMPolicyRouter(Router):

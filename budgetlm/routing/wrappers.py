@@ -17,10 +17,10 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 from budgetlm.backends.base import Backend
 from budgetlm.errors import ConfigError, invalid
+from budgetlm.io import JsonObject, JsonValue
 from budgetlm.meter import Meter
 from budgetlm.routing.base import ROUTERS, RouteQuery, Router, decide
 from budgetlm.routing.base import get as get_router
@@ -31,15 +31,15 @@ class BudgetAwareRouter(Router):
 
     name = "budget_aware"
 
-    def __init__(self, inner: str | Router | Mapping[str, Any] = "logprob", gamma: float = 1.0,
+    def __init__(self, inner: str | Router | Mapping[str, object] = "logprob", gamma: float = 1.0,
                  t_max: float | None = None) -> None:
         if not gamma > 0:
             raise invalid("gamma", "a positive exponent (1: linear tightening)", gamma)
         self.inner = get_router(inner)
         self.gamma = float(gamma)
         self.t_max = t_max
-        self.uses_cheap_model = self.inner.uses_cheap_model  # type: ignore[misc]
-        self.default_threshold = self.inner.default_threshold  # type: ignore[misc]
+        self.uses_cheap_model = self.inner.uses_cheap_model
+        self.default_threshold = self.inner.default_threshold
         self._seen = 1.0
 
     def effective(self, thresholds: Sequence[float], rho: float) -> list[float]:
@@ -66,10 +66,10 @@ class BudgetAwareRouter(Router):
     def update(self, query: RouteQuery, arm: int, reward: float) -> None:
         self.inner.update(query, arm, reward)
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> JsonObject:
         return self.inner.state()
 
-    def load_state(self, state: Mapping[str, Any]) -> None:
+    def load_state(self, state: Mapping[str, JsonValue]) -> None:
         self.inner.load_state(state)
 
 
@@ -78,13 +78,13 @@ class CachedRouter(Router):
 
     name = "cached"
 
-    def __init__(self, inner: str | Router | Mapping[str, Any] = "logprob", size: int = 10_000) -> None:
+    def __init__(self, inner: str | Router | Mapping[str, object] = "logprob", size: int = 10_000) -> None:
         if not isinstance(size, int) or size < 1:
             raise invalid("size", "a positive number of cached queries", size)
         self.inner = get_router(inner)
         self.size = size
-        self.uses_cheap_model = self.inner.uses_cheap_model  # type: ignore[misc]
-        self.default_threshold = self.inner.default_threshold  # type: ignore[misc]
+        self.uses_cheap_model = self.inner.uses_cheap_model
+        self.default_threshold = self.inner.default_threshold
         self._cache: OrderedDict[str, float] = OrderedDict()
         self.hits = 0
         """Scores served from the cache."""

@@ -15,16 +15,21 @@ single-sample strategies; a client that disconnects cancels it).  Modules: :mod:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from budgetlm.server.config import EFFORT_BUDGETS, ServerConfig, parse_backend_args
 from budgetlm.server.store import AllowanceExceeded, AllowanceStore
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from budgetlm.backends.base import Backend
 
 __all__ = ["EFFORT_BUDGETS", "AllowanceExceeded", "AllowanceStore", "ServerConfig", "create_app",
            "parse_backend_args", "serve"]
 
 
-def create_app(cfg: ServerConfig, backends: dict[str, Any] | None = None) -> Any:
+def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) -> FastAPI:
     """The FastAPI app (see :func:`budgetlm.server.app.create_app`)."""
     from budgetlm.server.app import create_app as _create
 

@@ -42,7 +42,8 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, cast
+from dataclasses import dataclass
+from typing import Any
 
 try:  # this module is imported only by create_app, so `import budgetlm.server` stays light
     from fastapi import FastAPI, Request
@@ -56,12 +57,13 @@ except ImportError as exc:  # pragma: no cover - the server extra is installed b
 from pydantic import ValidationError
 
 from budgetlm.backends import load as load_backend
-from budgetlm.backends.base import Backend, GenerationRequest
+from budgetlm.backends.base import Backend, GenerationRequest, Message
 from budgetlm.backends.pool import ServerPool, ServerStats
 from budgetlm.backends.streaming import Delta
 from budgetlm.budget import UNITS, Budget, check_limits
 from budgetlm.costs import estimate_tokens
 from budgetlm.errors import BackendUnavailable, ConfigError
+from budgetlm.io import JsonObject, JsonValue
 from budgetlm.meter import Meter
 from budgetlm.server.checks import (
     ApiError,
@@ -96,7 +98,7 @@ from budgetlm.server.sessions import (
     SessionTicket,
     parse_session_budget,
 )
-from budgetlm.server.store import AllowanceExceeded, AllowanceStore
+from budgetlm.server.store import AllowanceExceeded, AllowanceStore, Reservation
 from budgetlm.server.tool_parsers import EngineToolParser
 from budgetlm.server.tools import (
     TOOL_STRATEGIES,
@@ -108,7 +110,7 @@ from budgetlm.server.tools import (
     tool_config,
 )
 from budgetlm.strategies import STRATEGIES
-from budgetlm.strategies.base import Problem, param_names
+from budgetlm.strategies.base import Problem, Strategy, param_names
 from budgetlm.thinking import ThinkingFormat, split_thinking
 
 __all__ = ["ANONYMOUS", "ApiError", "create_app"]
@@ -255,9 +257,9 @@ class ServerState:
             return int(self.cfg.max_budget["output_tokens"])
         return max([16384, *caps])
 
-    def params(self, strategy: str, req: ChatRequest, budget: dict[str, float]) -> dict[str, Any]:
+    def params(self, strategy: str, req: ChatRequest, budget: dict[str, float]) -> dict[str, JsonValue]:
         """The strategy's parameters: ``strategy_params`` plus the standard sampling fields it takes."""
-        params = dict(req.strategy_params or {})
+        params: dict[str, JsonValue] = dict(req.strategy_params or {})
         check_bool_params(strategy, params)
         accepted = param_names(strategy)
         for name, value in (("temperature", req.temperature), ("top_p", req.top_p)):
@@ -292,7 +294,7 @@ class ServerState:
                 f"send a budget with output_tokens={need} or lower strategy_params n")
 
 
-def _cap_warnings(state: ServerState, req: ChatRequest, name: str, strategy: Any, budget: dict[str, float],
+def _cap_warnings(state: ServerState, req: ChatRequest, name: str, strategy: Strategy, budget: dict[str, float],
                   clamped: dict[str, float]) -> list[str]:
     """``budgetlm.warnings`` of a request whose output cap, shared by the strategy's ``n`` samples, leaves each sample
     fewer tokens than the strategy's per-sample ``max_tokens`` (the client's, else the strategy's default).
@@ -307,7 +309,7 @@ def _cap_warnings(state: ServerState, req: ChatRequest, name: str, strategy: Any
     sp = req.strategy_params or {}
     # n as the strategy validated it; max_tokens as the client sent it (the server itself passes a wide per-call cap)
     n = getattr(strategy, "n", None)
-    per = strategy.max_tokens if "max_tokens" in sp else fields["max_tokens"].default
+    per = getattr(strategy, "max_tokens", None) if "max_tokens" in sp else fields["max_tokens"].default
     if not isinstance(n, int) or not isinstance(per, int) or n < 2:
         return []
     share = int(cap) // n
@@ -336,8 +338,8 @@ def _open_session(state: ServerState, key: str, sid: str, req: ChatRequest,
         raise ApiError(400, str(exc), "session_budget", "invalid_session_budget") from None
 
 
-def _with_final_instruction(messages: list[dict[str, Any]], backend: Backend, meter: Meter,
-                            warnings: list[str]) -> list[dict[str, Any]]:
+def _with_final_instruction(messages: list[Message], backend: Backend, meter: Meter,
+                            warnings: list[str]) -> list[Message]:
     """``messages`` plus the instruction to answer now, when the longer prompt still fits the call's prompt-counted
     budget (``input_tokens``, ``total_tokens``); otherwise unchanged, with a warning (the tools are withheld anyway)."""
     extended = [*messages, {"role": "user", "content": FINAL_INSTRUCTION}]
@@ -428,12 +430,12 @@ class _AnswerText:
         return final[len(self.content):] if final.startswith(self.content) else ""
 
 
-def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) -> Any:
+def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) -> FastAPI:
     """The FastAPI app for ``cfg``; ``backends`` (name → backend) replace loading those names' specs."""
     state = ServerState(cfg, backends)
 
     @asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # strategies not yet ported to async programs (and scoring) run in the loop's worker threads;
         # the default pool (cores + 4) would queue concurrent requests behind each other
         asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(THREADS, thread_name_prefix="budgetlm"))
@@ -453,7 +455,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
     app.state.budgetlm = state
 
     @app.exception_handler(ApiError)
-    async def _api_error(request: Any, exc: ApiError) -> Any:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status,
                             headers=exc.headers)
 
@@ -465,7 +467,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                               for name, stats in state.upstreams().items()}}
 
     @app.get("/metrics")
-    async def metrics() -> Any:
+    async def metrics() -> Any:  # FastAPI reads the annotation: Any keeps /openapi.json as it was
         return PlainTextResponse(state.metrics.render(state.upstreams()), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -495,7 +497,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
 
     @app.post("/v1/chat/completions", openapi_extra={"requestBody": request_body_schema()},
               summary="Answer a conversation with a strategy under a budget")
-    async def chat(request: Request) -> Any:
+    async def chat(request: Request) -> Any:  # as for /metrics
         state.metrics.started()
         model_name, status = "?", "500"
         counted = False  # the request's job counts it in the metrics when it is settled
@@ -559,10 +561,9 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
             meter = Meter(Budget.of(clamped), name=res.id)
             warnings = _cap_warnings(state, req, strategy_name, strategy, budget, clamped)
             final = _final_reason(ticket, tools)
-            ctx: dict[str, Any] = {"state": state, "res": res, "meter": meter, "model": req.model, "strategy": strategy_name,
-                   "params": params, "budget": clamped, "backend": cfg.backends[backend_name], "key": key,
-                   "warnings": warnings, "session": ticket, "final": final, "route": None, "tools": None,
-                   "stream": None, "backend_name": backend_name}
+            ctx = _Request(state=state, res=res, meter=meter, model=req.model, strategy=strategy_name, params=params,
+                           budget=clamped, backend=cfg.backends[backend_name], key=key, warnings=warnings,
+                           session=ticket, final=final, backend_name=backend_name)
             if route_name is not None:
                 try:
                     decision = await state.routers[route_name].decide(
@@ -572,7 +573,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                     await asyncio.to_thread(_settle, ctx, Outcome(None, error=exc))
                     counted = True
                     raise api_error(exc) from None
-                ctx["route"] = decision
+                ctx.route = decision
                 spec = cfg.routes[route_name]
                 if decision.arm == "expensive" and spec.expensive_strategy is not None:
                     strategy_name = spec.expensive_strategy
@@ -586,10 +587,10 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                         raise ApiError(500, f"`routes.{route_name}.expensive_params` are invalid for "
                                             f"{strategy_name!r}: {exc}; fix the server config", None,
                                        "server_config", "server_error") from None
-                    ctx["strategy"], ctx["params"] = strategy_name, params
+                    ctx.strategy, ctx.params = strategy_name, params
                 backend_name = decision.backend
                 backend = state.backends[backend_name]
-                ctx["backend"], ctx["backend_name"] = cfg.backends[backend_name], backend_name
+                ctx.backend, ctx.backend_name = cfg.backends[backend_name], backend_name
             turn = ToolTurn.plan(tools, meter, backend.constrained_decoding) if tools is not None else None
             if turn is not None and backend_name in state.tool_parsers:
                 engine_parser = state.tool_parsers[backend_name]
@@ -604,8 +605,9 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                 messages = _with_final_instruction(messages, backend, meter, warnings)
             # a forced call (assistant_prefix) is all tool call: it is sent at the end, not token by token
             tokens = bool(req.stream) and bool(getattr(strategy, "streams", False)) and not (turn and turn.prefix)
-            ctx["tools"] = turn
-            ctx["stream"] = ("tokens" if tokens else "buffered") if req.stream else None
+            ctx.tools = turn
+            mode = "tokens" if tokens else "buffered"
+            ctx.stream = mode if req.stream else None
             headers: dict[str, str] = {SESSION_HEADER: ticket.session, FORCED_FINAL_HEADER: str(final is not None).lower()} \
                 if ticket is not None else {}
             queue: asyncio.Queue[Delta | None] = asyncio.Queue()
@@ -623,7 +625,7 @@ def create_app(cfg: ServerConfig, backends: dict[str, Backend] | None = None) ->
                 status = "stream"
                 return StreamingResponse(_stream(ctx, job, queue, include_usage, backend),
                                          media_type="text/event-stream",
-                                         headers={STREAM_HEADER: ctx["stream"], **headers},
+                                         headers={STREAM_HEADER: mode, **headers},
                                          background=BackgroundTask(_abandon, job))
             out = await _until_done_or_gone(request, job)
             if out is None:  # the client left: nobody reads this; the job was cancelled and settles itself
@@ -659,7 +661,8 @@ async def _until_done_or_gone(request: Request, job: RequestJob) -> Outcome | No
 
     watcher: asyncio.Future[None] = asyncio.ensure_future(gone())
     try:
-        await asyncio.wait({cast("asyncio.Future[Any]", job.settled), watcher}, return_when=asyncio.FIRST_COMPLETED)
+        waiting: set[asyncio.Future[Outcome] | asyncio.Future[None]] = {job.settled, watcher}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         job.abandon()
         raise
@@ -671,11 +674,38 @@ async def _until_done_or_gone(request: Request, job: RequestJob) -> Outcome | No
     return None
 
 
-def _settle(ctx: dict[str, Any], out: Outcome) -> dict[str, Any] | None:
+@dataclass
+class _Request:
+    """What settling and streaming one chat request need (the router may change strategy and backend)."""
+
+    state: ServerState
+    res: Reservation
+    meter: Meter
+    model: str
+    """The request's ``model`` id."""
+    strategy: str
+    params: dict[str, JsonValue]
+    budget: dict[str, float]
+    """The request's budget, clamped to the key's allowance (and its session's rest)."""
+    backend: str
+    """The backend's spec."""
+    key: str
+    warnings: list[str]
+    session: SessionTicket | None
+    final: str | None
+    """Why this call is its session's final answer (``None``: it is not)."""
+    backend_name: str
+    route: RouteDecision | None = None
+    tools: ToolTurn | None = None
+    stream: str | None = None
+    """``tokens`` or ``buffered`` for a streamed response, else ``None``."""
+
+
+def _settle(ctx: _Request, out: Outcome) -> JsonObject | None:
     """Commit the request's actual spend (its meter's) to the key's allowance and the request log, once;
     update the metrics.  Returns the response's ``budgetlm`` block (``None`` without an answer)."""
-    state: ServerState = ctx["state"]
-    meter: Meter = ctx["meter"]
+    state = ctx.state
+    meter = ctx.meter
     spend: dict[str, float] = {u: meter.spent(u) for u in UNITS if u not in ("wall_seconds", "joules")}
     total = meter.total()
     result = out.result
@@ -686,13 +716,13 @@ def _settle(ctx: dict[str, Any], out: Outcome) -> dict[str, Any] | None:
     else:
         row_status = "ok" if not out.disconnected else "ok (the client disconnected before the answer)"
     usage = usage_block(result if result is not None else total)
-    state.store.commit(ctx["res"], spend, model=ctx["model"], strategy=ctx["strategy"], status=row_status,
+    state.store.commit(ctx.res, spend, model=ctx.model, strategy=ctx.strategy, status=row_status,
                        usage=usage, ledger=result.ledger if result is not None else meter.summary())
-    ticket: SessionTicket | None = ctx.get("session")
-    decision: RouteDecision | None = ctx.get("route")
+    ticket = ctx.session
+    decision = ctx.route
     if ticket is not None:
-        state.sessions.commit(ticket, spend, model=ctx["model"], backend=ctx["backend_name"], strategy=ctx["strategy"],
-                              status=row_status, usage=usage, forced_final=ctx.get("final") is not None, reason=ctx.get("final"),
+        state.sessions.commit(ticket, spend, model=ctx.model, backend=ctx.backend_name, strategy=ctx.strategy,
+                              status=row_status, usage=usage, forced_final=ctx.final is not None, reason=ctx.final,
                               route=decision.to_json() if decision is not None else None)
     if out.disconnected:
         status = "499"
@@ -700,23 +730,24 @@ def _settle(ctx: dict[str, Any], out: Outcome) -> dict[str, Any] | None:
         status = "ok"
     else:
         status = str(api_error(out.error).status)
-    state.metrics.finished(ctx["model"], status, ctx["strategy"], out.latency_s if status == "ok" else None,
+    state.metrics.finished(ctx.model, status, ctx.strategy, out.latency_s if status == "ok" else None,
                            total.prompt_tokens, total.output_tokens, total.thinking_tokens,
                            total.cached_prompt_tokens, total.usd, total.flops)
     if result is None:
         return None
-    left = state.store.remaining(ctx["key"], state.cfg.allowance_for(ctx["key"])) or None
-    extra = extra_block(result, ctx["strategy"], ctx["params"], ctx["budget"], ctx["backend"], left)
-    extra["warnings"] = list(ctx.get("warnings") or [])
-    turn: ToolTurn | None = ctx.get("tools")
+    left = state.store.remaining(ctx.key, state.cfg.allowance_for(ctx.key)) or None
+    extra = extra_block(result, ctx.strategy, ctx.params, ctx.budget, ctx.backend, left)
+    warnings = list(ctx.warnings)
+    extra["warnings"] = warnings
+    turn = ctx.tools
     if turn is not None:
-        extra["warnings"] += turn.warnings
+        warnings += turn.warnings  # the same list, still in ``extra``
         extra["tools"] = turn.ledger()
-    if ctx["stream"] is not None:
-        extra["stream"] = ctx["stream"]
-    extra["forced_final"] = ctx.get("final") is not None
-    if ctx.get("final") is not None:
-        extra["forced_final_reason"] = ctx["final"]
+    if ctx.stream is not None:
+        extra["stream"] = ctx.stream
+    extra["forced_final"] = ctx.final is not None
+    if ctx.final is not None:
+        extra["forced_final_reason"] = ctx.final
     if decision is not None:
         extra["route"] = decision.to_json()
     if ticket is not None:
@@ -730,7 +761,7 @@ def _buffered_note(strategy: str) -> str:
             f"single-sample strategy such as budgetlm/sample")
 
 
-async def _stream(ctx: dict[str, Any], job: RequestJob, queue: asyncio.Queue[Delta | None], include_usage: bool,
+async def _stream(ctx: _Request, job: RequestJob, queue: asyncio.Queue[Delta | None], include_usage: bool,
                   backend: Backend) -> AsyncIterator[bytes]:
     try:
         async for part in _stream_parts(ctx, job, queue, include_usage, backend):
@@ -739,17 +770,17 @@ async def _stream(ctx: dict[str, Any], job: RequestJob, queue: asyncio.Queue[Del
         job.abandon()
 
 
-async def _stream_parts(ctx: dict[str, Any], job: RequestJob, queue: asyncio.Queue[Delta | None],
+async def _stream_parts(ctx: _Request, job: RequestJob, queue: asyncio.Queue[Delta | None],
                         include_usage: bool, backend: Backend) -> AsyncIterator[bytes]:
-    rid, model, created = ctx["res"].id, ctx["model"], int(time.time())
-    tokens = ctx["stream"] == "tokens"
+    rid, model, created = ctx.res.id, ctx.model, int(time.time())
+    tokens = ctx.stream == "tokens"
 
-    def event(obj: dict[str, Any]) -> bytes:
+    def event(obj: JsonObject) -> bytes:
         return f"data: {json.dumps(obj)}\n\n".encode()
 
     yield event(chunk(rid, model, created, {"role": "assistant", "content": ""}))
     answer = _AnswerText(backend.thinking)
-    turn: ToolTurn | None = ctx.get("tools")
+    turn = ctx.tools
     hold = ToolCallHoldback() if turn is not None and turn.active else None  # a call is never streamed as text
     while True:
         if not queue.empty():
@@ -788,7 +819,7 @@ async def _stream_parts(ctx: dict[str, Any], job: RequestJob, queue: asyncio.Que
             yield event(chunk(rid, model, created, {"content": rest}))
     else:
         if extra is not None:
-            extra["stream_note"] = _buffered_note(ctx["strategy"])
+            extra["stream_note"] = _buffered_note(ctx.strategy)
         if text:
             for piece in _words(text):
                 yield event(chunk(rid, model, created, {"content": piece}))

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any, Union, get_args, get_origin
 
-from budgetlm.backends.base import Backend, GenerationRequest
+from pydantic.fields import FieldInfo
+
+from budgetlm.backends.base import Backend, GenerationRequest, Message
 from budgetlm.costs import estimate_tokens
 from budgetlm.errors import ConfigError, ContextLengthExceeded
 from budgetlm.server.sessions import SESSION_HEADER, check_session_id
@@ -53,7 +56,7 @@ def api_error(exc: BaseException | None) -> ApiError:
 _ANNOTATION_KIND = {int: "an integer", float: "a number"}
 
 
-def expects_number(annotation: Any) -> str | None:
+def expects_number(annotation: object) -> str | None:
     """"an integer" / "a number" when a parameter's type admits numbers but not booleans (else ``None``)."""
     if annotation is Any or annotation is bool:
         return None
@@ -64,7 +67,7 @@ def expects_number(annotation: Any) -> str | None:
     return ("a number" if "a number" in kinds else kinds[0]) if kinds else None
 
 
-def check_bool_params(strategy: str, params: dict[str, Any]) -> None:
+def check_bool_params(strategy: str, params: Mapping[str, object]) -> None:
     """400 for ``true``/``false`` where a strategy parameter is a number (pydantic would read true as 1)."""
     fields = STRATEGIES.get(strategy).Params.model_fields
     for name, value in params.items():
@@ -78,7 +81,7 @@ def check_bool_params(strategy: str, params: dict[str, Any]) -> None:
                                f"strategy_params.{name}")
 
 
-def example_value(field: Any) -> str:
+def example_value(field: FieldInfo) -> str:
     default = field.default
     return json.dumps(default) if isinstance(default, int | float) and not isinstance(default, bool) else "8"
 
@@ -97,7 +100,7 @@ def params_error(strategy: str, exc: BaseException) -> ApiError:
 _TEXT_PARTS = ("text",)
 
 
-def part_text(i: int, j: int, part: Any) -> str | None:
+def part_text(i: int, j: int, part: object) -> str | None:
     """The text of content part ``j`` of message ``i`` (``None``: not a text part)."""
     where = f"messages[{i}].content[{j}]"
     if not isinstance(part, dict) or not isinstance(part.get("type"), str):
@@ -130,13 +133,13 @@ def content_text(i: int, parts: list[Any]) -> str:
                         f"send its content as text", f"messages[{i}].content[{j}]", "unsupported_content")
 
 
-def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def check_messages(messages: list[dict[str, object]]) -> list[Message]:
     if not messages:
         raise ApiError(400, "`messages` must hold at least one message, got []", "messages")
-    out = []
+    out: list[Message] = []
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
-        if role not in ("system", "developer", "user", "assistant", "tool"):
+        if not isinstance(role, str) or role not in ("system", "developer", "user", "assistant", "tool"):
             raise ApiError(400, f"`messages[{i}].role` must be system, user, assistant or tool, got {role!r}",
                            f"messages[{i}].role")
         if isinstance(content, list):  # content parts: text parts joined, any other part refused
@@ -169,7 +172,7 @@ def session_id_of(header: str | None, body: str | None) -> str | None:
     return body
 
 
-def check_context(backend: Backend, messages: list[dict[str, Any]]) -> None:
+def check_context(backend: Backend, messages: list[Message]) -> None:
     """400 ``context_length_exceeded`` before anything runs when the conversation alone fills the context.
 
     (Strategies that add to the prompt may still overflow later; that is mapped to the same error.)

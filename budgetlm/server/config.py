@@ -19,9 +19,9 @@ A YAML with every section::
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, cast
+from typing import Annotated, cast
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from budgetlm.budget import check_limits
 from budgetlm.config import Config
@@ -126,8 +126,8 @@ class ServerConfig(Config):
 
     @field_validator("allowance", "max_budget")
     @classmethod
-    def _budget_fields(cls, v: dict[str, float] | None, info: Any) -> dict[str, float] | None:
-        return _check_budget(v, info.field_name)
+    def _budget_fields(cls, v: dict[str, float] | None, info: ValidationInfo) -> dict[str, float] | None:
+        return _check_budget(v, str(info.field_name))  # always set for a field validator
 
     @field_validator("allowance")
     @classmethod

@@ -26,12 +26,12 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from budgetlm.backends.base import Backend
 from budgetlm.backends.streaming import DeltaCallback
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies import get as get_strategy
 from budgetlm.strategies.base import Problem, Result, Strategy
@@ -53,11 +53,11 @@ class StrategyCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(name: str, params: dict[str, Any]) -> str:
+    def key(name: str, params: Mapping[str, object]) -> str:
         """The cache key of a configuration."""
         return json.dumps({"name": name, "params": params}, sort_keys=True, default=str)
 
-    def get(self, name: str, params: dict[str, Any]) -> tuple[str, Strategy]:
+    def get(self, name: str, params: Mapping[str, object]) -> tuple[str, Strategy]:
         """The key and the strategy (built now when new; errors are the registry's ConfigErrors)."""
         k = self.key(name, params)
         with self._lock:
@@ -102,7 +102,7 @@ class Outcome:
     """The task was cancelled (the client left): what ran was charged, there is no answer."""
     disconnected: bool = False
     """The client left before the answer was sent (``cancelled``, or a thread strategy that ran on)."""
-    extra: Any = None
+    extra: JsonObject | None = None
     """What ``on_end`` returned (the server: the response's ``budgetlm`` block)."""
     latency_s: float = 0.0
     """Seconds from submission to the end of the task."""
@@ -118,7 +118,7 @@ class RequestJob:
     """
 
     def __init__(self, strategy: Strategy, problem: Problem, meter: Meter, backend: Backend, *,
-                 on_delta: DeltaCallback | None = None, on_end: Callable[[Outcome], Any] | None = None,
+                 on_delta: DeltaCallback | None = None, on_end: Callable[[Outcome], JsonObject | None] | None = None,
                  finish: Callable[[Result, Meter], Result] | None = None) -> None:
         self.strategy = strategy
         self.problem = problem

@@ -34,12 +34,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic.json_schema import JsonDict
 
 from budgetlm.config import validation_message
 from budgetlm.errors import ConfigError
+from budgetlm.io import JsonObject, JsonValue
+from budgetlm.meter import ledger_json
 from budgetlm.server.sessions import check_session_id, parse_session_budget
 from budgetlm.server.tools import ToolReply
 from budgetlm.strategies.base import Result
@@ -53,7 +57,7 @@ FLOAT_FIELDS = ("temperature", "top_p")
 """Number fields of the request body (booleans refused too)."""
 
 
-_MESSAGE_SCHEMA: dict[str, Any] = {
+_MESSAGE_SCHEMA: JsonDict = {
     "type": "object",
     "required": ["role"],
     "additionalProperties": True,
@@ -80,7 +84,7 @@ class ChatRequest(BaseModel):
 
     model: str = Field(description="budgetlm/<strategy> or <backend>/<strategy> (a bare backend name: sample); "
                                    "GET /v1/models lists them.")
-    messages: list[dict[str, Any]] = Field(description="The conversation (role/content messages), at least one.",
+    messages: list[dict[str, object]] = Field(description="The conversation (role/content messages), at least one.",
                                            json_schema_extra={"items": _MESSAGE_SCHEMA, "minItems": 1})
     max_completion_tokens: int | None = Field(default=None, description="Cap on output tokens (→ budget.output_tokens).",
                                               json_schema_extra={"minimum": 1})
@@ -98,14 +102,14 @@ class ChatRequest(BaseModel):
     stream: bool = Field(default=False, description="Answer as server-sent events: token by token for single-sample "
                                                     "strategies, the finished answer in chunks for votes (see the "
                                                     "x-budgetlm-stream response header).")
-    stream_options: dict[str, Any] | None = Field(
+    stream_options: dict[str, object] | None = Field(
         default=None, description="{'include_usage': true} adds a usage chunk.",
         json_schema_extra={"properties": {"include_usage": {"type": "boolean"}}})
-    tools: list[dict[str, Any]] | None = Field(
+    tools: list[dict[str, object]] | None = Field(
         default=None, description="OpenAI function tools ({'type': 'function', 'function': {'name', 'description', "
                                   "'parameters'}}); answered as tool_calls by sample and the voting strategies "
                                   "(docs/server.md, Tools).")
-    tool_choice: str | dict[str, Any] | None = Field(
+    tool_choice: str | dict[str, object] | None = Field(
         default=None, description="auto (default with tools), none, required, or {'type': 'function', 'function': "
                                   "{'name': ...}}.")
     budget: dict[str, float] | str | None = Field(
@@ -121,7 +125,7 @@ class ChatRequest(BaseModel):
 
     @field_validator(*INT_FIELDS, mode="before")
     @classmethod
-    def _integer(cls, v: Any, info: ValidationInfo) -> Any:
+    def _integer(cls, v: object, info: ValidationInfo) -> object:
         if isinstance(v, bool):  # pydantic's lax mode would read true as 1
             raise ValueError(f"`{info.field_name}` must be an integer, got {json.dumps(v)}; send a whole number "
                              f"(JSON true/false are not numbers) or leave the field out")
@@ -129,7 +133,7 @@ class ChatRequest(BaseModel):
 
     @field_validator(*FLOAT_FIELDS, mode="before")
     @classmethod
-    def _number(cls, v: Any, info: ValidationInfo) -> Any:
+    def _number(cls, v: object, info: ValidationInfo) -> object:
         if isinstance(v, bool):
             raise ValueError(f"`{info.field_name}` must be a number, got {json.dumps(v)}; send a number such as 0.7 "
                              f"or leave the field out")
@@ -137,7 +141,7 @@ class ChatRequest(BaseModel):
 
     @field_validator("session", "session_budget", mode="before")
     @classmethod
-    def _session_fields(cls, v: Any, info: ValidationInfo) -> Any:
+    def _session_fields(cls, v: object, info: ValidationInfo) -> object:
         check = check_session_id if info.field_name == "session" else parse_session_budget
         if v is not None:
             try:
@@ -148,7 +152,7 @@ class ChatRequest(BaseModel):
 
     @field_validator("budget", mode="before")
     @classmethod
-    def _budget(cls, v: Any) -> Any:
+    def _budget(cls, v: object) -> object:
         if v is None or isinstance(v, str):
             return v
         if not isinstance(v, dict):
@@ -178,22 +182,22 @@ def request_error(exc: ValidationError) -> tuple[str, str | None]:
     return msg, param
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
+def _loc(loc: tuple[int | str, ...]) -> str:
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
-def request_body_schema() -> dict[str, Any]:
+def request_body_schema() -> JsonObject:
     """The OpenAPI ``requestBody`` of ``POST /v1/chat/completions`` (the :class:`ChatRequest` schema)."""
     return {"required": True, "content": {"application/json": {"schema": ChatRequest.model_json_schema()}}}
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+               code: str | None = None) -> JsonObject:
     """An OpenAI-style error object."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def usage_block(result: Result | Usage) -> dict[str, Any]:
+def usage_block(result: Result | Usage) -> JsonObject:
     """``usage`` of a response from the request's spend (a result's usage, or a meter's total)."""
     u = result.usage if isinstance(result, Result) else result
     return {
@@ -212,22 +216,22 @@ def finish_reason(result: Result) -> Literal["stop", "length"]:
     return "stop"
 
 
-def extra_block(result: Result, strategy: str, params: dict[str, Any], budget: dict[str, float], backend: str,
-                allowance_left: dict[str, float] | None) -> dict[str, Any]:
+def extra_block(result: Result, strategy: str, params: Mapping[str, JsonValue], budget: dict[str, float], backend: str,
+                allowance_left: dict[str, float] | None) -> JsonObject:
     """The ``budgetlm`` field: ledger, stop reason, strategy, the budget that applied."""
     u = result.usage
     return {
         "strategy": strategy, "params": params, "backend": backend, "budget": budget,
         "stop_reason": result.stop_reason, "answer": result.answer, "calls": u.calls,
         "usd": u.usd, "flops": u.flops, "joules": u.joules, "latency_s": u.latency_s,
-        "ledger": result.ledger, "allowance_remaining": allowance_left,
+        "ledger": ledger_json(result.ledger), "allowance_remaining": allowance_left,
     }
 
 
-def completion(rid: str, model: str, result: Result, extra: dict[str, Any],
-               reply: ToolReply | None = None) -> dict[str, Any]:
+def completion(rid: str, model: str, result: Result, extra: Mapping[str, JsonValue] | None,
+               reply: ToolReply | None = None) -> JsonObject:
     """A ``chat.completion`` object (``reply``: the answer's tool calls, ``finish_reason="tool_calls"``)."""
-    message: dict[str, Any] = {"role": "assistant", "content": result.text}
+    message: JsonObject = {"role": "assistant", "content": result.text}
     finish: str = finish_reason(result)
     if reply is not None:
         message = {"role": "assistant", "content": reply.content, "tool_calls": reply.tool_calls()}
@@ -239,10 +243,10 @@ def completion(rid: str, model: str, result: Result, extra: dict[str, Any],
     }
 
 
-def chunk(rid: str, model: str, created: int, delta: dict[str, Any] | None, finish: str | None = None,
-          usage: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def chunk(rid: str, model: str, created: int, delta: Mapping[str, JsonValue] | None, finish: str | None = None,
+          usage: Mapping[str, JsonValue] | None = None, extra: Mapping[str, JsonValue] | None = None) -> JsonObject:
     """A ``chat.completion.chunk`` (``delta`` None: the usage-only chunk with no choices)."""
-    out: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+    out: JsonObject = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                            "choices": [] if delta is None else
                            [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
     if usage is not None:

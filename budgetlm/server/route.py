@@ -31,15 +31,16 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from budgetlm.backends.base import Backend
+from budgetlm.backends.base import Backend, Message
 from budgetlm.config import Config
+from budgetlm.io import JsonObject, JsonValue
 from budgetlm.meter import Meter
 from budgetlm.routing import RouteQuery, Router
 from budgetlm.routing import get as get_router
 
 __all__ = ["RouteDecision", "RouteSpec", "StepRouter"]
 
-DEFAULT_ROUTER: dict[str, Any] = {"name": "budget_aware", "params": {"inner": "logprob"}}
+DEFAULT_ROUTER: dict[str, JsonValue] = {"name": "budget_aware", "params": {"inner": "logprob"}}
 """Budget-aware tightening around the cheap model's answer log-probability."""
 
 
@@ -97,7 +98,7 @@ class RouteDecision:
     reason: str
     """``routed``, or why the router was not asked."""
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         """JSON-ready fields."""
         return asdict(self)
 
@@ -112,14 +113,14 @@ class StepRouter:
         self.threshold = float(spec.threshold if spec.threshold is not None else self.router.default_threshold)
         self._lock = threading.Lock()  # routers keep state (seen scores, bandit statistics): one decision at a time
 
-    def _choose(self, messages: Sequence[dict[str, Any]], meter: Meter, rho: float, step: int) -> tuple[int, float]:
+    def _choose(self, messages: Sequence[Message], meter: Meter, rho: float, step: int) -> tuple[int, float]:
         q = RouteQuery(messages=[dict(m) for m in messages])
         q.context.update(rho=rho, step=step, tool_calls=meter.spent("tool_calls"))
         with self._lock:
             arms, scores = self.router.choose([q], [self.threshold], self.cheap, [meter])
         return arms[0], float(scores[0])
 
-    async def decide(self, messages: Sequence[dict[str, Any]], meter: Meter, *, rho: float = 1.0, step: int = 0,
+    async def decide(self, messages: Sequence[Message], meter: Meter, *, rho: float = 1.0, step: int = 0,
                      final: bool = False) -> RouteDecision:
         """The backend for this call (``final``: the session's forced final answer, sent cheap unasked)."""
         eff = getattr(self.router, "effective", None)

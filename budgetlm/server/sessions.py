@@ -42,10 +42,10 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from budgetlm.budget import INTEGER_UNITS, UNITS, Budget
 from budgetlm.errors import BudgetLMError, ConfigError
+from budgetlm.io import JsonObject, JsonValue
 from budgetlm.server.store import open_database, transaction
 
 __all__ = [
@@ -101,7 +101,7 @@ class SessionBudget:
         return out
 
 
-def parse_session_budget(spec: Any, param: str = "session_budget") -> SessionBudget:
+def parse_session_budget(spec: object, param: str = "session_budget") -> SessionBudget:
     """A :class:`SessionBudget` from a mapping or a ``"unit=value,...,steps=n"`` string.
 
     Raises :class:`ConfigError` naming ``param.<unit>`` with the fix.
@@ -109,7 +109,7 @@ def parse_session_budget(spec: Any, param: str = "session_budget") -> SessionBud
     if isinstance(spec, SessionBudget):
         return spec
     if isinstance(spec, str):
-        items: dict[str, Any] = {}
+        items: dict[str, float] = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, sep, value = part.partition("=")
             if not sep:
@@ -144,7 +144,7 @@ def parse_session_budget(spec: Any, param: str = "session_budget") -> SessionBud
     return SessionBudget({str(u): v for u, v in b.limits().items()}, steps)
 
 
-def check_session_id(sid: Any, param: str = "session") -> str:
+def check_session_id(sid: object, param: str = "session") -> str:
     """The session id, or a :class:`ConfigError` naming ``param``."""
     if not isinstance(sid, str) or not _ID.match(sid):
         raise ConfigError(f"`{param}` must be 1-128 letters, digits or '_.:@-', got {json.dumps(sid, default=str)[:80]}; "
@@ -328,7 +328,7 @@ class SessionStore:
             self._held.pop(ticket.request_id, None)
 
     def commit(self, ticket: SessionTicket, spend: Mapping[str, float], *, model: str, backend: str, strategy: str,
-               status: str, usage: Mapping[str, Any], forced_final: bool, route: Mapping[str, Any] | None = None,
+               status: str, usage: Mapping[str, JsonValue], forced_final: bool, route: Mapping[str, JsonValue] | None = None,
                reason: str | None = None) -> None:
         """Add the call's actual ``spend`` and one step to the session and store the call's row; drops the hold.
 
@@ -360,7 +360,7 @@ class SessionStore:
                 self._held.pop(ticket.request_id, None)
 
     # ------------------------------------------------------------------ reports
-    def report(self, key: str, sid: str, *, calls: bool = True) -> dict[str, Any] | None:
+    def report(self, key: str, sid: str, *, calls: bool = True) -> JsonObject | None:
         """The session's budget, spend, steps, what is left and (``calls``) each finished call; ``None`` if unknown."""
         now = self._clock()
         with self._lock:
@@ -377,7 +377,7 @@ class SessionStore:
         for unit, lim in b.limits.items():
             used = (now - row.created) if unit == "wall_seconds" else row.spent.get(unit, 0.0)
             remaining[unit] = max(0.0, lim - used)
-        out: dict[str, Any] = {
+        out: JsonObject = {
             "id": sid, "object": "budgetlm.session", "created": row.created, "last_active": row.last_active,
             "expires_at": row.last_active + self.ttl_s, "budget": b.to_json(),
             "spent": {u: row.spent.get(u, 0.0) for u in SESSION_UNITS if u != "wall_seconds"} |
@@ -387,15 +387,13 @@ class SessionStore:
             "in_flight": len(holds), "forced_final": row.forced,
         }
         if calls:
-            cols = ("step", "request_id", "created", "model", "backend", "strategy", "status", "forced_final",
-                    "reason", "route", "usage")
-            out["calls"] = []
-            for r in rows:
-                d = dict(zip(cols, r, strict=True))
-                d["forced_final"] = bool(d["forced_final"])
-                d["route"] = json.loads(d["route"]) if d["route"] else None
-                d["usage"] = json.loads(d["usage"] or "{}")
-                out["calls"].append(d)
+            done: list[JsonObject] = []
+            out["calls"] = done
+            for step, request_id, created, model, backend, strategy, status, forced, reason, route, usage in rows:
+                done.append({"step": step, "request_id": request_id, "created": created, "model": model,
+                             "backend": backend, "strategy": strategy, "status": status, "forced_final": bool(forced),
+                             "reason": reason, "route": json.loads(route) if route else None,
+                             "usage": json.loads(usage or "{}")})
         return out
 
     def close(self) -> None:

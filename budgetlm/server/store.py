@@ -24,14 +24,14 @@ import json
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from budgetlm.budget import INTEGER_UNITS, UNITS
 from budgetlm.errors import BudgetLMError
+from budgetlm.io import JsonObject, JsonValue
 
 __all__ = ["AllowanceExceeded", "AllowanceStore", "Reservation", "open_database", "today", "transaction"]
 
@@ -169,7 +169,7 @@ class AllowanceStore:
             self._reserved.pop(res.id, None)
 
     def commit(self, res: Reservation, spend: dict[str, float], *, model: str, strategy: str, status: str,
-               usage: dict[str, Any], ledger: object) -> None:
+               usage: Mapping[str, JsonValue], ledger: Mapping[str, object]) -> None:
         """Charge ``spend`` (every budget unit) to the key's day and store the request row; releases the reservation."""
         import time
 
@@ -189,22 +189,18 @@ class AllowanceStore:
             finally:
                 self._reserved.pop(res.id, None)
 
-    def requests(self, key: str | None = None) -> list[dict[str, Any]]:
+    def requests(self, key: str | None = None) -> list[JsonObject]:
         """Stored request rows (usage and ledger decoded), oldest first."""
         q = "SELECT id, key, day, created, model, strategy, status, usage, ledger FROM requests"
-        args: tuple[Any, ...] = ()
+        args: tuple[str, ...] = ()
         if key is not None:
             q += " WHERE key = ?"
             args = (key,)
         with self._lock:
             rows = self._conn.execute(q + " ORDER BY created", args).fetchall()
-        cols = ("id", "key", "day", "created", "model", "strategy", "status", "usage", "ledger")
-        out = []
-        for r in rows:
-            d = dict(zip(cols, r))
-            d["usage"], d["ledger"] = json.loads(d["usage"] or "{}"), json.loads(d["ledger"] or "{}")
-            out.append(d)
-        return out
+        return [{"id": rid, "key": k, "day": day, "created": created, "model": model, "strategy": strategy,
+                 "status": status, "usage": json.loads(usage or "{}"), "ledger": json.loads(ledger or "{}")}
+                for rid, k, day, created, model, strategy, status, usage, ledger in rows]
 
     def close(self) -> None:
         """Close the database."""

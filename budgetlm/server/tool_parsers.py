@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from budgetlm.errors import ConfigError, MissingDependency
 from budgetlm.tools import ToolCall
+
+if TYPE_CHECKING:
+    from budgetlm.backends.base import Backend
 
 __all__ = ["EngineToolParser", "parser_names"]
 
@@ -41,7 +44,7 @@ def parser_names() -> list[str]:
 class EngineToolParser:
     """One vLLM tool parser on a backend's tokenizer (built once per server; :meth:`parse` is per reply)."""
 
-    def __init__(self, name: str, tokenizer: Any) -> None:
+    def __init__(self, name: str, tokenizer: object) -> None:
         try:
             from vllm.tool_parsers import ToolParserManager
         except ImportError as exc:
@@ -54,7 +57,7 @@ class EngineToolParser:
         self._tokenizer = tokenizer
 
     @classmethod
-    def for_backend(cls, name: str, backend: Any, backend_name: str) -> EngineToolParser:
+    def for_backend(cls, name: str, backend: Backend, backend_name: str) -> EngineToolParser:
         """The parser ``name`` on ``backend``'s tokenizer (an in-process vLLM backend)."""
         tok = getattr(backend, "_tok", None)
         if tok is None or not hasattr(backend, "llm"):
@@ -62,7 +65,7 @@ class EngineToolParser:
                               f"{type(backend).__name__}; remove the entry to use budgetlm's <tool_call> parser")
         return cls(name, tok)
 
-    def parse(self, text: str, tools: list[dict[str, Any]]) -> tuple[str, list[ToolCall]]:
+    def parse(self, text: str, tools: list[dict[str, object]]) -> tuple[str, list[ToolCall]]:
         """``(content, calls)`` of a reply, by the vLLM parser (calls whose arguments are not a JSON object are
         dropped, as budgetlm's parser drops them)."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest

@@ -39,10 +39,11 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal, TypeGuard
 
 from budgetlm.backends.base import Message
 from budgetlm.errors import BudgetExceeded
+from budgetlm.io import JsonObject, JsonValue
 from budgetlm.meter import Meter
 from budgetlm.strategies.base import Result
 from budgetlm.tools import OBSERVATION_TEMPLATE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, ToolCall, parse_tool_calls
@@ -54,6 +55,8 @@ TOOL_STRATEGIES = ("sample", "cot", "best_of_n", "majority", "weighted_majority"
 """Strategies that answer with tool calls (the voting ones vote over calls and answers together)."""
 CHOICES = ("auto", "none", "required")
 """String values of ``tool_choice`` (or ``{"type": "function", "function": {"name": ...}}``)."""
+Choice = Literal["auto", "none", "required", "function"]
+"""A request's tool choice (``function``: a named ``tool_choice``)."""
 _NAME = re.compile(r"[A-Za-z_][\w.-]{0,63}")
 
 
@@ -65,7 +68,7 @@ class ToolsError(ValueError):
         self.param = param
 
 
-def _show(v: Any) -> str:
+def _show(v: object) -> str:
     return json.dumps(v, default=str)[:80]
 
 
@@ -77,10 +80,10 @@ class FunctionTool:
     """The function's name (identifier-like, at most 64 characters)."""
     description: str = ""
     """What it does (shown to the model)."""
-    parameters: dict[str, Any] = field(default_factory=dict)
+    parameters: dict[str, JsonValue] = field(default_factory=dict)
     """JSON schema of its arguments (shown to the model)."""
 
-    def spec(self) -> dict[str, Any]:
+    def spec(self) -> JsonObject:
         """The function as the model sees it in the tool list."""
         return {"name": self.name, "description": self.description, "parameters": self.parameters}
 
@@ -91,7 +94,7 @@ class ToolConfig:
 
     tools: tuple[FunctionTool, ...]
     """The functions offered (may be empty only with ``choice="none"``)."""
-    choice: Literal["auto", "none", "required", "function"] = "auto"
+    choice: Choice = "auto"
     """``function``: the named function :attr:`function` must be called."""
     function: str | None = None
     """The function a named ``tool_choice`` requires."""
@@ -110,7 +113,7 @@ class ToolConfig:
             return f'{TOOL_CALL_OPEN}{{"name": {json.dumps(self.function)}, "arguments": '
         return None
 
-    def call_schema(self) -> dict[str, Any] | None:
+    def call_schema(self) -> JsonObject | None:
         """The JSON schema a forced call's body must match (``required`` / named), else ``None``.
 
         One object ``{"name": <one of the names>, "arguments": <that tool's parameters>}`` per allowed tool
@@ -121,7 +124,7 @@ class ToolConfig:
             allowed = list(self.tools)
         else:
             return None
-        one = [{"type": "object",
+        one: list[JsonObject] = [{"type": "object",
                 "properties": {"name": {"enum": [t.name]}, "arguments": t.parameters or {"type": "object"}},
                 "required": ["name", "arguments"]} for t in allowed]
         return one[0] if len(one) == 1 else {"anyOf": one}
@@ -137,7 +140,7 @@ class ToolConfig:
                 "(one block per call); the results come back in <tool_response> blocks." + must)
 
 
-def _function_tool(i: int, raw: Any) -> FunctionTool:
+def _function_tool(i: int, raw: object) -> FunctionTool:
     where = f"tools[{i}]"
     if not isinstance(raw, dict):
         raise ToolsError(f"`{where}` must be an object such as {{\"type\": \"function\", \"function\": {{\"name\": "
@@ -164,7 +167,11 @@ def _function_tool(i: int, raw: Any) -> FunctionTool:
     return FunctionTool(name, desc, params)
 
 
-def tool_config(tools: Any, tool_choice: Any) -> ToolConfig | None:
+def _named_choice(v: str) -> TypeGuard[Literal["auto", "none", "required"]]:
+    return v in CHOICES
+
+
+def tool_config(tools: object, tool_choice: object) -> ToolConfig | None:
     """The request's :class:`ToolConfig` (``None``: no tools and no ``tool_choice``); raises :class:`ToolsError`."""
     if tools is not None and not isinstance(tools, list):
         raise ToolsError(f"`tools` must be a list of function tools, got {_show(tools)}", "tools")
@@ -176,8 +183,9 @@ def tool_config(tools: Any, tool_choice: Any) -> ToolConfig | None:
                              f"tools[{i}].function.name")
     if tool_choice is None:
         return ToolConfig(fns) if fns else None
+    choice: Choice
     if isinstance(tool_choice, str):
-        if tool_choice not in CHOICES:
+        if not _named_choice(tool_choice):
             raise ToolsError(f"`tool_choice` must be one of {', '.join(CHOICES)} or {{\"type\": \"function\", "
                              f"\"function\": {{\"name\": ...}}}}, got {_show(tool_choice)}", "tool_choice")
         choice, function = tool_choice, None
@@ -195,10 +203,10 @@ def tool_config(tools: Any, tool_choice: Any) -> ToolConfig | None:
     if choice != "none" and not fns:
         raise ToolsError(f"`tool_choice` {_show(tool_choice)} needs `tools`, got none; send the functions in `tools` "
                          f"or leave tool_choice out", "tool_choice")
-    return ToolConfig(fns, choice, function)  # type: ignore[arg-type]
+    return ToolConfig(fns, choice, function)
 
 
-def history_calls(i: int, raw: Any) -> list[ToolCall]:
+def history_calls(i: int, raw: object) -> list[ToolCall]:
     """The ``tool_calls`` of an earlier assistant message ``i`` (OpenAI shape, arguments as a JSON string)."""
     where = f"messages[{i}].tool_calls"
     if not isinstance(raw, list):
@@ -233,15 +241,18 @@ def render_messages(messages: list[Message], cfg: ToolConfig | None) -> list[Mes
     tool list in the system message when the model may call tools (assistant calls were rendered by
     :func:`history_calls` / :func:`format_calls` when the messages were checked)."""
     out: list[Message] = []
+    responses = False  # the last message of ``out`` holds tool responses (the next one joins it)
     for m in messages:
         if m["role"] == "tool":
             resp = OBSERVATION_TEMPLATE.format(observation=m["content"]).strip()
-            if out and out[-1]["role"] == "user" and out[-1].get("tool_responses"):
+            if responses:
                 out[-1] = {**out[-1], "content": out[-1]["content"] + "\n" + resp}
             else:
-                out.append({"role": "user", "content": resp, "tool_responses": True})  # type: ignore[dict-item]
+                out.append({"role": "user", "content": resp})
+            responses = True
         else:
             out.append(dict(m))
+            responses = False
     out = [{"role": m["role"], "content": m["content"]} for m in out]
     if cfg is not None and cfg.active:
         if out[0]["role"] == "system":
@@ -266,11 +277,11 @@ class ToolReply:
         if not self.ids:
             self.ids = [f"call_{secrets.token_hex(12)}" for _ in self.calls]
 
-    def tool_calls(self, deltas: bool = False) -> list[dict[str, Any]]:
+    def tool_calls(self, deltas: bool = False) -> list[JsonObject]:
         """The ``tool_calls`` of the message (``deltas``: of a stream chunk, with ``index``)."""
-        out = []
+        out: list[JsonObject] = []
         for i, (c, cid) in enumerate(zip(self.calls, self.ids, strict=True)):
-            item = {"id": cid, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+            item: JsonObject = {"id": cid, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
             out.append({"index": i, **item} if deltas else item)
         return out
 
@@ -320,7 +331,7 @@ class ToolTurn:
         return TOOL_CALL_OPEN if self.constrained and self.cfg.prefix else self.cfg.prefix
 
     @property
-    def json_schema(self) -> dict[str, Any] | None:
+    def json_schema(self) -> JsonObject | None:
         """The request's JSON schema (a forced call on a backend with constrained decoding), else ``None``."""
         return self.cfg.call_schema() if self.active and self.constrained else None
 
@@ -357,7 +368,7 @@ class ToolTurn:
             result.text = content
         return result
 
-    def ledger(self) -> dict[str, Any]:
+    def ledger(self) -> JsonObject:
         """The ``budgetlm.tools`` block: choice, whether tools were shown, calls returned."""
         return {"choice": self.cfg.function or self.cfg.choice, "offered": self.active,
                 "constrained": self.json_schema is not None, "calls": len(self.reply.calls) if self.reply else 0,

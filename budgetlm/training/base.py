@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from pydantic import ConfigDict
 
@@ -26,6 +26,7 @@ from budgetlm.config import Config
 from budgetlm.errors import ConfigError
 from budgetlm.evals.config import StrategySpec
 from budgetlm.evals.suites.base import EvalItem
+from budgetlm.io import JsonObject
 from budgetlm.registry import Registry
 from budgetlm.rewards import Correctness, RewardFunction
 
@@ -50,11 +51,11 @@ class RecipeContext:
     """Seed for sampling per-example targets and building data."""
     max_completion_length: int = 256
     """TRL's generation limit, for recipes whose rewards depend on it."""
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, object] = field(default_factory=dict)
     """Anything else (the route recipe's eval settings, for example)."""
 
 
-def base_row(item: EvalItem) -> dict[str, Any]:
+def base_row(item: EvalItem) -> JsonObject:
     """The columns every recipe row has: the chat ``prompt``, ``answer``, ``prompt_id`` and ``entry``.
 
     ``entry`` is the reasoning-gym entry as JSON when the item has one (the ``reasoning_gym`` grader
@@ -71,7 +72,7 @@ def base_row(item: EvalItem) -> dict[str, Any]:
     }
 
 
-def correctness_for(rows: Sequence[dict[str, Any]], grader: str = "auto") -> Correctness:
+def correctness_for(rows: Sequence[JsonObject], grader: str = "auto") -> Correctness:
     """A :class:`Correctness` reward for ``rows``: ``auto`` picks ``reasoning_gym`` when every row has
     an ``entry``, else ``math`` (math-verify)."""
     if grader == "auto":
@@ -85,19 +86,19 @@ class Recipe(ABC):
     name: ClassVar[str] = "recipe"
     Params: ClassVar[type[RecipeParams]] = RecipeParams
 
-    def __init__(self, params: dict[str, Any] | None = None) -> None:
+    def __init__(self, params: Mapping[str, object] | None = None) -> None:
         try:
             self.params = self.Params(**(params or {}))
         except ConfigError as exc:
             raise ConfigError(f"recipe {self.name!r}: {exc}") from None
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[JsonObject] = []
 
     @abstractmethod
-    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[dict[str, Any]]:
+    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[JsonObject]:
         """The training rows (one per prompt; TRL samples ``num_generations`` completions of each)."""
 
     @abstractmethod
-    def rewards(self, rows: Sequence[dict[str, Any]], ctx: RecipeContext) -> list[RewardFunction]:
+    def rewards(self, rows: Sequence[JsonObject], ctx: RecipeContext) -> list[RewardFunction]:
         """The reward functions, built for ``rows`` (for example to pick the grader)."""
 
     def reward_weights(self) -> list[float] | None:
@@ -112,7 +113,7 @@ class Recipe(ABC):
         """Models and strategies of the final evaluation: by default both models × :meth:`eval_strategies`."""
         return [base_model, trained_model], self.eval_strategies(max_tokens)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> JsonObject:
         """The recipe's name and validated parameters (recorded with the run)."""
         return {"name": self.name, "params": self.params.model_dump()}
 

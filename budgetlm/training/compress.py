@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field
 
 from budgetlm.evals.config import StrategySpec
 from budgetlm.evals.suites.base import EvalItem
+from budgetlm.io import JsonObject
 from budgetlm.rewards import KimiLength, LCR1Compress, LCR1Length, RewardFunction, ThinkPrune
 from budgetlm.training.base import RECIPES, Recipe, RecipeContext, RecipeParams, base_row, correctness_for
 
@@ -47,10 +48,10 @@ class CompressRecipe(Recipe):
     Params = CompressParams
     params: CompressParams
 
-    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[dict[str, Any]]:
+    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[JsonObject]:
         return [base_row(item) for item in items]
 
-    def rewards(self, rows: Sequence[dict[str, Any]], ctx: RecipeContext) -> list[RewardFunction]:
+    def rewards(self, rows: Sequence[JsonObject], ctx: RecipeContext) -> list[RewardFunction]:
         p = self.params
         correct = correctness_for(rows, p.grader)
         if p.method == "thinkprune":

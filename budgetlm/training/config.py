@@ -61,7 +61,7 @@ class TrainConfig(Config):
 
     name: str = Field(default="train", description="Run name (reports).")
     recipe: str = Field(description="Recipe name: effort, compress, route or dpo (see `budgetlm.training.RECIPES`).")
-    recipe_params: dict[str, Any] = Field(default_factory=dict, description="The recipe's parameters (validated by the recipe).")
+    recipe_params: dict[str, object] = Field(default_factory=dict, description="The recipe's parameters (validated by the recipe).")
     model: str = Field(default="default", description="Model to train: 'default', a checkpoint directory, or hf:/vllm:PATH.")
     suite: str | dict[str, Any] = Field(description="Suite whose items become training prompts (use a split disjoint from the evaluation).")
     seed: int = Field(default=0, description="Seed of data sampling, targets and training.")
@@ -84,7 +84,7 @@ class TrainConfig(Config):
     vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0, le=1, description="GPU memory share of the colocated vLLM engine.")
     fp16: bool | None = Field(default=None, description="fp16 training and fp16 rollouts (None: on GPU).")
     lora: LoraSpec | None = Field(default=None, description="Train LoRA adapters instead of all weights.")
-    grpo: dict[str, Any] = Field(default_factory=dict, description="Further trl.GRPOConfig fields (override the above).")
+    grpo: dict[str, object] = Field(default_factory=dict, description="Further trl.GRPOConfig fields (override the above).")
     eval: TrainEvalSpec = Field(default_factory=TrainEvalSpec, description="The evaluation after training.")
 
     @model_validator(mode="after")

@@ -40,7 +40,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from pydantic import Field, field_validator, model_validator
 
@@ -48,13 +48,25 @@ from budgetlm import distributed
 from budgetlm.budget import check_limits
 from budgetlm.errors import ConfigError, MissingDependency
 from budgetlm.evals.config import EvalConfig, StrategySpec
+from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.suites.base import EvalItem
+from budgetlm.io import JsonObject
 from budgetlm.rewards import RewardFunction
 from budgetlm.training.base import RECIPES, Recipe, RecipeContext, RecipeParams
 from budgetlm.training.config import TrainConfig
 
 if TYPE_CHECKING:
-    from budgetlm.training.grpo import TrainDevice
+    from datasets import Dataset
+    from transformers import (
+        PreTrainedTokenizerBase,
+        TrainerCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
+    from trl import DPOConfig
+
+    from budgetlm.training.grpo import TrainDevice, TrainOutcome
 
 from budgetlm.training.preferences import TREE_STRATEGIES, load_tokenizer, pair_rows, read_pairs, run_pairs, write_pairs
 
@@ -72,18 +84,18 @@ class DpoParams(RecipeParams):
     budget: dict[str, float] = Field(default_factory=lambda: {"output_tokens": 384.0},
                                      description="Per-problem budget of the search.")
     search_run: str | None = Field(default=None, description="An existing tree-search run folder to take iteration 1's pairs from (no search).")
-    search_limit: int | None = Field(default=None, description="Search the first `search_limit` items of the training suite (None: all).")
+    search_limit: int | None = Field(default=None, ge=1, description="Search the first `search_limit` items of the training suite (None: all).")
     search_backend: Literal["auto", "vllm", "hf"] = Field(default="auto", description="Backend of the search (auto: vLLM when installed).")
-    batch_size: int = Field(default=16, description="Problems searched at once.")
+    batch_size: int = Field(default=16, ge=1, description="Problems searched at once.")
     value: Literal["outcome", "search"] = Field(default="outcome", description="Step value: mean graded outcome of the answers under a node, or the search's own value.")
-    min_margin: float = Field(default=0.1, description="Least value margin of a kept pair (pairs of equal value are never kept).")
-    max_pairs_per_node: int | None = Field(default=1, description="Most pairs per parent node, largest margin first (None: all).")
+    min_margin: float = Field(default=0.1, ge=0, le=1, description="Least value margin of a kept pair (pairs of equal value are never kept).")
+    max_pairs_per_node: int | None = Field(default=1, ge=1, description="Most pairs per parent node, largest margin first (None: all).")
     dedup: bool = Field(default=True, description="Drop pairs repeating an earlier pair's texts, and pairs of identical steps.")
-    beta: float = Field(default=0.1, description="DPO's β (strength of the reference-model constraint).")
+    beta: float = Field(default=0.1, gt=0, description="DPO's β (strength of the reference-model constraint); 0.1 is the usual value.")
     loss_type: str = Field(default="sigmoid", description="TRL DPO loss (sigmoid: the DPO paper's).")
-    max_length: int | None = Field(default=1024, description="Truncate prompt + step to this many tokens (None: no limit).")
-    iterations: int = Field(default=1, description="search → pairs → DPO rounds, each on the previous round's policy.")
-    dpo: dict[str, Any] = Field(default_factory=dict, description="Further trl.DPOConfig fields (override the derived ones).")
+    max_length: int | None = Field(default=1024, ge=1, description="Truncate prompt + step to this many tokens (None: no limit).")
+    iterations: int = Field(default=1, ge=1, description="search → pairs → DPO rounds, each on the previous round's policy.")
+    dpo: dict[str, object] = Field(default_factory=dict, description="Further trl.DPOConfig fields (override the derived ones).")
 
     @field_validator("strategy")
     @classmethod
@@ -105,37 +117,9 @@ class DpoParams(RecipeParams):
             raise ValueError("`budget` must set at least one limit, e.g. {output_tokens: 384}, got {}")
         return check_limits(v, "budget")
 
-    @field_validator("search_limit", "max_pairs_per_node", "max_length")
-    @classmethod
-    def _pos_or_none(cls, v: int | None, info: Any) -> int | None:
-        if v is not None and v < 1:
-            raise ValueError(f"`{info.field_name}` must be >= 1 or null, got {v}")
-        return v
-
-    @field_validator("batch_size", "iterations")
-    @classmethod
-    def _pos(cls, v: int, info: Any) -> int:
-        if v < 1:
-            raise ValueError(f"`{info.field_name}` must be >= 1, got {v}")
-        return v
-
-    @field_validator("min_margin")
-    @classmethod
-    def _margin(cls, v: float) -> float:
-        if not 0 <= v <= 1:
-            raise ValueError(f"`min_margin` must be in [0, 1] (values live in [0, 1]), got {v}")
-        return v
-
-    @field_validator("beta")
-    @classmethod
-    def _beta(cls, v: float) -> float:
-        if not v > 0:
-            raise ValueError(f"`beta` must be > 0 (DPO's β), got {v}; 0.1 is the usual value")
-        return v
-
     @model_validator(mode="after")
     def _run(self) -> DpoParams:
-        if self.search_run is not None and not (Path(self.search_run) / "traces.jsonl").exists():
+        if self.search_run is not None and not RunDir(self.search_run).traces.exists():
             raise ValueError(f"`search_run` must be an evaluation run folder with traces.jsonl, got {self.search_run!r}; "
                              f"run `budgetlm eval` with a tree strategy ({', '.join(TREE_STRATEGIES)}) into it, or "
                              f"leave it null to search with the recipe's strategy")
@@ -173,7 +157,7 @@ class DpoRecipe(Recipe):
 
         return f"{kind}:{model_path(policy)}"
 
-    def pairs(self, run_dir: Path, policy: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    def pairs(self, run_dir: Path, policy: str) -> tuple[list[JsonObject], JsonObject]:
         """DPO rows of a search run, rendered with ``policy``'s chat template, and the extraction's counts."""
         p = self.params
         pairs, stats = run_pairs(run_dir, min_margin=p.min_margin, max_pairs_per_node=p.max_pairs_per_node,
@@ -187,19 +171,20 @@ class DpoRecipe(Recipe):
 
         return pair_rows(pairs, load_tokenizer(policy)), asdict(stats)
 
-    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[dict[str, Any]]:
+    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[JsonObject]:
         """The pairs of one search of ``ctx.model`` on ``ctx.extra['suite']`` (in ``ctx.output_dir/search``)."""
         from budgetlm.evals.runner import run_eval
 
         suite = ctx.extra.get("suite")
-        if suite is None:
-            raise ConfigError("recipe 'dpo' needs the suite spec in `ctx.extra['suite']`, got none; the search runs on it")
+        if not isinstance(suite, str | dict):
+            raise ConfigError(f"recipe 'dpo' needs the suite spec in `ctx.extra['suite']`, got {suite!r}; the search "
+                              "runs on it")
         run = Path(self.params.search_run) if self.params.search_run else Path(ctx.output_dir) / "search"
         if self.params.search_run is None:
             run_eval(self.search_config(suite, self.search_model(ctx.model), ctx.seed), run, report=False, progress=False)
         return self.pairs(run, ctx.model)[0]
 
-    def rewards(self, rows: Sequence[dict[str, Any]], ctx: RecipeContext) -> list[RewardFunction]:
+    def rewards(self, rows: Sequence[JsonObject], ctx: RecipeContext) -> list[RewardFunction]:
         return []  # DPO learns from the pairs, no reward function
 
     def eval_strategies(self, max_tokens: int) -> list[StrategySpec]:
@@ -210,14 +195,14 @@ RECIPES.register("dpo", DpoRecipe)
 
 
 # ----------------------------------------------------------------------------- training
-def build_dpo_config(cfg: TrainConfig, params: DpoParams, checkpoints: Path, device: TrainDevice) -> Any:
+def build_dpo_config(cfg: TrainConfig, params: DpoParams, checkpoints: Path, device: TrainDevice) -> DPOConfig:
     """The :class:`trl.DPOConfig` of one iteration (``recipe_params.dpo`` entries override the derived values)."""
     from trl import DPOConfig
 
     from budgetlm.training.grpo import trl_config_overrides
 
     trl_config_overrides("dpo", params.dpo, "DPOConfig")
-    kw: dict[str, Any] = {
+    kw: dict[str, object] = {
         "output_dir": str(checkpoints), "max_steps": cfg.max_steps,
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "learning_rate": cfg.learning_rate,
@@ -235,19 +220,44 @@ def build_dpo_config(cfg: TrainConfig, params: DpoParams, checkpoints: Path, dev
                           f"training config (or recipe_params.dpo)") from None
 
 
+class _StepPair(TypedDict):
+    """The columns of a pairs row that :class:`StepDPOTrainer` tokenizes."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_terminal: bool
+    rejected_terminal: bool
+
+
+class IterationInfo(TypedDict):
+    """One iteration's entry in ``train.json`` (``iterations``)."""
+
+    iteration: int
+    policy: str
+    """The model the iteration started from (and searched with)."""
+    pairs: int
+    pair_stats: JsonObject
+    """The pair extraction's counts (:class:`~budgetlm.training.preferences.PairStats`) and the search run."""
+    steps: int
+    resumed_from: str | None
+    stopped_by_time: bool
+
+
 def _step_trainer() -> type:
     """:class:`trl.DPOTrainer` that appends the end-of-sequence token only to steps that ended the reply."""
     from trl import DPOTrainer
 
     class StepDPOTrainer(DPOTrainer):
-        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+        def _prepare_dataset(self, dataset: Dataset, processing_class: PreTrainedTokenizerBase, args: DPOConfig,
+                             dataset_name: str) -> Dataset:
             tok = getattr(processing_class, "tokenizer", processing_class)
             eos = tok.eos_token or ""
 
             def ids(text: str) -> list[int]:
                 return list(processing_class(text=text)["input_ids"])
 
-            def tokenize(ex: dict[str, Any]) -> dict[str, Any]:
+            def tokenize(ex: _StepPair) -> dict[str, list[int]]:
                 prompt = ids(ex["prompt"])
                 chosen = ids(ex["prompt"] + ex["chosen"] + (eos if ex["chosen_terminal"] else ""))
                 rejected = ids(ex["prompt"] + ex["rejected"] + (eos if ex["rejected_terminal"] else ""))
@@ -264,13 +274,14 @@ def _step_trainer() -> type:
     return StepDPOTrainer
 
 
-def _log_callback(log_path: Path, iteration: int, offset: int) -> Any:
+def _log_callback(log_path: Path, iteration: int, offset: int) -> TrainerCallback:
     from transformers import TrainerCallback
 
     class MetricsLog(TrainerCallback):
         """Appends every log entry to ``train_log.jsonl`` with its iteration and a step counted over iterations."""
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                   logs: dict[str, float] | None = None, **kw: object) -> None:
             if logs and state.is_world_process_zero:
                 entry = {"step": offset + state.global_step, "iteration": iteration, "iteration_step": state.global_step,
                          "epoch": state.epoch, **logs}
@@ -291,7 +302,7 @@ def _link_model(out: Path, target: Path) -> Path:
 
 
 def _iteration_pairs(recipe: DpoRecipe, cfg: TrainConfig, it_dir: Path, k: int, policy: str, resume: bool
-                     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                     ) -> tuple[list[JsonObject], JsonObject]:
     """Iteration ``k``'s pairs (main process): reused from ``pairs.jsonl``, else searched and extracted."""
     from budgetlm.evals.runner import run_eval
 
@@ -313,7 +324,7 @@ def _iteration_pairs(recipe: DpoRecipe, cfg: TrainConfig, it_dir: Path, k: int, 
     return rows, stats
 
 
-def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool = True, progress: bool = True) -> Any:
+def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool = True, progress: bool = True) -> TrainOutcome:
     """Run the ``dpo`` recipe's iterations into ``output_dir`` (resuming what it holds); a
     :class:`~budgetlm.training.grpo.TrainOutcome` whose ``model_dir`` is the last iteration's model."""
     from budgetlm.training.grpo import (
@@ -356,7 +367,7 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
         state.write(name=cfg.name, status="running", config=cfg.model_dump(), recipe=recipe.describe(), device=device,
                     model_path=str(model_path(cfg.model)), seed=cfg.seed, versions=library_versions(),
                     started=state.data.get("started", time.time()), processes=distributed.world_size())
-    iters: list[dict[str, Any]] = list(state.data.get("iterations", []))
+    iters: list[IterationInfo] = list(state.data.get("iterations", []))
     policy = cfg.model
     total, first_resume, timed_out, final = 0, None, False, out / "model"
     for k in range(1, p.iterations + 1):
@@ -368,7 +379,7 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
             continue
         if main:
             it_dir.mkdir(parents=True, exist_ok=True)
-        def pairs_of(k: int = k, d: Path = it_dir, pol: str = policy) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        def pairs_of(k: int = k, d: Path = it_dir, pol: str = policy) -> tuple[list[JsonObject], JsonObject]:
             return _iteration_pairs(recipe, cfg, d, k, pol, resume)
 
         rows, stats = distributed.share(pairs_of)

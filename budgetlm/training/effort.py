@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from budgetlm.evals.config import StrategySpec
 from budgetlm.evals.suites.base import EvalItem
+from budgetlm.io import JsonObject
 from budgetlm.rewards import EffortReward, LCPOExact, LCPOMax, RewardFunction
 from budgetlm.strategies.controlled import with_control
 from budgetlm.training.base import RECIPES, Recipe, RecipeContext, RecipeParams, base_row, correctness_for
@@ -87,12 +88,12 @@ class EffortRecipe(Recipe):
             return rng.choice(p.efforts)
         return rng.choice(p.targets) if p.targets else rng.randint(*p.target_range)
 
-    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[dict[str, Any]]:
+    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[JsonObject]:
         rows = []
         for item in items:
             row = base_row(item)
             value = self._draw(rng)
-            row["prompt"] = with_control(row["prompt"], self.params.mode, value)
+            row["prompt"] = with_control(item.messages, self.params.mode, value)
             row["effort" if self.params.mode == "effort" else "target_tokens"] = value
             rows.append(row)
         return rows
@@ -101,7 +102,7 @@ class EffortRecipe(Recipe):
         """α in use (the explicit one, else 1.2 / the largest target)."""
         return self.params.alpha if self.params.alpha is not None else 1.2 / self.params.max_target()
 
-    def rewards(self, rows: Sequence[dict[str, Any]], ctx: RecipeContext) -> list[RewardFunction]:
+    def rewards(self, rows: Sequence[JsonObject], ctx: RecipeContext) -> list[RewardFunction]:
         p = self.params
         correct = correctness_for(rows, p.grader)
         if p.mode == "exact":

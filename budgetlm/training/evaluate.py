@@ -21,14 +21,14 @@ import importlib.util
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from budgetlm.errors import ConfigError, MissingDependency
 from budgetlm.evals.config import EvalConfig
 from budgetlm.evals.records import EvalRecord
 from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.suites import parse_spec
-from budgetlm.io import write_json_atomic
+from budgetlm.io import JsonObject, JsonValue, write_json_atomic
 from budgetlm.training.base import Recipe
 from budgetlm.training.config import TrainConfig
 from budgetlm.training.grpo import finite, model_path
@@ -36,9 +36,46 @@ from budgetlm.training.grpo import finite, model_path
 EVAL_DIR = "eval"
 """The evaluation's run folder under the training output (:class:`~budgetlm.evals.rundir.RunDir` layout)."""
 
-__all__ = ["compare", "eval_config", "eval_suite", "evaluate", "plot_curves", "write_train_report"]
+__all__ = ["Comparison", "ComparisonRow", "compare", "eval_config", "eval_suite", "evaluate", "plot_curves", "write_train_report"]
 
 CURVES = "training_curves.png"
+
+
+class ComparisonRow(TypedDict):
+    """One (model, strategy) row of :func:`compare`."""
+
+    model: str
+    """``base``, ``trained``, or the model spec when it has no role."""
+    strategy: str
+    """The grid entry's label."""
+    n: int
+    accuracy: float
+    mean_output_tokens: float
+    truncated: float
+    """Share of truncated outputs."""
+    target_tokens: NotRequired[int | None]
+    """The token target when every record of the row had the same one (None: several)."""
+    length_error: NotRequired[float]
+    """Mean ``|used − target|`` tokens (rows with token targets only)."""
+    relative_length_error: NotRequired[float]
+    """Mean length error as a share of the target."""
+
+
+class Comparison(TypedDict):
+    """What :func:`evaluate` returns and writes to ``comparison.json``."""
+
+    rows: list[ComparisonRow]
+    overall: dict[str, dict[str, float]]
+    """Per model: :func:`overall`."""
+    roles: dict[str, str]
+    """Model spec → ``base``/``trained``."""
+    errors: list[str]
+    """Items whose evaluation failed."""
+    suite: JsonValue
+    """The evaluation suite (spec or config block)."""
+    budget: dict[str, float]
+    eval_report: str | None
+    """The evaluation run's report page."""
 
 
 def eval_suite(cfg: TrainConfig) -> str | dict[str, Any]:
@@ -90,7 +127,7 @@ def eval_config(cfg: TrainConfig, recipe: Recipe, trained: Path) -> tuple[EvalCo
     return ecfg, {base: "base", tuned: "trained"}
 
 
-def compare(records: list[EvalRecord], roles: dict[str, str]) -> list[dict[str, Any]]:
+def compare(records: list[EvalRecord], roles: dict[str, str]) -> list[ComparisonRow]:
     """One row per (model, strategy label): n, accuracy, tokens, length error (when targets were set)."""
     groups: dict[tuple[str, str], list[EvalRecord]] = defaultdict(list)
     for r in records:
@@ -99,7 +136,7 @@ def compare(records: list[EvalRecord], roles: dict[str, str]) -> list[dict[str, 
     rows = []
     for (model, label), recs in sorted(groups.items()):
         n = len(recs)
-        row: dict[str, Any] = {
+        row: ComparisonRow = {
             "model": model, "strategy": label, "n": n,
             "accuracy": sum(r.correct for r in recs) / n,
             "mean_output_tokens": sum(r.output_tokens for r in recs) / n,
@@ -115,7 +152,7 @@ def compare(records: list[EvalRecord], roles: dict[str, str]) -> list[dict[str, 
     return rows
 
 
-def overall(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def overall(rows: list[ComparisonRow]) -> dict[str, dict[str, float]]:
     """Per model: accuracy, tokens and (mean over targets) length error, weighting rows by n."""
     out: dict[str, dict[str, float]] = {}
     for model in sorted({r["model"] for r in rows}):
@@ -132,7 +169,7 @@ def overall(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate(cfg: TrainConfig, recipe: Recipe, trained: Path, out: Path, *, progress: bool = True) -> dict[str, Any]:
+def evaluate(cfg: TrainConfig, recipe: Recipe, trained: Path, out: Path, *, progress: bool = True) -> Comparison:
     """Run the evaluation grid into ``out/eval`` (resumable) and write ``out/comparison.json``."""
     from budgetlm.evals.runner import Runner
 
@@ -141,14 +178,14 @@ def evaluate(cfg: TrainConfig, recipe: Recipe, trained: Path, out: Path, *, prog
     outcome = Runner(ecfg, run.path, progress=progress).run()
     records = run.read_records()
     rows = compare(records, roles)
-    doc = {"rows": rows, "overall": overall(rows), "roles": roles, "errors": outcome.errors,
+    doc: Comparison = {"rows": rows, "overall": overall(rows), "roles": roles, "errors": outcome.errors,
            "suite": ecfg.suites[0], "budget": ecfg.budgets[0],
            "eval_report": str(RunDir.report_dir(outcome.report).report_html) if outcome.report else None}
     write_json_atomic(out / "comparison.json", doc)
     return doc
 
 
-def plot_curves(log: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
+def plot_curves(log: list[JsonObject], path: Path, title: str = "") -> Path | None:
     """Reward (total and per function), mean completion length and loss against step; None without entries."""
     if importlib.util.find_spec("matplotlib") is None:
         raise MissingDependency("matplotlib", "training curves", extra="eval")
@@ -188,13 +225,13 @@ def plot_curves(log: list[dict[str, Any]], path: Path, title: str = "") -> Path 
     return path
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: object) -> str:
     if isinstance(v, float):
         return f"{v:.3f}"
     return "" if v is None else str(v)
 
 
-def write_train_report(out: Path, cfg: TrainConfig, log: list[dict[str, Any]], comparison: dict[str, Any] | None,
+def write_train_report(out: Path, cfg: TrainConfig, log: list[JsonObject], comparison: Comparison | None,
                        eval_report: Path | None) -> Path:
     """``out/report/train_report.html`` (curves, comparison table, link to the eval report) and its Markdown twin."""
     rep = out / "report"
@@ -202,7 +239,7 @@ def write_train_report(out: Path, cfg: TrainConfig, log: list[dict[str, Any]], c
     curves = plot_curves(log, rep / CURVES, title=f"{cfg.name}: recipe {cfg.recipe}")
     cols = ["model", "strategy", "n", "accuracy", "mean_output_tokens", "truncated", "target_tokens", "length_error",
             "relative_length_error"]
-    rows = (comparison or {}).get("rows", [])
+    rows = comparison["rows"] if comparison else []
     md = [f"# Training report: {cfg.name}", "", f"Recipe `{cfg.recipe}` on `{cfg.model}`, suite `{cfg.suite}`.", ""]
     body = [f"<h1>Training report: {html.escape(cfg.name)}</h1>",
             f"<p>Recipe <code>{html.escape(cfg.recipe)}</code> on <code>{html.escape(cfg.model)}</code>, "

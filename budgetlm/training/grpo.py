@@ -44,18 +44,31 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from budgetlm import distributed
 from budgetlm.errors import ConfigError, MissingDependency
 from budgetlm.evals import suites as suite_registry
-from budgetlm.io import append_jsonl, read_jsonl, repair_tail, write_json_atomic, write_jsonl_atomic
+from budgetlm.io import (
+    JsonObject,
+    JsonValue,
+    append_jsonl,
+    read_jsonl,
+    repair_tail,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from budgetlm.models import resolve_model_path
 from budgetlm.training.base import RECIPES, Recipe, RecipeContext
 from budgetlm.training.config import TrainConfig
 from budgetlm.versions import library_versions
+
+if TYPE_CHECKING:
+    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from trl import GRPOConfig
 
 __all__ = ["TrainDevice", "TrainOutcome", "build_dataset", "build_grpo_config", "check_batch", "model_path", "resolve_device",
            "train"]
@@ -75,7 +88,7 @@ class TrainOutcome:
     """Optimizer steps done in total (over resumes)."""
     resumed_from: str | None
     """The checkpoint training resumed from, if any."""
-    log_history: list[dict[str, Any]] = field(default_factory=list)
+    log_history: list[JsonObject] = field(default_factory=list)
     """Every metric TRL logged (step, reward, completion length, loss, ...)."""
     skipped: bool = False
     """Training had already finished in ``output_dir``; nothing was trained."""
@@ -129,7 +142,7 @@ def resolve_device(cfg: TrainConfig) -> TrainDevice:
     return TrainDevice(device="gpu" if gpu else "cpu", use_vllm=bool(use_vllm), fp16=bool(fp16))
 
 
-def trl_config_overrides(section: str, given: dict[str, Any], config_cls: str) -> None:
+def trl_config_overrides(section: str, given: Mapping[str, object], config_cls: str) -> None:
     """Refuse entries of ``section`` (``grpo``, ``dpo``) that are not fields of ``trl.<config_cls>``, naming the
     closest field names."""
     import dataclasses
@@ -177,7 +190,7 @@ def check_batch(kw: dict[str, Any], processes: int) -> int:
     return size
 
 
-def build_grpo_config(cfg: TrainConfig, recipe: Recipe, checkpoints: Path, device: TrainDevice) -> Any:
+def build_grpo_config(cfg: TrainConfig, recipe: Recipe, checkpoints: Path, device: TrainDevice) -> GRPOConfig:
     """The :class:`trl.GRPOConfig` for ``cfg`` (``cfg.grpo`` entries override the derived values)."""
     from trl import GRPOConfig
 
@@ -222,7 +235,7 @@ def build_grpo_config(cfg: TrainConfig, recipe: Recipe, checkpoints: Path, devic
 
 
 def build_dataset(cfg: TrainConfig, recipe: Recipe, ctx: RecipeContext, prompts_per_step: int | None = None
-                  ) -> list[dict[str, Any]]:
+                  ) -> list[JsonObject]:
     """The recipe's rows for the config's suite (seeded, so a resumed run trains on the same data).
 
     ``prompts_per_step``: prompts in one generation round (TRL's ``generation_batch_size /
@@ -284,7 +297,7 @@ class _State:
                     f"{out} holds a training run of a different config (digest {old}, this config "
                     f"{cfg.digest()}); resuming would mix checkpoints. Use a new output directory or delete {out}")
 
-    def write(self, **kw: Any) -> None:
+    def write(self, **kw: object) -> None:
         self.data.update(kw)
         self.data["digest"] = self.cfg.digest()
         write_json_atomic(self.path, self.data)
@@ -294,7 +307,7 @@ TRAIN_LOG = "train_log.jsonl"
 """Every logged metric of a training run, one JSONL line each (the torn-line rule of :mod:`budgetlm.io`)."""
 
 
-def _callback(log_path: Path) -> Any:
+def _callback(log_path: Path) -> TrainerCallback:
     from transformers import TrainerCallback
 
     if distributed.is_main():
@@ -303,14 +316,15 @@ def _callback(log_path: Path) -> Any:
     class MetricsLog(TrainerCallback):
         """Appends every log entry (with its step) to ``train_log.jsonl`` as training goes."""
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                   logs: dict[str, float] | None = None, **kw: object) -> None:
             if logs and state.is_world_process_zero:
                 append_jsonl(log_path, {"step": state.global_step, "epoch": state.epoch, **logs}, default=float)
 
     return MetricsLog()
 
 
-def _time_limit(minutes: float) -> Any:
+def _time_limit(minutes: float) -> TrainerCallback:
     from transformers import TrainerCallback
 
     class TimeLimit(TrainerCallback):
@@ -320,7 +334,7 @@ def _time_limit(minutes: float) -> Any:
             self.start = time.monotonic()
             self.hit = False
 
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: object) -> None:
             # the main process's clock decides for all, so every process stops at the same step
             if distributed.share(lambda: time.monotonic() - self.start >= 60 * minutes):
                 self.hit = True
@@ -330,19 +344,19 @@ def _time_limit(minutes: float) -> Any:
     return TimeLimit()
 
 
-def read_log(path: Path) -> list[dict[str, Any]]:
+def read_log(path: Path) -> list[JsonObject]:
     """The entries of ``train_log.jsonl``, the newest entry per (step, kind) kept after resumes.
 
     The torn-line rule of :mod:`budgetlm.io`: a torn last line (a crash mid-write) is left out, a
     bad line elsewhere raises :class:`~budgetlm.io.DamagedFileError` naming the file and line.
     """
-    seen: dict[tuple[int, bool], dict[str, Any]] = {}
+    seen: dict[tuple[int, bool], JsonObject] = {}
     for e in read_jsonl(path, dict, what="a log entry"):
         seen[(int(e.get("step", 0)), "train_runtime" in e)] = e
     return [seen[k] for k in sorted(seen)]
 
 
-def _save_final(trainer: Any, cfg: TrainConfig, out: Path) -> Path:
+def _save_final(trainer: Trainer, cfg: TrainConfig, out: Path) -> Path:
     """``OUT/model``, written by the main process (every process calls this; DeepSpeed gathers the weights)."""
     final = out / "model"
     tmp = out / "model.tmp"
@@ -362,7 +376,7 @@ def _save_final(trainer: Any, cfg: TrainConfig, out: Path) -> Path:
     return final
 
 
-def _write_rows(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+def _write_rows(rows: list[JsonObject], path: Path) -> list[JsonObject]:
     write_jsonl_atomic(path, rows)
     return rows
 
@@ -444,8 +458,10 @@ def train(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool
     return TrainOutcome(out, final, steps, last, read_log(out / TRAIN_LOG), stopped_by_time=timed_out)
 
 
-def finite(x: Any) -> float | None:
+def finite(x: JsonValue) -> float | None:
     """``x`` as a float when it is a finite number, else None (for curves)."""
+    if not isinstance(x, int | float | str):  # None, lists and objects: float() would raise TypeError
+        return None
     try:
         v = float(x)
     except (TypeError, ValueError):

@@ -16,12 +16,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from budgetlm import distributed
 from budgetlm.training.base import RECIPES
 from budgetlm.training.config import TrainConfig
-from budgetlm.training.evaluate import evaluate, write_train_report
+from budgetlm.training.evaluate import Comparison, evaluate, write_train_report
 from budgetlm.training.grpo import TRAIN_LOG, TrainOutcome, read_log, train
 
 __all__ = ["RunResult", "run"]
@@ -35,7 +34,7 @@ class RunResult:
 
     train: TrainOutcome
     """The training outcome (model directory, steps, logged metrics)."""
-    comparison: dict[str, Any] | None
+    comparison: Comparison | None
     """Trained vs base rows and per-model totals (None when the evaluation is disabled)."""
     report: Path
     """``train_report.html`` (written by the main process only)."""
@@ -63,6 +62,7 @@ def run(cfg: TrainConfig | str | Path, output_dir: str | Path, *, resume: bool =
     if cfg.eval.enabled:
         recipe = RECIPES.get(cfg.recipe)(cfg.recipe_params)
         comparison = evaluate(cfg, recipe, outcome.model_dir, out, progress=progress)
-        eval_report = Path(comparison["eval_report"]) if comparison.get("eval_report") else None
+        page = comparison.get("eval_report")
+        eval_report = Path(page) if page else None
     report = write_train_report(out, cfg, read_log(out / TRAIN_LOG), comparison, eval_report)
     return RunResult(outcome, comparison, report)

@@ -43,10 +43,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from budgetlm.answers import extract_answer, normalize_answer
 from budgetlm.errors import ConfigError
+from budgetlm.io import JsonObject, JsonValue
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from budgetlm.evals.records import EvalRecord
+    from budgetlm.evals.suites.base import EvalItem, Suite
 
 __all__ = ["TREE_STRATEGIES", "Pair", "PairStats", "collect_pairs", "export_pairs", "extract_pairs", "pair_rows",
            "read_pairs", "render_prompt", "run_pairs", "write_pairs"]
@@ -55,7 +62,7 @@ TREE_STRATEGIES = ("bavt", "beam", "rebase", "hyper")
 """Strategies whose traces hold a tree (any trace line with a ``tree`` entry is read)."""
 
 ValueSource = Literal["outcome", "search"]
-Grader = Callable[[dict[str, Any], str], bool]
+Grader = Callable[[dict[str, object], str], bool]
 """``grade(trace_line, reply_text) -> correct``: the outcome of an answer found in a tree."""
 
 
@@ -124,22 +131,25 @@ class PairStats:
                 f"{self.dropped_cap} dropped by max_pairs_per_node, {self.kept} kept")
 
 
-def tree_of(line: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def tree_of(line: Mapping[str, object]) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """``(tree, final)`` of a trace line, or None when its trace holds no tree."""
-    for entry in reversed(line.get("trace") or []):
+    trace = line.get("trace") or []
+    if not isinstance(trace, Sequence):
+        return None
+    for entry in reversed(trace):
         if isinstance(entry, dict) and isinstance(entry.get("tree"), dict):
             return entry["tree"], entry.get("final") or {}
     return None
 
 
-def answer_grader(line: Mapping[str, Any], text: str) -> bool:
+def answer_grader(line: Mapping[str, object], text: str) -> bool:
     """The default outcome: the reply's extracted answer equals the line's ``gold`` (normalised)."""
     gold = line.get("gold")
     got = normalize_answer(extract_answer(text).text)
     return gold is not None and got is not None and got == normalize_answer(str(gold))
 
 
-def _check_nodes(nodes: Any, line: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _check_nodes(nodes: object, line: Mapping[str, object]) -> list[dict[str, Any]]:
     if not isinstance(nodes, list) or not nodes or not all(
             isinstance(n, dict) and isinstance(n.get("value"), int | float) and "id" in n and "parent" in n for n in nodes):
         raise ConfigError(
@@ -149,7 +159,7 @@ def _check_nodes(nodes: Any, line: Mapping[str, Any]) -> list[dict[str, Any]]:
     return nodes
 
 
-def _tree_pairs(line: Mapping[str, Any], tree: dict[str, Any], final: dict[str, Any], value: ValueSource,
+def _tree_pairs(line: Mapping[str, object], tree: dict[str, Any], final: dict[str, Any], value: ValueSource,
                 grade: Grader, messages: tuple[dict[str, str], ...], stats: PairStats) -> list[list[Pair]]:
     nodes = {n["id"]: n for n in _check_nodes(tree.get("nodes"), line)}
     kids: dict[int, list[int]] = {i: [] for i in nodes}
@@ -215,7 +225,7 @@ def _tree_pairs(line: Mapping[str, Any], tree: dict[str, Any], final: dict[str, 
     return out
 
 
-def collect_pairs(traces: Iterable[Mapping[str, Any]], *, min_margin: float = 0.1, max_pairs_per_node: int | None = 1,
+def collect_pairs(traces: Iterable[Mapping[str, object]], *, min_margin: float = 0.1, max_pairs_per_node: int | None = 1,
                   dedup: bool = True, value: ValueSource = "outcome", grade: Grader | None = None,
                   messages: Mapping[str, Sequence[Mapping[str, str]]] | None = None) -> tuple[list[Pair], PairStats]:
     """The pairs of every tree in ``traces`` (decoded ``traces.jsonl`` lines) and the extraction's counts.
@@ -272,7 +282,7 @@ def collect_pairs(traces: Iterable[Mapping[str, Any]], *, min_margin: float = 0.
     return pairs, stats
 
 
-def extract_pairs(traces: Iterable[Mapping[str, Any]], min_margin: float = 0.1, max_pairs_per_node: int | None = 1,
+def extract_pairs(traces: Iterable[Mapping[str, object]], min_margin: float = 0.1, max_pairs_per_node: int | None = 1,
                   dedup: bool = True, *, value: ValueSource = "outcome", grade: Grader | None = None,
                   messages: Mapping[str, Sequence[Mapping[str, str]]] | None = None) -> list[Pair]:
     """The step-level pairs of ``traces`` after the filters (see :func:`collect_pairs`); an error with the
@@ -288,21 +298,21 @@ def extract_pairs(traces: Iterable[Mapping[str, Any]], min_margin: float = 0.1, 
 
 
 # ----------------------------------------------------------------------------- rows and files
-def render_prompt(tokenizer: Any, messages: Sequence[Mapping[str, str]], prefix: str) -> str:
+def render_prompt(tokenizer: PreTrainedTokenizerBase | None, messages: Sequence[Mapping[str, str]], prefix: str) -> str:
     """The text the tree continued from: the chat template of ``messages`` with the generation prompt, then ``prefix``."""
     msgs = [dict(m) for m in messages]
-    if getattr(tokenizer, "chat_template", None):
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     else:
         head = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant: "
     return head + prefix
 
 
-def pair_rows(pairs: Sequence[Pair], tokenizer: Any | None = None) -> list[dict[str, Any]]:
+def pair_rows(pairs: Sequence[Pair], tokenizer: PreTrainedTokenizerBase | None = None) -> list[JsonObject]:
     """DPO rows (TRL's standard format) of ``pairs``; without a tokenizer ``prompt`` is left empty."""
-    rows = []
+    rows: list[JsonObject] = []
     for p in pairs:
-        row = {"prompt": render_prompt(tokenizer, p.messages, p.prefix) if tokenizer is not None else "",
+        row: JsonObject = {"prompt": render_prompt(tokenizer, p.messages, p.prefix) if tokenizer is not None else "",
                "chosen": p.chosen, "rejected": p.rejected, **asdict(p)}
         row["messages"] = [dict(m) for m in p.messages]
         row["key"] = list(p.key)
@@ -310,7 +320,7 @@ def pair_rows(pairs: Sequence[Pair], tokenizer: Any | None = None) -> list[dict[
     return rows
 
 
-def write_pairs(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+def write_pairs(rows: Sequence[Mapping[str, JsonValue]], path: str | Path) -> Path:
     """``rows`` as JSONL at ``path`` (written whole, then moved into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -322,25 +332,27 @@ def write_pairs(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def read_pairs(path: str | Path) -> list[dict[str, Any]]:
+def read_pairs(path: str | Path) -> list[JsonObject]:
     """The rows of a pairs JSONL (as :func:`export_pairs` writes it)."""
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"`pairs` must be a pairs JSONL file, got {str(p)!r}, which does not exist; write one with "
                           "`budgetlm pairs RUN_DIR --out pairs.jsonl`")
     rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    bad = [i for i, r in enumerate(rows, 1) if not all(isinstance(r.get(k), str) for k in ("prompt", "chosen", "rejected"))]
+    bad = [i for i, r in enumerate(rows, 1)
+           if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in ("prompt", "chosen", "rejected"))]
     if bad or not rows:
         raise ConfigError(f"`pairs` must hold rows with text prompt, chosen and rejected, got {len(rows)} rows "
                           f"({len(bad)} without them, e.g. line {bad[0] if bad else '-'}) in {p}; re-export it")
     return rows
 
 
-def _suite_context(records: Sequence[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _suite_context(records: Sequence[EvalRecord]) -> tuple[dict[str, Suite], dict[str, dict[str, EvalItem]]]:
     """Per suite spec: the suite and its items by id (for messages and grading)."""
     from budgetlm.evals.suites import get as get_suite
 
-    suites, items = {}, {}
+    suites: dict[str, Suite] = {}
+    items: dict[str, dict[str, EvalItem]] = {}
     for spec in sorted({r.suite for r in records}):
         try:
             s = get_suite(spec)
@@ -354,21 +366,21 @@ def _suite_context(records: Sequence[Any]) -> tuple[dict[str, Any], dict[str, An
 def run_pairs(run_dir: str | Path, *, min_margin: float = 0.1, max_pairs_per_node: int | None = 1, dedup: bool = True,
               value: ValueSource = "outcome") -> tuple[list[Pair], PairStats]:
     """The pairs of an evaluation run folder (``records.jsonl`` + ``traces.jsonl``), graded by each suite's grader."""
-    from budgetlm.evals.records import read_records, read_traces
+    from budgetlm.evals.rundir import RunDir
 
-    run = Path(run_dir)
-    if not (run / "traces.jsonl").exists():
-        raise ConfigError(f"`run_dir` must be an evaluation run folder with traces.jsonl, got {str(run)!r} without "
+    run = RunDir(run_dir)
+    if not run.traces.exists():
+        raise ConfigError(f"`run_dir` must be an evaluation run folder with traces.jsonl, got {str(run.path)!r} without "
                           f"one; run `budgetlm eval` with a tree strategy ({', '.join(TREE_STRATEGIES)}) into it")
-    records = {r.key: r for r in read_records(run / "records.jsonl")}
+    records = {r.key: r for r in run.read_records()}
     lines = []
-    for line in read_traces(run / "traces.jsonl"):
+    for line in run.read_traces():
         rec = records.get((str(line.get("suite")), str(line.get("item_id")), str(line.get("config_id"))))
         if rec is not None:  # the trace of the latest record of each cell only (a retry supersedes an error)
             lines.append({**line, "gold": rec.gold, "error": rec.error})
     suites, items = _suite_context(list(records.values()))
 
-    def grade(line: dict[str, Any], text: str) -> bool:
+    def grade(line: dict[str, object], text: str) -> bool:
         suite = suites.get(str(line.get("suite")))
         item = items.get(str(line.get("suite")), {}).get(str(line.get("item_id")))
         if suite is None or item is None:
@@ -386,7 +398,7 @@ def run_pairs(run_dir: str | Path, *, min_margin: float = 0.1, max_pairs_per_nod
                          value=value, grade=grade, messages=messages)
 
 
-def load_tokenizer(model: str) -> Any:
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a model spec (``default``, a path, ``hf:PATH``, ``vllm:PATH``)."""
     from transformers import AutoTokenizer
 
@@ -404,7 +416,7 @@ def export_pairs(run_dir: str | Path, out_path: str | Path, *, model: str | None
     then name the same one).  Raises :class:`~budgetlm.errors.ConfigError` with the counts when the
     filters leave no pair.
     """
-    from budgetlm.evals.records import read_records
+    from budgetlm.evals.rundir import RunDir
 
     pairs, stats = run_pairs(run_dir, min_margin=min_margin, max_pairs_per_node=max_pairs_per_node, dedup=dedup,
                              value=value)
@@ -414,7 +426,7 @@ def export_pairs(run_dir: str | Path, out_path: str | Path, *, model: str | None
             f"{min_margin}), raise `max_pairs_per_node`, use `value: search`, or run a wider search (more children per "
             f"node, more items, higher temperature) so that sibling steps differ in value")
     if model is None:
-        models = sorted({r.model for r in read_records(Path(run_dir) / "records.jsonl")})
+        models = sorted({r.model for r in RunDir(run_dir).read_records()})
         if len(models) != 1:
             raise ConfigError(f"`model` must be given when the run holds several models, got {models}; name the policy "
                               "whose chat template renders the prompts")

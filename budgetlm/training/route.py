@@ -39,19 +39,20 @@ import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from budgetlm.backends import BackendSpec
 from budgetlm.budget import check_limits
-from budgetlm.errors import ConfigError, missing
+from budgetlm.errors import ConfigError
 from budgetlm.evals.config import EvalConfig, StrategySpec, config_id
 from budgetlm.evals.records import EvalRecord
 from budgetlm.evals.rundir import RunDir
 from budgetlm.evals.runner import run_eval
 from budgetlm.evals.suites import get as get_suite
 from budgetlm.evals.suites.base import EvalItem
+from budgetlm.io import JsonObject
 from budgetlm.rewards import RewardFunction, RouteChoiceReward, boundary_class
 from budgetlm.routing.lm_policy import route_prompt
 from budgetlm.strategies import get as get_strategy
@@ -103,7 +104,7 @@ class RouteParams(RecipeParams):
 
     @field_validator("max_rows_per_task", "batch_size")
     @classmethod
-    def _positive(cls, v: int, info: Any) -> int:
+    def _positive(cls, v: int, info: ValidationInfo) -> int:
         if v < 1:
             raise ValueError(f"`{info.field_name}` must be >= 1, got {v}")
         return v
@@ -124,6 +125,18 @@ def _hf(spec: str) -> str:
     return f"hf:{parsed.spec.partition(':')[2]}" if parsed.kind in ("vllm", "hf") else spec
 
 
+class BoundaryOutcome(TypedDict):
+    """A task's outcomes under the two boundary policies (:meth:`RouteRecipe.boundary_outcomes`)."""
+
+    success_small: bool
+    cost_small: int
+    """Output tokens of the always-small run."""
+    model_steps_small: int
+    success_large: bool
+    cost_large: int
+    model_steps_large: int
+
+
 class RouteRecipe(Recipe):
     """Rows of agent states labelled by the boundary policies' outcomes; the policy answers small or large."""
 
@@ -136,9 +149,9 @@ class RouteRecipe(Recipe):
         """The agent's step limit (its ``max_steps``, default 8)."""
         return int(self.params.agent.get("max_steps", Agent.Params.model_fields["max_steps"].default))
 
-    def agent_spec(self, label: str, router: str | dict[str, Any], threshold: float | None = None) -> StrategySpec:
+    def agent_spec(self, label: str, router: str | dict[str, object], threshold: float | None = None) -> StrategySpec:
         """An ``agent`` grid entry with the recipe's agent parameters, ``router`` and its budget."""
-        params: dict[str, Any] = {**self.params.agent, "router": router}
+        params: dict[str, object] = {**self.params.agent, "router": router}
         if threshold is not None:
             params["threshold"] = threshold
         return StrategySpec(name="agent", label=label, params=params, budgets=[dict(self.params.budget)])
@@ -165,7 +178,7 @@ class RouteRecipe(Recipe):
                           strategies=self.boundary_strategies(), budgets=[dict(self.params.budget)], seed=seed,
                           batch_size=self.params.batch_size, limit=limit)
 
-    def boundary_outcomes(self, items: Sequence[EvalItem], ctx: RecipeContext) -> dict[str, dict[str, Any]]:
+    def boundary_outcomes(self, items: Sequence[EvalItem], ctx: RecipeContext) -> dict[str, BoundaryOutcome]:
         """Per item id: ``success_small/large`` (``correct``), ``cost_small/large`` (output tokens) and
         ``model_steps_small/large`` of the two boundary runs (run, or resumed, under ``OUTPUT/boundary``).
 
@@ -173,9 +186,9 @@ class RouteRecipe(Recipe):
         ``items`` are run; items whose run failed (a recorded error) are left out.
         """
         suite = ctx.extra.get("suite")
-        if suite is None:
+        if not isinstance(suite, str | dict):
             raise ConfigError("recipe 'route' needs the suite spec in `ctx.extra['suite']` (e.g. "
-                              "'kb_agent?size=100&seed=1'), got none; the boundary runs evaluate that suite with the "
+                              f"'kb_agent?size=100&seed=1'), got {suite!r}; the boundary runs evaluate that suite with the "
                               "agent, so pass the training suite there")
         wanted = {it.id for it in items}
         if not wanted:
@@ -193,26 +206,21 @@ class RouteRecipe(Recipe):
         for arm, spec in zip(ARMS, cfg.strategies, strict=True):
             cid = config_id(self.params.agent_model, spec, dict(self.params.budget), ctx.seed)
             by_arm[arm] = {r.item_id: r for r in records if r.config_id == cid and r.item_id in wanted}
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, BoundaryOutcome] = {}
         for item_id in sorted(wanted, key=pos.__getitem__):
-            recs = {arm: by_arm[arm].get(item_id) for arm in ARMS}
-            if any(r is None or r.error for r in recs.values()):
+            small, large = by_arm["small"].get(item_id), by_arm["large"].get(item_id)
+            if small is None or small.error or large is None or large.error:
                 continue
-            row: dict[str, Any] = {}
-            for arm, r in recs.items():
-                if r is None:
-                    raise missing('r')
-                row[f"success_{arm}"] = bool(r.correct)
-                row[f"cost_{arm}"] = int(r.output_tokens)
-                row[f"model_steps_{arm}"] = _model_steps(r)
-            out[item_id] = row
+            out[item_id] = BoundaryOutcome(
+                success_small=bool(small.correct), cost_small=int(small.output_tokens), model_steps_small=_model_steps(small),
+                success_large=bool(large.correct), cost_large=int(large.output_tokens), model_steps_large=_model_steps(large))
         return out
 
     # ------------------------------------------------------------------ rows and rewards
-    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[dict[str, Any]]:
+    def build_rows(self, items: Sequence[EvalItem], rng: random.Random, ctx: RecipeContext) -> list[JsonObject]:
         outcomes = self.boundary_outcomes(items, ctx)
         max_steps = self.max_steps()
-        rows = []
+        rows: list[JsonObject] = []
         lost = [it.id for it in items if it.id not in outcomes]
         if lost:
             warnings.warn(f"recipe 'route': {len(lost)} task(s) have no usable boundary run (a recorded error or no "
@@ -223,8 +231,9 @@ class RouteRecipe(Recipe):
             if o is None:
                 continue
             row = base_row(item)
-            extra = {k: o[k] for k in ("success_small", "success_large", "cost_small", "cost_large")}
-            extra["boundary_class"] = boundary_class(o["success_small"], o["success_large"])
+            extra: JsonObject = {"success_small": o["success_small"], "success_large": o["success_large"],
+                                 "cost_small": o["cost_small"], "cost_large": o["cost_large"],
+                                 "boundary_class": boundary_class(o["success_small"], o["success_large"])}
             n = min(self.params.max_rows_per_task, max(1, int(o.get("model_steps_large", 1))))
             for k in range(n):
                 prompt = route_prompt(item.messages, {"step": k, "max_steps": max_steps, "tool_calls": k})
@@ -234,7 +243,7 @@ class RouteRecipe(Recipe):
                               f"run; check the records under {Path(ctx.output_dir) / BOUNDARY_DIR}")
         return rows
 
-    def rewards(self, rows: Sequence[dict[str, Any]], ctx: RecipeContext) -> list[RewardFunction]:
+    def rewards(self, rows: Sequence[JsonObject], ctx: RecipeContext) -> list[RewardFunction]:
         return [RouteChoiceReward(invalid_reward=self.params.invalid_reward, success_floor=self.params.success_floor)]
 
 

@@ -108,7 +108,13 @@ def question_key(record: EvalRecord) -> QuestionKey:
 
 
 def run_of(record: EvalRecord) -> str:
-    """The record's optional extra ``run`` field, ``""`` when absent."""
+    """The record's optional extra ``run`` field, ``""`` when absent.
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> r = EvalRecord(item_id="q1", suite="s", config_id="c", model="m", strategy="sample", correct=True)
+    >>> run_of(r), run_of(r.model_copy(update={"run": "greedy-grid"}))
+    ('', 'greedy-grid')
+    """
     run = getattr(record, "run", None)
     return "" if run is None else str(run)
 
@@ -698,6 +704,16 @@ def frontier_summaries(summaries: Iterable[ConfigSummary], cost: CostKind = "out
     """The summaries on the Pareto frontier of (mean ``cost`` ↓, accuracy ↑), cheapest first.
 
     Configurations with errored records (``n_errors > 0``) are never on the frontier.
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(cid, item, ok, tokens):
+    ...     return EvalRecord(item_id=item, suite="s", config_id=cid, model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens)
+    >>> runs = [rec("cheap", "q1", True, 50), rec("cheap", "q2", False, 50),     # 0.5 at 50 tokens
+    ...         rec("costly", "q1", True, 400), rec("costly", "q2", True, 400),  # 1.0 at 400
+    ...         rec("wasteful", "q1", True, 500), rec("wasteful", "q2", False, 500)]  # 0.5 at 500: dominated
+    >>> [(s.config_id, s.accuracy) for s in frontier_summaries(summarize(runs))]
+    [('cheap', 0.5), ('costly', 1.0)]
     """
     by_key = {s.key: s for s in summaries if not s.n_errors}
     return [by_key[k] for k in pareto_frontier((k, s.mean_cost(cost), s.accuracy) for k, s in by_key.items())]
@@ -797,6 +813,14 @@ def accuracy_vs_cost_curves(summaries: Iterable[ConfigSummary], cost: CostKind =
     """Group summaries by (run, model, strategy, params) — all but the budget — ordered by cost.
 
     Curves are sorted by (run, model, strategy, params).
+
+    >>> from budgetlm.evals.records import EvalRecord
+    >>> def rec(cid, out, ok, tokens):
+    ...     return EvalRecord(item_id="q1", suite="s", config_id=cid, model="m", strategy="sample", correct=ok,
+    ...                       output_tokens=tokens, budget={"output_tokens": out})
+    >>> (curve,) = accuracy_vs_cost_curves(summarize([rec("b256", 256, True, 180), rec("b64", 64, False, 64)]))
+    >>> curve.label, [(p.cost, p.accuracy, p.budget["output_tokens"]) for p in curve.points]
+    ('sample', [(64.0, 0.0, 64.0), (180.0, 1.0, 256.0)])
     """
     _check_cost(cost)
     groups: dict[tuple[str, str, str, str], list[ConfigSummary]] = defaultdict(list)

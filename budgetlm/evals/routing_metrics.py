@@ -275,6 +275,12 @@ def summarize_router(
     Pass ``threshold``, or ``target_share`` to calibrate one on these same scores (in-sample), to
     add the realised ``share``, ``quality``, ``cost`` and ``pgr`` there.  Non-finite numbers
     (``nan`` APGR, ``inf`` threshold) are written as ``None``.
+
+    >>> # a perfect router: the two items the weak model fails score highest, so half the calls reach full quality
+    >>> s = summarize_router("logprob", scores=[0.9, 0.1, 0.6, 0.3], weak_success=[0, 1, 0, 1],
+    ...                      strong_success=[1, 1, 1, 1], target_share=0.5)
+    >>> s["weak_quality"], s["strong_quality"], s["apgr"], s["share"], s["quality"]
+    (0.5, 1.0, 0.75, 0.5, 1.0)
     """
     if target_share is not None and threshold is not None:
         raise invalid("threshold", "None when target_share is given", threshold, "pass one of the two")

@@ -88,6 +88,7 @@ from pydantic import Field, field_validator, model_validator
 
 from budgetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.errors import BudgetExceeded
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
@@ -278,7 +279,7 @@ class AdaptiveMajority(Strategy):
     async def solve_one(self, problem: Problem, ctx: Context) -> Result:
         meter = ctx.meter
         samples: list[Sampled] = []
-        trace: list[dict[str, Any]] = []
+        trace: list[JsonObject] = []
         inflight: dict[asyncio.Task[GenerationResult], tuple[int, int]] = {}  # task -> (sample index, max_tokens)
         started = 0
         stop: str | None = None

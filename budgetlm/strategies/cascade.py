@@ -228,11 +228,11 @@ class Cascade(Strategy):
         if stage.confidence == "agreement":
             out = []
             for r in results:
-                v = next((e["vote"] for e in reversed(r.trace) if isinstance(e, dict) and "vote" in e), None)
-                if v is None:
+                share = _vote_share(r)
+                if share is None:
                     raise ConfigError(f"confidence 'agreement' needs a voting strategy (majority, adaptive, ...), "
                                       f"got stage strategy {stage.strategy!r}")
-                out.append(v["counts"].get(r.answer, 0) / max(1, v["samples"]) if r.answer is not None else -math.inf)
+                out.append(share)
             return out
         scorer = self._backend(stage.verifier, backend) if stage.confidence == "verifier" else backend
         todo = [i for i, r in enumerate(results) if r.text.strip()]
@@ -385,6 +385,19 @@ def load_calibration(path: str | Path, stages: Sequence[Stage]) -> list[float]:
         raise ConfigError(f"`calibration` file {str(p)!r} was calibrated for stages {[s.name for s in old]}, got "
                           f"{[s.name for s in stages]} ({diff}); recalibrate for these stages")
     return thresholds
+
+
+def _vote_share(r: Result) -> float | None:
+    """The share of the samples that voted for ``r``'s answer, from the vote entry a voting strategy puts in its
+    trace (``-inf`` without an answer); ``None`` when the trace holds no vote."""
+    vote = next((e["vote"] for e in reversed(r.trace) if "vote" in e), None)
+    if not isinstance(vote, Mapping):
+        return None
+    if r.answer is None:
+        return -math.inf
+    counts, samples = vote.get("counts"), vote.get("samples")
+    hits = counts.get(r.answer, 0) if isinstance(counts, Mapping) else 0
+    return (hits if isinstance(hits, int | float) else 0) / max(1, samples if isinstance(samples, int) else 0)
 
 
 def _seeded(stage: Stage, seed: int | None) -> dict[str, Any]:

@@ -144,6 +144,7 @@ from budgetlm.answers import extract_answer, normalize_answer
 from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams, ThinkingBudgetBackend
 from budgetlm.backends.streaming import Delta, DeltaCallback
 from budgetlm.errors import BudgetExceeded, ConfigError
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.strategies.voting import room_of
@@ -278,7 +279,14 @@ class _State:
     """Still in the thinking phase."""
     cut: bool = False
     """Thinking was stopped by its cap or the budget (not by the model)."""
-    trace: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[JsonObject] = field(default_factory=list)
+    """One entry per call (:meth:`BudgetForcing._call`)."""
+    call_tokens: int = 0
+    """Output tokens of every call so far (they run one after another: the sequential tokens)."""
+    last_finish: str | None = None
+    """Finish reason of the last call (``None``: no completion)."""
+    last_clamped_by: str | None = None
+    """What clamped the last call's ``max_tokens`` (the unit a refused call ran out of)."""
     answer: GenerationResult | None = None
     skipped: str | None = None
     passthrough: bool = False
@@ -344,6 +352,8 @@ class BudgetForcing(Strategy):
         """Book one call of a problem into its trace."""
         c = g.first if g.completions else None
         out = g.usage.output_tokens
+        st.call_tokens += out
+        st.last_finish, st.last_clamped_by = (c.finish_reason if c else None), g.clamped_by
         st.trace.append({
             "call": len(st.trace),
             "phase": phase,
@@ -516,7 +526,7 @@ class BudgetForcing(Strategy):
         if st.tool_call:
             return Result(problem.id, st.prefix[len(opening):].strip(), None, Usage.zero(), stop_reason="done",
                           finish_reason="stop", truncated=False, thinking_truncated=False,
-                          sequential_tokens=sum(t["output_tokens"] for t in st.trace), trace=st.trace)
+                          sequential_tokens=st.call_tokens, trace=st.trace)
         # ---- forced answer (the call whose output is the answer: streamed)
         req = GenerationRequest(messages=problem.messages, assistant_prefix=self._answer_prefix(st, backend),
                                 id=problem.id, sampling=self._answer_sp, may_think=False)
@@ -600,10 +610,9 @@ class BudgetForcing(Strategy):
         text = f"{self.answer_lead.strip()} {st.exit_answer}"
         if ctx.on_delta is not None:
             ctx.on_delta(Delta(0, text))
-        last = st.trace[-1]
         return Result(problem.id, text, extract_answer(text).text, Usage.zero(), stop_reason="done",
-                      finish_reason=last["finish_reason"], truncated=False, thinking_truncated=False,
-                      sequential_tokens=sum(t["output_tokens"] for t in st.trace), trace=st.trace,
+                      finish_reason=st.last_finish, truncated=False, thinking_truncated=False,
+                      sequential_tokens=st.call_tokens, trace=st.trace,
                       details=self._probe_details(st))
 
     async def _forced_call(self, problem: Problem, ctx: Context) -> Result:
@@ -627,9 +636,9 @@ class BudgetForcing(Strategy):
                       trace=st.trace)
 
     def _result(self, p: Problem, m: Meter, st: _State, fmt_enabled: bool) -> Result:
-        seq = sum(t["output_tokens"] for t in st.trace)  # every call waits for the one before
+        seq = st.call_tokens  # every call waits for the one before
         if st.answer is None:
-            unit = st.trace[-1]["clamped_by"] if st.trace else None
+            unit = st.last_clamped_by
             reason = m.stop_reason or (f"budget exhausted: {unit}" if unit else "budget exhausted")
             return Result(p.id, "", None, Usage.zero(), stop_reason=reason, finish_reason=None, truncated=False,
                           thinking_truncated=st.cut, sequential_tokens=seq, trace=st.trace)

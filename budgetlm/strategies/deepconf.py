@@ -52,6 +52,7 @@ from pydantic import Field, field_validator, model_validator
 from budgetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.backends.streaming import Delta
 from budgetlm.errors import BudgetExceeded
+from budgetlm.io import JsonObject
 from budgetlm.strategies.aggregate import vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.strategies.confidence import (
@@ -198,9 +199,9 @@ class DeepConf(Strategy):
                                 [{"call": 0, "n": k, "skipped": str(exc)}])
         first = self._sampled(g, problem)
         samples = [s for s, _ in first]
-        trace: list[dict[str, Any]] = [{"call": 0, "n": k, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
-                                        "output_tokens": g.usage.output_tokens, "prompt_tokens": g.usage.prompt_tokens,
-                                        "warmup": self.mode == "online"}]
+        trace: list[JsonObject] = [{"call": 0, "n": k, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
+                                   "output_tokens": g.usage.output_tokens, "prompt_tokens": g.usage.prompt_tokens,
+                                   "warmup": self.mode == "online"}]
         trace += [sample_entry(s, j) for j, s in enumerate(samples)]
         seq = max((s.tokens for s in samples), default=0)
         if self.mode == "offline":
@@ -211,7 +212,7 @@ class DeepConf(Strategy):
         online: dict[str, Any] = {"mode": "online", "threshold": s_thr, "warmup": len(samples)}
         return await self._online(problem, ctx, samples, trace, s_thr, seq, online)
 
-    async def _online(self, problem: Problem, ctx: Context, samples: list[Sampled], trace: list[dict[str, Any]],
+    async def _online(self, problem: Problem, ctx: Context, samples: list[Sampled], trace: list[JsonObject],
                       s_thr: float | None, seq: int, details: dict[str, Any]) -> Result:
         meter = ctx.meter
         started = len(samples)
@@ -316,7 +317,7 @@ class DeepConf(Strategy):
                 saved[f"tokens_saved_by_{kind}"] += max(0, mt - rc.tokens)
         inflight.clear()
 
-    def _result(self, problem: Problem, voters: list[Sampled], trace: list[dict[str, Any]], stop: str, seq: int,
+    def _result(self, problem: Problem, voters: list[Sampled], trace: list[JsonObject], stop: str, seq: int,
                 details: dict[str, Any]) -> Result:
         if not voters:
             r = empty_result(problem, Usage.zero(), stop, trace)

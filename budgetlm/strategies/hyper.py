@@ -75,6 +75,7 @@ from pydantic import Field, model_validator
 
 from budgetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.errors import BudgetExceeded
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import answer_key, vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
@@ -266,7 +267,7 @@ class Hyper(Strategy):
         limited = any(m.budget.limits() for m in _chain(meter))
         paths: list[Path] = [Path(i) for i in range(self.k)]
         inflight: dict[asyncio.Task[GenerationResult | BudgetExceeded], tuple[Path, int]] = {}
-        trace: list[dict[str, Any]] = []
+        trace: list[JsonObject] = []
         pool_trace: list[int] = []
         counts = {"expansions": 0, "drops": 0, "refinements": 0, "aborted_steps": 0, "tokens_saved_by_abort": 0}
         seq: dict[int, int] = {}  # path id -> output tokens on its own chain (branches inherit the parent's)

@@ -59,6 +59,7 @@ from pydantic import Field
 from budgetlm.answers import extract_answer
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, GenerationResult, Message, SamplingParams
 from budgetlm.errors import BudgetExceeded
+from budgetlm.io import JsonObject
 from budgetlm.strategies.aggregate import answer_key, vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.strategies.voting import room_of
@@ -150,7 +151,7 @@ class _State:
     answered: list[_Draft] = field(default_factory=list)
     """The latest round's drafts that gave an answer (the best answer so far comes from them)."""
     sequential: int = 0
-    trace: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[JsonObject] = field(default_factory=list)
     stop_reason: str = "done"
     distill_share: int | None = None
 

@@ -42,6 +42,7 @@ from budgetlm.answers import normalize_answer
 from budgetlm.backends import load as load_backend
 from budgetlm.backends.base import Backend
 from budgetlm.errors import ConfigError, invalid
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.routing import RouteQuery, Router, bandit_reward, check_thresholds
 from budgetlm.routing import get as get_router
@@ -250,12 +251,12 @@ class Route(Strategy):
                                                              m.child(name=f"arm:{spec.label}"), ctx.on_delta))
         sig = signal_meter.total()
         r.sequential_tokens += sig.output_tokens
-        route = {"arm": arm, "label": self.arms[arm].label, "score": scores[0], "thresholds": self._thresholds,
+        route: JsonObject = {"arm": arm, "label": self.arms[arm].label, "score": scores[0], "thresholds": self._thresholds,
                  "chosen_by_router": chosen[0], "downgraded": arm != chosen[0],
                  "reused_cheap": bool(r.trace and r.trace[0].get("reused_cheap_answer")),
                  "signal_output_tokens": sig.output_tokens}
         r.details = {**r.details, "route": route, "expensive_calls": int(arm > 0)}
-        r.trace = [{"route": route}] + r.trace
+        r.trace = [{"route": route}, *r.trace]
         if r.stop_reason == "done" and m.exhausted():
             r.stop_reason = m.stop_reason or r.stop_reason
         self._learn(problem, query, arm, r)

@@ -56,6 +56,7 @@ from budgetlm.aio import gather_settled
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.costs import estimate_tokens
 from budgetlm.errors import BudgetExceeded, ConfigError, missing
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter, Reservation
 from budgetlm.strategies.aggregate import answer_key, vote
 from budgetlm.strategies.base import Context, Problem, Result
@@ -462,7 +463,7 @@ async def force_answer(tree: Tree, ctx: Context, answer_tokens: int) -> None:
     tree.forced = {"node": best.id, "text": c.text, "answer": ans, "called": True, "tokens": len(c.token_ids)}
 
 
-def finish(tree: Tree, final: str, *, sequential_tokens: int, trace: list[dict[str, Any]]) -> Result:
+def finish(tree: Tree, final: str, *, sequential_tokens: int, trace: list[JsonObject]) -> Result:
     """The :class:`Result` of a finished tree: vote or best over terminal nodes, else the forced answer.
 
     ``usage`` is left zero: the strategy base sets it to the problem meter's total.

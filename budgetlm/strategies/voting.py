@@ -48,6 +48,7 @@ from pydantic import Field, field_validator, model_validator
 
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, SamplingParams
 from budgetlm.errors import BudgetExceeded
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import Vote, action_key, vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
@@ -161,12 +162,12 @@ def score_confidence(samples: list[Sampled], measure: str, window: int, k: int) 
     return {"score": "confidence", "measure": measure, "window": window, "k": k, "modes": modes}
 
 
-def empty_result(p: Problem, usage: Usage, reason: str, trace: list[dict[str, Any]]) -> Result:
+def empty_result(p: Problem, usage: Usage, reason: str, trace: list[JsonObject]) -> Result:
     return Result(p.id, "", None, usage, stop_reason=reason, trace=trace)
 
 
 def voted_result(p: Problem, samples: list[Sampled], v: Vote, idx: int | None, usage: Usage, *, stop_reason: str,
-                 sequential_tokens: int, trace: list[dict[str, Any]]) -> Result:
+                 sequential_tokens: int, trace: list[JsonObject]) -> Result:
     """The result of a vote: the text of sample ``idx`` (first sample when ``None``), answer = winner."""
     s = samples[idx if idx is not None else 0]
     trace = trace + [{"vote": {"winner": v.winner, "index": idx, "counts": dict(v.counts),

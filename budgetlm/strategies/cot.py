@@ -136,7 +136,6 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -197,7 +196,7 @@ class BudgetForcingParams(StrategyParams):
 
     @field_validator(*_INTS, mode="before")
     @classmethod
-    def _int(cls, v: Any, info: ValidationInfo) -> Any:
+    def _int(cls, v: object, info: ValidationInfo) -> object:
         lo, allow_none = _INTS[info.field_name or ""]
         if v is None and allow_none:
             return v
@@ -208,35 +207,35 @@ class BudgetForcingParams(StrategyParams):
 
     @field_validator("wait_text", mode="before")
     @classmethod
-    def _wait_text(cls, v: Any) -> Any:
+    def _wait_text(cls, v: object) -> object:
         if not isinstance(v, str) or not v.strip():
             raise ValueError(f"`wait_text` must be a non-empty string, got {v!r}")
         return v
 
     @field_validator("answer_lead", mode="before")
     @classmethod
-    def _answer_lead(cls, v: Any) -> Any:
+    def _answer_lead(cls, v: object) -> object:
         if not isinstance(v, str) or not v.strip():
             raise ValueError(f"`answer_lead` must be a non-empty string like '\\nAnswer:', got {v!r}")
         return v
 
     @field_validator("temperature", mode="before")
     @classmethod
-    def _temperature(cls, v: Any) -> Any:
+    def _temperature(cls, v: object) -> object:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ValueError(f"`temperature` must be a number >= 0 (0 = greedy), got {v!r}")
         return v
 
     @field_validator("thinking_budget_passthrough", "early_exit", mode="before")
     @classmethod
-    def _bool(cls, v: Any, info: ValidationInfo) -> Any:
+    def _bool(cls, v: object, info: ValidationInfo) -> object:
         if not isinstance(v, bool):
             raise ValueError(f"`{info.field_name}` must be True or False, got {v!r}")
         return v
 
     @field_validator("min_confidence", mode="before")
     @classmethod
-    def _min_confidence(cls, v: Any) -> Any:
+    def _min_confidence(cls, v: object) -> object:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
             raise ValueError(f"`min_confidence` must be a probability in (0, 1] (mean token probability of a probe) "
                              f"or None, got {v!r}")
@@ -244,7 +243,7 @@ class BudgetForcingParams(StrategyParams):
 
     @field_validator("probe_text", mode="before")
     @classmethod
-    def _probe_text(cls, v: Any) -> Any:
+    def _probe_text(cls, v: object) -> object:
         if v is not None and (not isinstance(v, str) or not v.strip()):
             raise ValueError(f"`probe_text` must be a non-empty string like '\\nSo the final answer is' or None "
                              f"(the default probe), got {v!r}")
@@ -457,12 +456,12 @@ class BudgetForcing(Strategy):
             req = GenerationRequest(messages=problem.messages, assistant_prefix=st.prefix or None, id=problem.id,
                                     sampling=think_sp.model_copy(update={"max_tokens": chunk}))
             limits: tuple[int, int] | None = None  # (engine budget, generated thinking allowed)
-            held: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-            if st.passthrough:
+            held: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+            if st.passthrough and isinstance(backend, ThinkingBudgetBackend):  # checked at setup
                 body = st.prefix[len(opening):]
                 pre = len(backend.encode(body)) if body else 0  # vLLM counts prompt thinking too
                 limits = (pre + room - 1, room - 1)
-                held = backend.thinking_token_budgets([(req, limits[0])])  # type: ignore[attr-defined]
+                held = backend.thinking_token_budgets([(req, limits[0])])
             try:
                 with held:  # the budget applies to this very request object only
                     g = await ctx.generate(req)
@@ -600,7 +599,7 @@ class BudgetForcing(Strategy):
             st.trace[-1]["answer_from"] = "probe"
         return agreed
 
-    def _probe_details(self, st: _State) -> dict[str, Any]:
+    def _probe_details(self, st: _State) -> JsonObject:
         return {"probes": sum(1 for t in st.trace if t["phase"] == "probe"), "probe_tokens": st.probe_tokens,
                 "exited_at": st.used if st.exit_answer is not None else None,
                 "thinking_tokens_used": st.used, "thinking_saved": st.exited_left}

@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -92,7 +92,7 @@ from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
-from budgetlm.strategies.confidence import DEFAULT_K, DEFAULT_WINDOW, Measure, TopK, Window, check_measure
+from budgetlm.strategies.confidence import ConfidenceParams, ConfidenceScoring
 from budgetlm.strategies.voting import (
     Sampled,
     empty_result,
@@ -169,8 +169,8 @@ SCORERS = ("logprob", "confidence")
 """Valid values of ``scorer``."""
 
 
-class AdaptiveParams(StrategyParams):
-    """Parameters of :class:`AdaptiveMajority`."""
+class _AdaptiveFields(StrategyParams):
+    """``adaptive``'s own parameters (:class:`AdaptiveParams` adds the trace-confidence ones)."""
 
     batch_size: int = Field(default=2, ge=1, description="Samples of a problem in flight at once.")
     max_samples: int | None = Field(default=DEFAULT_MAX_SAMPLES, ge=1, description=(
@@ -189,14 +189,6 @@ class AdaptiveParams(StrategyParams):
     scorer: str = Field(default="logprob", description="Sample scores: logprob (mean token logprob) or confidence "
                                                        "(DeepConf trace confidence).")
     weighted: bool = Field(default=False, description="Answer by summed weight exp(score) instead of by count.")
-    confidence_measure: Measure = "lowest"
-    confidence_window: Window = DEFAULT_WINDOW
-    confidence_k: TopK = DEFAULT_K
-
-    @field_validator("confidence_measure")
-    @classmethod
-    def _measure(cls, v: str) -> str:
-        return check_measure(v)
 
     @field_validator("scorer")
     @classmethod
@@ -213,14 +205,18 @@ class AdaptiveParams(StrategyParams):
         return v
 
     @model_validator(mode="after")
-    def _samples(self) -> AdaptiveParams:
+    def _samples(self) -> Self:
         if self.min_samples is not None and self.max_samples is not None and self.min_samples > self.max_samples:
             raise ValueError(f"`min_samples` must be <= max_samples ({self.max_samples}), got {self.min_samples}; "
                              "lower min_samples or raise max_samples (None: what the budget affords)")
         return self
 
 
-class AdaptiveMajority(Strategy):
+class AdaptiveParams(ConfidenceParams, _AdaptiveFields):
+    """Parameters of :class:`AdaptiveMajority`."""
+
+
+class AdaptiveMajority(ConfidenceScoring, Strategy):
     """Majority voting that samples until each problem's leader is settled, cancelling what is left."""
 
     name = "adaptive"
@@ -239,9 +235,6 @@ class AdaptiveMajority(Strategy):
     rule: str
     scorer: str
     weighted: bool
-    confidence_measure: str
-    confidence_window: int
-    confidence_k: int
 
     def _sampling(self, n: int, max_tokens: int, index: int) -> SamplingParams:
         seed = None if self.seed is None else self.seed + index

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Self
 
 from pydantic import Field, field_validator, model_validator
 
@@ -52,16 +52,7 @@ from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import Vote, action_key, vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
-from budgetlm.strategies.confidence import (
-    DEFAULT_K,
-    DEFAULT_WINDOW,
-    Measure,
-    TopK,
-    Window,
-    check_measure,
-    completion_confidence,
-    log_score,
-)
+from budgetlm.strategies.confidence import ConfidenceParams, ConfidenceScoring, completion_confidence, log_score
 from budgetlm.usage import Usage
 
 SCORERS = ("logprob", "verifier", "self_eval", "confidence")
@@ -180,8 +171,8 @@ def voted_result(p: Problem, samples: list[Sampled], v: Vote, idx: int | None, u
 
 
 # ---------------------------------------------------------------------------------------------
-class VotingParams(StrategyParams):
-    """Parameters of the voting strategies (``best_of_n``, ``majority``, ``weighted_majority``)."""
+class _VotingFields(StrategyParams):
+    """The voting strategies' own parameters (:class:`VotingParams` adds the trace-confidence ones)."""
 
     n: int | None = Field(default=None, ge=1, description="Samples per problem; None: what the budget affords.")
     max_tokens: int = Field(default=256, ge=1, description="Most tokens per sample.")
@@ -192,14 +183,6 @@ class VotingParams(StrategyParams):
                                                        "confidence (DeepConf trace confidence).")
     verifier: Backend | str | None = Field(default=None, description="The verifier backend (a Backend or a spec "
                                                                      "string) for scorer='verifier'.")
-    confidence_measure: Measure = "lowest"
-    confidence_window: Window = DEFAULT_WINDOW
-    confidence_k: TopK = DEFAULT_K
-
-    @field_validator("confidence_measure")
-    @classmethod
-    def _measure(cls, v: str) -> str:
-        return check_measure(v)
 
     @field_validator("scorer")
     @classmethod
@@ -209,13 +192,17 @@ class VotingParams(StrategyParams):
         return v
 
     @model_validator(mode="after")
-    def _needs_verifier(self) -> VotingParams:
+    def _needs_verifier(self) -> Self:
         if self.scorer == "verifier" and self.verifier is None:
             raise ValueError("scorer='verifier' needs `verifier`: a Backend or a backend spec string")
         return self
 
 
-class _Voting(Strategy):
+class VotingParams(ConfidenceParams, _VotingFields):
+    """Parameters of the voting strategies (``best_of_n``, ``majority``, ``weighted_majority``)."""
+
+
+class _Voting(ConfidenceScoring, Strategy):
     """N samples per problem in one request; subclasses pick the winner."""
 
     weighted: ClassVar[bool] = False
@@ -228,9 +215,6 @@ class _Voting(Strategy):
     seed: int | None
     scorer: str
     verifier: Backend | str | None
-    confidence_measure: str
-    confidence_window: int
-    confidence_k: int
 
     def setup(self) -> None:
         self._verifier: Backend | None = None

@@ -181,10 +181,14 @@ class Strategy:
     """
 
     name: ClassVar[str] = "strategy"
-    streams: ClassVar[bool] = False
-    """True when :meth:`solve_one` marks the call that produces the answer (``ctx.generate(stream=True)``)."""
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     """The strategy's typed parameters."""
+
+    @property
+    def streams(self) -> bool:
+        """True when :meth:`solve_one` marks the call that produces the answer (``ctx.generate(stream=True)``);
+        a subclass sets ``streams = True`` or overrides this property."""
+        return False
 
     def __init__(self, params: StrategyParams | None = None, /, **fields: object) -> None:
         if params is None:

@@ -256,7 +256,7 @@ class Cascade(Strategy):
         return results, self.confidences(stage, problems, results, meters, be)
 
     @property
-    def streams(self) -> bool:  # type: ignore[override]
+    def streams(self) -> bool:
         """The last stage's tokens stream when its strategy streams (an earlier stage's answer is sent at the end)."""
         return self._strategies[-1].streams
 

@@ -214,7 +214,7 @@ class Route(Strategy):
         return m.can_afford(tokens=max_tokens, n=n)
 
     @property
-    def streams(self) -> bool:  # type: ignore[override]
+    def streams(self) -> bool:
         """A query routed to a streaming arm streams its tokens (a reused cheap answer is sent at the end)."""
         return any(a.strategy.streams for a in self.arms)
 

@@ -301,7 +301,7 @@ def param_table(cls: type[Strategy]) -> dict[str, ParamRow]:
     table: dict[str, ParamRow] = {}
     for name, f in cls.Params.model_fields.items():
         if f.default_factory is not None:
-            default = f.default_factory()  # type: ignore[call-arg]
+            default = f.get_default(call_default_factory=True)
         else:
             default = None if f.default is PydanticUndefined else f.default
         if isinstance(default, list):

@@ -81,7 +81,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import Self
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -261,13 +261,14 @@ class AdaptiveMajority(ConfidenceScoring, Strategy):
             return room, None
         return 0, "budget"
 
-    def _p_leader(self, samples: list[Sampled], meter: Meter, entry: dict[str, Any]) -> float:
+    def _p_leader(self, samples: list[Sampled], meter: Meter) -> tuple[float, int | None]:
+        """``(P(leader stays), horizon)``; the horizon (samples it would draw) only for the predictive rule."""
         keys, weights = [s.key for s in samples], [s.weight for s in samples]
         if self.rule == "posterior":
-            return leader_probability(keys, weights, prior=self.prior, draws=self.draws, seed=self.seed or 0)
+            return leader_probability(keys, weights, prior=self.prior, draws=self.draws, seed=self.seed or 0), None
         horizon = self._horizon(len(keys), meter)
-        entry["horizon"] = horizon
-        return stay_probability(keys, horizon, weights, prior=self.prior, draws=self.draws, seed=self.seed or 0)
+        return stay_probability(keys, horizon, weights, prior=self.prior, draws=self.draws,
+                                seed=self.seed or 0), horizon
 
     async def solve_one(self, problem: Problem, ctx: Context) -> Result:
         meter = ctx.meter
@@ -276,7 +277,7 @@ class AdaptiveMajority(ConfidenceScoring, Strategy):
         inflight: dict[asyncio.Task[GenerationResult], tuple[int, int]] = {}  # task -> (sample index, max_tokens)
         started = 0
         stop: str | None = None
-        stopped: dict[str, Any] = {}  # why it stopped: Result.details["stopped"] and friends
+        stopped: JsonObject = {}  # why it stopped: Result.details["stopped"] and friends
         saved: dict[str, int] = {"cancelled_samples": 0, "generated_before_cancel": 0, "tokens_not_generated": 0}
         try:
             while True:
@@ -311,18 +312,19 @@ class AdaptiveMajority(ConfidenceScoring, Strategy):
                     if self.scorer == "confidence":
                         score_confidence([new], self.confidence_measure, self.confidence_window, self.confidence_k)
                     samples.append(new)
-                    entry: dict[str, Any] = {"call": idx, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
+                    entry: JsonObject = {"call": idx, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
                                              "output_tokens": g.usage.output_tokens,
                                              "prompt_tokens": g.usage.prompt_tokens}
                     if stop is not None:  # finished beside the sample that settled it: it still votes
                         trace.append(entry)
                         trace.append(sample_entry(new, len(samples) - 1))
                         continue
-                    p = self._p_leader(samples, meter, entry)
+                    p, horizon = self._p_leader(samples, meter)
+                    if horizon is not None:
+                        entry["horizon"] = horizon
                     entry["p_leader"] = p
                     trace.append(entry)
                     trace.append(sample_entry(new, len(samples) - 1))
-                    horizon = entry.get("horizon")
                     if horizon is not None and len(samples) >= horizon:
                         pass  # horizon reached: max_samples or the budget stops it, as without the rule
                     elif len(samples) >= (self.min_samples or self.batch_size) and p >= 1 - self.delta:

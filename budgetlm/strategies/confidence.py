@@ -33,10 +33,11 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import Field, field_validator
 
+from budgetlm.backends.base import Completion
 from budgetlm.errors import missing
 from budgetlm.strategies.base import StrategyParams
 
@@ -179,10 +180,10 @@ def trace_confidence(conf: Sequence[float], measure: str = "lowest", window: int
     return sum(low) / len(low)
 
 
-def completion_confidence(c: Any, measure: str = "lowest", window: int = DEFAULT_WINDOW,
+def completion_confidence(c: Completion, measure: str = "lowest", window: int = DEFAULT_WINDOW,
                           k: int = DEFAULT_K) -> tuple[float | None, str]:
     """``(measure, mode)`` of a :class:`~budgetlm.backends.base.Completion` (``None`` without logprobs)."""
-    lps, tops = getattr(c, "logprobs", None), getattr(c, "top_logprobs", None)
+    lps, tops = c.logprobs, c.top_logprobs
     m = mode(lps, tops, k)
     return trace_confidence(token_confidences(lps, tops, k), measure, window), m
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -206,16 +205,16 @@ class DeepConf(Strategy):
         seq = max((s.tokens for s in samples), default=0)
         if self.mode == "offline":
             kept = keep_top(samples, self.eta)
-            offline: dict[str, Any] = {"mode": "offline", "traces": len(samples), "voted": len(kept)}
+            offline: JsonObject = {"mode": "offline", "traces": len(samples), "voted": len(kept)}
             return self._result(problem, kept, trace, "done", seq, offline)
         s_thr = threshold([lo for _, lo in first if lo is not None], self.eta)
-        online: dict[str, Any] = {"mode": "online", "threshold": s_thr, "warmup": len(samples)}
+        online: JsonObject = {"mode": "online", "threshold": s_thr, "warmup": len(samples)}
         return await self._online(problem, ctx, samples, trace, s_thr, seq, online)
 
     async def _online(self, problem: Problem, ctx: Context, samples: list[Sampled], trace: list[JsonObject],
-                      s_thr: float | None, seq: int, details: dict[str, Any]) -> Result:
+                      s_thr: float | None, seq: int, details: JsonObject) -> Result:
         meter = ctx.meter
-        started = len(samples)
+        warmup = started = len(samples)
         inflight: dict[asyncio.Task[GenerationResult], tuple[int, int, RunningConfidence]] = {}
         low: dict[int, float] = {}  # trace index -> the group confidence that stopped it
         saved = {"stopped_traces": 0, "tokens_saved_by_stop": 0, "cancelled_traces": 0, "tokens_saved_by_cancel": 0}
@@ -243,7 +242,7 @@ class DeepConf(Strategy):
                 done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                 for t in sorted(done, key=lambda t: inflight[t][0]):
                     idx, mt, rc = inflight.pop(t)
-                    wave = (idx - details["warmup"]) // self.batch_size
+                    wave = (idx - warmup) // self.batch_size
                     if t.cancelled():  # stopped for low confidence
                         saved["stopped_traces"] += 1
                         saved["tokens_saved_by_stop"] += max(0, mt - rc.tokens)
@@ -318,7 +317,7 @@ class DeepConf(Strategy):
         inflight.clear()
 
     def _result(self, problem: Problem, voters: list[Sampled], trace: list[JsonObject], stop: str, seq: int,
-                details: dict[str, Any]) -> Result:
+                details: JsonObject) -> Result:
         if not voters:
             r = empty_result(problem, Usage.zero(), stop, trace)
         else:

@@ -35,7 +35,7 @@ import asyncio
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +44,7 @@ from pydantic import Field, InstanceOf, field_validator, model_validator
 
 from budgetlm.backends.base import Backend
 from budgetlm.errors import ConfigError
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies.base import (
     STRATEGIES,
@@ -147,7 +148,7 @@ class CascadeParams(StrategyParams):
 
     @field_validator("stages", mode="before")
     @classmethod
-    def _stages(cls, v: Any) -> Any:
+    def _stages(cls, v: object) -> object:
         if isinstance(v, list | tuple):
             if not v:
                 raise ValueError("`stages` must list at least one stage, e.g. [{'strategy': 'sample'}, "
@@ -161,7 +162,7 @@ class CascadeParams(StrategyParams):
 
     @field_validator("calibration", mode="before")
     @classmethod
-    def _path(cls, v: Any) -> Any:
+    def _path(cls, v: object) -> object:
         return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @model_validator(mode="after")
@@ -204,7 +205,7 @@ class Cascade(Strategy):
         self._strategies = [get(s.strategy, **_seeded(s, self.seed)) for s in parsed]
         self._backends: dict[str, Backend] = {}
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, object]:
         return {"stages": self.stages, "thresholds": self.thresholds, "calibration": self.calibration, "seed": self.seed}
 
     def _backend(self, spec: str | None, default: Backend) -> Backend:
@@ -304,8 +305,8 @@ class Cascade(Strategy):
                       trace=[{"cascade": trail, "stage": final_stage}])
 
 
-def calibrate(cascade: Cascade, problems: Sequence[Problem], grade: Any, backend: Backend, epsilon: float,
-              path: str | Path | None = None, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+def calibrate(cascade: Cascade, problems: Sequence[Problem], grade: Callable[[int, Result], bool], backend: Backend,
+              epsilon: float, path: str | Path | None = None, budget: dict[str, Any] | None = None) -> JsonObject:
     """Calibrate ``cascade``'s thresholds on ``problems`` for tolerance ``epsilon``; write ``path`` if given.
 
     ``grade(i, result) -> bool`` says whether stage result of problem ``i`` is correct.  Every stage
@@ -328,8 +329,8 @@ def calibrate(cascade: Cascade, problems: Sequence[Problem], grade: Any, backend
         results, conf = cascade.run_stage(k, problems, meters, backend)
         correct = [bool(grade(i, r)) for i, r in enumerate(results)]
         per_stage.append((correct, [int(m.spent("output_tokens")) for m in meters], conf))
-        entry: dict[str, Any] = {"stage": stage.name, "accuracy": sum(correct) / len(correct),
-                                 "mean_output_tokens": sum(per_stage[-1][1]) / len(results)}
+        entry: JsonObject = {"stage": stage.name, "accuracy": sum(correct) / len(correct),
+                             "mean_output_tokens": sum(per_stage[-1][1]) / len(results)}
         if k < len(cascade._stages) - 1:
             finite = [s if math.isfinite(s) else -1e300 for s in conf]
             delta = thresholds_for(finite, correct, epsilon)
@@ -353,12 +354,13 @@ def calibrate(cascade: Cascade, problems: Sequence[Problem], grade: Any, backend
                 break
         tokens += spent
     last_correct, last_tokens, _ = per_stage[-1]
-    summary: dict[str, Any] = {"accuracy": hits / len(problems), "mean_output_tokens": tokens / len(problems),
-               "last_stage_accuracy": sum(last_correct) / len(problems),
-               "last_stage_mean_output_tokens": sum(last_tokens) / len(problems),
-               "answered_per_stage": [n / len(problems) for n in stops]}
-    summary["tokens_saved"] = 1 - summary["mean_output_tokens"] / max(1e-9, summary["last_stage_mean_output_tokens"])
-    doc = {"epsilon": epsilon, "thresholds": thresholds, "stages": cascade.stages, "stats": stats,
+    mean_tokens, last_mean_tokens = tokens / len(problems), sum(last_tokens) / len(problems)
+    summary: JsonObject = {"accuracy": hits / len(problems), "mean_output_tokens": mean_tokens,
+                           "last_stage_accuracy": sum(last_correct) / len(problems),
+                           "last_stage_mean_output_tokens": last_mean_tokens,
+                           "answered_per_stage": [n / len(problems) for n in stops],
+                           "tokens_saved": 1 - mean_tokens / max(1e-9, last_mean_tokens)}
+    doc: JsonObject = {"epsilon": epsilon, "thresholds": thresholds, "stages": cascade.stages, "stats": stats,
            "cascade_on_split": summary, "n_items": len(problems)}
     cascade.thresholds = thresholds
     if path is not None:

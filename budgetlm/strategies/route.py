@@ -50,14 +50,14 @@ from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strat
 from budgetlm.strategies.base import get as get_strategy
 from budgetlm.usage import Usage
 
-DEFAULT_ARMS: list[dict[str, Any]] = [
+DEFAULT_ARMS: list[JsonObject] = [
     {"label": "small", "strategy": "sample", "params": {"temperature": 0.0, "max_tokens": 256}},
     {"label": "large", "strategy": "majority", "params": {"n": 8, "temperature": 0.7, "max_tokens": 256}},
 ]
 """Cheap = one greedy sample; expensive = majority over 8 samples, on the same model."""
 
 
-def check_arm(spec: Any, index: int) -> None:
+def check_arm(spec: object, index: int) -> None:
     """Raise a :class:`ConfigError` naming ``arms[index]`` unless ``spec`` is an arm mapping (strategy, params, model, label)."""
     if not isinstance(spec, Mapping) or not isinstance(spec.get("strategy"), str):
         raise invalid(f"arms[{index}]", "a dict with a `strategy` name and optional `params`, `model`, `label`", spec)
@@ -90,7 +90,7 @@ class Arm:
         self.worst_tokens = (n, int(getattr(self.strategy, "max_tokens", None) or self.params.get("max_tokens") or 512))
         """``(samples, max_tokens)`` of one call: what must be affordable before the arm runs."""
 
-    def spec(self) -> dict[str, Any]:
+    def spec(self) -> JsonObject:
         return {"label": self.label, "strategy": self.strategy.name, "params": self.params, "model": self.model}
 
 
@@ -129,7 +129,7 @@ class RouteParams(StrategyParams):
 
     @field_validator("arms", mode="before")
     @classmethod
-    def _arms(cls, v: Any) -> Any:
+    def _arms(cls, v: object) -> object:
         if isinstance(v, list | tuple):
             check_arms(v)
             return [dict(a) for a in v]
@@ -137,14 +137,14 @@ class RouteParams(StrategyParams):
 
     @field_validator("threshold", mode="before")
     @classmethod
-    def _threshold(cls, v: Any) -> Any:
+    def _threshold(cls, v: object) -> object:
         if v is not None and not isinstance(v, int | float | list | tuple):
             raise ValueError(f"`threshold` must be a number or a list of ascending numbers, got {v!r}")
         return v
 
     @field_validator("calibration", mode="before")
     @classmethod
-    def _path(cls, v: Any) -> Any:
+    def _path(cls, v: object) -> object:
         return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @model_validator(mode="after")
@@ -187,7 +187,7 @@ class Route(Strategy):
         self._backends: dict[str, Backend] = {}
         self._answers: dict[str, Result] = {}
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, object]:
         return {"router": self.router, "arms": [a.spec() for a in self.arms], "threshold": self.threshold,
                 "calibration": self.calibration, "reuse_cheap": self.reuse_cheap, "thresholds": self._thresholds}
 

@@ -402,7 +402,7 @@ def _vote_share(r: Result) -> float | None:
     return (hits if isinstance(hits, int | float) else 0) / max(1, samples if isinstance(samples, int) else 0)
 
 
-def _seeded(stage: Stage, seed: int | None) -> dict[str, Any]:
+def _seeded(stage: Stage, seed: int | None) -> dict[str, object]:
     """The stage's parameters, with the cascade's ``seed`` for sampling strategies that were given none."""
     params = dict(stage.params)
     if seed is not None and "seed" not in params and "seed" in param_names(stage.strategy):
@@ -410,7 +410,7 @@ def _seeded(stage: Stage, seed: int | None) -> dict[str, Any]:
     return params
 
 
-def _identity(stage: Stage) -> dict[str, Any]:
+def _identity(stage: Stage) -> dict[str, object]:
     """What a threshold depends on: everything about a stage but its sampling seed."""
     d = asdict(stage)
     d["params"] = {k: v for k, v in d["params"].items() if k != "seed"}

@@ -48,7 +48,6 @@ from rich.table import Table
 
 from budgetlm.budget import Budget
 from budgetlm.errors import BudgetLMError, missing
-from budgetlm.io import JsonObject
 from budgetlm.logs import configure_logging, engine_env, log_to_file, stdout_to_stderr
 from budgetlm.versions import library_versions
 
@@ -149,7 +148,7 @@ def run(
     except BudgetLMError as exc:
         _fail(exc)
         return
-    record: JsonObject = {
+    record: dict[str, object] = {  # written with default=str: parameters may hold a Backend or Router
         "question": question,
         "strategy": strategy,
         "params": strat.params(),

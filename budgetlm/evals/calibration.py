@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, NotRequired, Self, TypedDict, cast
+from typing import Any, ClassVar, Self, cast
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -31,7 +31,7 @@ from budgetlm.config import Config
 from budgetlm.errors import ConfigError
 from budgetlm.io import JsonValue
 from budgetlm.strategies import Problem
-from budgetlm.strategies.cascade import Cascade, Stage, calibrate
+from budgetlm.strategies.cascade import Cascade, Stage, ThresholdCalibration, calibrate
 from budgetlm.versions import library_versions
 
 
@@ -78,41 +78,11 @@ class CascadeConfig(SplitConfig):
         return v
 
 
-class StageCalibration(TypedDict):
-    """One stage's line of a cascade calibration (every stage ran on every item of the split)."""
-
-    stage: str
-    accuracy: float
-    mean_output_tokens: float
-    threshold: NotRequired[float]
-    """Confidence threshold (every stage but the last)."""
-    answer_rate: NotRequired[float]
-    """Share of the split at or above ``threshold`` (every stage but the last)."""
-    accuracy_answered: NotRequired[float]
-    """Accuracy on the items it answers (every stage but the last)."""
-
-
-class CascadeOnSplit(TypedDict):
-    """What the calibrated cascade did on the split, against always using the last stage."""
-
-    accuracy: float
-    mean_output_tokens: float
-    last_stage_accuracy: float
-    last_stage_mean_output_tokens: float
-    answered_per_stage: list[float]
-    tokens_saved: float
-
-
-class CascadeCalibration(TypedDict):
+class CascadeCalibration(ThresholdCalibration):
     """The calibration JSON that :func:`calibrate_config` writes (in this key order) and returns, and
-    ``strategies.get("cascade", calibration=PATH)`` loads."""
+    ``strategies.get("cascade", calibration=PATH)`` loads: :func:`~budgetlm.strategies.cascade.calibrate`'s
+    document and the split it ran on."""
 
-    epsilon: float
-    thresholds: list[float]
-    stages: list[dict[str, JsonValue]]
-    stats: list[StageCalibration]
-    cascade_on_split: CascadeOnSplit
-    n_items: int
     suite: str | dict[str, JsonValue]
     calibration_items: int
     model: str

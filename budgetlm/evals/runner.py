@@ -162,7 +162,8 @@ class _Common(TypedDict):
     config_id: str
     model: str
     strategy: str
-    params: dict[str, JsonValue]
+    params: dict[str, object]
+    """The strategy's parameters as it holds them (a Backend or Router object is written with `str`)."""
     budget: dict[str, float]
     seed: int
 

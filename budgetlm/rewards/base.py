@@ -40,9 +40,9 @@ import json
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar, Protocol, TypedDict, TypeGuard, TypeVar, runtime_checkable
 
 from budgetlm import distributed
 from budgetlm.errors import ConfigError, invalid
@@ -54,7 +54,39 @@ __all__ = [
 ]
 
 
-def _content_text(content: Any) -> str:
+T = TypeVar("T")
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """A tokenizer with ``encode`` (transformers' tokenizers): ``encode(text, add_special_tokens=False)`` gives ids."""
+
+    def encode(self, text: str, /, add_special_tokens: bool = ...) -> Sized: ...
+
+
+Tokenizer = Encoder | Callable[[str], Sized]
+"""What counts tokens: an :class:`Encoder`, or a callable giving the ids of a text."""
+
+
+class Column(Protocol):
+    """A list-like of per-completion values (a list, tuple or numpy array)."""
+
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int, /) -> object: ...
+    def __iter__(self) -> Iterator[object]: ...
+
+
+class SharedBatch(TypedDict):
+    """What :meth:`RewardBatch.share` sends to the other processes."""
+
+    n: int
+    texts: list[str] | None
+    completion_ids: list[list[int]] | None
+    prompts: list[object] | None
+    columns: dict[str, object]
+
+
+def _content_text(content: object) -> str:
     if content is None:
         return ""
     if isinstance(content, str):
@@ -64,7 +96,7 @@ def _content_text(content: Any) -> str:
     return str(content)
 
 
-def _message_text(msg: Mapping[str, Any], fmt: ThinkingFormat) -> str:
+def _message_text(msg: Mapping[str, object], fmt: ThinkingFormat) -> str:
     text = _content_text(msg.get("content"))
     reasoning = msg.get("reasoning_content") or msg.get("thinking")
     if reasoning and fmt.enabled:
@@ -72,7 +104,7 @@ def _message_text(msg: Mapping[str, Any], fmt: ThinkingFormat) -> str:
     return text
 
 
-def completion_text(completion: Any, fmt: ThinkingFormat = ThinkingFormat()) -> str:
+def completion_text(completion: object, fmt: ThinkingFormat = ThinkingFormat()) -> str:
     """The text of one completion: a string as is; of messages, the assistant messages joined by newlines.
 
     A message's ``reasoning_content`` or ``thinking`` field (what transformers' response parsers
@@ -92,7 +124,7 @@ def completion_text(completion: Any, fmt: ThinkingFormat = ThinkingFormat()) -> 
     raise invalid("completions", "strings or lists of chat messages", type(completion).__name__)
 
 
-def count_tokens(text: str, tokenizer: Any = None) -> int:
+def count_tokens(text: str, tokenizer: Tokenizer | None = None) -> int:
     """Tokens in ``text``: with ``tokenizer`` (``encode`` without special tokens, or a callable giving ids);
     without one, whitespace-separated words.
 
@@ -102,16 +134,15 @@ def count_tokens(text: str, tokenizer: Any = None) -> int:
     """
     if tokenizer is None:
         return len(text.split())
-    encode = getattr(tokenizer, "encode", None)
-    if encode is not None:
+    if isinstance(tokenizer, Encoder):
         try:
-            return len(encode(text, add_special_tokens=False))
+            return len(tokenizer.encode(text, add_special_tokens=False))
         except TypeError:
-            return len(encode(text))
+            return len(tokenizer.encode(text))
     return len(tokenizer(text))
 
 
-def group_indices(ids: Sequence[Any], column: str = "prompt_id") -> dict[Hashable, list[int]]:
+def group_indices(ids: Sequence[object], column: str = "prompt_id") -> dict[Hashable, list[int]]:
     """Row indices per prompt id, in first-seen order (``column`` names the ids in errors)."""
     groups: dict[Hashable, list[int]] = {}
     for i, pid in enumerate(ids):
@@ -123,7 +154,7 @@ def group_indices(ids: Sequence[Any], column: str = "prompt_id") -> dict[Hashabl
     return groups
 
 
-def _maybe_json(value: Any) -> Any:
+def _maybe_json(value: object) -> object:
     if isinstance(value, str) and value.lstrip().startswith("{"):
         try:
             return json.loads(value)
@@ -132,10 +163,17 @@ def _maybe_json(value: Any) -> Any:
     return value
 
 
-def _is_column(values: Any) -> bool:
+def _is_column(values: object) -> TypeGuard[Column]:
     """A list-like of per-completion values (lists, tuples, numpy arrays), not a string or mapping."""
     return (hasattr(values, "__len__") and hasattr(values, "__getitem__")
             and not isinstance(values, str | bytes | Mapping))
+
+
+def _column(values: object, name: str) -> Column:
+    """``values`` when they are a column (:func:`_is_column`); an error naming column ``name`` otherwise."""
+    if not _is_column(values):
+        raise invalid(name, "a column (one value per completion)", values)
+    return values
 
 
 _NOT_COLUMNS = frozenset({"trainer_state", "log_extra", "log_metric", "environments"})
@@ -144,8 +182,8 @@ _NOT_COLUMNS = frozenset({"trainer_state", "log_extra", "log_metric", "environme
 class RewardBatch:
     """One call's completions, token ids and dataset columns, with checked column access."""
 
-    def __init__(self, completions: Sequence[Any] | None, completion_ids: Sequence[Sequence[int]] | None,
-                 columns: Mapping[str, Any], fmt: ThinkingFormat, prompts: Sequence[Any] | None = None) -> None:
+    def __init__(self, completions: Sequence[object] | None, completion_ids: Sequence[Sequence[int]] | None,
+                 columns: Mapping[str, object], fmt: ThinkingFormat, prompts: Sequence[object] | None = None) -> None:
         self.texts: list[str] | None = None if completions is None else [completion_text(c, fmt) for c in completions]
         """Completion texts (``None`` when no completions were passed)."""
         self.completion_ids = completion_ids
@@ -173,7 +211,7 @@ class RewardBatch:
                           "pass completions=[...]")
         return self.texts
 
-    def column(self, name: str, fix: str | None = None) -> list[Any]:
+    def column(self, name: str, fix: str | None = None) -> list[object]:
         """Column ``name`` as a list of one value per completion; missing or mis-sized columns raise."""
         if name not in self.columns:
             have = ", ".join(sorted(self.columns)) or "(none)"
@@ -185,7 +223,7 @@ class RewardBatch:
         self._check_len(name, len(values))
         return list(values)
 
-    def share(self) -> dict[str, Any]:
+    def share(self) -> SharedBatch:
         """What another process needs to rebuild this batch (:meth:`join`): texts, ids, prompts, columns."""
         n = self.n or 0
         return {"n": n, "texts": self.texts,
@@ -194,27 +232,27 @@ class RewardBatch:
                 "columns": {k: list(v) if _is_column(v) else v for k, v in self.columns.items()}}
 
     @classmethod
-    def join(cls, parts: Sequence[Mapping[str, Any]], fmt: ThinkingFormat) -> RewardBatch:
+    def join(cls, parts: Sequence[SharedBatch], fmt: ThinkingFormat) -> RewardBatch:
         """One batch of the :meth:`share` parts, in order; a column (or texts, ids, prompts) missing in any
         part is left out, and non-column values are taken from the first part."""
-        def cat(key: str) -> list[Any] | None:
-            vals = [p[key] for p in parts]
-            return None if any(v is None for v in vals) else [x for v in vals for x in v]
+        def cat(vals: Sequence[Sequence[T] | None]) -> list[T] | None:
+            return None if any(v is None for v in vals) else [x for v in vals if v is not None for x in v]
 
-        columns: dict[str, Any] = {}
+        columns: dict[str, object] = {}
         for k, v in parts[0]["columns"].items():
             if not all(k in p["columns"] for p in parts):
                 continue
-            columns[k] = [x for p in parts for x in p["columns"][k]] if _is_column(v) else v
-        return cls(cat("texts"), cat("completion_ids"), columns, fmt, cat("prompts"))
+            columns[k] = [x for p in parts for x in _column(p["columns"][k], k)] if _is_column(v) else v
+        return cls(cat([p["texts"] for p in parts]), cat([p["completion_ids"] for p in parts]), columns, fmt,
+                   cat([p["prompts"] for p in parts]))
 
     def has(self, name: str) -> bool:
         """Whether column ``name`` was passed."""
         return name in self.columns
 
-    def row(self, i: int) -> dict[str, Any]:
+    def row(self, i: int) -> dict[str, object]:
         """Row ``i`` of every list-valued column, JSON strings of objects decoded (reasoning-gym entries)."""
-        out: dict[str, Any] = {}
+        out: dict[str, object] = {}
         for k, v in self.columns.items():
             if _is_column(v) and len(v) == self.n:
                 out[k] = _maybe_json(v[i])
@@ -225,8 +263,7 @@ def number_column(batch: RewardBatch, name: str, *, positive: bool = False, fix:
     """Column ``name`` as floats; non-numbers (and, with ``positive``, values ≤ 0) raise naming the row."""
     out = []
     for i, v in enumerate(batch.column(name, fix)):
-        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-        if not ok or (positive and v <= 0):
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or (positive and v <= 0):
             raise ConfigError(f"`{name}` must hold {'positive ' if positive else ''}finite numbers, got {v!r} at "
                               f"row {i}; {fix or f'fix the `{name}` column of the dataset'}")
         out.append(float(v))
@@ -243,7 +280,7 @@ class RewardFunction(ABC):
 
     thinking: ThinkingFormat = field(default_factory=ThinkingFormat)
     """How thinking is marked (default ``<think>``/``</think>``)."""
-    tokenizer: Any = field(default=None, repr=False)
+    tokenizer: Tokenizer | None = field(default=None, repr=False)
     """Counts tokens when ``completion_ids`` is None (and thinking tokens exactly); None: whitespace words."""
     name: str = ""
     """Name TRL logs the reward under (``__name__``); empty: the class's registry name."""
@@ -255,8 +292,8 @@ class RewardFunction(ABC):
             self.name = self.default_name
         self.__name__ = self.name
 
-    def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None,
-                 completion_ids: Sequence[Sequence[int]] | None = None, **kwargs: Any) -> list[float | None]:
+    def __call__(self, prompts: Sequence[object] | None = None, completions: Sequence[object] | None = None,
+                 completion_ids: Sequence[Sequence[int]] | None = None, **kwargs: object) -> list[float | None]:
         batch = RewardBatch(completions, completion_ids, kwargs, self.thinking, prompts)
         if self.group_wise and distributed.world_size() > 1:
             return self._score_whole_groups(batch)
@@ -313,21 +350,21 @@ class RewardFunction(ABC):
         return group_indices(batch.column(column, fix), column)
 
 
-def positive(param: str, value: Any, what: str = "a positive number") -> float:
+def positive(param: str, value: object, what: str = "a positive number") -> float:
     """``value`` as a float; an error naming ``param`` unless it is a finite number > 0."""
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise invalid(param, what, value)
     return float(value)
 
 
-def positive_int(param: str, value: Any, what: str = "a positive integer (tokens)") -> int:
+def positive_int(param: str, value: object, what: str = "a positive integer (tokens)") -> int:
     """``value`` unless it is not an integer ≥ 1 (an error naming ``param``)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise invalid(param, what, value)
     return value
 
 
-def flag(column: str, value: Any, row: int) -> bool:
+def flag(column: str, value: object, row: int) -> bool:
     """A success flag: a bool or 0/1; anything else raises naming the column and row."""
     if isinstance(value, bool):
         return value

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from budgetlm.answers import extract_answer, normalize_answer
 from budgetlm.evals.graders import gold_answer
@@ -92,7 +92,7 @@ class LCR1Compress(GradedReward):
     def _size(self, text: str) -> int:
         return count_tokens(text, self.tokenizer) if self.tokenizer is not None else len(text)
 
-    def answers(self, gold: Any, answer_text: str) -> list[str]:
+    def answers(self, gold: object, answer_text: str) -> list[str]:
         """The strings that count as the correct answer inside the thinking."""
         out = [gold_answer(gold)]
         pred = extract_answer(answer_text).text

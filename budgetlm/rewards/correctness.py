@@ -66,7 +66,7 @@ class Correctness(RewardFunction):
                               self.grader_params, str(exc)) from None
         return self._grader
 
-    def __getstate__(self) -> dict[str, Any]:
+    def __getstate__(self) -> dict[str, object]:
         state = dict(self.__dict__)
         state["_grader"] = None  # graders may cache unpicklable scoring functions
         return state

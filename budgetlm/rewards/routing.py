@@ -32,6 +32,7 @@ reads the arm the completion names and the boundary policies' outcomes from colu
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sized
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -146,7 +147,7 @@ class DualEfficiency(RewardFunction):
         if batch.has(self.step_tokens_column):
             steps, rates = [], []
             for i, st in enumerate(batch.column(self.step_tokens_column)):
-                if isinstance(st, str | bytes) or not hasattr(st, "__len__") or any(
+                if isinstance(st, str | bytes) or not isinstance(st, Sized) or not isinstance(st, Iterable) or any(
                         isinstance(t, bool) or not isinstance(t, int | float) or t < 0 for t in st):
                     raise ConfigError(f"`{self.step_tokens_column}` must hold lists of non-negative token counts, "
                                       f"got {st!r} at row {i}; store one list of tokens per step per trajectory")

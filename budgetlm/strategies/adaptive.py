@@ -81,17 +81,18 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import Self
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from budgetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.errors import BudgetExceeded
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
-from budgetlm.strategies.confidence import DEFAULT_K, DEFAULT_WINDOW, Measure, TopK, Window, check_measure
+from budgetlm.strategies.confidence import ConfidenceParams, ConfidenceScoring
 from budgetlm.strategies.voting import (
     Sampled,
     empty_result,
@@ -168,8 +169,8 @@ SCORERS = ("logprob", "confidence")
 """Valid values of ``scorer``."""
 
 
-class AdaptiveParams(StrategyParams):
-    """Parameters of :class:`AdaptiveMajority`."""
+class _AdaptiveFields(StrategyParams):
+    """``adaptive``'s own parameters (:class:`AdaptiveParams` adds the trace-confidence ones)."""
 
     batch_size: int = Field(default=2, ge=1, description="Samples of a problem in flight at once.")
     max_samples: int | None = Field(default=DEFAULT_MAX_SAMPLES, ge=1, description=(
@@ -188,14 +189,6 @@ class AdaptiveParams(StrategyParams):
     scorer: str = Field(default="logprob", description="Sample scores: logprob (mean token logprob) or confidence "
                                                        "(DeepConf trace confidence).")
     weighted: bool = Field(default=False, description="Answer by summed weight exp(score) instead of by count.")
-    confidence_measure: Measure = "lowest"
-    confidence_window: Window = DEFAULT_WINDOW
-    confidence_k: TopK = DEFAULT_K
-
-    @field_validator("confidence_measure")
-    @classmethod
-    def _measure(cls, v: str) -> str:
-        return check_measure(v)
 
     @field_validator("scorer")
     @classmethod
@@ -212,14 +205,18 @@ class AdaptiveParams(StrategyParams):
         return v
 
     @model_validator(mode="after")
-    def _samples(self) -> AdaptiveParams:
+    def _samples(self) -> Self:
         if self.min_samples is not None and self.max_samples is not None and self.min_samples > self.max_samples:
             raise ValueError(f"`min_samples` must be <= max_samples ({self.max_samples}), got {self.min_samples}; "
                              "lower min_samples or raise max_samples (None: what the budget affords)")
         return self
 
 
-class AdaptiveMajority(Strategy):
+class AdaptiveParams(ConfidenceParams, _AdaptiveFields):
+    """Parameters of :class:`AdaptiveMajority`."""
+
+
+class AdaptiveMajority(ConfidenceScoring, Strategy):
     """Majority voting that samples until each problem's leader is settled, cancelling what is left."""
 
     name = "adaptive"
@@ -238,9 +235,6 @@ class AdaptiveMajority(Strategy):
     rule: str
     scorer: str
     weighted: bool
-    confidence_measure: str
-    confidence_window: int
-    confidence_k: int
 
     def _sampling(self, n: int, max_tokens: int, index: int) -> SamplingParams:
         seed = None if self.seed is None else self.seed + index
@@ -267,22 +261,23 @@ class AdaptiveMajority(Strategy):
             return room, None
         return 0, "budget"
 
-    def _p_leader(self, samples: list[Sampled], meter: Meter, entry: dict[str, Any]) -> float:
+    def _p_leader(self, samples: list[Sampled], meter: Meter) -> tuple[float, int | None]:
+        """``(P(leader stays), horizon)``; the horizon (samples it would draw) only for the predictive rule."""
         keys, weights = [s.key for s in samples], [s.weight for s in samples]
         if self.rule == "posterior":
-            return leader_probability(keys, weights, prior=self.prior, draws=self.draws, seed=self.seed or 0)
+            return leader_probability(keys, weights, prior=self.prior, draws=self.draws, seed=self.seed or 0), None
         horizon = self._horizon(len(keys), meter)
-        entry["horizon"] = horizon
-        return stay_probability(keys, horizon, weights, prior=self.prior, draws=self.draws, seed=self.seed or 0)
+        return stay_probability(keys, horizon, weights, prior=self.prior, draws=self.draws,
+                                seed=self.seed or 0), horizon
 
     async def solve_one(self, problem: Problem, ctx: Context) -> Result:
         meter = ctx.meter
         samples: list[Sampled] = []
-        trace: list[dict[str, Any]] = []
+        trace: list[JsonObject] = []
         inflight: dict[asyncio.Task[GenerationResult], tuple[int, int]] = {}  # task -> (sample index, max_tokens)
         started = 0
         stop: str | None = None
-        stopped: dict[str, Any] = {}  # why it stopped: Result.details["stopped"] and friends
+        stopped: JsonObject = {}  # why it stopped: Result.details["stopped"] and friends
         saved: dict[str, int] = {"cancelled_samples": 0, "generated_before_cancel": 0, "tokens_not_generated": 0}
         try:
             while True:
@@ -317,18 +312,19 @@ class AdaptiveMajority(Strategy):
                     if self.scorer == "confidence":
                         score_confidence([new], self.confidence_measure, self.confidence_window, self.confidence_k)
                     samples.append(new)
-                    entry: dict[str, Any] = {"call": idx, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
+                    entry: JsonObject = {"call": idx, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
                                              "output_tokens": g.usage.output_tokens,
                                              "prompt_tokens": g.usage.prompt_tokens}
                     if stop is not None:  # finished beside the sample that settled it: it still votes
                         trace.append(entry)
                         trace.append(sample_entry(new, len(samples) - 1))
                         continue
-                    p = self._p_leader(samples, meter, entry)
+                    p, horizon = self._p_leader(samples, meter)
+                    if horizon is not None:
+                        entry["horizon"] = horizon
                     entry["p_leader"] = p
                     trace.append(entry)
                     trace.append(sample_entry(new, len(samples) - 1))
-                    horizon = entry.get("horizon")
                     if horizon is not None and len(samples) >= horizon:
                         pass  # horizon reached: max_samples or the budget stops it, as without the rule
                     elif len(samples) >= (self.min_samples or self.batch_size) and p >= 1 - self.delta:

@@ -26,6 +26,7 @@ from budgetlm.agents import AgentTask, BudgetController, ModelArm, arun_agent
 from budgetlm.answers import extract_answer
 from budgetlm.backends import load as load_backend
 from budgetlm.backends.base import Backend
+from budgetlm.io import JsonObject
 from budgetlm.routing import Router, check_thresholds
 from budgetlm.routing import get as get_router
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
@@ -42,7 +43,7 @@ class AgentModel(BaseModel):
     model: str | None = Field(default=None, description="A backend spec of its own (default: the run's backend).")
 
 
-DEFAULT_MODELS: list[dict[str, Any]] = [{"label": "small", "n": 1}, {"label": "large", "n": 5, "temperature": 0.7}]
+DEFAULT_MODELS: list[JsonObject] = [{"label": "small", "n": 1}, {"label": "large", "n": 5, "temperature": 0.7}]
 """Cheap step = one greedy sample; expensive step = the most common action of 5 samples."""
 
 
@@ -64,7 +65,7 @@ class AgentParams(StrategyParams):
 
     @field_validator("models", mode="before")
     @classmethod
-    def _blocks(cls, v: Any) -> Any:
+    def _blocks(cls, v: object) -> object:
         if isinstance(v, list):
             for i, m in enumerate(v):
                 if not isinstance(m, dict | AgentModel):
@@ -95,7 +96,7 @@ class Agent(Strategy):
                             else [self._router.default_threshold] * (n - 1))
         self._backends: dict[str, Backend] = {}
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, object]:
         return {"router": self.router, "models": [m.model_dump(exclude_none=True) for m in self.models],
                 "threshold": self.threshold, "max_steps": self.max_steps, "step_tokens": self.step_tokens,
                 "answer_tokens": self.answer_tokens, "min_step_tokens": self.min_step_tokens, "policy": self.policy}

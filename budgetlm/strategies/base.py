@@ -22,7 +22,7 @@ import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypedDict
 
 from pydantic import ConfigDict
 
@@ -32,6 +32,7 @@ from budgetlm.backends.streaming import DeltaCallback
 from budgetlm.budget import Budget
 from budgetlm.config import Config
 from budgetlm.errors import ConfigError
+from budgetlm.io import JsonObject
 from budgetlm.meter import LedgerSummary, Meter
 from budgetlm.registry import Registry
 from budgetlm.tools import Tool
@@ -46,14 +47,14 @@ class Problem:
     """Stable id (used in records and traces)."""
     messages: list[Message]
     """Chat messages to answer (the last is the user's question)."""
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, object] = field(default_factory=dict)
     """Anything the caller wants echoed back."""
     tools: list[Tool] = field(default_factory=list)
     """Tools the model may call (tool-using strategies run them; see :mod:`budgetlm.tools`)."""
     assistant_prefix: str | None = None
     """Text the reply starts with (the server forces a tool call with it); ``sample`` and the voting strategies
     continue it and put it back in front of the answer text, other strategies ignore it."""
-    json_schema: dict[str, Any] | None = None
+    json_schema: JsonObject | None = None
     """Constrain the reply (after :attr:`assistant_prefix`) to this JSON schema; the server sets it for forced tool
     calls on backends with constrained decoding.  ``sample``, the voting strategies and ``adaptive`` honour it
     (:meth:`constrain`), other strategies ignore it."""
@@ -102,7 +103,7 @@ class Result:
     """The answer's sample ended inside thinking (no answer may be extracted)."""
     sequential_tokens: int = 0
     """Output tokens on the critical path (calls that had to run one after another)."""
-    trace: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[JsonObject] = field(default_factory=list)
     """One entry per call/round/node, JSON-ready."""
     ledger: LedgerSummary = field(default_factory=LedgerSummary)
     """The problem meter's summary (spend, limit, remaining by unit)."""
@@ -144,7 +145,7 @@ class Context:
         return await b.agenerate_one(request, self.meter, sampling=sampling,
                                      on_delta=self.on_delta if stream else None, share=share)
 
-    async def score_batch(self, pairs: Sequence[tuple[Any, Any]], *, backend: Backend | None = None,
+    async def score_batch(self, pairs: Sequence[tuple[str | list[int] | list[Message], str | list[int]]], *, backend: Backend | None = None,
                           on_budget_exhausted: Literal["raise", "skip"] = "raise") -> list[ScoreResult]:
         """Log-probabilities of continuations, charged to the problem's meter as prompt tokens."""
         b = backend or self.backend
@@ -180,12 +181,16 @@ class Strategy:
     """
 
     name: ClassVar[str] = "strategy"
-    streams: ClassVar[bool] = False
-    """True when :meth:`solve_one` marks the call that produces the answer (``ctx.generate(stream=True)``)."""
     Params: ClassVar[type[StrategyParams]] = StrategyParams
     """The strategy's typed parameters."""
 
-    def __init__(self, params: StrategyParams | None = None, /, **fields: Any) -> None:
+    @property
+    def streams(self) -> bool:
+        """True when :meth:`solve_one` marks the call that produces the answer (``ctx.generate(stream=True)``);
+        a subclass sets ``streams = True`` or overrides this property."""
+        return False
+
+    def __init__(self, params: StrategyParams | None = None, /, **fields: object) -> None:
         if params is None:
             unknown = [k for k in fields if k not in self.Params.model_fields]
             if unknown:
@@ -265,7 +270,7 @@ class Strategy:
         """
         return run_sync(self.asolve(problems, backend=backend, budget=budget, batch_budget=batch_budget))
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, object]:
         """The strategy's parameters (recorded with every result)."""
         return {k: getattr(self.p, k) for k in type(self.p).model_fields}
 
@@ -274,20 +279,29 @@ STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 """Strategy name → class."""
 
 
-def get(name: str, **params: Any) -> Strategy:
+def get(name: str, **params: object) -> Strategy:
     """The strategy ``name`` configured with ``params`` (validated by its typed Params); errors list names and
     valid parameters."""
     return STRATEGIES.get(name)(**params)
 
 
-def param_table(cls: type[Strategy]) -> dict[str, dict[str, Any]]:
+class ParamRow(TypedDict):
+    """One row of :func:`param_table`."""
+
+    type: str
+    default: object
+    constraints: str
+    description: str
+
+
+def param_table(cls: type[Strategy]) -> dict[str, ParamRow]:
     """Each typed parameter of strategy class ``cls``: its type, default, constraints and meaning."""
     from pydantic_core import PydanticUndefined
 
-    table: dict[str, dict[str, Any]] = {}
+    table: dict[str, ParamRow] = {}
     for name, f in cls.Params.model_fields.items():
         if f.default_factory is not None:
-            default = f.default_factory()  # type: ignore[call-arg]
+            default = f.get_default(call_default_factory=True)
         else:
             default = None if f.default is PydanticUndefined else f.default
         if isinstance(default, list):

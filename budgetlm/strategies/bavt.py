@@ -46,11 +46,11 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from pydantic import Field, field_validator
 
+from budgetlm.io import JsonObject
 from budgetlm.strategies.base import STRATEGIES, Context
 from budgetlm.strategies.tree import Node, Tree, expand, score_nodes
 from budgetlm.strategies.treesearch import (
@@ -147,7 +147,7 @@ class BAVT(TreeSearch):
         return [n for n in tree.nodes
                 if not n.terminal and n.pruned is None and n.closed is None and n.depth < self.max_depth]
 
-    async def search(self, tree: Tree, ctx: Context, trace: list[dict[str, Any]]) -> None:
+    async def search(self, tree: Tree, ctx: Context, trace: list[JsonObject]) -> None:
         meter = ctx.meter
         rho0 = meter.rho()  # after the forced answer's hold
         rng = np.random.default_rng([self.seed or 0, zlib.crc32(tree.problem.id.encode())])

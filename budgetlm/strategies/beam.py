@@ -22,10 +22,9 @@ charged to the problem's meter and ``max_tokens`` is clamped to what is left.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field
 
+from budgetlm.io import JsonObject
 from budgetlm.strategies.base import STRATEGIES, Context
 from budgetlm.strategies.tree import Node, Tree, expand, score_nodes
 from budgetlm.strategies.treesearch import (
@@ -71,7 +70,7 @@ class BeamSearch(TreeSearch):
     beams: int
     expand: int
 
-    async def search(self, tree: Tree, ctx: Context, trace: list[dict[str, Any]]) -> None:
+    async def search(self, tree: Tree, ctx: Context, trace: list[JsonObject]) -> None:
         meter = ctx.meter
         beams: list[Node] = [tree.root]
         done_count = 0

@@ -35,15 +35,16 @@ import asyncio
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NotRequired, TypedDict
 
 from pydantic import Field, InstanceOf, field_validator, model_validator
 
 from budgetlm.backends.base import Backend
 from budgetlm.errors import ConfigError
+from budgetlm.io import JsonValue
 from budgetlm.meter import Meter
 from budgetlm.strategies.base import (
     STRATEGIES,
@@ -147,7 +148,7 @@ class CascadeParams(StrategyParams):
 
     @field_validator("stages", mode="before")
     @classmethod
-    def _stages(cls, v: Any) -> Any:
+    def _stages(cls, v: object) -> object:
         if isinstance(v, list | tuple):
             if not v:
                 raise ValueError("`stages` must list at least one stage, e.g. [{'strategy': 'sample'}, "
@@ -161,7 +162,7 @@ class CascadeParams(StrategyParams):
 
     @field_validator("calibration", mode="before")
     @classmethod
-    def _path(cls, v: Any) -> Any:
+    def _path(cls, v: object) -> object:
         return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @model_validator(mode="after")
@@ -204,7 +205,7 @@ class Cascade(Strategy):
         self._strategies = [get(s.strategy, **_seeded(s, self.seed)) for s in parsed]
         self._backends: dict[str, Backend] = {}
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, object]:
         return {"stages": self.stages, "thresholds": self.thresholds, "calibration": self.calibration, "seed": self.seed}
 
     def _backend(self, spec: str | None, default: Backend) -> Backend:
@@ -228,11 +229,11 @@ class Cascade(Strategy):
         if stage.confidence == "agreement":
             out = []
             for r in results:
-                v = next((e["vote"] for e in reversed(r.trace) if isinstance(e, dict) and "vote" in e), None)
-                if v is None:
+                share = _vote_share(r)
+                if share is None:
                     raise ConfigError(f"confidence 'agreement' needs a voting strategy (majority, adaptive, ...), "
                                       f"got stage strategy {stage.strategy!r}")
-                out.append(v["counts"].get(r.answer, 0) / max(1, v["samples"]) if r.answer is not None else -math.inf)
+                out.append(share)
             return out
         scorer = self._backend(stage.verifier, backend) if stage.confidence == "verifier" else backend
         todo = [i for i, r in enumerate(results) if r.text.strip()]
@@ -256,7 +257,7 @@ class Cascade(Strategy):
         return results, self.confidences(stage, problems, results, meters, be)
 
     @property
-    def streams(self) -> bool:  # type: ignore[override]
+    def streams(self) -> bool:
         """The last stage's tokens stream when its strategy streams (an earlier stage's answer is sent at the end)."""
         return self._strategies[-1].streams
 
@@ -304,8 +305,44 @@ class Cascade(Strategy):
                       trace=[{"cascade": trail, "stage": final_stage}])
 
 
-def calibrate(cascade: Cascade, problems: Sequence[Problem], grade: Any, backend: Backend, epsilon: float,
-              path: str | Path | None = None, budget: dict[str, Any] | None = None) -> dict[str, Any]:
+class StageCalibration(TypedDict):
+    """One stage's line of a cascade calibration (every stage ran on every item of the split)."""
+
+    stage: str
+    accuracy: float
+    mean_output_tokens: float
+    threshold: NotRequired[float]
+    """Confidence threshold (every stage but the last)."""
+    answer_rate: NotRequired[float]
+    """Share of the split at or above ``threshold`` (every stage but the last)."""
+    accuracy_answered: NotRequired[float]
+    """Accuracy on the items it answers (every stage but the last)."""
+
+
+class CascadeOnSplit(TypedDict):
+    """What the calibrated cascade did on the split, against always using the last stage."""
+
+    accuracy: float
+    mean_output_tokens: float
+    last_stage_accuracy: float
+    last_stage_mean_output_tokens: float
+    answered_per_stage: list[float]
+    tokens_saved: float
+
+
+class ThresholdCalibration(TypedDict):
+    """What :func:`calibrate` returns and writes (in this key order)."""
+
+    epsilon: float
+    thresholds: list[float]
+    stages: list[dict[str, JsonValue]]
+    stats: list[StageCalibration]
+    cascade_on_split: CascadeOnSplit
+    n_items: int
+
+
+def calibrate(cascade: Cascade, problems: Sequence[Problem], grade: Callable[[int, Result], bool], backend: Backend,
+              epsilon: float, path: str | Path | None = None, budget: dict[str, Any] | None = None) -> ThresholdCalibration:
     """Calibrate ``cascade``'s thresholds on ``problems`` for tolerance ``epsilon``; write ``path`` if given.
 
     ``grade(i, result) -> bool`` says whether stage result of problem ``i`` is correct.  Every stage
@@ -319,7 +356,7 @@ def calibrate(cascade: Cascade, problems: Sequence[Problem], grade: Any, backend
         raise ConfigError(f"`epsilon` must be in [0, 1] (the accuracy you accept to lose), got {epsilon}")
     if not problems:
         raise ConfigError("`problems` must be a non-empty calibration split, got none")
-    stats = []
+    stats: list[StageCalibration] = []
     thresholds: list[float] = []
     per_stage: list[tuple[list[bool], list[int], list[float]]] = []
     for k, stage in enumerate(cascade._stages):
@@ -328,17 +365,18 @@ def calibrate(cascade: Cascade, problems: Sequence[Problem], grade: Any, backend
         results, conf = cascade.run_stage(k, problems, meters, backend)
         correct = [bool(grade(i, r)) for i, r in enumerate(results)]
         per_stage.append((correct, [int(m.spent("output_tokens")) for m in meters], conf))
-        entry: dict[str, Any] = {"stage": stage.name, "accuracy": sum(correct) / len(correct),
-                                 "mean_output_tokens": sum(per_stage[-1][1]) / len(results)}
+        entry: StageCalibration = {"stage": stage.name, "accuracy": sum(correct) / len(correct),
+                             "mean_output_tokens": sum(per_stage[-1][1]) / len(results)}
         if k < len(cascade._stages) - 1:
             finite = [s if math.isfinite(s) else -1e300 for s in conf]
             delta = thresholds_for(finite, correct, epsilon)
             if delta <= -1e300:  # only unscorable items are below: they still defer (-inf < any threshold)
                 delta = -1e300
             answered = [s >= delta for s in conf]
-            entry |= {"threshold": delta, "answer_rate": sum(answered) / len(answered),
-                      "accuracy_answered": sum(c for c, a in zip(correct, answered, strict=True) if a)
-                      / max(1, sum(answered))}
+            entry["threshold"] = delta
+            entry["answer_rate"] = sum(answered) / len(answered)
+            entry["accuracy_answered"] = (sum(c for c, a in zip(correct, answered, strict=True) if a)
+                                          / max(1, sum(answered)))
             thresholds.append(delta)
         stats.append(entry)
     # what the calibrated cascade does on the split: each item stops at its first confident stage
@@ -353,13 +391,14 @@ def calibrate(cascade: Cascade, problems: Sequence[Problem], grade: Any, backend
                 break
         tokens += spent
     last_correct, last_tokens, _ = per_stage[-1]
-    summary: dict[str, Any] = {"accuracy": hits / len(problems), "mean_output_tokens": tokens / len(problems),
-               "last_stage_accuracy": sum(last_correct) / len(problems),
-               "last_stage_mean_output_tokens": sum(last_tokens) / len(problems),
-               "answered_per_stage": [n / len(problems) for n in stops]}
-    summary["tokens_saved"] = 1 - summary["mean_output_tokens"] / max(1e-9, summary["last_stage_mean_output_tokens"])
-    doc = {"epsilon": epsilon, "thresholds": thresholds, "stages": cascade.stages, "stats": stats,
-           "cascade_on_split": summary, "n_items": len(problems)}
+    mean_tokens, last_mean_tokens = tokens / len(problems), sum(last_tokens) / len(problems)
+    summary: CascadeOnSplit = {"accuracy": hits / len(problems), "mean_output_tokens": mean_tokens,
+                           "last_stage_accuracy": sum(last_correct) / len(problems),
+                           "last_stage_mean_output_tokens": last_mean_tokens,
+                           "answered_per_stage": [n / len(problems) for n in stops],
+                           "tokens_saved": 1 - mean_tokens / max(1e-9, last_mean_tokens)}
+    doc: ThresholdCalibration = {"epsilon": epsilon, "thresholds": thresholds, "stages": cascade.stages,
+                                 "stats": stats, "cascade_on_split": summary, "n_items": len(problems)}
     cascade.thresholds = thresholds
     if path is not None:
         Path(path).write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
@@ -387,7 +426,20 @@ def load_calibration(path: str | Path, stages: Sequence[Stage]) -> list[float]:
     return thresholds
 
 
-def _seeded(stage: Stage, seed: int | None) -> dict[str, Any]:
+def _vote_share(r: Result) -> float | None:
+    """The share of the samples that voted for ``r``'s answer, from the vote entry a voting strategy puts in its
+    trace (``-inf`` without an answer); ``None`` when the trace holds no vote."""
+    vote = next((e["vote"] for e in reversed(r.trace) if "vote" in e), None)
+    if not isinstance(vote, Mapping):
+        return None
+    if r.answer is None:
+        return -math.inf
+    counts, samples = vote.get("counts"), vote.get("samples")
+    hits = counts.get(r.answer, 0) if isinstance(counts, Mapping) else 0
+    return (hits if isinstance(hits, int | float) else 0) / max(1, samples if isinstance(samples, int) else 0)
+
+
+def _seeded(stage: Stage, seed: int | None) -> dict[str, object]:
     """The stage's parameters, with the cascade's ``seed`` for sampling strategies that were given none."""
     params = dict(stage.params)
     if seed is not None and "seed" not in params and "seed" in param_names(stage.strategy):
@@ -395,7 +447,7 @@ def _seeded(stage: Stage, seed: int | None) -> dict[str, Any]:
     return params
 
 
-def _identity(stage: Stage) -> dict[str, Any]:
+def _identity(stage: Stage) -> dict[str, object]:
     """What a threshold depends on: everything about a stage but its sampling seed."""
     d = asdict(stage)
     d["params"] = {k: v for k, v in d["params"].items() if k != "seed"}

@@ -33,11 +33,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
+from budgetlm.backends.base import Completion
 from budgetlm.errors import missing
+from budgetlm.strategies.base import StrategyParams
 
 MEASURES = ("mean", "lowest", "bottom10", "tail")
 """Valid trace confidence measures."""
@@ -62,6 +64,31 @@ def check_measure(v: str, param: str = "confidence_measure") -> str:
     if v not in MEASURES:
         raise ValueError(f"`{param}` must be one of {', '.join(MEASURES)}, got {v!r}")
     return v
+
+
+class ConfidenceParams(StrategyParams):
+    """The trace-confidence parameters (``scorer="confidence"``) of the voting strategies and ``adaptive``.
+
+    Put it *first* among a parameter model's bases, before the model of the strategy's own fields: pydantic
+    lists the fields of the later bases first, so these stay the last parameters (as users see them listed).
+    """
+
+    confidence_measure: Measure = "lowest"
+    confidence_window: Window = DEFAULT_WINDOW
+    confidence_k: TopK = DEFAULT_K
+
+    @field_validator("confidence_measure")
+    @classmethod
+    def _measure(cls, v: str) -> str:
+        return check_measure(v)
+
+
+class ConfidenceScoring:
+    """The :class:`ConfidenceParams` fields as attributes of a strategy (set from its validated parameters)."""
+
+    confidence_measure: str
+    confidence_window: int
+    confidence_k: int
 
 
 def token_confidence(logprob: float | None, top: dict[int, float] | None, k: int) -> tuple[float, str]:
@@ -153,10 +180,10 @@ def trace_confidence(conf: Sequence[float], measure: str = "lowest", window: int
     return sum(low) / len(low)
 
 
-def completion_confidence(c: Any, measure: str = "lowest", window: int = DEFAULT_WINDOW,
+def completion_confidence(c: Completion, measure: str = "lowest", window: int = DEFAULT_WINDOW,
                           k: int = DEFAULT_K) -> tuple[float | None, str]:
     """``(measure, mode)`` of a :class:`~budgetlm.backends.base.Completion` (``None`` without logprobs)."""
-    lps, tops = getattr(c, "logprobs", None), getattr(c, "top_logprobs", None)
+    lps, tops = c.logprobs, c.top_logprobs
     m = mode(lps, tops, k)
     return trace_confidence(token_confidences(lps, tops, k), measure, window), m
 

@@ -25,13 +25,14 @@ modes only), which the training evaluation averages into the length-vs-target er
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from budgetlm.answers import extract_answer
 from budgetlm.backends.base import GenerationRequest, Message, SamplingParams
 from budgetlm.errors import BudgetExceeded, invalid
+from budgetlm.io import JsonObject
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.usage import Usage
 
@@ -110,11 +111,14 @@ class Controlled(Strategy):
     seed: int | None
 
     def setup(self) -> None:
-        self._value: float = self.effort if self.mode == "effort" else self.target_tokens  # type: ignore[assignment]
+        value = self.effort if self.mode == "effort" else self.target_tokens
+        if value is None:  # ControlledParams._value_for_mode rejects this already
+            raise invalid("effort" if self.mode == "effort" else "target_tokens", f"set for mode={self.mode!r}", None)
+        self._value: float = value
         self._sampling = SamplingParams(n=1, temperature=self.temperature, max_tokens=self.max_tokens, seed=self.seed)
 
     async def solve_one(self, problem: Problem, ctx: Context) -> Result:
-        control: dict[str, Any] = {"control": self.mode}
+        control: JsonObject = {"control": self.mode}
         control["effort" if self.mode == "effort" else "target_tokens"] = self._value
         req = GenerationRequest(messages=with_control(problem.messages, self.mode, self._value),
                                 sampling=self._sampling, id=problem.id)

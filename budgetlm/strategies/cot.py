@@ -136,7 +136,6 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -144,6 +143,7 @@ from budgetlm.answers import extract_answer, normalize_answer
 from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams, ThinkingBudgetBackend
 from budgetlm.backends.streaming import Delta, DeltaCallback
 from budgetlm.errors import BudgetExceeded, ConfigError
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.strategies.voting import room_of
@@ -196,7 +196,7 @@ class BudgetForcingParams(StrategyParams):
 
     @field_validator(*_INTS, mode="before")
     @classmethod
-    def _int(cls, v: Any, info: ValidationInfo) -> Any:
+    def _int(cls, v: object, info: ValidationInfo) -> object:
         lo, allow_none = _INTS[info.field_name or ""]
         if v is None and allow_none:
             return v
@@ -207,35 +207,35 @@ class BudgetForcingParams(StrategyParams):
 
     @field_validator("wait_text", mode="before")
     @classmethod
-    def _wait_text(cls, v: Any) -> Any:
+    def _wait_text(cls, v: object) -> object:
         if not isinstance(v, str) or not v.strip():
             raise ValueError(f"`wait_text` must be a non-empty string, got {v!r}")
         return v
 
     @field_validator("answer_lead", mode="before")
     @classmethod
-    def _answer_lead(cls, v: Any) -> Any:
+    def _answer_lead(cls, v: object) -> object:
         if not isinstance(v, str) or not v.strip():
             raise ValueError(f"`answer_lead` must be a non-empty string like '\\nAnswer:', got {v!r}")
         return v
 
     @field_validator("temperature", mode="before")
     @classmethod
-    def _temperature(cls, v: Any) -> Any:
+    def _temperature(cls, v: object) -> object:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
             raise ValueError(f"`temperature` must be a number >= 0 (0 = greedy), got {v!r}")
         return v
 
     @field_validator("thinking_budget_passthrough", "early_exit", mode="before")
     @classmethod
-    def _bool(cls, v: Any, info: ValidationInfo) -> Any:
+    def _bool(cls, v: object, info: ValidationInfo) -> object:
         if not isinstance(v, bool):
             raise ValueError(f"`{info.field_name}` must be True or False, got {v!r}")
         return v
 
     @field_validator("min_confidence", mode="before")
     @classmethod
-    def _min_confidence(cls, v: Any) -> Any:
+    def _min_confidence(cls, v: object) -> object:
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
             raise ValueError(f"`min_confidence` must be a probability in (0, 1] (mean token probability of a probe) "
                              f"or None, got {v!r}")
@@ -243,7 +243,7 @@ class BudgetForcingParams(StrategyParams):
 
     @field_validator("probe_text", mode="before")
     @classmethod
-    def _probe_text(cls, v: Any) -> Any:
+    def _probe_text(cls, v: object) -> object:
         if v is not None and (not isinstance(v, str) or not v.strip()):
             raise ValueError(f"`probe_text` must be a non-empty string like '\\nSo the final answer is' or None "
                              f"(the default probe), got {v!r}")
@@ -278,7 +278,14 @@ class _State:
     """Still in the thinking phase."""
     cut: bool = False
     """Thinking was stopped by its cap or the budget (not by the model)."""
-    trace: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[JsonObject] = field(default_factory=list)
+    """One entry per call (:meth:`BudgetForcing._call`)."""
+    call_tokens: int = 0
+    """Output tokens of every call so far (they run one after another: the sequential tokens)."""
+    last_finish: str | None = None
+    """Finish reason of the last call (``None``: no completion)."""
+    last_clamped_by: str | None = None
+    """What clamped the last call's ``max_tokens`` (the unit a refused call ran out of)."""
     answer: GenerationResult | None = None
     skipped: str | None = None
     passthrough: bool = False
@@ -344,6 +351,8 @@ class BudgetForcing(Strategy):
         """Book one call of a problem into its trace."""
         c = g.first if g.completions else None
         out = g.usage.output_tokens
+        st.call_tokens += out
+        st.last_finish, st.last_clamped_by = (c.finish_reason if c else None), g.clamped_by
         st.trace.append({
             "call": len(st.trace),
             "phase": phase,
@@ -447,12 +456,12 @@ class BudgetForcing(Strategy):
             req = GenerationRequest(messages=problem.messages, assistant_prefix=st.prefix or None, id=problem.id,
                                     sampling=think_sp.model_copy(update={"max_tokens": chunk}))
             limits: tuple[int, int] | None = None  # (engine budget, generated thinking allowed)
-            held: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-            if st.passthrough:
+            held: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+            if st.passthrough and isinstance(backend, ThinkingBudgetBackend):  # checked at setup
                 body = st.prefix[len(opening):]
                 pre = len(backend.encode(body)) if body else 0  # vLLM counts prompt thinking too
                 limits = (pre + room - 1, room - 1)
-                held = backend.thinking_token_budgets([(req, limits[0])])  # type: ignore[attr-defined]
+                held = backend.thinking_token_budgets([(req, limits[0])])
             try:
                 with held:  # the budget applies to this very request object only
                     g = await ctx.generate(req)
@@ -516,7 +525,7 @@ class BudgetForcing(Strategy):
         if st.tool_call:
             return Result(problem.id, st.prefix[len(opening):].strip(), None, Usage.zero(), stop_reason="done",
                           finish_reason="stop", truncated=False, thinking_truncated=False,
-                          sequential_tokens=sum(t["output_tokens"] for t in st.trace), trace=st.trace)
+                          sequential_tokens=st.call_tokens, trace=st.trace)
         # ---- forced answer (the call whose output is the answer: streamed)
         req = GenerationRequest(messages=problem.messages, assistant_prefix=self._answer_prefix(st, backend),
                                 id=problem.id, sampling=self._answer_sp, may_think=False)
@@ -590,7 +599,7 @@ class BudgetForcing(Strategy):
             st.trace[-1]["answer_from"] = "probe"
         return agreed
 
-    def _probe_details(self, st: _State) -> dict[str, Any]:
+    def _probe_details(self, st: _State) -> JsonObject:
         return {"probes": sum(1 for t in st.trace if t["phase"] == "probe"), "probe_tokens": st.probe_tokens,
                 "exited_at": st.used if st.exit_answer is not None else None,
                 "thinking_tokens_used": st.used, "thinking_saved": st.exited_left}
@@ -600,10 +609,9 @@ class BudgetForcing(Strategy):
         text = f"{self.answer_lead.strip()} {st.exit_answer}"
         if ctx.on_delta is not None:
             ctx.on_delta(Delta(0, text))
-        last = st.trace[-1]
         return Result(problem.id, text, extract_answer(text).text, Usage.zero(), stop_reason="done",
-                      finish_reason=last["finish_reason"], truncated=False, thinking_truncated=False,
-                      sequential_tokens=sum(t["output_tokens"] for t in st.trace), trace=st.trace,
+                      finish_reason=st.last_finish, truncated=False, thinking_truncated=False,
+                      sequential_tokens=st.call_tokens, trace=st.trace,
                       details=self._probe_details(st))
 
     async def _forced_call(self, problem: Problem, ctx: Context) -> Result:
@@ -627,9 +635,9 @@ class BudgetForcing(Strategy):
                       trace=st.trace)
 
     def _result(self, p: Problem, m: Meter, st: _State, fmt_enabled: bool) -> Result:
-        seq = sum(t["output_tokens"] for t in st.trace)  # every call waits for the one before
+        seq = st.call_tokens  # every call waits for the one before
         if st.answer is None:
-            unit = st.trace[-1]["clamped_by"] if st.trace else None
+            unit = st.last_clamped_by
             reason = m.stop_reason or (f"budget exhausted: {unit}" if unit else "budget exhausted")
             return Result(p.id, "", None, Usage.zero(), stop_reason=reason, finish_reason=None, truncated=False,
                           thinking_truncated=st.cut, sequential_tokens=seq, trace=st.trace)

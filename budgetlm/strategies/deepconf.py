@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
 
 import numpy as np
 from pydantic import Field, field_validator, model_validator
@@ -52,6 +51,7 @@ from pydantic import Field, field_validator, model_validator
 from budgetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.backends.streaming import Delta
 from budgetlm.errors import BudgetExceeded
+from budgetlm.io import JsonObject
 from budgetlm.strategies.aggregate import vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.strategies.confidence import (
@@ -198,23 +198,23 @@ class DeepConf(Strategy):
                                 [{"call": 0, "n": k, "skipped": str(exc)}])
         first = self._sampled(g, problem)
         samples = [s for s, _ in first]
-        trace: list[dict[str, Any]] = [{"call": 0, "n": k, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
-                                        "output_tokens": g.usage.output_tokens, "prompt_tokens": g.usage.prompt_tokens,
-                                        "warmup": self.mode == "online"}]
+        trace: list[JsonObject] = [{"call": 0, "n": k, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
+                                   "output_tokens": g.usage.output_tokens, "prompt_tokens": g.usage.prompt_tokens,
+                                   "warmup": self.mode == "online"}]
         trace += [sample_entry(s, j) for j, s in enumerate(samples)]
         seq = max((s.tokens for s in samples), default=0)
         if self.mode == "offline":
             kept = keep_top(samples, self.eta)
-            offline: dict[str, Any] = {"mode": "offline", "traces": len(samples), "voted": len(kept)}
+            offline: JsonObject = {"mode": "offline", "traces": len(samples), "voted": len(kept)}
             return self._result(problem, kept, trace, "done", seq, offline)
         s_thr = threshold([lo for _, lo in first if lo is not None], self.eta)
-        online: dict[str, Any] = {"mode": "online", "threshold": s_thr, "warmup": len(samples)}
+        online: JsonObject = {"mode": "online", "threshold": s_thr, "warmup": len(samples)}
         return await self._online(problem, ctx, samples, trace, s_thr, seq, online)
 
-    async def _online(self, problem: Problem, ctx: Context, samples: list[Sampled], trace: list[dict[str, Any]],
-                      s_thr: float | None, seq: int, details: dict[str, Any]) -> Result:
+    async def _online(self, problem: Problem, ctx: Context, samples: list[Sampled], trace: list[JsonObject],
+                      s_thr: float | None, seq: int, details: JsonObject) -> Result:
         meter = ctx.meter
-        started = len(samples)
+        warmup = started = len(samples)
         inflight: dict[asyncio.Task[GenerationResult], tuple[int, int, RunningConfidence]] = {}
         low: dict[int, float] = {}  # trace index -> the group confidence that stopped it
         saved = {"stopped_traces": 0, "tokens_saved_by_stop": 0, "cancelled_traces": 0, "tokens_saved_by_cancel": 0}
@@ -242,7 +242,7 @@ class DeepConf(Strategy):
                 done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                 for t in sorted(done, key=lambda t: inflight[t][0]):
                     idx, mt, rc = inflight.pop(t)
-                    wave = (idx - details["warmup"]) // self.batch_size
+                    wave = (idx - warmup) // self.batch_size
                     if t.cancelled():  # stopped for low confidence
                         saved["stopped_traces"] += 1
                         saved["tokens_saved_by_stop"] += max(0, mt - rc.tokens)
@@ -316,8 +316,8 @@ class DeepConf(Strategy):
                 saved[f"tokens_saved_by_{kind}"] += max(0, mt - rc.tokens)
         inflight.clear()
 
-    def _result(self, problem: Problem, voters: list[Sampled], trace: list[dict[str, Any]], stop: str, seq: int,
-                details: dict[str, Any]) -> Result:
+    def _result(self, problem: Problem, voters: list[Sampled], trace: list[JsonObject], stop: str, seq: int,
+                details: JsonObject) -> Result:
         if not voters:
             r = empty_result(problem, Usage.zero(), stop, trace)
         else:

@@ -69,12 +69,12 @@ from __future__ import annotations
 import asyncio
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydantic import Field, model_validator
 
-from budgetlm.backends.base import GenerationRequest, GenerationResult, SamplingParams
+from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.errors import BudgetExceeded
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import answer_key, vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
@@ -157,7 +157,7 @@ class Path:
     def score(self, agree_weight: float) -> float:
         return self.conf + agree_weight * self.agreement
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> JsonObject:
         return {"path": self.id, "tokens": self.tokens, "spent": self.spent, "conf": round(self.conf, 4),
                 "step_conf": None if self.step_conf is None else round(self.step_conf, 4),
                 "nll": round(-self.conf, 4), "answer": self.answer, "agreement": round(self.agreement, 3),
@@ -183,7 +183,7 @@ def path_weights(paths: list[Path], length_alpha: float) -> list[float]:
     return [math.exp(p.conf) * (mean / n) ** length_alpha for p, n in zip(paths, lens, strict=True)]
 
 
-def aggregate(paths: list[Path], length_alpha: float) -> tuple[str | None, Path | None, dict[str, Any]]:
+def aggregate(paths: list[Path], length_alpha: float) -> tuple[str | None, Path | None, JsonObject]:
     """The answer of the pool: weighted vote over finished paths (all paths when none finished).
 
     Returns ``(answer, the path whose text answers, vote record)``.
@@ -266,7 +266,7 @@ class Hyper(Strategy):
         limited = any(m.budget.limits() for m in _chain(meter))
         paths: list[Path] = [Path(i) for i in range(self.k)]
         inflight: dict[asyncio.Task[GenerationResult | BudgetExceeded], tuple[Path, int]] = {}
-        trace: list[dict[str, Any]] = []
+        trace: list[JsonObject] = []
         pool_trace: list[int] = []
         counts = {"expansions": 0, "drops": 0, "refinements": 0, "aborted_steps": 0, "tokens_saved_by_abort": 0}
         seq: dict[int, int] = {}  # path id -> output tokens on its own chain (branches inherit the parent's)
@@ -317,7 +317,7 @@ class Hyper(Strategy):
             launch()
             while inflight:
                 done, _ = await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
-                decisions: list[dict[str, Any]] = []
+                decisions: list[JsonObject] = []
                 refused = None
                 for t in sorted(done, key=lambda t: inflight[t][0].id):
                     path, _ = inflight.pop(t)
@@ -395,7 +395,7 @@ class Hyper(Strategy):
                                **counts})
 
     # -------------------------------------------------------------- path updates
-    def _apply(self, path: Path, g: GenerationResult, from_ids: bool, backend: Any) -> int | None:
+    def _apply(self, path: Path, g: GenerationResult, from_ids: bool, backend: Backend) -> int | None:
         """Add a finished step to ``path`` (refining it when unconfident); returns the kept length after a cut."""
         c = g.first
         toks = list(c.token_ids)
@@ -429,7 +429,7 @@ class Hyper(Strategy):
         path.answer = answer_key(path.text)
         return cut
 
-    def _branch(self, src: Path, new_id: int, backend: Any, from_ids: bool) -> Path | None:
+    def _branch(self, src: Path, new_id: int, backend: Backend, from_ids: bool) -> Path | None:
         """A new path sharing ``src``'s prefix: its end when running, before its first low-confidence token
         when finished (its last token when it has none); ``None`` when there is nothing to branch from."""
         if src.running:

@@ -51,14 +51,15 @@ from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
 from budgetlm.answers import extract_answer
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, GenerationResult, Message, SamplingParams
 from budgetlm.errors import BudgetExceeded
+from budgetlm.io import JsonObject
 from budgetlm.strategies.aggregate import answer_key, vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.strategies.voting import room_of
@@ -150,7 +151,7 @@ class _State:
     answered: list[_Draft] = field(default_factory=list)
     """The latest round's drafts that gave an answer (the best answer so far comes from them)."""
     sequential: int = 0
-    trace: list[dict[str, Any]] = field(default_factory=list)
+    trace: list[JsonObject] = field(default_factory=list)
     stop_reason: str = "done"
     distill_share: int | None = None
 
@@ -304,13 +305,13 @@ class ParallelDistillRefine(Strategy):
 
     def _result(self, st: _State) -> Result:
         d = self._pick(st.answered or st.drafts)
-        base: dict[str, Any] = dict(problem_id=st.problem.id, usage=Usage.zero(), stop_reason=st.stop_reason,
-                                    sequential_tokens=st.sequential, trace=st.trace)  # usage: the base sets the meter's total
+        empty = Result(problem_id=st.problem.id, text="", answer=None, usage=Usage.zero(), stop_reason=st.stop_reason,
+                       sequential_tokens=st.sequential, trace=st.trace)  # usage: the base sets the meter's total
         if d is None:
-            return Result(text="", answer=None, **base)
-        return Result(text=d.text, answer=extract_answer(d.text).text if d.text else None,
-                      finish_reason=d.completion.finish_reason, truncated=d.completion.truncated,
-                      thinking_truncated=d.completion.thinking_truncated, **base)
+            return empty
+        return replace(empty, text=d.text, answer=extract_answer(d.text).text if d.text else None,
+                       finish_reason=d.completion.finish_reason, truncated=d.completion.truncated,
+                       thinking_truncated=d.completion.thinking_truncated)
 
     # ------------------------------------------------------------------ one problem
     async def solve_one(self, problem: Problem, ctx: Context) -> Result:
@@ -320,7 +321,7 @@ class ParallelDistillRefine(Strategy):
             req = GenerationRequest(messages=self._draft_messages(st),
                                     sampling=self._sampling(self.drafts, self._plan(st, ctx, rnd), rnd),
                                     id=f"{problem.id}/r{rnd}")
-            entry: dict[str, Any] = {"round": rnd, "workspace_in_tokens": (
+            entry: JsonObject = {"round": rnd, "workspace_in_tokens": (
                 ctx.backend.count_tokens(st.workspace) if st.workspace else 0)}
             st.trace.append(entry)
             try:

@@ -22,11 +22,11 @@ Scorer: the paper uses a PRM (``scorer="prm"`` with ``scorer_params={"path": ...
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from pydantic import Field
 
+from budgetlm.io import JsonObject
 from budgetlm.strategies.base import STRATEGIES, Context
 from budgetlm.strategies.tree import Node, Tree, expand, score_nodes
 from budgetlm.strategies.treesearch import (
@@ -88,7 +88,7 @@ class Rebase(TreeSearch):
     width: int
     reward_temperature: float
 
-    async def search(self, tree: Tree, ctx: Context, trace: list[dict[str, Any]]) -> None:
+    async def search(self, tree: Tree, ctx: Context, trace: list[JsonObject]) -> None:
         meter = ctx.meter
         frontier: list[Node] = [tree.root]
         completed = 0

@@ -42,6 +42,7 @@ from budgetlm.answers import normalize_answer
 from budgetlm.backends import load as load_backend
 from budgetlm.backends.base import Backend
 from budgetlm.errors import ConfigError, invalid
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.routing import RouteQuery, Router, bandit_reward, check_thresholds
 from budgetlm.routing import get as get_router
@@ -49,14 +50,14 @@ from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strat
 from budgetlm.strategies.base import get as get_strategy
 from budgetlm.usage import Usage
 
-DEFAULT_ARMS: list[dict[str, Any]] = [
+DEFAULT_ARMS: list[JsonObject] = [
     {"label": "small", "strategy": "sample", "params": {"temperature": 0.0, "max_tokens": 256}},
     {"label": "large", "strategy": "majority", "params": {"n": 8, "temperature": 0.7, "max_tokens": 256}},
 ]
 """Cheap = one greedy sample; expensive = majority over 8 samples, on the same model."""
 
 
-def check_arm(spec: Any, index: int) -> None:
+def check_arm(spec: object, index: int) -> None:
     """Raise a :class:`ConfigError` naming ``arms[index]`` unless ``spec`` is an arm mapping (strategy, params, model, label)."""
     if not isinstance(spec, Mapping) or not isinstance(spec.get("strategy"), str):
         raise invalid(f"arms[{index}]", "a dict with a `strategy` name and optional `params`, `model`, `label`", spec)
@@ -89,7 +90,7 @@ class Arm:
         self.worst_tokens = (n, int(getattr(self.strategy, "max_tokens", None) or self.params.get("max_tokens") or 512))
         """``(samples, max_tokens)`` of one call: what must be affordable before the arm runs."""
 
-    def spec(self) -> dict[str, Any]:
+    def spec(self) -> JsonObject:
         return {"label": self.label, "strategy": self.strategy.name, "params": self.params, "model": self.model}
 
 
@@ -128,7 +129,7 @@ class RouteParams(StrategyParams):
 
     @field_validator("arms", mode="before")
     @classmethod
-    def _arms(cls, v: Any) -> Any:
+    def _arms(cls, v: object) -> object:
         if isinstance(v, list | tuple):
             check_arms(v)
             return [dict(a) for a in v]
@@ -136,14 +137,14 @@ class RouteParams(StrategyParams):
 
     @field_validator("threshold", mode="before")
     @classmethod
-    def _threshold(cls, v: Any) -> Any:
+    def _threshold(cls, v: object) -> object:
         if v is not None and not isinstance(v, int | float | list | tuple):
             raise ValueError(f"`threshold` must be a number or a list of ascending numbers, got {v!r}")
         return v
 
     @field_validator("calibration", mode="before")
     @classmethod
-    def _path(cls, v: Any) -> Any:
+    def _path(cls, v: object) -> object:
         return os.fspath(v) if isinstance(v, os.PathLike) else v
 
     @model_validator(mode="after")
@@ -186,7 +187,7 @@ class Route(Strategy):
         self._backends: dict[str, Backend] = {}
         self._answers: dict[str, Result] = {}
 
-    def params(self) -> dict[str, Any]:
+    def params(self) -> dict[str, object]:
         return {"router": self.router, "arms": [a.spec() for a in self.arms], "threshold": self.threshold,
                 "calibration": self.calibration, "reuse_cheap": self.reuse_cheap, "thresholds": self._thresholds}
 
@@ -213,7 +214,7 @@ class Route(Strategy):
         return m.can_afford(tokens=max_tokens, n=n)
 
     @property
-    def streams(self) -> bool:  # type: ignore[override]
+    def streams(self) -> bool:
         """A query routed to a streaming arm streams its tokens (a reused cheap answer is sent at the end)."""
         return any(a.strategy.streams for a in self.arms)
 
@@ -250,12 +251,12 @@ class Route(Strategy):
                                                              m.child(name=f"arm:{spec.label}"), ctx.on_delta))
         sig = signal_meter.total()
         r.sequential_tokens += sig.output_tokens
-        route = {"arm": arm, "label": self.arms[arm].label, "score": scores[0], "thresholds": self._thresholds,
+        route: JsonObject = {"arm": arm, "label": self.arms[arm].label, "score": scores[0], "thresholds": self._thresholds,
                  "chosen_by_router": chosen[0], "downgraded": arm != chosen[0],
                  "reused_cheap": bool(r.trace and r.trace[0].get("reused_cheap_answer")),
                  "signal_output_tokens": sig.output_tokens}
         r.details = {**r.details, "route": route, "expensive_calls": int(arm > 0)}
-        r.trace = [{"route": route}] + r.trace
+        r.trace = [{"route": route}, *r.trace]
         if r.stop_reason == "done" and m.exhausted():
             r.stop_reason = m.stop_reason or r.stop_reason
         self._learn(problem, query, arm, r)

@@ -68,7 +68,7 @@ class Sample(Strategy):
         )
 
     @property
-    def streams(self) -> bool:  # type: ignore[override]
+    def streams(self) -> bool:
         """One sample streams token by token; with ``n > 1`` the answer is known only at the end."""
         return self.n == 1
 

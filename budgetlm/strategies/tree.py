@@ -56,6 +56,7 @@ from budgetlm.aio import gather_settled
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, GenerationResult, SamplingParams
 from budgetlm.costs import estimate_tokens
 from budgetlm.errors import BudgetExceeded, ConfigError, missing
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter, Reservation
 from budgetlm.strategies.aggregate import answer_key, vote
 from budgetlm.strategies.base import Context, Problem, Result
@@ -106,7 +107,7 @@ class Node:
     """How many times the node was expanded."""
     round: int = 0
     """Search round that created the node."""
-    tool: dict[str, Any] | None = None
+    tool: JsonObject | None = None
     """The tool call the step made and its observation, if any."""
     children: list[int] = field(default_factory=list)
     """Children ids."""
@@ -114,7 +115,7 @@ class Node:
     """The token ids this node's step adds to the path (generated tokens, then the tokens of a stop
     string the engine left out and of a tool observation); empty when the tree continues from text."""
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         """A JSON-ready record."""
         return {
             "id": self.id, "parent": self.parent, "depth": self.depth, "step": self.step, "tokens": self.tokens,
@@ -123,6 +124,33 @@ class Node:
             "pruned": self.pruned, "closed": self.closed, "expansions": self.expansions, "round": self.round, "tool": self.tool,
             "children": list(self.children),
         }
+
+
+@dataclass
+class ForcedAnswer:
+    """The answer forced from a tree's best path (:func:`force_answer`)."""
+
+    node: int
+    """The node whose path the answer continues."""
+    text: str
+    """The forced call's text (empty when no call was made)."""
+    answer: str | None
+    """The normalised answer."""
+    called: bool
+    """A forced-answer call was made (else the answer was extracted from the best path)."""
+    tokens: int | None = None
+    """Output tokens of the forced call (when called)."""
+    note: str | None = None
+    """Why no call was made (when not called)."""
+
+    def to_json(self) -> JsonObject:
+        """A JSON-ready record (``tokens`` or ``note`` only when set)."""
+        out: JsonObject = {"node": self.node, "text": self.text, "answer": self.answer, "called": self.called}
+        if self.tokens is not None:
+            out["tokens"] = self.tokens
+        if self.note is not None:
+            out["note"] = self.note
+        return out
 
 
 class Tree:
@@ -142,7 +170,7 @@ class Tree:
         self.nodes: list[Node] = [Node(0, None, 0, value=0.5 if root_value is None else root_value)]
         self.extra_tokens: dict[str, int] = {"scoring": 0, "forced": 0}
         """Output tokens spent outside node expansion, by purpose (summed in :meth:`to_json`)."""
-        self.forced: dict[str, Any] | None = None
+        self.forced: ForcedAnswer | None = None
         self.round_scoring: dict[int, int] = {}
         """Longest scoring output per round (the critical path of scoring calls)."""
         self.unscored = 0
@@ -239,11 +267,11 @@ class Tree:
     def output_tokens(self) -> int:
         return sum(n.tokens for n in self.nodes) + sum(self.extra_tokens.values())
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> JsonObject:
         """The whole tree, JSON-ready (nodes with values, spend and prune decisions)."""
         return {"nodes": [n.to_json() for n in self.nodes], "node_tokens": sum(n.tokens for n in self.nodes),
                 "extra_tokens": dict(self.extra_tokens), "output_tokens": self.output_tokens(),
-                "forced": self.forced, "stop_reason": self.done, "unscored": self.unscored,
+                "forced": None if self.forced is None else self.forced.to_json(), "stop_reason": self.done, "unscored": self.unscored,
                 "tool_refused": self.tool_refused}
 
 
@@ -352,11 +380,12 @@ async def expand(tree: Tree, jobs: Sequence[tuple[Node, int]], cfg: StepConfig, 
 def _child(tree: Tree, parent: Node, c: Completion, cfg: StepConfig, round: int) -> Node:
     text = c.text
     terminal = False
-    tool: dict[str, Any] | None = None
+    tool: JsonObject | None = None
+    skipped: str | None = None  # why the budget refused the step's tool call
     stop, in_ids = _stop_text(tree, c)
     if c.finish_reason == "stop" and c.stop_string == TOOL_CALL_CLOSE and tree.tools:
         outcome: ToolOutcome = call_tool(text, tree.tools, tree.meter)
-        tool = outcome.to_json()
+        tool, skipped = outcome.to_json(), outcome.skipped
         text = text + stop + OBSERVATION_TEMPLATE.format(observation=outcome.observation)
     elif c.finish_reason == "stop" and c.stop_string is not None:
         text = text + stop
@@ -368,8 +397,8 @@ def _child(tree: Tree, parent: Node, c: Completion, cfg: StepConfig, round: int)
         child.ids = _step_ids(tree, c, text, len(stop) if in_ids else 0)
     if terminal:
         child.answer = answer_key(tree.text(child))
-    elif tool is not None and tool["skipped"]:
-        child.pruned = tool["skipped"]
+    elif skipped:
+        child.pruned = skipped
         tree.tool_refused += 1
     elif child.depth >= cfg.max_depth:
         child.pruned = "max depth"
@@ -453,16 +482,16 @@ async def force_answer(tree: Tree, ctx: Context, answer_tokens: int) -> None:
     if isinstance(g, BudgetExceeded) or not g.completions:
         ans = answer_key(tree.text(best))
         why = str(g) if isinstance(g, BudgetExceeded) else "no sample"
-        tree.forced = {"node": best.id, "text": "", "answer": ans, "called": False,
-                       "note": f"no forced-answer call ({why}); answer extracted from the best path"}
+        tree.forced = ForcedAnswer(best.id, "", ans, called=False,
+                                   note=f"no forced-answer call ({why}); answer extracted from the best path")
         return
     c = g.first
     tree.extra_tokens["forced"] += len(c.token_ids)
     ans = answer_key(FORCE_ANSWER.strip() + " " + c.text) or answer_key(tree.text(best))
-    tree.forced = {"node": best.id, "text": c.text, "answer": ans, "called": True, "tokens": len(c.token_ids)}
+    tree.forced = ForcedAnswer(best.id, c.text, ans, called=True, tokens=len(c.token_ids))
 
 
-def finish(tree: Tree, final: str, *, sequential_tokens: int, trace: list[dict[str, Any]]) -> Result:
+def finish(tree: Tree, final: str, *, sequential_tokens: int, trace: list[JsonObject]) -> Result:
     """The :class:`Result` of a finished tree: vote or best over terminal nodes, else the forced answer.
 
     ``usage`` is left zero: the strategy base sets it to the problem meter's total.
@@ -482,10 +511,10 @@ def finish(tree: Tree, final: str, *, sequential_tokens: int, trace: list[dict[s
         text = tree.text(pick)
         node, finish_reason = pick, pick.finish_reason
     else:
-        forced = tree.forced or {}
-        node = tree.nodes[forced.get("node", tree.best().id)]
-        text = tree.text(node).rstrip() + (FORCE_ANSWER + " " + forced["text"].lstrip() if forced.get("called") else "")
-        answer = forced.get("answer")
+        forced = tree.forced
+        node = tree.nodes[forced.node] if forced is not None else tree.best()
+        text = tree.text(node).rstrip() + (FORCE_ANSWER + " " + forced.text.lstrip() if forced and forced.called else "")
+        answer = forced.answer if forced is not None else None
         finish_reason = "forced"
     trace = trace + [{"tree": tree.to_json(), "final": {"node": node.id, "answer": answer, "rule": final if terms else "forced"}}]
     return Result(problem_id=tree.problem.id, text=text, answer=answer, usage=Usage.zero(), stop_reason=reason,

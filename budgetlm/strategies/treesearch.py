@@ -20,6 +20,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
+from budgetlm.io import JsonObject
 from budgetlm.strategies.base import Context, Problem, Result, Strategy, StrategyParams
 from budgetlm.strategies.tree import StepConfig, Tree, finish, force_answer, forced_prompt_tokens, hold
 from budgetlm.strategies.values import VALUE_SCORERS, ValueScorer, get_scorer
@@ -90,13 +91,13 @@ class TreeSearch(Strategy):
         """The root's value (``None``: 0.5 under residual scorers, else its rated children's mean)."""
         return None
 
-    async def search(self, tree: Tree, ctx: Context, trace: list[dict[str, Any]]) -> None:
+    async def search(self, tree: Tree, ctx: Context, trace: list[JsonObject]) -> None:
         """Run the search's rounds on ``tree`` (set ``tree.done`` when it stops for a reason of its own)."""
         raise NotImplementedError
 
     async def solve_one(self, problem: Problem, ctx: Context) -> Result:
         tree = Tree(problem, ctx.meter, root_value=self._root_value(), backend=ctx.backend)
-        trace: list[dict[str, Any]] = []
+        trace: list[JsonObject] = []
         held = hold(ctx.meter, forced_prompt_tokens(tree, self._cfg), self.answer_tokens, ctx.backend)
         async with held if held is not None else contextlib.nullcontext():  # released on the way out
             await self.search(tree, ctx, trace)

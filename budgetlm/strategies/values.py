@@ -50,7 +50,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from budgetlm.aio import gather_settled
 from budgetlm.backends.base import Backend, GenerationRequest, GenerationResult, SamplingParams
@@ -59,6 +59,9 @@ from budgetlm.meter import Meter, Reservation
 from budgetlm.registry import Registry
 from budgetlm.strategies.base import Context, Problem
 from budgetlm.usage import Usage
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 RESIDUAL_PROMPT = (
     "Rate how much closer the new step gets to the correct final answer than the previous steps, from 1 to 5 "
@@ -220,8 +223,8 @@ class PRMScorer(ValueScorer):
         self.device = device
         self.batch_size = batch_size
         self.max_length = max_length
-        self._model: Any = None
-        self._tok: Any = None
+        self._model: PreTrainedModel | None = None
+        self._tok: PreTrainedTokenizerBase | None = None
         self._token_level = False
         self._params = 0
         self._lock = threading.Lock()
@@ -263,7 +266,8 @@ class PRMScorer(ValueScorer):
         await asyncio.to_thread(self._locked_load)
         texts = [f"{v.question}\n{v.previous}{v.step}" for v in views]
         out: list[tuple[float, int]] = [(math.nan, 0)] * len(views)
-        lengths = [len(self._tok(t, truncation=True, max_length=self.max_length)["input_ids"]) for t in texts]
+        _, tok = self._loaded()
+        lengths = [len(tok(t, truncation=True, max_length=self.max_length)["input_ids"]) for t in texts]
         async with contextlib.AsyncExitStack() as held:  # every hold is settled, or released on an error
             keep: list[tuple[int, Reservation, Usage]] = []
             for i, (v, n) in enumerate(zip(views, lengths, strict=True)):  # hold before running: never overspend
@@ -285,17 +289,24 @@ class PRMScorer(ValueScorer):
         with self._lock:
             self._load()
 
+    def _loaded(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The model and its tokenizer, once :meth:`_load` has run."""
+        if self._model is None or self._tok is None:
+            raise RuntimeError("the PRM is used before it was loaded")
+        return self._model, self._tok
+
     def _forward(self, texts: list[str]) -> list[float]:
         """The PRM's probability of a correct path for each text (one forward pass at a time)."""
         import torch
 
         out: list[float] = []
         with self._lock:
+            model, tok = self._loaded()
             for s in range(0, len(texts), self.batch_size):
-                enc = self._tok(texts[s:s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
-                                max_length=self.max_length).to(self._model.device)
+                enc = tok(texts[s:s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                          max_length=self.max_length).to(model.device)
                 with torch.no_grad():
-                    logits = self._model(**enc).logits.float()
+                    logits = model(**enc).logits.float()
                 if self._token_level:
                     last = enc["attention_mask"].sum(-1) - 1
                     logits = logits[torch.arange(logits.shape[0]), last]

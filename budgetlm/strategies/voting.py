@@ -42,25 +42,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar, Self
 
 from pydantic import Field, field_validator, model_validator
 
-from budgetlm.backends.base import Backend, Completion, GenerationRequest, SamplingParams
-from budgetlm.errors import BudgetExceeded
+from budgetlm.backends.base import Backend, Completion, GenerationRequest, Message, SamplingParams
+from budgetlm.errors import BudgetExceeded, ConfigError
+from budgetlm.io import JsonObject
 from budgetlm.meter import Meter
 from budgetlm.strategies.aggregate import Vote, action_key, vote
 from budgetlm.strategies.base import STRATEGIES, Context, Problem, Result, Strategy, StrategyParams
-from budgetlm.strategies.confidence import (
-    DEFAULT_K,
-    DEFAULT_WINDOW,
-    Measure,
-    TopK,
-    Window,
-    check_measure,
-    completion_confidence,
-    log_score,
-)
+from budgetlm.strategies.confidence import ConfidenceParams, ConfidenceScoring, completion_confidence, log_score
 from budgetlm.usage import Usage
 
 SCORERS = ("logprob", "verifier", "self_eval", "confidence")
@@ -136,11 +128,11 @@ def plan(room: int | None, n: int | None, max_tokens: int, default_n: int = DEFA
     return k, min(max_tokens, room // k)
 
 
-def sample_entry(s: Sampled, index: int) -> dict[str, Any]:
+def sample_entry(s: Sampled, index: int) -> JsonObject:
     """The trace entry of one sample: its answer text (``text``, what the vote and the grader read; empty when
     thinking was cut off), normalised answer, score, output tokens (thinking included) and finish reason, so a
     run can be audited and re-graded (``budgetlm regrade``) without generating anything."""
-    e = {"sample": index, "round": s.round, "answer": s.key, "score": s.score, "weight": s.weight,
+    e: JsonObject = {"sample": index, "round": s.round, "answer": s.key, "score": s.score, "weight": s.weight,
          "tokens": s.tokens, "finish_reason": s.completion.finish_reason, "text": s.text}
     if s.completion.thinking_tokens:
         e["thinking_tokens"] = s.completion.thinking_tokens
@@ -149,7 +141,7 @@ def sample_entry(s: Sampled, index: int) -> dict[str, Any]:
     return e
 
 
-def score_confidence(samples: list[Sampled], measure: str, window: int, k: int) -> dict[str, Any]:
+def score_confidence(samples: list[Sampled], measure: str, window: int, k: int) -> JsonObject:
     """Set each sample's score to the log of its trace confidence ``measure`` (free: from its logprobs); samples
     without logprobs keep their score.  Returns the trace entry (which token-confidence mode was used)."""
     modes: dict[str, int] = {}
@@ -161,12 +153,12 @@ def score_confidence(samples: list[Sampled], measure: str, window: int, k: int) 
     return {"score": "confidence", "measure": measure, "window": window, "k": k, "modes": modes}
 
 
-def empty_result(p: Problem, usage: Usage, reason: str, trace: list[dict[str, Any]]) -> Result:
+def empty_result(p: Problem, usage: Usage, reason: str, trace: list[JsonObject]) -> Result:
     return Result(p.id, "", None, usage, stop_reason=reason, trace=trace)
 
 
 def voted_result(p: Problem, samples: list[Sampled], v: Vote, idx: int | None, usage: Usage, *, stop_reason: str,
-                 sequential_tokens: int, trace: list[dict[str, Any]]) -> Result:
+                 sequential_tokens: int, trace: list[JsonObject]) -> Result:
     """The result of a vote: the text of sample ``idx`` (first sample when ``None``), answer = winner."""
     s = samples[idx if idx is not None else 0]
     trace = trace + [{"vote": {"winner": v.winner, "index": idx, "counts": dict(v.counts),
@@ -179,8 +171,8 @@ def voted_result(p: Problem, samples: list[Sampled], v: Vote, idx: int | None, u
 
 
 # ---------------------------------------------------------------------------------------------
-class VotingParams(StrategyParams):
-    """Parameters of the voting strategies (``best_of_n``, ``majority``, ``weighted_majority``)."""
+class _VotingFields(StrategyParams):
+    """The voting strategies' own parameters (:class:`VotingParams` adds the trace-confidence ones)."""
 
     n: int | None = Field(default=None, ge=1, description="Samples per problem; None: what the budget affords.")
     max_tokens: int = Field(default=256, ge=1, description="Most tokens per sample.")
@@ -189,16 +181,8 @@ class VotingParams(StrategyParams):
     seed: int | None = Field(default=None, description="Sampling seed (None: unseeded).")
     scorer: str = Field(default="logprob", description="How samples are scored: logprob, verifier, self_eval or "
                                                        "confidence (DeepConf trace confidence).")
-    verifier: Any = Field(default=None, description="The verifier backend (a Backend or a spec string) for "
-                                                    "scorer='verifier'.")
-    confidence_measure: Measure = "lowest"
-    confidence_window: Window = DEFAULT_WINDOW
-    confidence_k: TopK = DEFAULT_K
-
-    @field_validator("confidence_measure")
-    @classmethod
-    def _measure(cls, v: str) -> str:
-        return check_measure(v)
+    verifier: Backend | str | None = Field(default=None, description="The verifier backend (a Backend or a spec "
+                                                                     "string) for scorer='verifier'.")
 
     @field_validator("scorer")
     @classmethod
@@ -208,13 +192,17 @@ class VotingParams(StrategyParams):
         return v
 
     @model_validator(mode="after")
-    def _needs_verifier(self) -> VotingParams:
+    def _needs_verifier(self) -> Self:
         if self.scorer == "verifier" and self.verifier is None:
             raise ValueError("scorer='verifier' needs `verifier`: a Backend or a backend spec string")
         return self
 
 
-class _Voting(Strategy):
+class VotingParams(ConfidenceParams, _VotingFields):
+    """Parameters of the voting strategies (``best_of_n``, ``majority``, ``weighted_majority``)."""
+
+
+class _Voting(ConfidenceScoring, Strategy):
     """N samples per problem in one request; subclasses pick the winner."""
 
     weighted: ClassVar[bool] = False
@@ -227,9 +215,6 @@ class _Voting(Strategy):
     seed: int | None
     scorer: str
     verifier: Backend | str | None
-    confidence_measure: str
-    confidence_window: int
-    confidence_k: int
 
     def setup(self) -> None:
         self._verifier: Backend | None = None
@@ -239,10 +224,12 @@ class _Voting(Strategy):
         if self._verifier is None:
             from budgetlm.backends import load
 
-            self._verifier = load(self.verifier)  # type: ignore[arg-type]
+            if self.verifier is None:
+                raise ConfigError("scorer='verifier' needs `verifier`: a Backend or a backend spec string")
+            self._verifier = load(self.verifier)
         return self._verifier
 
-    async def score(self, p: Problem, samples: list[Sampled], ctx: Context) -> list[dict[str, Any]]:
+    async def score(self, p: Problem, samples: list[Sampled], ctx: Context) -> list[JsonObject]:
         """Set each sample's score with ``self.scorer`` (charged to the problem's meter); returns trace entries."""
         if self.scorer == "logprob":
             return []
@@ -253,7 +240,7 @@ class _Voting(Strategy):
             return []
         if self.scorer == "verifier":
             scorer = self._verifier_backend()
-            pairs: list[tuple[Any, str]] = [(p.messages, s.text) for s in todo]
+            pairs: list[tuple[list[Message], str]] = [(p.messages, s.text) for s in todo]
         else:
             scorer = ctx.backend
             pairs = [(p.messages + [{"role": "assistant", "content": s.text},
@@ -292,8 +279,9 @@ class _Voting(Strategy):
         except BudgetExceeded as exc:
             return empty_result(problem, Usage.zero(), ctx.meter.stop_reason or "budget exhausted",
                                 [{"call": 0, "n": k, "skipped": str(exc)}])
-        call = {"call": 0, "n": g.request.sampling.n, "max_tokens": g.max_tokens, "clamped_by": g.clamped_by,
-                "output_tokens": g.usage.output_tokens, "prompt_tokens": g.usage.prompt_tokens}
+        call: JsonObject = {"call": 0, "n": g.request.sampling.n, "max_tokens": g.max_tokens,
+                            "clamped_by": g.clamped_by, "output_tokens": g.usage.output_tokens,
+                            "prompt_tokens": g.usage.prompt_tokens}
         samples = [make_sampled(c, prefix=problem.assistant_prefix) for c in g.completions]
         s_trace = await self.score(problem, samples, ctx)
         v, idx = self.pick(samples)

@@ -33,7 +33,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from budgetlm.errors import ConfigError
+from pydantic import ConfigDict, Field
+
+from budgetlm.config import Config
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -203,22 +205,15 @@ class CostModel:
         return base + sum(self.flops(prompt_tokens, k, 1) - base for k in output_lengths)
 
 
-@dataclass(frozen=True)
-class Price:
-    """Dollars per million tokens."""
+class Price(Config):
+    """Dollars per million tokens (negative prices are refused)."""
 
-    input: float = 0.0
-    """Uncached prompt tokens."""
-    output: float = 0.0
-    """Generated tokens."""
-    cached_input: float | None = None
-    """Prompt tokens served from the provider's cache (defaults to ``input``)."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        for name in ("input", "output", "cached_input"):
-            v = getattr(self, name)
-            if v is not None and v < 0:
-                raise ConfigError(f"price `{name}` must be >= 0 USD per million tokens, got {v!r}")
+    input: float = Field(default=0.0, ge=0, description="USD per million uncached prompt tokens.")
+    output: float = Field(default=0.0, ge=0, description="USD per million generated tokens.")
+    cached_input: float | None = Field(default=None, ge=0, description="USD per million prompt tokens served from "
+                                                                       "the provider's cache (None: ``input``).")
 
     def cost(self, prompt_tokens: int, cached_prompt_tokens: int, output_tokens: int) -> float:
         cached = self.input if self.cached_input is None else self.cached_input
@@ -249,7 +244,7 @@ class PriceTable:
 
     def set(self, model: str, price: Price | dict[str, float]) -> None:
         """Add or override a model's price."""
-        self.prices[model] = price if isinstance(price, Price) else Price(**price)
+        self.prices[model] = price if isinstance(price, Price) else Price.of(price)
 
     def lookup(self, model: str) -> Price:
         if model in self.prices:

@@ -52,8 +52,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ConfigDict, Field
+
 from budgetlm.aio import gather_settled
 from budgetlm.backends.base import Backend, Completion, GenerationRequest, GenerationResult, SamplingParams
+from budgetlm.config import Config
 from budgetlm.costs import estimate_tokens
 from budgetlm.errors import BudgetExceeded, ConfigError, missing
 from budgetlm.io import JsonObject
@@ -289,31 +292,18 @@ def _rstrip_ids(backend: Backend, ids: list[int]) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- expansion
-@dataclass(frozen=True)
-class StepConfig:
+class StepConfig(Config):
     """How steps are generated (shared by all tree searches)."""
 
-    delimiter: str = "\n\n"
-    """String that ends a step (kept in the path)."""
-    step_tokens: int = 64
-    """Most tokens per step."""
-    temperature: float = 0.7
-    """Sampling temperature of expansions."""
-    top_p: float = 1.0
-    """Nucleus mass of expansions."""
-    seed: int | None = None
-    """Base seed (each round uses ``seed + round``)."""
-    max_depth: int = 8
-    """Steps after which a non-terminal node is not expanded further."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.delimiter, str) or not self.delimiter:
-            raise ConfigError(f"`delimiter` must be a non-empty string, got {self.delimiter!r}; use '\\n\\n' for "
-                              "paragraph steps or '\\n' for line steps")
-        if self.step_tokens < 1:
-            raise ConfigError(f"`step_tokens` must be >= 1, got {self.step_tokens}")
-        if self.max_depth < 1:
-            raise ConfigError(f"`max_depth` must be >= 1, got {self.max_depth}")
+    delimiter: str = Field(default="\n\n", min_length=1, description="String that ends a step (kept in the path); "
+                                                                       "'\\n\\n' for paragraph steps, '\\n' for line steps.")
+    step_tokens: int = Field(default=64, ge=1, description="Most tokens per step.")
+    temperature: float = Field(default=0.7, ge=0, description="Sampling temperature of expansions.")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus mass of expansions.")
+    seed: int | None = Field(default=None, description="Base seed (each round uses ``seed + round``).")
+    max_depth: int = Field(default=8, ge=1, description="Steps after which a non-terminal node is not expanded further.")
 
 
 def _step_cap(tree: Tree, reqs: Sequence[GenerationRequest], cfg: StepConfig, ctx: Context) -> int:

@@ -49,20 +49,21 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    box: dict[str, Any] = {}
+    values: list[T] = []
+    errors: list[BaseException] = []
 
     def target() -> None:
         try:
-            box["value"] = asyncio.run(coro)
+            values.append(asyncio.run(coro))
         except BaseException as exc:  # noqa: BLE001 -- re-raised in the caller's thread
-            box["error"] = exc
+            errors.append(exc)
 
     t = threading.Thread(target=target, name="budgetlm-solve")
     t.start()
     t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
+    if errors:
+        raise errors[0]
+    return values[0]
 
 
 async def gather_settled(aws: Iterable[Awaitable[T]]) -> list[T]:

@@ -121,14 +121,17 @@ class ModelInfo:
     @classmethod
     def from_hf_config(cls, name: str, config: PretrainedConfig, n_params: int | None = None) -> ModelInfo:
         """Derive the info from a transformers ``PretrainedConfig`` (parameters counted if absent)."""
-        get = lambda *ks, default=0: next((getattr(config, k) for k in ks if getattr(config, k, None)), default)  # noqa: E731
-        hidden = int(get("hidden_size", "d_model", "n_embd"))
-        layers = int(get("num_hidden_layers", "n_layer", "num_layers"))
-        heads = int(get("num_attention_heads", "n_head"))
-        kv = int(get("num_key_value_heads", default=heads))
-        head_dim = int(get("head_dim", default=hidden // heads if heads else 0))
-        vocab = int(get("vocab_size"))
-        inter = int(get("intermediate_size", "n_inner", default=4 * hidden))
+        def get(*keys: str, default: int = 0) -> int:
+            """The first of ``keys`` the config sets (truthy), as an int; else ``default``."""
+            return int(next((getattr(config, k) for k in keys if getattr(config, k, None)), default))
+
+        hidden = get("hidden_size", "d_model", "n_embd")
+        layers = get("num_hidden_layers", "n_layer", "num_layers")
+        heads = get("num_attention_heads", "n_head")
+        kv = get("num_key_value_heads", default=heads)
+        head_dim = get("head_dim", default=hidden // heads if heads else 0)
+        vocab = get("vocab_size")
+        inter = get("intermediate_size", "n_inner", default=4 * hidden)
         if n_params is None:
             attn = hidden * heads * head_dim + 2 * hidden * kv * head_dim + heads * head_dim * hidden
             mlp = 3 * hidden * inter
@@ -142,7 +145,7 @@ class ModelInfo:
             n_kv_heads=kv,
             head_dim=head_dim,
             vocab_size=vocab,
-            max_context=int(get("max_position_embeddings", "n_positions", default=0)),
+            max_context=get("max_position_embeddings", "n_positions", default=0),
             n_embedding_params=vocab * hidden,
         )
 

@@ -126,4 +126,5 @@ def share(fn: Callable[[], T]) -> T:
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], _Failed):
         raise box[0].error()
-    return box[0]
+    value: T = box[0]  # what fn() returned on the main process
+    return value

@@ -30,6 +30,7 @@ import os
 import sys
 from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
+from typing import TextIO
 
 FAMILIES = ("budgetlm", "vllm", "transformers")
 """Logger families whose level follows the verbosity."""
@@ -87,14 +88,14 @@ def _family(name: str) -> str | None:
     return None
 
 
-class _StderrHandler(logging.StreamHandler):
+class _StderrHandler(logging.StreamHandler[TextIO]):
     """A stream handler on whatever ``sys.stderr`` is when a line is written (test runners swap it)."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
 
     @property
-    def stream(self):  # noqa: ANN201
+    def stream(self) -> TextIO:
         return sys.stderr
 
     @stream.setter

@@ -192,7 +192,7 @@ class Meter:
             return self._reserved.get(unit, 0)
 
     def _own_remaining(self, unit: str) -> float | None:
-        limit = getattr(self.budget, unit)
+        limit: float | None = getattr(self.budget, unit)
         if limit is None:
             return None
         return limit - self.spent(unit) - self._reserved.get(unit, 0)

@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "budgetlm"
 
 CEILINGS = {
-    "Any": (re.compile(r"\bAny\b"), 239),
+    "Any": (re.compile(r"\bAny\b"), 236),
     "type: ignore": (re.compile(r"type: ignore"), 1),
 }
 

@@ -73,7 +73,8 @@ def backend_class(kind: str) -> type[Backend]:
     """The backend class registered for ``kind`` (imports it)."""
     target = BACKENDS.get(kind)
     mod, _, cls = target.partition(":")
-    return getattr(importlib.import_module(mod), cls)
+    backend: type[Backend] = getattr(importlib.import_module(mod), cls)
+    return backend
 
 
 def _vllm_available() -> bool:

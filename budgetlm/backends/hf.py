@@ -375,7 +375,8 @@ class HFBackend(Backend):
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        text: str = self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+        return text
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -383,7 +384,9 @@ class HFBackend(Backend):
                 f"`messages` need a chat template, but the tokenizer of {self.name!r} has none; "
                 "pass a raw `prompt` instead, or use an instruction-tuned checkpoint"
             )
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+        prompt: str = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                         tokenize=False)
+        return prompt
 
     def _encode_prompt(self, text: str) -> list[int]:
         """Prompt ids: a prompt that already starts with the BOS token (chat templates) gets no special tokens.

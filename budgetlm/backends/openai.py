@@ -318,11 +318,13 @@ class OpenAIBackend(Backend):
         return list(self._need_tokenizer("encode()").encode(text, add_special_tokens=False))
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self._need_tokenizer("decode()").decode(list(token_ids), skip_special_tokens=True)
+        text: str = self._need_tokenizer("decode()").decode(list(token_ids), skip_special_tokens=True)
+        return text
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         tok = self._need_tokenizer("apply_chat_template()")
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        prompt: str = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return prompt
 
     def render(self, request: GenerationRequest) -> tuple[str | None, list[int] | None]:
         """As :meth:`Backend.render` with a local tokenizer; without one, text only (an estimate for chats)."""

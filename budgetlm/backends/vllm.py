@@ -380,7 +380,7 @@ class VLLMBackend(Backend):
     @property
     def engine(self) -> EngineLoop:
         """The engine thread that runs every request of this backend (started with the backend)."""
-        loop = getattr(self, "_loop", None)
+        loop: EngineLoop | None = getattr(self, "_loop", None)
         if loop is None:
             raise BackendUnavailable(f"the vLLM backend {self.name!r} is closed; build a new VLLMBackend")
         return loop
@@ -542,7 +542,8 @@ class VLLMBackend(Backend):
         return ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
-        return self._tok.decode(list(token_ids), skip_special_tokens=True)
+        text: str = self._tok.decode(list(token_ids), skip_special_tokens=True)
+        return text
 
     def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         try:

@@ -254,7 +254,8 @@ class ReasoningGymGrader(Grader):
 
     def _score_fn(self, entry: Mapping[str, object]) -> Callable[..., float]:
         if self.dataset is not None:
-            return self.dataset.score_answer
+            score: Callable[..., float] = self.dataset.score_answer
+            return score
         meta = entry.get("metadata")
         name = meta.get("source_dataset") if isinstance(meta, Mapping) else None
         if not name or not isinstance(name, str):

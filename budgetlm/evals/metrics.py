@@ -542,7 +542,8 @@ class ConfigSummary:
 
     def to_dict(self) -> JsonObject:
         """Plain-JSON form; infinite or NaN numbers become ``None``."""
-        return finite_json(asdict(self))
+        doc: JsonObject = finite_json(asdict(self))
+        return doc
 
 
 def finite_json(obj: Any) -> Any:

@@ -149,9 +149,11 @@ def _voted_text(strategy: str, samples: list[dict[str, Any]]) -> str:
     if rule == "best":
         pool = [j for j, k in enumerate(keys) if k is not None] or list(range(len(samples)))
         best = max(pool, key=lambda j: (-float("inf") if samples[j].get("score") is None else samples[j]["score"], -j))
-        return samples[best]["text"]
+        best_text: str = samples[best]["text"]
+        return best_text
     v = vote(keys, weights, weighted=rule == "weighted")
-    return samples[v.index if v.index is not None else 0]["text"]
+    voted_text: str = samples[v.index if v.index is not None else 0]["text"]
+    return voted_text
 
 
 def regrade(run_dir: str | Path, grader: str) -> RegradeOutcome:

@@ -535,13 +535,14 @@ def _unique_names(names: list[str]) -> list[str]:
 
 
 def _fcop_json(fc: FrontierCostOfPass) -> JsonObject:
-    return finite_json({
+    doc: JsonObject = finite_json({
         "mean_over_solved": fc.mean,
         "n_problems": fc.n_problems,
         "n_unsolved": fc.n_unsolved,
         "per_problem": fc.per_problem,
         "best_config": {k: (list(v) if v else None) for k, v in fc.best_config.items()},
     })
+    return doc
 
 
 def _token_complexity_json(recs: list[EvalRecord], summaries: Sequence[ConfigSummary], model: str) -> JsonObject:
@@ -558,7 +559,7 @@ def _token_complexity_json(recs: list[EvalRecord], summaries: Sequence[ConfigSum
     graded = [r for r in recs if r.error is None]
     never = frontier_cost_of_pass(graded).n_unsolved if graded else 0
     budgets = sorted({s.mean_output_tokens for s in summaries if s.model == model and s.n > 0})
-    return finite_json({
+    doc: JsonObject = finite_json({
         "n_questions": len(taus),
         "n_finite_tau": len(finite),
         "n_infinite_tau": sum(1 for v in taus.values() if math.isinf(v)),
@@ -569,6 +570,7 @@ def _token_complexity_json(recs: list[EvalRecord], summaries: Sequence[ConfigSum
         "oracle_curve": [{"mean_budget": b, "oracle_accuracy": a} for b, a in oracle_curve(taus, budgets)]
         if taus else [],
     })
+    return doc
 
 
 def build_summary(

@@ -57,6 +57,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypedDict
 
+from budgetlm.aio import run_sync
 from budgetlm.backends import Backend, BackendSpec, load
 from budgetlm.backends.pool import ServerPool, ServerUse, track_servers
 from budgetlm.budget import Budget
@@ -72,7 +73,6 @@ from budgetlm.io import JsonlWriter, JsonValue
 from budgetlm.meter import Meter
 from budgetlm.strategies import Problem, Result, Strategy
 from budgetlm.strategies import get as get_strategy
-from budgetlm.strategies.base import run_sync
 from budgetlm.versions import library_versions
 
 if TYPE_CHECKING:

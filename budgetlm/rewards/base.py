@@ -263,7 +263,7 @@ def number_column(batch: RewardBatch, name: str, *, positive: bool = False, fix:
     """Column ``name`` as floats; non-numbers (and, with ``positive``, values ≤ 0) raise naming the row."""
     out = []
     for i, v in enumerate(batch.column(name, fix)):
-        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v) or (positive and v <= 0):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or (positive and v <= 0):
             raise ConfigError(f"`{name}` must hold {'positive ' if positive else ''}finite numbers, got {v!r} at "
                               f"row {i}; {fix or f'fix the `{name}` column of the dataset'}")
         out.append(float(v))

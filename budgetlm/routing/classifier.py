@@ -129,7 +129,8 @@ class EmbeddingClassifierRouter(Router):
             raise ConfigError(f"router 'embedding' was trained on {self.mean.shape[0]}-dim features, got {x.shape[1]}; "
                               "use the same backend (or hashing `dim`) as in training")
         z = np.hstack([np.ones((len(x), 1)), (x - self.mean) / self.std])
-        return (1.0 / (1.0 + np.exp(-(z @ self.theta)))).tolist()
+        probs: list[float] = (1.0 / (1.0 + np.exp(-(z @ self.theta)))).tolist()
+        return probs
 
     # ------------------------------------------------------------------------------ persistence
     def state(self) -> JsonObject:

@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
-from pydantic.json_schema import JsonDict
+from pydantic.config import JsonDict
 
 from budgetlm.config import validation_message
 from budgetlm.errors import ConfigError

@@ -77,7 +77,8 @@ def selection_probs(values: Sequence[float], rho: float, rho_min: float = 0.05) 
     logw = np.log(np.clip(np.asarray(values, dtype=float), 1e-12, None)) / r
     logw -= logw.max()
     w = np.exp(logw)
-    return w / w.sum()
+    probs: np.ndarray = w / w.sum()
+    return probs
 
 
 class BAVTParams(TreeParams):

@@ -173,13 +173,13 @@ def check_batch(kw: dict[str, Any], processes: int) -> int:
     groups = kw["num_generations"]
     per_device = kw["per_device_train_batch_size"]
     if kw.get("generation_batch_size") is not None:
-        size = kw["generation_batch_size"]
-        if size % groups:
+        given = kw["generation_batch_size"]
+        if given % groups:
             raise ConfigError(f"`grpo.generation_batch_size` must be a multiple of `num_generations` ({groups}), got "
-                              f"{size}; TRL generates whole groups of num_generations completions per prompt")
-        return int(size)
+                              f"{given}; TRL generates whole groups of num_generations completions per prompt")
+        return int(given)
     steps = kw.get("steps_per_generation") or kw["gradient_accumulation_steps"]
-    size = per_device * processes * steps
+    size: int = per_device * processes * steps
     if size % groups:
         raise ConfigError(
             f"`per_device_train_batch_size` × processes × steps_per_generation must be a multiple of "
@@ -276,7 +276,8 @@ def _last_checkpoint(path: Path) -> str | None:
         return None
     from transformers.trainer_utils import get_last_checkpoint
 
-    return get_last_checkpoint(str(path))
+    last: str | None = get_last_checkpoint(str(path))
+    return last
 
 
 class _State:

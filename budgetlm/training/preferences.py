@@ -302,7 +302,7 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase | None, messages: Sequence[
     """The text the tree continued from: the chat template of ``messages`` with the generation prompt, then ``prefix``."""
     msgs = [dict(m) for m in messages]
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        head = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        head: str = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     else:
         head = "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant: "
     return head + prefix

@@ -250,8 +250,9 @@ class RouteRecipe(Recipe):
 def _model_steps(record: EvalRecord) -> int:
     """Model steps of an agent record (``details.model_steps``, else its ``model`` step entries)."""
     d = record.details or {}
-    if isinstance(d.get("model_steps"), int):
-        return d["model_steps"]
+    steps = d.get("model_steps")
+    if isinstance(steps, int):
+        return steps
     return sum(1 for s in d.get("steps") or [] if isinstance(s, dict) and s.get("kind") == "model")
 
 

@@ -271,7 +271,7 @@ def _defines(code: str, entry_point: str) -> re.Match[str] | None:
 
 def extract_code(text: str, entry_point: str | None = None) -> str:
     """The code in a completion: the last fenced Python block (preferring one defining ``entry_point``), else all."""
-    blocks = [body for lang, body in _FENCE.findall(text) if lang.lower() in ("", "python", "py", "python3")]
+    blocks: list[str] = [body for lang, body in _FENCE.findall(text) if lang.lower() in ("", "python", "py", "python3")]
     if not blocks:
         return text.strip("\n")
     if entry_point:

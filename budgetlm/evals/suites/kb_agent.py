@@ -261,9 +261,13 @@ def _eval(node: ast.AST) -> int | float:
     raise ValueError(f"unsupported expression: {what}; only {_ALLOWED} are allowed")
 
 
-def calculator(expression: str) -> str:
-    """Evaluate arithmetic (``+ - * / // % **``, parentheses, unary minus) safely; integral results print as ints."""
-    if not isinstance(expression, str | int | float) or isinstance(expression, bool):
+def calculator(expression: object) -> str:
+    """Evaluate arithmetic (``+ - * / // % **``, parentheses, unary minus) safely; integral results print as ints.
+
+    ``expression`` is whatever the model's tool call passed, so it is checked here: text, or a bare
+    number (booleans and anything else are refused with a message the model can act on).
+    """
+    if isinstance(expression, bool) or not isinstance(expression, str | int | float):
         raise ValueError(f"the expression must be text like '3 * (4 + 5)', got {type(expression).__name__}")
     text = str(expression).strip()
     if not text:

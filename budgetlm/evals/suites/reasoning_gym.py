@@ -45,7 +45,8 @@ def _registry() -> dict[str, tuple[type, type]]:
         from reasoning_gym.factory import DATASETS
     except ImportError as exc:
         raise MissingDependency("reasoning-gym", "reasoning_gym suites", extra="eval") from exc
-    return DATASETS
+    registry: dict[str, tuple[type, type]] = DATASETS
+    return registry
 
 
 def tasks() -> list[str]:
@@ -126,9 +127,10 @@ class ReasoningGymSuite(Suite):
                 "fix the options (see the task's config class in reasoning_gym)"
             ) from None
 
-    def _entry(self, dataset: ProceduralDataset, index: int) -> dict[str, Any]:
+    def _entry(self, dataset: ProceduralDataset, index: int) -> dict[str, object]:
         try:
-            return dataset[index]
+            entry: dict[str, object] = dataset[index]
+            return entry
         except (AssertionError, ValueError) as exc:  # some generators validate lazily
             raise ConfigError(
                 f"reasoning-gym task {self.task!r} could not generate item {index} with {self.difficulty!r}: {exc}"
@@ -156,7 +158,7 @@ class ReasoningGymSuite(Suite):
                 )
         return [self._item(i, entry) for i, entry in picks]
 
-    def _item(self, index: int, entry: dict[str, Any]) -> EvalItem:
+    def _item(self, index: int, entry: dict[str, object]) -> EvalItem:
         question = str(entry["question"])
         content = render_prompt(self.prompt, {"question": question})
         return EvalItem(

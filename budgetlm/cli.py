@@ -315,13 +315,13 @@ def pairs_cmd(
 ) -> None:
     """Export step-level preference pairs (shared prefix, chosen step, rejected step, margin) from a tree
     search's traces for DPO (see docs/training.md, recipe dpo)."""
-    from budgetlm.training.preferences import export_pairs
+    from budgetlm.training.preferences import export_pairs, value_source
 
     try:
         with stdout_to_stderr():
             path, stats = export_pairs(run_dir, out_path, model=model, min_margin=min_margin,
                                        max_pairs_per_node=max_pairs_per_node or None, dedup=dedup,
-                                       value=value)  # type: ignore[arg-type]
+                                       value=value_source(value))
     except BudgetLMError as exc:
         _fail(exc)
         return

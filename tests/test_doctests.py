@@ -19,6 +19,7 @@ MODULES = [
     "budgetlm.strategies.confidence",
     "budgetlm.strategies.deepconf",
     "budgetlm.tools",
+    "budgetlm.training.preferences",
 ]
 NO_EXAMPLES = {"budgetlm.rewards.__init__", "budgetlm.rewards.base"}
 """Modules without a reward or metric of their own (registry and helpers): examples optional."""

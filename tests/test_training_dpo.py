@@ -128,3 +128,9 @@ def test_two_iterations_search_with_the_updated_policy(search_run: Path, tmp_pat
     # finished: a re-run trains nothing and searches nothing
     again = run(cfg, out, progress=False)
     assert again.train.skipped and len(asked) == 2
+
+
+def test_pairs_command_refuses_an_unknown_value_source(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["pairs", str(tmp_path), "--out", str(tmp_path / "p.jsonl"), "--value", "best"])
+    assert res.exit_code == 2 and "`value` must be 'outcome' or 'search', got 'best'" in _flat(res.output)
+    assert not (tmp_path / "p.jsonl").exists()

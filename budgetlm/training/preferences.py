@@ -225,6 +225,17 @@ def _tree_pairs(line: Mapping[str, object], tree: dict[str, Any], final: dict[st
     return out
 
 
+def value_source(value: object) -> ValueSource:
+    """``value`` as a :data:`ValueSource`, or a :class:`~budgetlm.errors.ConfigError` naming the choices.
+
+    >>> value_source("search")
+    'search'
+    """
+    if value == "outcome" or value == "search":
+        return value
+    raise ConfigError(f"`value` must be 'outcome' or 'search', got {value!r}")
+
+
 def collect_pairs(traces: Iterable[Mapping[str, object]], *, min_margin: float = 0.1, max_pairs_per_node: int | None = 1,
                   dedup: bool = True, value: ValueSource = "outcome", grade: Grader | None = None,
                   messages: Mapping[str, Sequence[Mapping[str, str]]] | None = None) -> tuple[list[Pair], PairStats]:
@@ -238,8 +249,7 @@ def collect_pairs(traces: Iterable[Mapping[str, object]], *, min_margin: float =
         raise ConfigError(f"`min_margin` must be >= 0, got {min_margin}")
     if max_pairs_per_node is not None and max_pairs_per_node < 1:
         raise ConfigError(f"`max_pairs_per_node` must be >= 1 or null (no cap), got {max_pairs_per_node}")
-    if value not in ("outcome", "search"):
-        raise ConfigError(f"`value` must be 'outcome' or 'search', got {value!r}")
+    value = value_source(value)
     grade = grade or answer_grader
     stats = PairStats()
     groups: list[list[Pair]] = []

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar, Self, cast
+from typing import Any, ClassVar, Self, TypedDict, cast
 
 from pydantic import ConfigDict, Field, field_validator
 
@@ -78,10 +78,8 @@ class CascadeConfig(SplitConfig):
         return v
 
 
-class CascadeCalibration(ThresholdCalibration):
-    """The calibration JSON that :func:`calibrate_config` writes (in this key order) and returns, and
-    ``strategies.get("cascade", calibration=PATH)`` loads: :func:`~budgetlm.strategies.cascade.calibrate`'s
-    document and the split it ran on."""
+class SplitRecord(TypedDict):
+    """What a calibration document records about its split (a :class:`SplitConfig`) and the run."""
 
     suite: str | dict[str, JsonValue]
     calibration_items: int
@@ -89,6 +87,12 @@ class CascadeCalibration(ThresholdCalibration):
     seed: int
     budget: dict[str, float]
     versions: dict[str, str]
+
+
+class CascadeCalibration(ThresholdCalibration, SplitRecord):
+    """The calibration JSON that :func:`calibrate_config` writes (the threshold document's keys, then the
+    split's) and returns, and ``strategies.get("cascade", calibration=PATH)`` loads:
+    :func:`~budgetlm.strategies.cascade.calibrate`'s document and the split it ran on."""
 
 
 def calibrate_config(cfg: CascadeConfig, epsilon: float, out: str | Path) -> CascadeCalibration:

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, TypedDict, cast
 from pydantic import Field
 
 from budgetlm.errors import ConfigError, invalid
-from budgetlm.evals.calibration import SplitConfig
+from budgetlm.evals.calibration import SplitConfig, SplitRecord
 from budgetlm.io import JsonValue
 from budgetlm.meter import Meter
 from budgetlm.routing import RouteQuery, calibrate_threshold, decide, strong_needed_labels, strong_share
@@ -72,9 +72,9 @@ class RouteOnSplit(TypedDict):
     signal_mean_output_tokens: float
 
 
-class RouteCalibration(TypedDict):
-    """The calibration JSON that :func:`calibrate_route_config` writes (in this key order) and returns, and
-    ``strategies.get("route", calibration=PATH)`` loads."""
+class RouteCalibration(SplitRecord):
+    """The calibration JSON that :func:`calibrate_route_config` writes (the router's keys below, then the
+    split's) and returns, and ``strategies.get("route", calibration=PATH)`` loads."""
 
     router: RouterBlock
     state: dict[str, JsonValue]
@@ -84,12 +84,6 @@ class RouteCalibration(TypedDict):
     on_split: RouteOnSplit
     scores: list[float]
     arms: list[dict[str, JsonValue]]
-    suite: str | dict[str, JsonValue]
-    calibration_items: int
-    model: str
-    seed: int
-    budget: dict[str, float]
-    versions: dict[str, str]
 
 
 def _shares(share: float | list[float], n_arms: int) -> list[float]:
